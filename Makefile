@@ -1,0 +1,39 @@
+# The two set-up commands: `make demo` and `make test`. Both create .venv if missing.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TINY := out/tiny-bagel
+# A CPU torch from local disk on the dev/CI machines; GPU users: see README.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: demo test lint fmt venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+$(TINY)/ema.safetensors: | $(STAMP)
+	$(BIN)/python -m bagel.tiny $(TINY)
+
+demo: $(STAMP) $(TINY)/ema.safetensors
+	$(BIN)/python -m bagel.demo --model $(TINY) --out out/demo.png
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+fmt: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+test: lint
+	$(BIN)/python -m pytest -q -x
+
+clean:
+	rm -rf out

@@ -1,0 +1,90 @@
+"""The model's one attention seam.
+
+The generation block is `[markers ; latent tokens]`. The markers (and the prompt KV in front of
+them) are *joint* tokens: every process holds all of them. The latent tokens may be a slice of
+the whole latent sequence when a caller shards it; the model does not know or care. A
+`BlockAttention` receives both groups and returns the attention output for both, so a
+sequence-parallel implementation can be plugged in without the model changing.
+
+Conventions for every implementation:
+- shapes: q `[B, L, H, D]`, k/v `[B, L, Hkv, D]`, `H % Hkv == 0`; query head `h` reads KV head
+  `h // (H // Hkv)` (contiguous groups, as in Qwen2's `repeat_kv`);
+- attention is non-causal, softmax scale `1/sqrt(D)`;
+- `joint_key_mask` `[B, Lj]` bool, True marks a real key (prefixes of different CFG branches are
+  right-padded to one length); None means all joint keys are real;
+- every query sees every real joint key and every latent key;
+- outputs have the dtype of `q`.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class BlockAttention(Protocol):
+    def __call__(
+        self,
+        joint_q: Tensor,
+        joint_k: Tensor,
+        joint_v: Tensor,
+        joint_key_mask: Tensor | None,
+        latent_q: Tensor,
+        latent_k: Tensor,
+        latent_v: Tensor,
+    ) -> tuple[Tensor, Tensor]: ...
+
+
+def expand_kv_heads(x: Tensor, num_heads: int) -> Tensor:
+    """`[B, L, Hkv, D]` -> `[B, L, H, D]` by repeating each KV head over its query group."""
+    groups = num_heads // x.shape[2]
+    return x if groups == 1 else x.repeat_interleave(groups, dim=2)
+
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, causal: bool = False) -> Tensor:
+    """Plain attention on `[B, L, H, D]` / `[B, L, Hkv, D]` tensors, via torch SDPA."""
+    heads = q.shape[2]
+    k = expand_kv_heads(k, heads)
+    v = expand_kv_heads(v, heads)
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=causal
+    )
+    return out.transpose(1, 2)
+
+
+def masked_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """Attention with a full boolean mask `[B, Lq, Lk]` (True = attend), e.g. causal + padding."""
+    heads = q.shape[2]
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        expand_kv_heads(k, heads).transpose(1, 2),
+        expand_kv_heads(v, heads).transpose(1, 2),
+        attn_mask=mask[:, None],
+    )
+    return out.transpose(1, 2)
+
+
+def full_block_attention(
+    joint_q: Tensor,
+    joint_k: Tensor,
+    joint_v: Tensor,
+    joint_key_mask: Tensor | None,
+    latent_q: Tensor,
+    latent_k: Tensor,
+    latent_v: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """The single-process `BlockAttention`: all tokens attend to all keys."""
+    q = torch.cat([joint_q, latent_q], dim=1)
+    k = torch.cat([joint_k, latent_k], dim=1)
+    v = torch.cat([joint_v, latent_v], dim=1)
+    mask = None
+    if joint_key_mask is not None:
+        latent_mask = joint_key_mask.new_ones(latent_k.shape[:2])
+        mask = torch.cat([joint_key_mask, latent_mask], dim=1)
+    out = sdpa(q, k, v, mask)
+    joint_len = joint_q.shape[1]
+    return out[:, :joint_len], out[:, joint_len:]

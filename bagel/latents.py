@@ -1,0 +1,18 @@
+"""Between VAE latents `[C, 2h, 2w]` and latent tokens `[h*w, p*p*C]` (feature order (p, q, c),
+tokens row-major), as BAGEL packs them."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+
+def patchify(z: Tensor, patch: int) -> Tensor:
+    c, height, width = z.shape
+    h, w = height // patch, width // patch
+    return z.reshape(c, h, patch, w, patch).permute(1, 3, 2, 4, 0).reshape(h * w, patch * patch * c)
+
+
+def unpatchify(tokens: Tensor, rows: int, cols: int, patch: int) -> Tensor:
+    channels = tokens.shape[-1] // (patch * patch)
+    x = tokens.reshape(rows, cols, patch, patch, channels).permute(4, 0, 2, 1, 3)
+    return x.reshape(channels, rows * patch, cols * patch)

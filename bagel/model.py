@@ -1,0 +1,315 @@
+"""BAGEL's Qwen2 Mixture-of-Transformers language model and generation heads, in plain PyTorch.
+
+Module and parameter names equal the published `ema.safetensors` key names. Every decoder layer
+holds two experts: the "und" weights (`q_proj`, `mlp`, ...) for text and marker tokens and the
+"gen" weights (`q_proj_moe_gen`, `mlp_moe_gen`, ...) for VAE latent tokens. A model built with
+`with_gen=False` holds only what prefill needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from bagel.attention import BlockAttention, full_block_attention, masked_sdpa
+from bagel.config import BagelConfig, LLMConfig
+from bagel.layers import PositionTable, RMSNorm, SwiGLU, TimestepEmbedder, apply_rope, rope_cos_sin
+
+UND = ""  # parameter-name suffix of the understanding expert
+GEN = "_moe_gen"  # ... and of the generation expert
+NUM_MARKERS = 2  # <|vision_start|> and <|vision_end|> around the latent tokens
+
+
+@dataclass
+class ContextKV:
+    """The prefilled KV cache of one CFG context: per layer `[tokens, kv_heads, head_dim]`."""
+
+    keys: list[Tensor]
+    values: list[Tensor]
+    next_position: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.keys[0].shape[0] if self.keys else 0
+
+
+@dataclass
+class BranchPrefix:
+    """The prefixes of a batch of CFG branches, right-padded to one length, plus each branch's
+    RoPE position for the generation block. Built once per request, reused every step."""
+
+    keys: list[Tensor]  # per layer [B, P_max, Hkv, D]
+    values: list[Tensor]
+    key_mask: Tensor | None  # [B, P_max + NUM_MARKERS], True = real key; None: no padding
+    positions: Tensor  # [B] int64
+
+    @classmethod
+    def from_contexts(cls, contexts: Sequence[ContextKV]) -> BranchPrefix:
+        lengths = [c.num_tokens for c in contexts]
+        longest = max(lengths)
+        num_layers = len(contexts[0].keys)
+        ref = contexts[0].keys[0]
+        keys, values = [], []
+        for layer in range(num_layers):
+            k = ref.new_zeros((len(contexts), longest, *ref.shape[1:]))
+            v = torch.zeros_like(k)
+            for b, ctx in enumerate(contexts):
+                k[b, : lengths[b]] = ctx.keys[layer]
+                v[b, : lengths[b]] = ctx.values[layer]
+            keys.append(k)
+            values.append(v)
+        key_mask = None
+        if min(lengths) != longest:
+            key_mask = torch.ones(
+                len(contexts), longest + NUM_MARKERS, dtype=torch.bool, device=ref.device
+            )
+            for b, n in enumerate(lengths):
+                key_mask[b, n:longest] = False
+        positions = torch.tensor([c.next_position for c in contexts], device=ref.device)
+        return cls(keys=keys, values=values, key_mask=key_mask, positions=positions)
+
+
+class MoTAttention(nn.Module):
+    """Self-attention projections of both experts: q/k/v with bias, o without, per-head QK-norm."""
+
+    def __init__(self, cfg: LLMConfig, with_gen: bool) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+        )
+        for suffix in (UND, GEN) if with_gen else (UND,):
+            self.add_module(
+                f"q_proj{suffix}", nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim)
+            )
+            self.add_module(
+                f"k_proj{suffix}", nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim)
+            )
+            self.add_module(
+                f"v_proj{suffix}", nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim)
+            )
+            self.add_module(
+                f"o_proj{suffix}",
+                nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False),
+            )
+            self.add_module(f"q_norm{suffix}", RMSNorm(cfg.head_dim, cfg.rms_norm_eps))
+            self.add_module(f"k_norm{suffix}", RMSNorm(cfg.head_dim, cfg.rms_norm_eps))
+
+    def qkv(
+        self, x: Tensor, cos: Tensor, sin: Tensor, expert: str
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """`x` `[B, L, hidden]` -> q `[B, L, H, D]`, k/v `[B, L, Hkv, D]`; QK-norm, then RoPE, in fp32."""
+        shape = x.shape[:-1]
+        q = getattr(self, f"q_proj{expert}")(x).view(*shape, self.num_heads, self.head_dim)
+        k = getattr(self, f"k_proj{expert}")(x).view(*shape, self.num_kv_heads, self.head_dim)
+        v = getattr(self, f"v_proj{expert}")(x).view(*shape, self.num_kv_heads, self.head_dim)
+        q = apply_rope(getattr(self, f"q_norm{expert}")(q.float()), cos, sin).to(x.dtype)
+        k = apply_rope(getattr(self, f"k_norm{expert}")(k.float()), cos, sin).to(x.dtype)
+        return q, k, v
+
+    def out(self, attn: Tensor, expert: str) -> Tensor:
+        return getattr(self, f"o_proj{expert}")(attn.flatten(-2))
+
+
+class MoTDecoderLayer(nn.Module):
+    def __init__(self, cfg: LLMConfig, with_gen: bool) -> None:
+        super().__init__()
+        self.self_attn = MoTAttention(cfg, with_gen)
+        for suffix in (UND, GEN) if with_gen else (UND,):
+            self.add_module(f"mlp{suffix}", SwiGLU(cfg.hidden_size, cfg.intermediate_size))
+            self.add_module(f"input_layernorm{suffix}", RMSNorm(cfg.hidden_size, cfg.rms_norm_eps))
+            self.add_module(
+                f"post_attention_layernorm{suffix}", RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            )
+
+    def _norm_qkv(self, x: Tensor, cos: Tensor, sin: Tensor, expert: str):
+        return self.self_attn.qkv(getattr(self, f"input_layernorm{expert}")(x), cos, sin, expert)
+
+    def _finish(self, x: Tensor, attn: Tensor, expert: str) -> Tensor:
+        x = x + self.self_attn.out(attn, expert)
+        mlp_in = getattr(self, f"post_attention_layernorm{expert}")(x)
+        return x + getattr(self, f"mlp{expert}")(mlp_in)
+
+    def forward_text(
+        self, x: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor | None, need_output: bool
+    ) -> tuple[Tensor | None, Tensor, Tensor]:
+        """Causal und-expert pass over text `[B, L, hidden]`; returns (output, k, v)."""
+        q, k, v = self._norm_qkv(x, cos, sin, UND)
+        length = x.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
+        mask = causal if key_mask is None else causal & key_mask[:, None, :]
+        attn = masked_sdpa(q, k, v, mask if mask.dim() == 3 else mask[None])
+        return (self._finish(x, attn, UND) if need_output else None), k, v
+
+    def forward_block(
+        self,
+        joint: Tensor,
+        latent: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        prefix_k: Tensor,
+        prefix_v: Tensor,
+        key_mask: Tensor | None,
+        attention: BlockAttention,
+    ) -> tuple[Tensor, Tensor]:
+        """One layer over the generation block: markers by the und expert, latents by the gen
+        expert, one shared non-causal attention over [prefix ; markers ; latents]."""
+        jq, jk, jv = self._norm_qkv(joint, cos, sin, UND)
+        lq, lk, lv = self._norm_qkv(latent, cos, sin, GEN)
+        joint_k = torch.cat([prefix_k, jk], dim=1)
+        joint_v = torch.cat([prefix_v, jv], dim=1)
+        joint_attn, latent_attn = attention(jq, joint_k, joint_v, key_mask, lq, lk, lv)
+        return self._finish(joint, joint_attn, UND), self._finish(latent, latent_attn, GEN)
+
+
+class Qwen2MoTModel(nn.Module):
+    def __init__(self, cfg: LLMConfig, with_gen: bool) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(MoTDecoderLayer(cfg, with_gen) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if with_gen:
+            self.norm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LanguageModel(nn.Module):
+    """Holds `model` so that parameter names start with `language_model.model.`; the LM head is
+    never built: text-to-image does not decode text."""
+
+    def __init__(self, cfg: LLMConfig, with_gen: bool) -> None:
+        super().__init__()
+        self.model = Qwen2MoTModel(cfg, with_gen)
+
+
+class Bagel(nn.Module):
+    """The text-to-image subset of BAGEL: prefill (und expert) and the generation forward."""
+
+    def __init__(self, config: BagelConfig, with_gen: bool = True) -> None:
+        super().__init__()
+        self.config = config
+        self.with_gen = with_gen
+        llm = config.llm
+        self.language_model = LanguageModel(llm, with_gen)
+        if with_gen:
+            self.time_embedder = TimestepEmbedder(llm.hidden_size, config.timestep_embed_dim)
+            self.vae2llm = nn.Linear(config.patch_dim, llm.hidden_size)
+            self.llm2vae = nn.Linear(llm.hidden_size, config.patch_dim)
+            self.latent_pos_embed = PositionTable(config.max_latent_size**2, llm.hidden_size)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.language_model.model.layers
+
+    def _rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        llm = self.config.llm
+        return rope_cos_sin(positions, llm.head_dim, llm.rope_theta)
+
+    # ---- prefill: the und expert over the prompt of each CFG context -------------------------
+
+    @torch.no_grad()
+    def prefill_layers(
+        self, prompts: Sequence[Sequence[int]]
+    ) -> Iterator[tuple[list[Tensor], list[Tensor]]]:
+        """Run the prompts (a batch, right-padded) causally; yield, layer by layer, each prompt's K
+        and V `[tokens, kv_heads, head_dim]` as soon as that layer has produced them."""
+        lengths = [len(p) for p in prompts]
+        longest = max(lengths, default=0)
+        embed = self.language_model.model.embed_tokens
+        device = embed.weight.device
+        if longest == 0:
+            empty = embed.weight.new_zeros(
+                0, self.config.llm.num_kv_heads, self.config.llm.head_dim
+            )
+            for _ in self.layers:
+                yield [empty for _ in prompts], [empty for _ in prompts]
+            return
+        ids = torch.zeros(len(prompts), longest, dtype=torch.long, device=device)
+        for b, p in enumerate(prompts):
+            ids[b, : len(p)] = torch.tensor(list(p), dtype=torch.long, device=device)
+        key_mask = None
+        if min(lengths) != longest:
+            key_mask = (
+                torch.arange(longest, device=device)[None]
+                < torch.tensor(lengths, device=device)[:, None]
+            )
+        cos, sin = self._rope(torch.arange(longest, device=device))
+        cos, sin = cos[:, None, :], sin[:, None, :]
+        x = embed(ids)
+        last = len(self.layers) - 1
+        for index, layer in enumerate(self.layers):
+            x, k, v = layer.forward_text(x, cos, sin, key_mask, need_output=index < last)
+            yield (
+                [k[b, :n].contiguous() for b, n in enumerate(lengths)],
+                [v[b, :n].contiguous() for b, n in enumerate(lengths)],
+            )
+
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> list[ContextKV]:
+        keys: list[list[Tensor]] = [[] for _ in prompts]
+        values: list[list[Tensor]] = [[] for _ in prompts]
+        for layer_keys, layer_values in self.prefill_layers(prompts):
+            for b in range(len(prompts)):
+                keys[b].append(layer_keys[b])
+                values[b].append(layer_values[b])
+        return [ContextKV(keys[b], values[b], next_position=len(p)) for b, p in enumerate(prompts)]
+
+    # ---- generation block: [<|vision_start|>, latents, <|vision_end|>] ------------------------
+
+    def embed_block(
+        self, x_t: Tensor, t: Tensor, pos_ids: Tensor, marker_ids: Tensor, batch: int
+    ) -> tuple[Tensor, Tensor]:
+        """Latent tokens `x_t` `[n, patch_dim]` at flow time `t` (0-d) with table rows `pos_ids`
+        -> (marker states `[B, 2, hidden]`, latent states `[B, n, hidden]`), same for every branch."""
+        dtype = self.vae2llm.weight.dtype
+        latent = (
+            self.vae2llm(x_t.to(dtype))
+            + self.time_embedder(t.reshape(1))
+            + self.latent_pos_embed(pos_ids)
+        )
+        joint = self.language_model.model.embed_tokens(marker_ids)
+        return joint.expand(batch, -1, -1), latent.expand(batch, -1, -1)
+
+    def forward_layers(
+        self,
+        joint: Tensor,
+        latent: Tensor,
+        prefix: BranchPrefix,
+        attention: BlockAttention,
+        layers: range | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        cos, sin = self._rope(prefix.positions)
+        cos, sin = cos[:, None, None, :], sin[:, None, None, :]
+        for index in layers if layers is not None else range(len(self.layers)):
+            joint, latent = self.layers[index].forward_block(
+                joint,
+                latent,
+                cos,
+                sin,
+                prefix.keys[index],
+                prefix.values[index],
+                prefix.key_mask,
+                attention,
+            )
+        return joint, latent
+
+    def velocity(self, latent: Tensor) -> Tensor:
+        """Final gen norm and `llm2vae`: latent states -> predicted velocity, in fp32."""
+        return self.llm2vae(self.language_model.model.norm_moe_gen(latent)).float()
+
+    @torch.no_grad()
+    def forward_block(
+        self,
+        x_t: Tensor,
+        t: Tensor,
+        pos_ids: Tensor,
+        marker_ids: Tensor,
+        prefix: BranchPrefix,
+        attention: BlockAttention = full_block_attention,
+    ) -> Tensor:
+        """One generation forward for every branch in `prefix`: velocity `[B, n, patch_dim]`."""
+        joint, latent = self.embed_block(x_t, t, pos_ids, marker_ids, prefix.positions.shape[0])
+        _, latent = self.forward_layers(joint, latent, prefix, attention)
+        return self.velocity(latent)

@@ -1,0 +1,131 @@
+"""BAGEL's flow-matching sampler: the shifted schedule, Euler steps, and CFG with renorm.
+
+The velocity model is a callable, so the same loop runs in one process and on every rank of a
+sequence-parallel group. Under sequence parallelism the latents are a shard; the only global
+quantity, the "global" renorm's norm, goes through the injected `reduce_sum`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from bagel.params import GenerationParams
+
+COND, UNCOND_TEXT, UNCOND_IMG = "cond", "uncond_text", "uncond_img"
+
+# (x_t, t, branches) -> velocity per requested branch, fp32, shaped like x_t.
+VelocityModel = Callable[[Tensor, Tensor, Sequence[str]], dict[str, Tensor]]
+# Sums a tensor over every shard of the latent sequence (identity in one process).
+ReduceSum = Callable[[Tensor], Tensor]
+
+
+def schedule(num_timesteps: int, shift: float) -> tuple[Tensor, Tensor]:
+    """(t at each Euler step, dt of each step): `num_timesteps` points give `num_timesteps - 1`
+    steps; `t = s*u / (1 + (s-1)*u)` with u from 1 down to 0."""
+    u = torch.linspace(1, 0, num_timesteps)
+    t = shift * u / (1 + (shift - 1) * u)
+    return t[:-1], t[:-1] - t[1:]
+
+
+def in_cfg_window(t: Tensor, interval: tuple[float, float]) -> bool:
+    return bool(interval[0] < t <= interval[1])
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What one step computes: the branches to run and the guidance scales to apply."""
+
+    branches: tuple[str, ...]
+    text_scale: float
+    img_scale: float
+
+
+def plan_step(t: Tensor, params: GenerationParams, has_img_context: bool) -> StepPlan:
+    """Outside the CFG window both scales are 1 and only the conditional branch runs. The image
+    branch is computed only when its context differs from the conditional one (it does not for
+    text-to-image); otherwise the conditional velocity is reused, which is bit-identical."""
+    if not in_cfg_window(t, params.cfg_interval):
+        return StepPlan((COND,), 1.0, 1.0)
+    text, img = params.cfg_text_scale, params.cfg_img_scale
+    if text <= 1.0:  # BAGEL applies no guidance at all unless the text scale is above 1
+        return StepPlan((COND,), text, img)
+    branches = (COND, UNCOND_TEXT) + ((UNCOND_IMG,) if img > 1.0 and has_img_context else ())
+    return StepPlan(branches, text, img)
+
+
+def _norm(x: Tensor, per_token: bool, reduce_sum: ReduceSum) -> Tensor:
+    if per_token:
+        return torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return reduce_sum(x.pow(2).sum()).sqrt()
+
+
+def combine_guidance(
+    v_cond: Tensor,
+    v_text: Tensor,
+    v_img: Tensor,
+    plan: StepPlan,
+    renorm_type: str,
+    renorm_min: float,
+    reduce_sum: ReduceSum = lambda x: x,
+) -> Tensor:
+    """BAGEL's CFG: `v = v_u + s_t (v_c - v_u)`, then with `s_i > 1` `v = v_i + s_i (v - v_i)`,
+    rescaled by `clamp(|v_c| / |v|, renorm_min, 1)` (text_channel: renorm before image guidance)."""
+    if plan.text_scale <= 1.0:
+        return v_cond
+    guided = v_text + plan.text_scale * (v_cond - v_text)
+    if renorm_type == "text_channel":
+        scale = (_norm(v_cond, True, reduce_sum) / (_norm(guided, True, reduce_sum) + 1e-8)).clamp(
+            min=renorm_min, max=1.0
+        )
+        guided = guided * scale
+        if plan.img_scale > 1.0:
+            guided = v_img + plan.img_scale * (guided - v_img)
+        return guided
+    if plan.img_scale > 1.0:
+        guided = v_img + plan.img_scale * (guided - v_img)
+    per_token = renorm_type == "channel"
+    scale = (
+        _norm(v_cond, per_token, reduce_sum) / (_norm(guided, per_token, reduce_sum) + 1e-8)
+    ).clamp(min=renorm_min, max=1.0)
+    return guided * scale
+
+
+def initial_noise(params: GenerationParams, num_tokens: int, patch_dim: int) -> Tensor:
+    """`randn(h*w, patch_dim)` in fp32 on the CPU from the request seed: the same on every device."""
+    generator = torch.Generator().manual_seed(params.seed)
+    return torch.randn(num_tokens, patch_dim, generator=generator, dtype=torch.float32)
+
+
+StepCallback = Callable[[int, int], None]  # (steps done, total steps); may raise to cancel
+
+
+def denoise(
+    x: Tensor,
+    velocity: VelocityModel,
+    params: GenerationParams,
+    has_img_context: bool = False,
+    reduce_sum: ReduceSum = lambda x: x,
+    on_step: StepCallback | None = None,
+) -> Tensor:
+    """Euler integration from noise (t=1) to data (t=0): `x <- x - v * dt`. `x` is fp32 and may
+    be a shard of the latent tokens; the velocity model must return zeros on padding rows so that
+    they add nothing to the global renorm."""
+    timesteps, dts = schedule(params.num_timesteps, params.timestep_shift)
+    total = len(timesteps)
+    for step, (t, dt) in enumerate(zip(timesteps, dts, strict=True)):
+        plan = plan_step(t, params, has_img_context)
+        v = velocity(x, t, plan.branches)
+        v_cond = v[COND]
+        v_img = v.get(UNCOND_IMG, v_cond)
+        v_text = v.get(UNCOND_TEXT, v_cond)
+        combined = combine_guidance(
+            v_cond, v_text, v_img, plan, params.cfg_renorm_type, params.cfg_renorm_min, reduce_sum
+        )
+        x = x - combined.to(x.dtype) * dt
+        if on_step is not None:
+            on_step(step + 1, total)
+    return x

@@ -1,0 +1,152 @@
+"""`python -m bagel.tiny DIR [--seed S]`: write a tiny BAGEL checkpoint in the published format.
+
+Same file names, key names and dtypes as BAGEL-7B-MoT (`llm_config.json`, `vit_config.json`,
+`ema.safetensors`, `ae.safetensors`, Qwen2 tokenizer files), random but deterministic weights, a
+few MB. The ViT, connector and LM head are written (as in the real file) though text-to-image
+never reads them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from bagel.autoencoder import AutoEncoder, AutoEncoderParams
+from bagel.config import BagelConfig, LLMConfig
+from bagel.layers import RMSNorm
+from bagel.model import Bagel
+from bagel.tokenizer import write_tiny_tokenizer
+
+TINY_VIT = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_attention_heads": 2,
+    "layers_in_file": 1,
+}
+
+
+def tiny_config(vocab_size: int) -> BagelConfig:
+    """hidden 128, 4 layers, 8 query heads over 4 KV heads (Ulysses 2 and 4 valid), MLP 256."""
+    llm = LLMConfig(
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=256,
+        num_layers=4,
+        num_heads=8,
+        num_kv_heads=4,
+    )
+    return BagelConfig(llm=llm, vae=AutoEncoderParams(ch=32))
+
+
+def sincos_position_table(grid: int, dim: int) -> torch.Tensor:
+    """MAE-style 2-D sincos table, `[grid*grid, dim]`: first half encodes the column, second the
+    row, each half [sin, cos] with omega = 1/10000^(k/(dim/4))."""
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+
+    def encode(pos: torch.Tensor) -> torch.Tensor:
+        angles = pos.flatten().double()[:, None] * omega
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([encode(cols), encode(rows)], dim=1).float()
+
+
+def _randomise_norms(module: torch.nn.Module, generator: torch.Generator) -> None:
+    # Default norm weights are all 1, which would hide a norm applied to the wrong tensor.
+    for sub in module.modules():
+        if isinstance(sub, RMSNorm | torch.nn.GroupNorm):
+            sub.weight.data = 1.0 + 0.1 * torch.randn(sub.weight.shape, generator=generator)
+
+
+def _unused_tensors(config: BagelConfig, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """LM head, SigLIP ViT, connector and ViT position table: present in the file, never read."""
+    hidden, vit = config.llm.hidden_size, TINY_VIT["hidden_size"]
+    shapes: dict[str, tuple[int, ...]] = {
+        "language_model.lm_head.weight": (config.llm.vocab_size, hidden),
+        "connector.fc1.weight": (hidden, vit),
+        "connector.fc1.bias": (hidden,),
+        "connector.fc2.weight": (hidden, hidden),
+        "connector.fc2.bias": (hidden,),
+        "vit_pos_embed.pos_embed": (70 * 70, hidden),
+        "vit_model.vision_model.embeddings.patch_embedding.weight": (vit, 14 * 14 * 3),
+        "vit_model.vision_model.embeddings.patch_embedding.bias": (vit,),
+        "vit_model.vision_model.embeddings.position_embedding.weight": (70 * 70, vit),
+        "vit_model.vision_model.post_layernorm.weight": (vit,),
+        "vit_model.vision_model.post_layernorm.bias": (vit,),
+    }
+    for i in range(TINY_VIT["layers_in_file"]):
+        prefix = f"vit_model.vision_model.encoder.layers.{i}."
+        for norm in ("layer_norm1", "layer_norm2"):
+            shapes[f"{prefix}{norm}.weight"] = (vit,)
+            shapes[f"{prefix}{norm}.bias"] = (vit,)
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            shapes[f"{prefix}self_attn.{proj}.weight"] = (vit, vit)
+            shapes[f"{prefix}self_attn.{proj}.bias"] = (vit,)
+        shapes[f"{prefix}mlp.fc1.weight"] = (TINY_VIT["intermediate_size"], vit)
+        shapes[f"{prefix}mlp.fc1.bias"] = (TINY_VIT["intermediate_size"],)
+        shapes[f"{prefix}mlp.fc2.weight"] = (vit, TINY_VIT["intermediate_size"])
+        shapes[f"{prefix}mlp.fc2.bias"] = (vit,)
+    return {k: 0.02 * torch.randn(s, generator=generator) for k, s in shapes.items()}
+
+
+def _vit_config_json() -> dict:
+    # Like the real file, it claims one layer more than the checkpoint holds.
+    return {
+        "model_type": "siglip_vision_model",
+        "hidden_size": TINY_VIT["hidden_size"],
+        "intermediate_size": TINY_VIT["intermediate_size"],
+        "num_attention_heads": TINY_VIT["num_attention_heads"],
+        "num_hidden_layers": TINY_VIT["layers_in_file"] + 1,
+        "num_channels": 3,
+        "image_size": 980,
+        "patch_size": 14,
+        "hidden_act": "gelu_pytorch_tanh",
+        "layer_norm_eps": 1e-6,
+        "attention_dropout": 0.0,
+    }
+
+
+def write_tiny_checkpoint(directory: str | Path, seed: int = 0) -> BagelConfig:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokens = write_tiny_tokenizer(directory)
+    config = tiny_config(vocab_size=64 * math.ceil(tokens / 64))
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+
+    model = Bagel(config, with_gen=True)
+    _randomise_norms(model, generator)
+    model.latent_pos_embed.pos_embed.data = sincos_position_table(
+        config.max_latent_size, config.llm.hidden_size
+    )
+    ema = {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+    ema.update({k: v.to(torch.bfloat16) for k, v in _unused_tensors(config, generator).items()})
+    save_file(ema, directory / "ema.safetensors")
+
+    autoencoder = AutoEncoder(config.vae)
+    _randomise_norms(autoencoder, generator)
+    ae = {k: v.to(torch.bfloat16).contiguous() for k, v in autoencoder.state_dict().items()}
+    save_file(ae, directory / "ae.safetensors")
+
+    (directory / "llm_config.json").write_text(json.dumps(config.llm.to_qwen2_json(), indent=2))
+    (directory / "vit_config.json").write_text(json.dumps(_vit_config_json(), indent=2))
+    return config
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("directory")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    config = write_tiny_checkpoint(args.directory, args.seed)
+    print(f"wrote tiny BAGEL checkpoint to {args.directory} (fingerprint {config.fingerprint()})")
+
+
+if __name__ == "__main__":
+    main()

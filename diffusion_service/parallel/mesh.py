@@ -1,0 +1,228 @@
+"""The diffusion service's rank topology: CFG parallel outermost, then Ring, then Ulysses.
+
+`rank = cfg_rank * (ring * ulysses) + ring_rank * ulysses + ulysses_rank`: Ulysses groups are
+contiguous ranks because their all-to-all is the heaviest traffic and neighbouring ranks share
+the fastest links; Ring groups are strided; a CFG branch owns one contiguous block of
+`ring * ulysses` ranks (its sequence-parallel group).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from diffusion_service.parallel.sharding import LatentSharding
+
+# BAGEL has at most three CFG branches (cond, uncond-text, uncond-image).
+MAX_CFG_PARALLEL = 3
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def valid_topologies(world: int, num_kv_heads: int) -> list[tuple[int, int, int]]:
+    """Every `(cfg_parallel, ring, ulysses)` that fits `world` ranks and `num_kv_heads` KV heads."""
+    return [
+        (cfg, world // (cfg * ulysses), ulysses)
+        for cfg in _divisors(world)
+        if cfg <= MAX_CFG_PARALLEL
+        for ulysses in _divisors(world // cfg)
+        if num_kv_heads % ulysses == 0
+    ]
+
+
+def validate_topology(
+    cfg_parallel: int, ring: int, ulysses: int, world: int, num_kv_heads: int, num_heads: int
+) -> None:
+    """Raise ValueError, listing the valid choices, if the topology cannot run the model.
+
+    Ulysses splits KV heads over its ranks without replicating them, so its degree must divide
+    `num_kv_heads`; the world must be exactly `cfg_parallel * ring * ulysses`.
+    """
+    problems = []
+    for name, value in (("cfg_parallel", cfg_parallel), ("ring", ring), ("ulysses", ulysses)):
+        if not isinstance(value, int) or value < 1:
+            problems.append(f"{name} must be a positive integer, got {value!r}")
+    if problems:
+        raise ValueError("; ".join(problems))
+    if num_kv_heads < 1 or num_heads % num_kv_heads != 0:
+        raise ValueError(
+            f"the model's {num_heads} query heads are not a multiple of its {num_kv_heads} KV heads"
+        )
+    if cfg_parallel > MAX_CFG_PARALLEL:
+        problems.append(
+            f"cfg_parallel={cfg_parallel} exceeds the {MAX_CFG_PARALLEL} CFG branches; "
+            f"valid cfg_parallel degrees: {', '.join(map(str, range(1, MAX_CFG_PARALLEL + 1)))}"
+        )
+    if num_kv_heads % ulysses != 0:
+        problems.append(
+            f"ulysses={ulysses} does not divide the {num_kv_heads} KV heads; "
+            f"valid ulysses degrees: {', '.join(map(str, _divisors(num_kv_heads)))}"
+        )
+    product = cfg_parallel * ring * ulysses
+    if product != world:
+        problems.append(
+            f"world size {world} does not equal cfg_parallel x ring x ulysses = "
+            f"{cfg_parallel} x {ring} x {ulysses} = {product}"
+        )
+    if problems:
+        choices = ", ".join(
+            f"(cfg_parallel={c}, ring={r}, ulysses={u})"
+            for c, r, u in valid_topologies(world, num_kv_heads)
+        )
+        raise ValueError(
+            "; ".join(problems) + f". Valid topologies for {world} ranks and "
+            f"{num_kv_heads} KV heads: {choices}"
+        )
+
+
+def mesh_rank_groups(cfg_parallel: int, ring: int, ulysses: int) -> dict[str, list[list[int]]]:
+    """Global ranks of every group of each kind, in the order the groups are created.
+
+    Kinds: `ulysses`, `ring` (ordered by ring rank), `sp` (one per CFG branch, ordered by
+    sp rank = `ring_rank * ulysses + ulysses_rank`), `cfg` (the ranks with the same sp rank).
+    """
+    sp = ring * ulysses
+
+    def rank(c: int, r: int, u: int) -> int:
+        return c * sp + r * ulysses + u
+
+    return {
+        "ulysses": [
+            [rank(c, r, u) for u in range(ulysses)] for c in range(cfg_parallel) for r in range(ring)
+        ],
+        "ring": [
+            [rank(c, r, u) for r in range(ring)] for c in range(cfg_parallel) for u in range(ulysses)
+        ],
+        "sp": [[c * sp + s for s in range(sp)] for c in range(cfg_parallel)],
+        "cfg": [[c * sp + s for c in range(cfg_parallel)] for s in range(sp)],
+    }
+
+
+@dataclass(frozen=True)
+class ParallelMesh:
+    """This rank's place in the topology and the process groups it talks over.
+
+    Groups are None only in a single process without `torch.distributed`, where no collective
+    is ever issued (degree 1 everywhere).
+    """
+
+    cfg_parallel: int
+    ring: int
+    ulysses: int
+    rank: int
+    world: int
+    ulysses_group: dist.ProcessGroup | None
+    ring_group: dist.ProcessGroup | None
+    sp_group: dist.ProcessGroup | None
+    cfg_group: dist.ProcessGroup | None
+    ulysses_ranks: tuple[int, ...]
+    ring_ranks: tuple[int, ...]
+    sp_ranks: tuple[int, ...]
+    cfg_ranks: tuple[int, ...]
+
+    @classmethod
+    def build(
+        cls,
+        cfg_parallel: int,
+        ring: int,
+        ulysses: int,
+        *,
+        num_heads: int,
+        num_kv_heads: int,
+        timeout: timedelta | None = None,
+    ) -> ParallelMesh:
+        """Validate the topology and create every process group; call on every rank alike.
+
+        `timeout` bounds every collective on the new groups (pass the one given to
+        `init_process_group`); None inherits the world group's timeout where torch exposes it.
+        """
+        initialized = dist.is_available() and dist.is_initialized()
+        world = dist.get_world_size() if initialized else 1
+        rank = dist.get_rank() if initialized else 0
+        validate_topology(cfg_parallel, ring, ulysses, world, num_kv_heads, num_heads)
+        layout = mesh_rank_groups(cfg_parallel, ring, ulysses)
+        mine = {kind: next(g for g in groups if rank in g) for kind, groups in layout.items()}
+        handles: dict[tuple[int, ...], dist.ProcessGroup | None] = {}
+        if initialized:
+            if timeout is None:
+                timeout = _world_timeout()
+            # new_group is collective over the whole world: every rank creates every group in
+            # the same order. Groups with the same members (ring == sp when ulysses is 1) share
+            # one handle and the whole world reuses WORLD, so NCCL builds no redundant
+            # communicators.
+            for groups in layout.values():
+                for members in map(tuple, groups):
+                    if members in handles:
+                        continue
+                    if len(members) == world:
+                        handles[members] = dist.group.WORLD
+                    else:
+                        handles[members] = dist.new_group(list(members), timeout=timeout)
+        else:
+            handles = {tuple(members): None for members in mine.values()}
+        return cls(
+            cfg_parallel=cfg_parallel,
+            ring=ring,
+            ulysses=ulysses,
+            rank=rank,
+            world=world,
+            ulysses_group=handles[tuple(mine["ulysses"])],
+            ring_group=handles[tuple(mine["ring"])],
+            sp_group=handles[tuple(mine["sp"])],
+            cfg_group=handles[tuple(mine["cfg"])],
+            ulysses_ranks=tuple(mine["ulysses"]),
+            ring_ranks=tuple(mine["ring"]),
+            sp_ranks=tuple(mine["sp"]),
+            cfg_ranks=tuple(mine["cfg"]),
+        )
+
+    @property
+    def sp_degree(self) -> int:
+        return self.ring * self.ulysses
+
+    @property
+    def cfg_rank(self) -> int:
+        return self.rank // self.sp_degree
+
+    @property
+    def sp_rank(self) -> int:
+        """Rank within the sequence-parallel group: `ring_rank * ulysses + ulysses_rank`."""
+        return self.rank % self.sp_degree
+
+    @property
+    def ring_rank(self) -> int:
+        return self.sp_rank // self.ulysses
+
+    @property
+    def ulysses_rank(self) -> int:
+        return self.rank % self.ulysses
+
+    @property
+    def ring_next(self) -> int:
+        """Global rank this rank sends K/V to in the ring."""
+        return self.ring_ranks[(self.ring_rank + 1) % self.ring]
+
+    @property
+    def ring_prev(self) -> int:
+        """Global rank this rank receives K/V from in the ring."""
+        return self.ring_ranks[(self.ring_rank - 1) % self.ring]
+
+    def latent_sharding(self, num_tokens: int) -> LatentSharding:
+        """This rank's shard of a latent sequence of `num_tokens` over its SP group."""
+        return LatentSharding(num_tokens, self.sp_degree, self.sp_rank)
+
+
+def _world_timeout() -> timedelta | None:
+    # torch gives a new group its backend's default timeout (30 min for gloo), not the world's;
+    # the world's is only reachable through the backend options, so read it defensively.
+    for device in ("cpu", "cuda"):
+        try:
+            return dist.group.WORLD._get_backend(torch.device(device)).options._timeout
+        except (AttributeError, RuntimeError):
+            continue
+    return None

@@ -1,0 +1,128 @@
+"""Ulysses sequence parallelism: trade sequence shards for head shards with one all-to-all.
+
+Each rank turns its latent slice with all heads into the whole latent sequence with `1/u` of the
+heads, attends locally with the replicated joint tokens in front, and trades back. GQA groups are
+contiguous, so query-head chunk `i` reads exactly KV-head chunk `i`: no KV replication needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from bagel.attention import sdpa
+from diffusion_service.parallel.sharding import LatentSharding
+
+
+def _all_to_all(send: Tensor, group: dist.ProcessGroup) -> Tensor:
+    """`send [u, ...]`: chunk `i` goes to group rank `i`; chunk `i` of the result came from it."""
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    return recv
+
+
+def head_chunk(x: Tensor, degree: int, index: int) -> Tensor:
+    """Heads `[index * H/degree, (index + 1) * H/degree)` of `x [B, L, H, D]` (a view)."""
+    per_rank = x.shape[2] // degree
+    return x[:, :, index * per_rank : (index + 1) * per_rank]
+
+
+def seq_to_heads(
+    group: dist.ProcessGroup, shards: Sequence[Tensor], fronts: Sequence[Tensor] | None = None
+) -> list[Tensor]:
+    """Trade sequence shards `[B, S, Hx, D]` for the whole sequence with `Hx/u` heads.
+
+    All tensors travel in one all-to-all. Result `j` is `[B, F + u*S, Hx/u, D]`: `fronts[j]`
+    (`[B, F, Hx/u, D]`, already this rank's heads) followed by the shards of group ranks
+    0..u-1 in order, written straight into one buffer so joining the front costs no extra copy.
+    """
+    degree = dist.get_world_size(group)
+    batch, shard_len, _, head_dim = shards[0].shape
+    counts = []
+    for x in shards:
+        if x.shape[2] % degree != 0:
+            raise ValueError(f"{x.shape[2]} heads cannot be split over {degree} Ulysses ranks")
+        counts.append(x.shape[2] // degree)
+    offsets = [sum(counts[:j]) for j in range(len(counts))]
+    ref = shards[0]
+    send = ref.new_empty((degree, batch, shard_len, sum(counts), head_dim))
+    for x, count, offset in zip(shards, counts, offsets, strict=True):
+        send[..., offset : offset + count, :] = x.unflatten(2, (degree, count)).permute(
+            2, 0, 1, 3, 4
+        )
+    recv = _all_to_all(send, group)  # [u (source shard), B, S, sum(counts), D]
+    fronts = fronts if fronts is not None else [None] * len(shards)
+    results = []
+    for count, offset, front in zip(counts, offsets, fronts, strict=True):
+        front_len = 0 if front is None else front.shape[1]
+        out = ref.new_empty((batch, front_len + degree * shard_len, count, head_dim))
+        if front is not None:
+            out[:, :front_len] = front
+        out[:, front_len:].unflatten(1, (degree, shard_len)).copy_(
+            recv[..., offset : offset + count, :].permute(1, 0, 2, 3, 4)
+        )
+        results.append(out)
+    return results
+
+
+def heads_to_seq(group: dist.ProcessGroup, out: Tensor, front_len: int) -> tuple[Tensor, Tensor]:
+    """Inverse of `seq_to_heads` for an attention output `[B, F + u*S, H/u, D]`.
+
+    Returns the front rows `[B, F, H, D]` and this rank's sequence shard `[B, S, H, D]`, all
+    heads. The front (the two marker rows) rides in every destination's chunk of the same
+    all-to-all: it adds `(u-1) * F` rows per rank, the same bytes an all-gather would move,
+    without a second collective and its latency.
+    """
+    degree = dist.get_world_size(group)
+    batch, total, heads, head_dim = out.shape
+    shard_len = (total - front_len) // degree
+    send = out.new_empty((degree, batch, front_len + shard_len, heads, head_dim))
+    send[:, :, :front_len] = out[:, :front_len].unsqueeze(0)
+    send[:, :, front_len:] = out[:, front_len:].unflatten(1, (degree, shard_len)).transpose(0, 1)
+    recv = _all_to_all(send, group)  # [u (source head chunk), B, F + S, H/u, D]
+    full = recv.permute(1, 2, 0, 3, 4).reshape(batch, front_len + shard_len, degree * heads, head_dim)
+    return full[:, :front_len], full[:, front_len:]
+
+
+class UlyssesAttention:
+    """`BlockAttention` over a Ulysses group; `sharding` is this rank's shard of the latents."""
+
+    def __init__(self, group: dist.ProcessGroup, sharding: LatentSharding) -> None:
+        if dist.get_world_size(group) != sharding.degree:
+            raise ValueError(
+                f"Ulysses group has {dist.get_world_size(group)} ranks, "
+                f"sharding degree is {sharding.degree}"
+            )
+        if dist.get_rank(group) != sharding.rank:
+            raise ValueError(
+                f"group rank {dist.get_rank(group)} holds shard {sharding.rank}; they must match"
+            )
+        self.group = group
+        self.sharding = sharding
+
+    def __call__(
+        self,
+        joint_q: Tensor,
+        joint_k: Tensor,
+        joint_v: Tensor,
+        joint_key_mask: Tensor | None,
+        latent_q: Tensor,
+        latent_k: Tensor,
+        latent_v: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        degree, index = self.sharding.degree, self.sharding.rank
+        fronts = [head_chunk(t, degree, index) for t in (joint_q, joint_k, joint_v)]
+        q, k, v = seq_to_heads(self.group, [latent_q, latent_k, latent_v], fronts)
+        # Pad keys all sit at the end of the gathered sequence: cut them off rather than mask
+        # them, so the unmasked case keeps the fastest kernel.
+        num_keys = joint_k.shape[1] + self.sharding.num_tokens
+        k, v = k[:, :num_keys], v[:, :num_keys]
+        mask = None
+        if joint_key_mask is not None:
+            latent_mask = joint_key_mask.new_ones((joint_key_mask.shape[0], self.sharding.num_tokens))
+            mask = torch.cat([joint_key_mask, latent_mask], dim=1)
+        out = sdpa(q, k, v, mask)
+        return heads_to_seq(self.group, out, joint_q.shape[1])
