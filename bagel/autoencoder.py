@@ -256,7 +256,8 @@ def to_pil(x: Tensor) -> Image.Image:
         raise ValueError(
             f"expected an image of shape [1, 3, H, W] or [3, H, W], got {list(x.shape)}"
         )
-    # fp32 before scaling: bf16 cannot hold 255 steps between 0.5 and 1 exactly.
-    pixels = (torch.clamp(x.detach().float() * 0.5 + 0.5, 0.0, 1.0) * 255.0).round()
+    # Truncate to uint8 as BAGEL's decode_image does, but scale in fp32: bf16 cannot hold 255
+    # steps between 0.5 and 1 exactly.
+    pixels = torch.clamp(x.detach().float() * 0.5 + 0.5, 0.0, 1.0) * 255.0
     array = pixels.to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(np.ascontiguousarray(array))

@@ -10,10 +10,6 @@ from pathlib import Path
 
 from bagel.autoencoder import AutoEncoderParams
 
-# Special tokens of the Qwen2.5 vocabulary that BAGEL uses, looked up by string.
-IMAGE_START_TOKEN = "<|vision_start|>"
-IMAGE_END_TOKEN = "<|vision_end|>"
-
 
 @dataclass(frozen=True)
 class LLMConfig:

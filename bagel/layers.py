@@ -10,6 +10,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """fp32 for half-precision inputs, the input's own dtype when it is wider (fp64 tests)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 class RMSNorm(nn.Module):
     """Qwen2 RMSNorm: normalise in fp32, cast back, then scale."""
 
@@ -19,25 +24,26 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
+        x32 = x.to(compute_dtype(x))
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
 
 
 def rope_cos_sin(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos/sin tables in fp32 for integer `positions` (any shape) -> `[*positions.shape, D]`."""
+    """cos/sin tables (fp64, cast by `apply_rope`) for integer `positions` -> `[*shape, D]`."""
     inv_freq = 1.0 / (
         theta
         ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim)
     )
     freqs = positions.to(torch.float64)[..., None] * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos().float(), emb.sin().float()
+    return emb.cos(), emb.sin()
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate-half RoPE. `x` is `[..., L, H, D]`; `cos`/`sin` broadcast as `[..., L, 1, D]`."""
     half = x.shape[-1] // 2
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
 

@@ -16,7 +16,15 @@ from torch import Tensor, nn
 
 from bagel.attention import BlockAttention, full_block_attention, masked_sdpa
 from bagel.config import BagelConfig, LLMConfig
-from bagel.layers import PositionTable, RMSNorm, SwiGLU, TimestepEmbedder, apply_rope, rope_cos_sin
+from bagel.layers import (
+    PositionTable,
+    RMSNorm,
+    SwiGLU,
+    TimestepEmbedder,
+    apply_rope,
+    compute_dtype,
+    rope_cos_sin,
+)
 
 UND = ""  # parameter-name suffix of the understanding expert
 GEN = "_moe_gen"  # ... and of the generation expert
@@ -107,8 +115,9 @@ class MoTAttention(nn.Module):
         q = getattr(self, f"q_proj{expert}")(x).view(*shape, self.num_heads, self.head_dim)
         k = getattr(self, f"k_proj{expert}")(x).view(*shape, self.num_kv_heads, self.head_dim)
         v = getattr(self, f"v_proj{expert}")(x).view(*shape, self.num_kv_heads, self.head_dim)
-        q = apply_rope(getattr(self, f"q_norm{expert}")(q.float()), cos, sin).to(x.dtype)
-        k = apply_rope(getattr(self, f"k_norm{expert}")(k.float()), cos, sin).to(x.dtype)
+        wide = compute_dtype(x)
+        q = apply_rope(getattr(self, f"q_norm{expert}")(q.to(wide)), cos, sin).to(x.dtype)
+        k = apply_rope(getattr(self, f"k_norm{expert}")(k.to(wide)), cos, sin).to(x.dtype)
         return q, k, v
 
     def out(self, attn: Tensor, expert: str) -> Tensor:

@@ -187,7 +187,9 @@ def _reference_decoder(sd: dict[str, torch.Tensor], z: torch.Tensor, p: AutoEnco
         return h + conv(f"{name}.proj_out", out, padding=0)
 
     h = conv("decoder.conv_in", x)
-    h = resnet("decoder.mid.block_2", attention("decoder.mid.attn_1", resnet("decoder.mid.block_1", h)))
+    h = resnet(
+        "decoder.mid.block_2", attention("decoder.mid.attn_1", resnet("decoder.mid.block_1", h))
+    )
     for level in reversed(range(len(p.ch_mult))):
         for j in range(p.num_res_blocks + 1):
             h = resnet(f"decoder.up.{level}.block.{j}", h)
@@ -266,11 +268,11 @@ def test_encode_sample_draws_from_the_posterior_reproducibly(tiny_ae: AutoEncode
     assert not torch.equal(a, c)
 
 
-def test_to_pil_maps_minus_one_to_zero_and_one_to_255_with_clamping() -> None:
+def test_to_pil_maps_minus_one_to_zero_and_one_to_255_clamping_and_truncating_like_bagel() -> None:
     x = torch.tensor([-2.0, -1.0, 0.0, 0.5, 1.0, 3.0]).reshape(1, 1, 1, 6).expand(1, 3, 1, 6)
     image = to_pil(x)
     assert image.mode == "RGB" and image.size == (6, 1)
-    assert [image.getpixel((i, 0))[0] for i in range(6)] == [0, 0, 128, 191, 255, 255]
+    assert [image.getpixel((i, 0))[0] for i in range(6)] == [0, 0, 127, 191, 255, 255]
 
 
 def test_to_pil_rejects_a_batch() -> None:

@@ -51,7 +51,9 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str, fn: RankFn, args:
     os._exit(code)
 
 
-def run_ranks(world: int, fn: RankFn, *args, timeout: float = 120.0) -> list[dict[str, torch.Tensor]]:
+def run_ranks(
+    world: int, fn: RankFn, *args, timeout: float = 120.0
+) -> list[dict[str, torch.Tensor]]:
     """Run `fn(rank, world, *args)` on `world` forked processes; return each rank's tensors."""
     ctx = mp.get_context("fork")
     port = free_port()
