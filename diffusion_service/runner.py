@@ -1,0 +1,83 @@
+"""One job on one rank: shard the noise, denoise with this rank's velocity model, check rank 0's
+continue flag after every step, and gather the latents once at the end."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from bagel.model import Bagel, ContextKV
+from bagel.sampler import UNCOND_IMG, denoise, initial_noise
+from diffusion_service.job import JobSpec
+from diffusion_service.parallel.mesh import ParallelMesh
+from diffusion_service.velocity import ShardedVelocity, shard_sum
+
+
+class JobCancelled(Exception):
+    """Rank 0 decided to stop the job (client cancel, deadline, shutdown); raised on every rank."""
+
+
+@dataclass
+class RankRuntime:
+    """What one rank holds for its whole life: its place in the mesh and its model."""
+
+    mesh: ParallelMesh
+    model: Bagel
+    marker_ids: tuple[int, int]
+    device: torch.device
+    control_group: dist.ProcessGroup | None  # gloo group for commands and per-step flags
+
+    @property
+    def is_leader(self) -> bool:
+        return self.mesh.rank == 0
+
+
+def step_flag(runtime: RankRuntime, keep_going: bool) -> bool:
+    """Rank 0's continue/cancel decision, broadcast to every rank."""
+    flag = torch.tensor([int(keep_going)], dtype=torch.int64)
+    if runtime.control_group is not None:
+        dist.broadcast(flag, src=0, group=runtime.control_group)
+    return bool(flag.item())
+
+
+def run_job(
+    runtime: RankRuntime,
+    job: JobSpec,
+    contexts: Mapping[str, ContextKV],
+    keep_going: Callable[[], bool] = lambda: True,
+    on_progress: Callable[[int, int], None] = lambda done, total: None,
+) -> Tensor | None:
+    """Denoise `job` on this rank. Returns the full fp32 latents `[h*w, patch_dim]` on rank 0
+    and None elsewhere; raises JobCancelled on every rank when rank 0 says stop."""
+    config = runtime.model.config
+    params = job.params
+    grid = params.latent_grid(config)
+    num_tokens = grid[0] * grid[1]
+    sharding = runtime.mesh.latent_sharding(num_tokens)
+    noise = initial_noise(params, num_tokens, config.patch_dim)
+    x = sharding.shard(noise, dim=0).to(runtime.device)
+    velocity = ShardedVelocity(
+        runtime.model, contexts, runtime.mesh, sharding, grid, runtime.marker_ids
+    )
+
+    def on_step(done: int, total: int) -> None:
+        go = step_flag(runtime, keep_going() if runtime.is_leader else True)
+        if runtime.is_leader:
+            on_progress(done, total)
+        if not go:
+            raise JobCancelled(f"stopped after step {done} of {total}")
+
+    x = denoise(
+        x,
+        velocity,
+        params,
+        has_img_context=UNCOND_IMG in contexts,
+        reduce_sum=shard_sum(runtime.mesh),
+        on_step=on_step,
+    )
+    full = sharding.gather(x, runtime.mesh.sp_group, dim=0)
+    return full.float().cpu() if runtime.is_leader else None

@@ -1,0 +1,87 @@
+"""The velocity model of one rank: this rank's latent shard, its SP attention, and (with CFG
+parallelism) its share of the CFG branches plus one all-gather of velocity shards per step."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch.distributed as dist
+from torch import Tensor
+
+from bagel.generation import BlockVelocity, latent_position_ids
+from bagel.model import Bagel, ContextKV
+from diffusion_service.parallel.mesh import ParallelMesh
+from diffusion_service.parallel.sharding import LatentSharding
+from diffusion_service.parallel.usp import make_block_attention
+
+
+class ShardedVelocity:
+    """`(x_shard, t, branches) -> {branch: velocity shard}` on one rank of the mesh.
+
+    Within an SP group the branches run batched in one forward. With CFG parallelism, branch `i`
+    of a step runs on CFG group `i % cfg`; a step with one branch runs it on every group (no
+    communication, identical results). Padding rows of the shard come back as zeros so they add
+    nothing to the global renorm.
+    """
+
+    def __init__(
+        self,
+        model: Bagel,
+        contexts: Mapping[str, ContextKV],
+        mesh: ParallelMesh,
+        sharding: LatentSharding,
+        grid: tuple[int, int],
+        marker_ids: tuple[int, int],
+    ) -> None:
+        rows, cols = grid
+        pos_ids = latent_position_ids(rows, cols, model.config.max_latent_size)
+        self.mesh = mesh
+        self.sharding = sharding
+        self.block = BlockVelocity(
+            model,
+            contexts,
+            sharding.shard(pos_ids, dim=0),
+            marker_ids,
+            attention=make_block_attention(mesh, sharding),
+            batch_branches=True,
+        )
+
+    def _zero_padding(self, v: Tensor) -> Tensor:
+        valid = self.sharding.num_valid
+        if valid < v.shape[0]:
+            v = v.clone()
+            v[valid:] = 0
+        return v
+
+    def __call__(self, x: Tensor, t: Tensor, branches: Sequence[str]) -> dict[str, Tensor]:
+        branches = tuple(branches)
+        cfg = self.mesh.cfg_parallel
+        if cfg == 1 or len(branches) == 1:
+            return {b: self._zero_padding(v) for b, v in self.block(x, t, branches).items()}
+        slots = -(-len(branches) // cfg)
+        mine = branches[self.mesh.cfg_rank :: cfg]
+        local = x.new_zeros((slots, *x.shape))
+        for i, v in enumerate(self.block(x, t, mine).values()):
+            local[i] = self._zero_padding(v)
+        gathered = x.new_empty((cfg * slots, *x.shape))
+        dist.all_gather_into_tensor(gathered, local, group=self.mesh.cfg_group)
+        # CFG rank r's slot i holds branch r + i * cfg.
+        return {b: gathered[(i % cfg) * slots + i // cfg] for i, b in enumerate(branches)}
+
+
+def shard_sum(mesh: ParallelMesh):
+    """`reduce_sum` for the sampler's global renorm: a sum over the SP group's shards."""
+
+    def reduce_sum(x: Tensor) -> Tensor:
+        if mesh.sp_degree == 1:
+            return x
+        x = x.clone()
+        dist.all_reduce(x, group=mesh.sp_group)
+        return x
+
+    return reduce_sum
+
+
+def initial_shard(noise: Tensor, sharding: LatentSharding) -> Tensor:
+    """This rank's rows of the full initial noise (pad rows zero)."""
+    return sharding.shard(noise, dim=0)
