@@ -33,6 +33,18 @@ class Generated:
     latents: Tensor  # final latent tokens [h*w, patch_dim], fp32
 
 
+@torch.no_grad()
+def decode_image(
+    autoencoder: AutoEncoder, config: BagelConfig, latents: Tensor, params: GenerationParams
+) -> Image.Image:
+    """Final latent tokens `[h*w, patch_dim]` -> the RGB image, through the VAE decoder."""
+    rows, cols = params.latent_grid(config)
+    z = unpatchify(latents, rows, cols, config.latent_patch_size)
+    weight = next(autoencoder.parameters())
+    pixels = autoencoder.decode(z[None].to(weight.device, weight.dtype))
+    return to_pil(pixels.float())
+
+
 class Pipeline:
     """Loads a checkpoint directory once; generates images from prompts or from prefilled KV."""
 
@@ -73,12 +85,8 @@ class Pipeline:
         x = initial_noise(params, rows * cols, self.config.patch_dim)
         return denoise(x, velocity, params, has_img_context=UNCOND_IMG in contexts, on_step=on_step)
 
-    @torch.no_grad()
     def decode(self, latents: Tensor, params: GenerationParams) -> Image.Image:
-        rows, cols = params.latent_grid(self.config)
-        z = unpatchify(latents, rows, cols, self.config.latent_patch_size)
-        pixels = self.autoencoder.decode(z[None].to(self.device, self.dtype))
-        return to_pil(pixels.float())
+        return decode_image(self.autoencoder, self.config, latents, params)
 
     def generate(
         self, prompt: str, params: GenerationParams, negative_prompt: str = ""

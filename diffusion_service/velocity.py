@@ -10,6 +10,7 @@ from torch import Tensor
 
 from bagel.generation import BlockVelocity, latent_position_ids
 from bagel.model import Bagel, ContextKV
+from diffusion_service.parallel.collectives import all_gather_single
 from diffusion_service.parallel.mesh import ParallelMesh
 from diffusion_service.parallel.sharding import LatentSharding
 from diffusion_service.parallel.usp import make_block_attention
@@ -64,7 +65,7 @@ class ShardedVelocity:
         for i, v in enumerate(self.block(x, t, mine).values()):
             local[i] = self._zero_padding(v)
         gathered = x.new_empty((cfg * slots, *x.shape))
-        dist.all_gather_into_tensor(gathered, local, group=self.mesh.cfg_group)
+        all_gather_single(gathered, local, group=self.mesh.cfg_group)
         # CFG rank r's slot i holds branch r + i * cfg.
         return {b: gathered[(i % cfg) * slots + i // cfg] for i, b in enumerate(branches)}
 

@@ -11,8 +11,6 @@ import math
 import torch
 from torch import Tensor
 
-from bagel.attention import expand_kv_heads
-
 _FUSED_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -42,22 +40,15 @@ def merge_attention(
 ) -> tuple[Tensor, Tensor]:
     """Combine two partial attentions of the same queries over disjoint key sets, in fp32.
 
-    `out`, `block_out` `[B, L, H, D]`; `lse`, `block_lse` `[B, L, H]`. Each side is weighted by
-    `exp(lse_side - lse_total)`; subtracting the larger LSE first keeps `exp` in [0, 1], and a row
-    where both sides are -inf (no real key so far) stays at zero output and -inf LSE, not NaN.
+    `out`, `block_out` `[B, L, H, D]`; `lse`, `block_lse` `[B, L, H]`. The block's share of the
+    merged softmax mass is `sigmoid(block_lse - lse)`, which never overflows; where both sides
+    are -inf (no real key seen yet) that is NaN and becomes 0, so the row stays at zero output
+    and -inf LSE. One `lerp` over the big tensor keeps the merge to two passes over memory.
     """
-    out, block_out = out.float(), block_out.float()
     lse, block_lse = lse.float(), block_lse.float()
-    top = torch.maximum(lse, block_lse)
-    top = top.masked_fill(top == float("-inf"), 0.0)
-    weight = torch.exp(lse - top)
-    block_weight = torch.exp(block_lse - top)
-    total = weight + block_weight
-    merged_lse = top + torch.log(total)  # log(0) = -inf for rows that have seen no real key
-    inv_total = torch.where(total > 0, total.reciprocal(), torch.zeros_like(total))
-    merged = out * (weight * inv_total).unsqueeze(-1) + block_out * (
-        block_weight * inv_total
-    ).unsqueeze(-1)
+    merged_lse = torch.logaddexp(lse, block_lse)
+    block_share = torch.sigmoid(block_lse - lse).nan_to_num_(0.0)
+    merged = torch.lerp(out.float(), block_out.float(), block_share.unsqueeze(-1))
     return merged, merged_lse
 
 
@@ -75,11 +66,9 @@ def _fused_applies(q: Tensor, key_mask: Tensor | None) -> bool:
 
 
 def _flash_attention_with_lse(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    # The aten op works on [B, H, L, D] and returns the fp32 LSE as [B, H, Lq]. It wants as many
-    # KV heads as query heads, so GQA groups are expanded first.
-    heads = q.shape[2]
-    k = expand_kv_heads(k, heads).to(q.dtype)
-    v = expand_kv_heads(v, heads).to(q.dtype)
+    # The aten op works on [B, H, L, D], takes GQA KV heads as they are (checked on H100, torch
+    # 2.11) and returns the fp32 LSE as [B, H, Lq].
+    k, v = k.to(q.dtype), v.to(q.dtype)
     result = torch.ops.aten._scaled_dot_product_flash_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, False, False
     )

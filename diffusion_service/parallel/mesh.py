@@ -93,10 +93,14 @@ def mesh_rank_groups(cfg_parallel: int, ring: int, ulysses: int) -> dict[str, li
 
     return {
         "ulysses": [
-            [rank(c, r, u) for u in range(ulysses)] for c in range(cfg_parallel) for r in range(ring)
+            [rank(c, r, u) for u in range(ulysses)]
+            for c in range(cfg_parallel)
+            for r in range(ring)
         ],
         "ring": [
-            [rank(c, r, u) for r in range(ring)] for c in range(cfg_parallel) for u in range(ulysses)
+            [rank(c, r, u) for r in range(ring)]
+            for c in range(cfg_parallel)
+            for u in range(ulysses)
         ],
         "sp": [[c * sp + s for s in range(sp)] for c in range(cfg_parallel)],
         "cfg": [[c * sp + s for c in range(cfg_parallel)] for s in range(sp)],

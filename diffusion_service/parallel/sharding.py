@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from diffusion_service.parallel.collectives import all_gather_single
+
 
 @dataclass(frozen=True)
 class LatentSharding:
@@ -89,9 +91,10 @@ class LatentSharding:
         # One collective into one buffer: shards stacked on a new leading dim, then laid
         # side by side along `dim`.
         local = local.contiguous()
-        stacked = local.new_empty((self.degree, *local.shape))
-        dist.all_gather_into_tensor(stacked, local, group=group)
-        full = stacked.movedim(0, dim).flatten(dim, dim + 1)
+        flat = local.new_empty((self.degree * local.shape[0], *local.shape[1:]))
+        all_gather_single(flat, local, group=group)
+        full = flat.unflatten(0, (self.degree, local.shape[0])).movedim(0, dim)
+        full = full.flatten(dim, dim + 1)
         return full.narrow(dim, 0, self.num_tokens)
 
     def _check_len(self, x: Tensor, dim: int, allowed: tuple[int, ...]) -> None:

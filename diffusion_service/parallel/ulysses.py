@@ -11,9 +11,10 @@ from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor
 
-from bagel.attention import sdpa
+from diffusion_service.parallel.lse import attention_with_lse, merge_attention
 from diffusion_service.parallel.sharding import LatentSharding
 
 
@@ -83,7 +84,9 @@ def heads_to_seq(group: dist.ProcessGroup, out: Tensor, front_len: int) -> tuple
     send[:, :, :front_len] = out[:, :front_len].unsqueeze(0)
     send[:, :, front_len:] = out[:, front_len:].unflatten(1, (degree, shard_len)).transpose(0, 1)
     recv = _all_to_all(send, group)  # [u (source head chunk), B, F + S, H/u, D]
-    full = recv.permute(1, 2, 0, 3, 4).reshape(batch, front_len + shard_len, degree * heads, head_dim)
+    full = recv.permute(1, 2, 0, 3, 4).reshape(
+        batch, front_len + shard_len, degree * heads, head_dim
+    )
     return full[:, :front_len], full[:, front_len:]
 
 
@@ -119,10 +122,24 @@ class UlyssesAttention:
         # Pad keys all sit at the end of the gathered sequence: cut them off rather than mask
         # them, so the unmasked case keeps the fastest kernel.
         num_keys = joint_k.shape[1] + self.sharding.num_tokens
-        k, v = k[:, :num_keys], v[:, :num_keys]
-        mask = None
-        if joint_key_mask is not None:
-            latent_mask = joint_key_mask.new_ones((joint_key_mask.shape[0], self.sharding.num_tokens))
-            mask = torch.cat([joint_key_mask, latent_mask], dim=1)
-        out = sdpa(q, k, v, mask)
+        out = attend_local(q, k[:, :num_keys], v[:, :num_keys], joint_key_mask)
         return heads_to_seq(self.group, out, joint_q.shape[1])
+
+
+def attend_local(q: Tensor, k: Tensor, v: Tensor, joint_key_mask: Tensor | None) -> Tensor:
+    """Attention of `q` to keys `[joint; latent]` on this rank's heads, in the dtype of `q`.
+
+    `joint_key_mask [B, Lj]` covers the first `Lj` keys; the latent keys are all real.
+    """
+    if joint_key_mask is None:
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), enable_gqa=True
+        )
+        return out.transpose(1, 2)
+    # A boolean mask pushes the whole block off the flash kernel (and GQA off the fused
+    # kernels); instead attend the small masked joint block and the large unmasked latent block
+    # apart and merge them by LSE.
+    joint_len = joint_key_mask.shape[1]
+    out, lse = attention_with_lse(q, k[:, :joint_len], v[:, :joint_len], joint_key_mask)
+    latent = attention_with_lse(q, k[:, joint_len:], v[:, joint_len:])
+    return merge_attention(out, lse, *latent)[0].to(q.dtype)

@@ -1,0 +1,258 @@
+"""Rank 0's engine: one thread that owns every collective and runs jobs one at a time from a
+bounded queue, and the handle through which a request's coroutine follows its job."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+import torch.distributed as dist
+
+from bagel.autoencoder import AutoEncoder
+from bagel.config import BagelConfig
+from bagel.pipeline import decode_image
+from diffusion_service.job import Command, JobSpec
+from diffusion_service.metrics import ServiceMetrics
+from diffusion_service.ranks import model_contexts
+from diffusion_service.runner import JobCancelled, run_job
+from diffusion_service.settings import ServiceSettings
+from diffusion_service.world import RankWorld
+from protos import GenerateEvent, Image, Latents, Progress, Timings
+from transport.broadcast import broadcast_kv
+from transport.errors import TransportError
+from transport.layout import KVCache
+from transport.status import ServiceError
+
+log = logging.getLogger("diffusion_service.engine")
+
+DONE = object()
+
+
+@dataclass
+class JobHandle:
+    """One request's job as both sides see it; events cross from the engine thread to the
+    request's event loop."""
+
+    spec: JobSpec
+    cache: KVCache
+    request_id: str
+    loop: asyncio.AbstractEventLoop
+    deadline: float | None = None  # time.monotonic() seconds
+    receive_ms: float = 0.0
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    _cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def emit(self, item: object) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def keep_going(self) -> bool:
+        return not self._cancelled.is_set() and not self.expired
+
+    def stop_reason(self) -> ServiceError:
+        if self.expired:
+            return ServiceError(
+                grpc.StatusCode.DEADLINE_EXCEEDED, f"request {self.request_id}: deadline exceeded"
+            )
+        return ServiceError(grpc.StatusCode.CANCELLED, f"request {self.request_id} was cancelled")
+
+
+class Engine:
+    def __init__(
+        self,
+        settings: ServiceSettings,
+        config: BagelConfig,
+        world: RankWorld,
+        autoencoder: AutoEncoder,
+        metrics: ServiceMetrics,
+        on_health: Callable[[bool], None],
+    ) -> None:
+        self.settings = settings
+        self.config = config
+        self.world = world
+        self.autoencoder = autoencoder
+        self.metrics = metrics
+        self.on_health = on_health  # called with True/False from the engine thread
+        self._queue: queue.Queue[JobHandle] = queue.Queue(maxsize=settings.max_queue)
+        self._accepting = True
+        self._stop = threading.Event()
+        self._running: JobHandle | None = None
+        self._thread = threading.Thread(target=self._main, name="engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, handle: JobHandle) -> int:
+        """Queue a job; returns how many jobs are ahead of it."""
+        if not self._accepting:
+            raise ServiceError(
+                grpc.StatusCode.UNAVAILABLE, "the diffusion service is shutting down"
+            )
+        ahead = self._queue.qsize() + (1 if self._running is not None else 0)
+        try:
+            self._queue.put_nowait(handle)
+        except queue.Full:
+            raise ServiceError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the queue is full ({self.settings.max_queue} requests waiting); retry later",
+            ) from None
+        self.metrics.queue_depth.set(self._queue.qsize())
+        return ahead
+
+    def stop(self, drain_s: float) -> None:
+        """Finish queued and running work for up to `drain_s`, fail the rest with UNAVAILABLE,
+        then shut the ranks down."""
+        self._accepting = False
+        deadline = time.monotonic() + drain_s
+        while (
+            self._running is not None or not self._queue.empty()
+        ) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self._stop.set()
+        running = self._running
+        if running is not None:
+            running.cancel()
+        self._thread.join(timeout=self.settings.collective_timeout_s + 5)
+
+    # ---- the engine thread -----------------------------------------------------------------
+
+    def _main(self) -> None:
+        while not self._stop.is_set():
+            try:
+                handle = self._queue.get(timeout=self.settings.heartbeat_s)
+            except queue.Empty:
+                self._heartbeat()
+                continue
+            self.metrics.queue_depth.set(self._queue.qsize())
+            self._running = handle
+            try:
+                self._run(handle)
+            finally:
+                self._running = None
+        while True:  # fail whatever is still queued
+            try:
+                handle = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            self._fail(
+                handle, ServiceError(grpc.StatusCode.UNAVAILABLE, "the diffusion service shut down")
+            )
+        self.world.shutdown()
+
+    def _heartbeat(self) -> None:
+        try:
+            self.world.send(Command.HEARTBEAT)
+        except Exception as e:  # noqa: BLE001 - any collective failure means a rank is gone
+            log.error("rank group heartbeat failed: %s", e)
+            self._restart()
+
+    def _restart(self) -> None:
+        self.on_health(False)
+        self.metrics.restarts.inc()
+        while not self._stop.is_set():
+            try:
+                self.world.restart()
+                self.on_health(True)
+                return
+            except Exception as e:  # noqa: BLE001
+                log.error("restarting the rank group failed, retrying: %s", e)
+                time.sleep(1.0)
+
+    def _fail(self, handle: JobHandle, error: ServiceError) -> None:
+        handle.cache.release()
+        handle.emit(error)
+
+    def _run(self, handle: JobHandle) -> None:
+        if not handle.keep_going() or self._stop.is_set():
+            self._fail(handle, handle.stop_reason())
+            return
+        log.info("request %s: job %d starts", handle.request_id, handle.spec.job_id)
+        cache = handle.cache
+        shared: KVCache | None = None
+        started = time.perf_counter()
+        try:
+            runtime = self.world.runtime
+            self.world.send(Command.NEW_JOB, handle.spec)
+            shared = broadcast_kv(
+                cache,
+                group=dist.group.WORLD,
+                device=runtime.device,
+                timeout=self.settings.collective_timeout,
+            )
+            broadcast_done = time.perf_counter()
+
+            def progress(done: int, total: int) -> None:
+                self.metrics.steps.labels(cached="false").inc()
+                handle.emit(GenerateEvent(progress=Progress(step=done, total_steps=total)))
+
+            latents = run_job(
+                runtime,
+                handle.spec,
+                model_contexts(shared, runtime.model, runtime.device),
+                keep_going=lambda: handle.keep_going() and not self._stop.is_set(),
+                on_progress=progress,
+            )
+            denoise_done = time.perf_counter()
+            result = self._output(handle.spec, latents)
+            decode_done = time.perf_counter()
+        except JobCancelled:
+            log.info("request %s: stopped", handle.request_id)
+            error = handle.stop_reason()
+            if self._stop.is_set():
+                error = ServiceError(grpc.StatusCode.UNAVAILABLE, "the diffusion service shut down")
+            handle.emit(error)
+            return
+        except (RuntimeError, TransportError) as e:  # a collective failed: a rank is gone or hung
+            log.error("request %s: rank group failed: %s", handle.request_id, e)
+            handle.emit(ServiceError(grpc.StatusCode.UNAVAILABLE, f"a diffusion rank failed: {e}"))
+            self._restart()
+            return
+        except Exception as e:  # noqa: BLE001 - reported to the caller as INTERNAL
+            log.exception("request %s failed", handle.request_id)
+            handle.emit(e)
+            return
+        finally:
+            if shared is not None and shared is not cache:
+                shared.release()
+            cache.release()
+        ms = {
+            "receive_ms": handle.receive_ms,
+            "broadcast_ms": (broadcast_done - started) * 1e3,
+            "denoise_ms": (denoise_done - broadcast_done) * 1e3,
+            "decode_ms": (decode_done - denoise_done) * 1e3,
+        }
+        for phase, value in ms.items():
+            self.metrics.phase_seconds.labels(phase.removesuffix("_ms")).observe(value / 1e3)
+        handle.emit(GenerateEvent(timings=Timings(**ms)))
+        handle.emit(result)
+        handle.emit(DONE)
+        log.info("request %s: done in %.0f ms", handle.request_id, (decode_done - started) * 1e3)
+
+    def _output(self, spec: JobSpec, latents) -> GenerateEvent:
+        params = spec.params
+        if spec.return_latents_only:
+            data = latents.float().contiguous().numpy().tobytes()
+            return GenerateEvent(
+                latents=Latents(data=data, shape=list(latents.shape), seed=params.seed)
+            )
+        image = decode_image(self.autoencoder, self.config, latents, params)
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return GenerateEvent(
+            image=Image(
+                png=buffer.getvalue(), width=params.width, height=params.height, seed=params.seed
+            )
+        )

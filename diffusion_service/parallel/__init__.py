@@ -1,0 +1,1 @@
+"""Sequence parallelism for the diffusion ranks: topology, latent sharding, SP attention."""

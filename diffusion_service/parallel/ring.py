@@ -1,0 +1,145 @@
+"""Ring sequence parallelism: queries stay put while latent K/V blocks travel around the ring.
+
+Each rank attends its queries (`[joint; local latents]`, all heads) to one K/V block per step,
+posting the next block's transfer before computing the current one, and merges the blocks'
+partial results by log-sum-exp in fp32. The replicated joint keys are attended once, in step 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from diffusion_service.parallel.lse import attention_with_lse, merge_attention
+from diffusion_service.parallel.sharding import LatentSharding
+
+
+def ring_attention_with_lse(
+    group: dist.ProcessGroup,
+    joint_q: Tensor,
+    joint_k: Tensor,
+    joint_v: Tensor,
+    joint_key_mask: Tensor | None,
+    latent_q: Tensor,
+    latent_k: Tensor,
+    latent_v: Tensor,
+    block_valid: Sequence[int],
+) -> tuple[Tensor, Tensor]:
+    """Attention of `[joint_q; latent_q]` to the joint keys and every ring rank's latent block.
+
+    `latent_*` is this rank's block (`[B, S, *, D]`, the same S on every rank); `block_valid[j]`
+    counts the real tokens at the front of ring rank `j`'s block (the rest is pad, never read).
+    Returns fp32 `out [B, Lj + S, H, D]` and `lse [B, Lj + S, H]`.
+    """
+    size = dist.get_world_size(group)
+    me = dist.get_rank(group)
+    peers = dist.get_process_group_ranks(group)
+    send_to, recv_from = peers[(me + 1) % size], peers[(me - 1) % size]
+
+    q = torch.cat([joint_q, latent_q], dim=1)
+    # K and V travel as one tensor so each step is one send and one receive.
+    block = torch.stack([latent_k, latent_v])
+    incoming = torch.empty_like(block)
+    out = lse = None
+    for step in range(size):
+        transfers = []
+        if step + 1 < size:
+            # Post the next block's transfer first so it overlaps this block's computation.
+            transfers = dist.batch_isend_irecv(
+                [
+                    dist.P2POp(dist.isend, block, send_to, group),
+                    dist.P2POp(dist.irecv, incoming, recv_from, group),
+                ]
+            )
+        owner = (me - step) % size  # the ring rank whose latent block we hold at this step
+        valid = block_valid[owner]
+        keys, values = block[0][:, :valid], block[1][:, :valid]
+        if step == 0:
+            out, lse = _attend_joint_and_own(q, joint_k, joint_v, joint_key_mask, keys, values)
+        elif valid > 0:
+            block_out, block_lse = attention_with_lse(q, keys, values)
+            out, lse = merge_attention(out, lse, block_out, block_lse)
+        for work in transfers:
+            work.wait()  # bounded by the group's timeout, so a dead peer cannot hang us
+        block, incoming = incoming, block
+    return out, lse
+
+
+def _attend_joint_and_own(
+    q: Tensor,
+    joint_k: Tensor,
+    joint_v: Tensor,
+    joint_key_mask: Tensor | None,
+    own_k: Tensor,
+    own_v: Tensor,
+) -> tuple[Tensor, Tensor]:
+    if joint_key_mask is None:
+        # One block: the joint keys in front of this rank's latent keys.
+        return attention_with_lse(
+            q, torch.cat([joint_k, own_k], dim=1), torch.cat([joint_v, own_v], dim=1)
+        )
+    # A masked joint block is small; keeping it apart leaves the big latent block unmasked, so
+    # it can take the fused kernel on GPU.
+    out, lse = attention_with_lse(q, joint_k, joint_v, joint_key_mask)
+    return merge_attention(out, lse, *attention_with_lse(q, own_k, own_v))
+
+
+class RingAttention:
+    """`BlockAttention` over a ring group; `sharding` is this rank's shard of the latents."""
+
+    def __init__(self, group: dist.ProcessGroup, sharding: LatentSharding) -> None:
+        if dist.get_world_size(group) != sharding.degree:
+            raise ValueError(
+                f"ring group has {dist.get_world_size(group)} ranks, "
+                f"sharding degree is {sharding.degree}"
+            )
+        if dist.get_rank(group) != sharding.rank:
+            raise ValueError(
+                f"group rank {dist.get_rank(group)} holds shard {sharding.rank}; they must match"
+            )
+        self.group = group
+        self.sharding = sharding
+        self.block_valid = [sharding.valid_len(j) for j in range(sharding.degree)]
+
+    def attend_with_lse(
+        self,
+        joint_q: Tensor,
+        joint_k: Tensor,
+        joint_v: Tensor,
+        joint_key_mask: Tensor | None,
+        latent_q: Tensor,
+        latent_k: Tensor,
+        latent_v: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """fp32 output and LSE for the rows `[joint_q; latent_q]`."""
+        return ring_attention_with_lse(
+            self.group,
+            joint_q,
+            joint_k,
+            joint_v,
+            joint_key_mask,
+            latent_q,
+            latent_k,
+            latent_v,
+            self.block_valid,
+        )
+
+    def __call__(
+        self,
+        joint_q: Tensor,
+        joint_k: Tensor,
+        joint_v: Tensor,
+        joint_key_mask: Tensor | None,
+        latent_q: Tensor,
+        latent_k: Tensor,
+        latent_v: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        out, _ = self.attend_with_lse(
+            joint_q, joint_k, joint_v, joint_key_mask, latent_q, latent_k, latent_v
+        )
+        out = out.to(latent_q.dtype)
+        joint_len = joint_q.shape[1]
+        return out[:, :joint_len], out[:, joint_len:]

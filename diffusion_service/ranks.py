@@ -1,0 +1,136 @@
+"""Joining the rank group, and the loop that ranks 1..N-1 run: wait for rank 0's command, receive
+the broadcast KV cache, denoise their part, repeat."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import torch
+import torch.distributed as dist
+
+from bagel.checkpoint import load_bagel
+from bagel.config import BagelConfig
+from bagel.model import Bagel, ContextKV
+from bagel.pipeline import default_dtype
+from bagel.tokenizer import load_tokenizer
+from diffusion_service.job import JOB_WORDS, Command, JobSpec, command_of
+from diffusion_service.parallel.mesh import ParallelMesh
+from diffusion_service.runner import JobCancelled, RankRuntime, run_job
+from diffusion_service.settings import ServiceSettings
+from transport.broadcast import broadcast_kv
+from transport.layout import KVCache
+
+log = logging.getLogger("diffusion_service.ranks")
+
+
+def rank_device(settings: ServiceSettings, rank: int) -> torch.device:
+    return torch.device("cuda", rank) if settings.device == "cuda" else torch.device("cpu")
+
+
+def load_rank_model(settings: ServiceSettings, rank: int) -> tuple[Bagel, tuple[int, int]]:
+    device = rank_device(settings, rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    model = load_bagel(settings.model_dir, "diffusion", default_dtype(device), device)
+    tokenizer = load_tokenizer(settings.model_dir)
+    return model, (tokenizer.start_of_image, tokenizer.end_of_image)
+
+
+def join_group(
+    settings: ServiceSettings, rank: int, port: int, model: Bagel, marker_ids: tuple[int, int]
+) -> RankRuntime:
+    """Join the group at 127.0.0.1:`port` and build the mesh; every rank calls this alike."""
+    device = rank_device(settings, rank)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(
+        backend,
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=settings.world_size,
+        timeout=settings.collective_timeout,
+    )
+    # Commands and per-step flags are tiny CPU tensors: a gloo group for them on any backend.
+    control = dist.new_group(backend="gloo", timeout=settings.collective_timeout)
+    llm = model.config.llm
+    mesh = ParallelMesh.build(
+        settings.cfg_parallel,
+        settings.ring,
+        settings.ulysses,
+        num_heads=llm.num_heads,
+        num_kv_heads=llm.num_kv_heads,
+        timeout=settings.collective_timeout,
+    )
+    return RankRuntime(mesh, model, marker_ids, device, control)
+
+
+def leave_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def model_contexts(cache: KVCache, model: Bagel, device: torch.device) -> Mapping[str, ContextKV]:
+    """The received cache as the model's contexts, in its dtype on its device (views when they
+    already match)."""
+    dtype = model.vae2llm.weight.dtype
+
+    def convert(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [t.to(device=device, dtype=dtype) for t in tensors]
+
+    return {
+        c.kind: ContextKV(convert(c.keys), convert(c.values), c.next_rope_position)
+        for c in cache.contexts
+    }
+
+
+def receive_command(runtime: RankRuntime) -> torch.Tensor:
+    words = torch.zeros(JOB_WORDS, dtype=torch.int64)
+    dist.broadcast(words, src=0, group=runtime.control_group)
+    return words
+
+
+def validate_settings(settings: ServiceSettings) -> BagelConfig:
+    """Fail at start-up, before any process starts, on a topology the model cannot run."""
+    from diffusion_service.parallel.mesh import validate_topology
+
+    config = BagelConfig.from_dir(settings.model_dir)
+    llm = config.llm
+    validate_topology(
+        settings.cfg_parallel,
+        settings.ring,
+        settings.ulysses,
+        settings.world_size,
+        llm.num_kv_heads,
+        llm.num_heads,
+    )
+    return config
+
+
+def worker_main(settings: ServiceSettings, rank: int, world: int, port: int) -> None:
+    """Ranks 1..N-1: serve rank 0's commands until SHUTDOWN or until the group fails."""
+    torch.set_num_threads(max(1, torch.get_num_threads() // world))
+    model, markers = load_rank_model(settings, rank)
+    runtime = join_group(settings, rank, port, model, markers)
+    try:
+        while True:
+            words = receive_command(runtime)
+            command = command_of(words)
+            if command is Command.SHUTDOWN:
+                return
+            if command is Command.HEARTBEAT:
+                continue
+            job = JobSpec.decode(words)
+            cache = broadcast_kv(
+                None,
+                group=dist.group.WORLD,
+                device=runtime.device,
+                timeout=settings.collective_timeout,
+            )
+            try:
+                run_job(runtime, job, model_contexts(cache, model, runtime.device))
+            except JobCancelled:
+                log.info("rank %d: job %d cancelled", rank, job.job_id)
+            finally:
+                cache.release()
+    finally:
+        leave_group()

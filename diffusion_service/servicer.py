@@ -1,0 +1,88 @@
+"""The Diffusion.Generate servicer on rank 0: verify and assemble the KV stream, check the
+parameters, queue the job, and stream its events; every failure leaves through `status_of`."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+
+from bagel.config import BagelConfig
+from diffusion_service.engine import DONE, Engine, JobHandle
+from diffusion_service.job import JobSpec
+from diffusion_service.metrics import ServiceMetrics
+from diffusion_service.settings import ServiceSettings
+from protos import Accepted, GenerateEvent
+from transport.assembler import FrameAssembler, KVSpec
+from transport.params import options_from_proto
+from transport.rpc import receive_kv
+from transport.status import status_of
+
+log = logging.getLogger("diffusion_service.servicer")
+
+
+class DiffusionServicer:
+    def __init__(
+        self,
+        settings: ServiceSettings,
+        config: BagelConfig,
+        engine: Engine,
+        metrics: ServiceMetrics,
+    ) -> None:
+        self.settings = settings
+        self.config = config
+        self.engine = engine
+        self.metrics = metrics
+        llm = config.llm
+        self.expect = KVSpec(config.fingerprint(), llm.num_layers, llm.num_kv_heads, llm.head_dim)
+        self._job_ids = itertools.count(1)
+
+    async def generate(
+        self, frames: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[GenerateEvent]:
+        handle: JobHandle | None = None
+        received = None
+        request_id = "-"
+        status = grpc.StatusCode.OK
+        try:
+            started = time.perf_counter()
+            assembler = FrameAssembler(self.expect, max_bytes=self.settings.max_kv_bytes)
+            received = await receive_kv(frames, assembler)
+            request_id = received.request_id or uuid.uuid4().hex[:16]
+            self.metrics.kv_bytes.inc(received.cache.layout.total_bytes)
+            options = options_from_proto(received.params, self.config)
+            remaining = context.time_remaining()
+            handle = JobHandle(
+                spec=JobSpec(next(self._job_ids), options.params, options.latents_only),
+                cache=received.cache,
+                request_id=request_id,
+                loop=asyncio.get_running_loop(),
+                deadline=None if remaining is None else time.monotonic() + remaining,
+                receive_ms=(time.perf_counter() - started) * 1e3,
+            )
+            position = self.engine.submit(handle)
+            log.info("request %s: accepted at queue position %d", request_id, position)
+            yield GenerateEvent(accepted=Accepted(request_id=request_id, queue_position=position))
+            while (item := await handle.events.get()) is not DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        except asyncio.CancelledError:
+            status = grpc.StatusCode.CANCELLED
+            log.info("request %s: cancelled by the client", request_id)
+            raise
+        except Exception as e:  # noqa: BLE001 - mapped to a status in one place
+            status, message = status_of(e)
+            log.info("request %s: %s: %s", request_id, status.name, message)
+            await context.abort(status, message)
+        finally:
+            if handle is not None:
+                handle.cancel()  # a no-op once the job has finished
+            elif received is not None:
+                received.cache.release()
+            self.metrics.requests.labels(status.name).inc()
