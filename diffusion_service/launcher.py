@@ -56,10 +56,15 @@ class RankLauncher:
 
     def stop(self) -> None:
         """Kill and reap every worker rank (the launcher does so itself if it is gone)."""
+        if self._writer.closed:
+            return
         with contextlib.suppress(OSError, RuntimeError):
             self._ask("stop")
 
     def close(self) -> None:
+        """End the launcher (and with it every worker); safe to call more than once."""
+        if self._writer.closed:
+            return
         with contextlib.suppress(OSError, RuntimeError):
             self._ask("exit")
         for f in (self._writer, self._reader):

@@ -14,7 +14,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from diffusion_service.parallel.lse import attention_with_lse, merge_attention
 from diffusion_service.parallel.sharding import LatentSharding
 
 
@@ -131,15 +130,13 @@ def attend_local(q: Tensor, k: Tensor, v: Tensor, joint_key_mask: Tensor | None)
 
     `joint_key_mask [B, Lj]` covers the first `Lj` keys; the latent keys are all real.
     """
-    if joint_key_mask is None:
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), enable_gqa=True
-        )
-        return out.transpose(1, 2)
-    # A boolean mask pushes the whole block off the flash kernel (and GQA off the fused
-    # kernels); instead attend the small masked joint block and the large unmasked latent block
-    # apart and merge them by LSE.
-    joint_len = joint_key_mask.shape[1]
-    out, lse = attention_with_lse(q, k[:, :joint_len], v[:, :joint_len], joint_key_mask)
-    latent = attention_with_lse(q, k[:, joint_len:], v[:, joint_len:])
-    return merge_attention(out, lse, *latent)[0].to(q.dtype)
+    mask = None
+    if joint_key_mask is not None:
+        latent = joint_key_mask.new_ones((k.shape[0], k.shape[1] - joint_key_mask.shape[1]))
+        mask = torch.cat([joint_key_mask, latent], dim=1)[:, None, None, :]
+    # enable_gqa lets the fused kernels read each KV head for its whole query group, instead of
+    # copying K and V to the query head count.
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, enable_gqa=True
+    )
+    return out.transpose(1, 2)

@@ -1,0 +1,225 @@
+"""The diffusion service as a real process: real ranks, real gRPC clients on 127.0.0.1."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from PIL import Image
+
+from bagel.params import GenerationParams
+from bagel.pipeline import Pipeline
+from tests.diffusion_service.kv_stream import generate, kv_frames, latents_of
+from tests.helpers.processes import ROOT, ServiceProcess, health_status, pids_with_arg
+
+PARAMS = GenerationParams(height=48, width=80, num_timesteps=8, seed=11)
+SLOW = GenerationParams(height=128, width=128, num_timesteps=200, seed=1)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_model_dir: Path) -> Pipeline:
+    return Pipeline(tiny_model_dir, "cpu")
+
+
+@pytest.fixture(scope="module")
+def contexts(pipeline):
+    return pipeline.prefill("a yellow submarine", negative_prompt="grey")
+
+
+def service(model_dir: Path, *args: str) -> ServiceProcess:
+    return ServiceProcess("diffusion_service", ["--model", str(model_dir), *args])
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def ulysses2(tiny_model_dir):
+    with service(tiny_model_dir, "--ulysses", "2", "--max-queue", "2") as svc:
+        yield svc.wait_serving()
+
+
+def test_png_through_the_service_equals_the_in_process_reference(ulysses2, pipeline, contexts):
+    events = generate(ulysses2.address, kv_frames(contexts, pipeline.config.fingerprint(), PARAMS))
+    kinds = [e.WhichOneof("event") for e in events]
+    assert kinds[0] == "accepted" and kinds[-2:] == ["timings", "image"]
+    assert [e.progress.step for e in events if e.WhichOneof("event") == "progress"] == list(
+        range(1, 8)
+    )
+    image = np.asarray(Image.open(io.BytesIO(events[-1].image.png)).convert("RGB"), dtype=int)
+    reference = np.asarray(pipeline.decode(pipeline.denoise(contexts, PARAMS), PARAMS), dtype=int)
+    assert image.shape == reference.shape == (48, 80, 3)
+    assert np.abs(image - reference).max() <= 1
+    timings = events[-2].timings
+    assert timings.denoise_ms > 0 and timings.decode_ms > 0 and timings.HasField("broadcast_ms")
+
+
+@pytest.mark.parametrize(
+    "topology",
+    [
+        ("--ring", "2"),
+        ("--ulysses", "2", "--ring", "2"),
+        ("--cfg-parallel", "2"),
+        ("--cfg-parallel", "2", "--ulysses", "2"),
+        ("--ring", "3"),
+    ],
+    ids=["ring2", "u2xr2", "cfg2", "cfg2xu2", "ring3"],
+)
+def test_every_topology_through_the_service_equals_the_single_process_latents(
+    tiny_model_dir, pipeline, contexts, topology
+):
+    expected = pipeline.denoise(contexts, PARAMS)  # 15 tokens: divides none of the degrees
+    with service(tiny_model_dir, *topology) as svc:
+        svc.wait_serving()
+        frames = kv_frames(contexts, pipeline.config.fingerprint(), PARAMS, latents_only=True)
+        got = latents_of(generate(svc.address, frames))
+    assert rel_err(got, expected) < 1e-5
+
+
+def test_invalid_topologies_fail_at_start_up_listing_the_valid_choices(tiny_model_dir):
+    for args, expected in (
+        (["--ulysses", "3"], "valid ulysses degrees: 1, 2, 4"),
+        (["--ulysses", "8"], "valid ulysses degrees: 1, 2, 4"),
+    ):
+        run = subprocess.run(
+            [sys.executable, "-m", "diffusion_service", "--model", str(tiny_model_dir), *args],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert run.returncode == 2, run.stderr
+        assert expected in run.stderr
+
+
+def test_wrong_fingerprint_is_invalid_argument_and_the_service_keeps_serving(
+    ulysses2, pipeline, contexts
+):
+    with pytest.raises(grpc.RpcError) as err:
+        generate(ulysses2.address, kv_frames(contexts, "0" * 32, PARAMS))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "fingerprint" in err.value.details()
+    bad = GenerationParams(height=40, width=80, num_timesteps=8)
+    with pytest.raises(grpc.RpcError) as err:
+        generate(ulysses2.address, kv_frames(contexts, pipeline.config.fingerprint(), bad))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "height=40" in err.value.details()
+    events = generate(ulysses2.address, kv_frames(contexts, pipeline.config.fingerprint(), PARAMS))
+    assert events[-1].WhichOneof("event") == "image"
+
+
+def _stream_until_step(address, frames, step, timeout=60.0, cancel=True):
+    channel = grpc.insecure_channel(address)
+    call = __import__("transport.rpc", fromlist=["x"]).diffusion_generate(channel)(
+        frames, timeout=timeout
+    )
+    try:
+        for event in call:
+            if event.WhichOneof("event") == "progress" and event.progress.step >= step and cancel:
+                call.cancel()
+        return None
+    except grpc.RpcError as e:
+        return e
+    finally:
+        channel.close()
+
+
+def test_cancel_and_deadline_mid_denoising_end_the_call_and_the_next_request_is_correct(
+    ulysses2, pipeline, contexts
+):
+    fp = pipeline.config.fingerprint()
+    err = _stream_until_step(ulysses2.address, kv_frames(contexts, fp, SLOW), step=3)
+    assert err.code() == grpc.StatusCode.CANCELLED
+    err = _stream_until_step(
+        ulysses2.address, kv_frames(contexts, fp, SLOW), 0, timeout=1.5, cancel=False
+    )
+    assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    start = time.monotonic()
+    expected = pipeline.denoise(contexts, PARAMS)
+    got = latents_of(generate(ulysses2.address, kv_frames(contexts, fp, PARAMS, latents_only=True)))
+    assert rel_err(got, expected) < 1e-5
+    assert time.monotonic() - start < 30  # the stopped jobs did not keep the ranks busy
+
+
+def test_full_queue_answers_resource_exhausted(ulysses2, pipeline, contexts):
+    fp = pipeline.config.fingerprint()
+    errors: list = []
+
+    def slow_request():
+        errors.append(
+            _stream_until_step(ulysses2.address, kv_frames(contexts, fp, SLOW), 0, 4.0, False)
+        )
+
+    threads = [
+        threading.Thread(target=slow_request) for _ in range(5)
+    ]  # 1 running + 2 queued + 2 over
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    codes = sorted(e.code().name for e in errors if e is not None)
+    assert codes.count("RESOURCE_EXHAUSTED") >= 1, codes
+    assert "queue is full" in next(
+        e.details() for e in errors if e.code().name == "RESOURCE_EXHAUSTED"
+    )
+
+
+def test_reflection_lists_the_services(ulysses2):
+    with grpc.insecure_channel(ulysses2.address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        (reply,) = stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+        )
+    names = {s.name for s in reply.list_services_response.service}
+    assert {"bagel.v1.Diffusion", "grpc.health.v1.Health"} <= names
+
+
+def test_a_dead_rank_fails_the_request_with_unavailable_and_the_group_restarts(
+    tiny_model_dir, pipeline, contexts
+):
+    fp = pipeline.config.fingerprint()
+    with service(tiny_model_dir, "--ulysses", "2", "--collective-timeout", "10") as svc:
+        svc.wait_serving()
+        rank0 = svc.proc.pid
+        result: list = []
+        thread = threading.Thread(
+            target=lambda: result.append(
+                _stream_until_step(svc.address, kv_frames(contexts, fp, SLOW), 0, 60, False)
+            )
+        )
+        thread.start()
+        time.sleep(3.0)
+        workers = [p for p in pids_with_arg(f"--listen {svc.address}") if p != rank0]
+        # the launcher and one worker share the command line; kill the youngest (the worker)
+        os.kill(max(workers), signal.SIGKILL)
+        thread.join(60)
+        assert result and result[0] is not None
+        assert result[0].code() == grpc.StatusCode.UNAVAILABLE, result[0].details()
+        svc.wait_serving(60)
+        got = latents_of(generate(svc.address, kv_frames(contexts, fp, PARAMS, latents_only=True)))
+        assert rel_err(got, pipeline.denoise(contexts, PARAMS)) < 1e-5
+
+
+def test_health_goes_not_serving_on_sigterm_and_no_rank_process_is_left(tiny_model_dir):
+    svc = service(tiny_model_dir, "--ulysses", "2", "--ring", "2")
+    try:
+        svc.wait_serving()
+        assert health_status(svc.address, "bagel.v1.Diffusion") == "SERVING"
+        assert len(pids_with_arg(f"--listen {svc.address}")) == 5  # rank 0, launcher, 3 workers
+        assert svc.stop() == 0
+        assert svc.leftover_pids() == []
+    finally:
+        svc.__exit__()
