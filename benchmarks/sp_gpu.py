@@ -1,0 +1,251 @@
+"""Sequence parallelism on GPUs at full BAGEL-7B-MoT shapes with random weights (bf16).
+
+For each topology of a `--world`-GPU group (Ulysses, Ring, CFG parallel) it compares the first
+forward and the decoded image against the one-GPU reference path (`bagel` alone) and times the
+whole generation. Prints a table; the last line is one JSON object.
+
+    python benchmarks/sp_gpu.py --world 2 --size 1024 --steps 50
+
+Needs torch with CUDA and NCCL only (no gRPC). Random weights: the numbers are about speed and
+agreement between paths, not image quality.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import socket
+import tempfile
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from bagel.autoencoder import AutoEncoder, AutoEncoderParams
+from bagel.config import BAGEL_7B, BagelConfig, LLMConfig
+from bagel.generation import BlockVelocity, latent_position_ids
+from bagel.layers import RMSNorm
+from bagel.model import Bagel
+from bagel.params import GenerationParams
+from bagel.pipeline import decode_image
+from bagel.sampler import COND, UNCOND_TEXT, denoise, initial_noise
+from diffusion_service.job import JobSpec
+from diffusion_service.parallel.mesh import ParallelMesh
+from diffusion_service.runner import RankRuntime, run_job
+from diffusion_service.velocity import ShardedVelocity
+
+TOPOLOGIES = {"ulysses2": (1, 1, 2), "ring2": (1, 2, 1), "cfg2": (2, 1, 1), "u2xr2": (1, 2, 2)}
+MARKERS = (151652, 151653)
+
+
+@torch.no_grad()
+def random_model(config: BagelConfig, device: torch.device, dtype: torch.dtype, seed: int) -> Bagel:
+    """Weights drawn on the device from one seed: the same on every GPU of a kind."""
+    with torch.device("meta"):
+        model = Bagel(config, with_gen=True)
+    model = model.to_empty(device=device).to(dtype)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.weight.normal_(0.0, 1.0 / math.sqrt(module.in_features), generator=gen)
+            if module.bias is not None:
+                module.bias.normal_(0.0, 0.02, generator=gen)
+        elif isinstance(module, RMSNorm):
+            module.weight.normal_(1.0, 0.05, generator=gen)
+        elif isinstance(module, torch.nn.Embedding):
+            module.weight.normal_(0.0, 1.0, generator=gen)
+    model.latent_pos_embed.pos_embed.normal_(0.0, 0.5, generator=gen)
+    return model.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def random_autoencoder(
+    params: AutoEncoderParams, device: torch.device, dtype, seed: int
+) -> AutoEncoder:
+    torch.manual_seed(seed)
+    return AutoEncoder(params).to(device, dtype).eval().requires_grad_(False)
+
+
+# A small model with BAGEL's structure, to check this script on a CPU (gloo) before GPU time.
+SMOKE = BagelConfig(
+    llm=LLMConfig(
+        vocab_size=160000,
+        hidden_size=224,
+        intermediate_size=256,
+        num_layers=2,
+        num_heads=28,
+        num_kv_heads=4,
+    ),
+    vae=AutoEncoderParams(ch=32),
+)
+
+
+def contexts_for(model: Bagel, seed: int, prompt_tokens: int) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, 150000, (prompt_tokens,), generator=gen).tolist()
+    cond, uncond = model.prefill([prompt, []])
+    return {COND: cond, UNCOND_TEXT: uncond}
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = (a.float() - b.float()).pow(2).mean().item()
+    return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def sync_time() -> float:
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def first_forward(velocity, noise: torch.Tensor, device) -> dict:
+    t = torch.tensor(1.0)
+    return {b: v.float() for b, v in velocity(noise.to(device), t, (COND, UNCOND_TEXT)).items()}
+
+
+def rank_main(
+    rank: int, world: int, port: int, args: argparse.Namespace, results_path: str
+) -> None:
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    smoke = args.cpu_smoke
+    device = torch.device("cpu") if smoke else torch.device("cuda", rank)
+    dtype = torch.float32 if smoke else torch.bfloat16
+    config = SMOKE if smoke else BAGEL_7B
+    if not smoke:
+        torch.cuda.set_device(device)
+    dist.init_process_group(
+        "gloo" if smoke else "nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+        world_size=world, timeout=timedelta(minutes=10),
+    )  # fmt: skip
+    control = dist.new_group(backend="gloo", timeout=timedelta(minutes=10))
+    model = random_model(config, device, dtype, args.seed)
+    params = GenerationParams(height=args.size, width=args.size, num_timesteps=args.steps, seed=7)
+    rows, cols = params.latent_grid(model.config)
+    contexts = contexts_for(model, args.seed, args.prompt_tokens)
+    noise = initial_noise(params, rows * cols, model.config.patch_dim)
+    ae = random_autoencoder(config.vae, device, dtype, args.seed) if rank == 0 else None
+    out = {}
+
+    if rank == 0:  # the one-GPU reference: bagel alone, no mesh, no collectives
+        velocity = BlockVelocity(
+            model,
+            contexts,
+            latent_position_ids(rows, cols, config.max_latent_size),
+            MARKERS,
+            batch_branches=True,
+        )
+        reference_first = first_forward(velocity, noise, device)
+        denoise(
+            noise[: min(64, len(noise))].to(device) * 0, lambda x, t, b: {k: x for k in b}, params
+        )
+        for _ in range(args.warmup):
+            denoise(
+                noise.to(device),
+                velocity,
+                GenerationParams(**{**params.__dict__, "num_timesteps": 3}),
+            )
+        start = sync_time()
+        latents = denoise(noise.to(device), velocity, params)
+        denoised = sync_time()
+        image = decode_image(ae, model.config, latents, params)
+        done = sync_time()
+        reference_image = torch.tensor(list(image.getdata()), dtype=torch.float32)
+        out["1gpu"] = {
+            "denoise_s": denoised - start,
+            "decode_s": done - denoised,
+            "total_s": done - start,
+        }
+        print(f"1gpu: {out['1gpu']}", flush=True)
+    dist.barrier()
+
+    for name in args.topologies:
+        cfg, ring, ulysses = TOPOLOGIES[name]
+        if cfg * ring * ulysses != world:
+            continue
+        mesh = ParallelMesh.build(
+            cfg, ring, ulysses, num_heads=config.llm.num_heads, num_kv_heads=config.llm.num_kv_heads
+        )
+        runtime = RankRuntime(mesh, model, MARKERS, device, control)
+        sharding = mesh.latent_sharding(rows * cols)
+        velocity = ShardedVelocity(model, contexts, mesh, sharding, (rows, cols), MARKERS)
+        first = first_forward(velocity, sharding.shard(noise, dim=0), device)
+        full_first = {b: sharding.gather(v, mesh.sp_group, dim=0) for b, v in first.items()}
+        warm = GenerationParams(**{**params.__dict__, "num_timesteps": 3})
+        for _ in range(args.warmup):
+            run_job(runtime, JobSpec(0, warm), contexts)
+        dist.barrier()
+        start = sync_time()
+        latents = run_job(runtime, JobSpec(1, params), contexts)
+        denoised = sync_time()
+        if rank == 0:
+            image = decode_image(ae, model.config, latents.to(device), params)
+            done = sync_time()
+            pixels = torch.tensor(list(image.getdata()), dtype=torch.float32)
+            rel = max(
+                (
+                    (full_first[b] - reference_first[b]).abs().max()
+                    / reference_first[b].abs().max()
+                ).item()
+                for b in full_first
+            )
+            out[name] = {
+                "denoise_s": denoised - start,
+                "decode_s": done - denoised,
+                "total_s": done - start,
+                "first_forward_rel_err": rel,
+                "psnr_db": psnr(pixels, reference_image),
+            }
+            print(f"{name}: {out[name]}", flush=True)
+        dist.barrier()
+    if rank == 0:
+        with open(results_path, "w") as f:
+            json.dump(out, f)
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--world", type=int, default=2)
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--topologies", default="ulysses2,ring2,cfg2")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--cpu-smoke", action="store_true", help="a tiny model on CPU/gloo")
+    args = parser.parse_args()
+    args.topologies = args.topologies.split(",")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        results_path = os.path.join(tmp, "results.json")
+        mp.spawn(
+            rank_main, args=(args.world, port, args, results_path), nprocs=args.world, join=True
+        )
+        with open(results_path) as f:
+            results = json.load(f)
+    name = "CPU (smoke)" if args.cpu_smoke else torch.cuda.get_device_name(0)
+    print(f"\n{args.size}x{args.size}, {args.steps} timesteps, CFG 4.0/1.5, bf16, {name}")
+    print(
+        f"{'config':<10} {'total s':>8} {'denoise s':>10} {'decode s':>9} {'1st fwd rel':>12} {'PSNR dB':>8}"
+    )
+    for key, r in results.items():
+        print(
+            f"{key:<10} {r['total_s']:>8.2f} {r['denoise_s']:>10.2f} {r['decode_s']:>9.3f} "
+            f"{r.get('first_forward_rel_err', 0.0):>12.2e} {r.get('psnr_db', float('inf')):>8.1f}"
+        )
+    summary = {"device": name, "size": args.size, "steps": args.steps, "results": results}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2)
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
