@@ -46,12 +46,25 @@ def expand_kv_heads(x: Tensor, num_heads: int) -> Tensor:
 
 def sdpa(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, causal: bool = False) -> Tensor:
     """Plain attention on `[B, L, H, D]` / `[B, L, Hkv, D]` tensors, via torch SDPA."""
+    if key_mask is None:
+        # Without a mask the fused kernels read the KV heads as they are (no copies per group).
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            is_causal=causal,
+            enable_gqa=True,
+        )
+        return out.transpose(1, 2)
     heads = q.shape[2]
     k = expand_kv_heads(k, heads)
     v = expand_kv_heads(v, heads)
-    mask = None if key_mask is None else key_mask[:, None, None, :]
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=causal
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=key_mask[:, None, None, :],
+        is_causal=causal,
     )
     return out.transpose(1, 2)
 

@@ -6,12 +6,14 @@ the latent tokens, the marker ids) and runs the requested branches as one batche
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from bagel.attention import BlockAttention, full_block_attention
+from bagel.graphs import graph_or_eager
 from bagel.model import Bagel, BranchPrefix, ContextKV
 
 
@@ -20,6 +22,52 @@ def latent_position_ids(rows: int, cols: int, max_latent_size: int) -> Tensor:
     r = torch.arange(rows)[:, None]
     c = torch.arange(cols)[None, :]
     return (r * max_latent_size + c).flatten()
+
+
+class ForwardGraphs:
+    """Generation forwards captured as CUDA graphs, kept across requests.
+
+    A capture is fixed to its shapes (branches, prefix lengths, latent tokens) and to the
+    addresses of its inputs, so each entry keeps its own prefix and table-row tensors; a later
+    request of the same shapes copies its KV into them and replays. Owned by whoever outlives
+    requests (a diffusion rank, a pipeline); at most `max_entries` captures are kept.
+    """
+
+    def __init__(self, max_entries: int = 4) -> None:
+        self.max_entries = max_entries
+        self.pool = None
+        self._entries: OrderedDict[tuple, tuple[Callable, BranchPrefix, Tensor]] = OrderedDict()
+
+    def run(
+        self,
+        branches: tuple[str, ...],
+        prefix: BranchPrefix,
+        pos_ids: Tensor,
+        x: Tensor,
+        t: Tensor,
+        forward_for: Callable[[BranchPrefix, Tensor], Callable[[Tensor, Tensor], Tensor]],
+    ) -> Tensor:
+        key = (
+            branches,
+            tuple(k.shape for k in prefix.keys[:1]),
+            prefix.key_mask is None,
+            tuple(x.shape),
+        )
+        entry = self._entries.get(key)
+        if entry is None:
+            if self.pool is None and x.is_cuda:
+                self.pool = torch.cuda.graph_pool_handle()
+            static = prefix.clone()
+            static_ids = pos_ids.clone()
+            call = graph_or_eager(forward_for(static, static_ids), (x, t), self.pool)
+            entry = self._entries[key] = (call, static, static_ids)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+        call, static, static_ids = entry
+        self._entries.move_to_end(key)
+        static.copy_(prefix)
+        static_ids.copy_(pos_ids)
+        return call(x, t)
 
 
 class BlockVelocity:
@@ -37,6 +85,7 @@ class BlockVelocity:
         marker_ids: tuple[int, int],
         attention: BlockAttention = full_block_attention,
         batch_branches: bool = True,
+        graphs: ForwardGraphs | None = None,
     ) -> None:
         device = model.vae2llm.weight.device
         self.model = model
@@ -46,6 +95,7 @@ class BlockVelocity:
         self.attention = attention
         self.batch_branches = batch_branches
         self._prefixes: dict[tuple[str, ...], BranchPrefix] = {}
+        self.graphs = graphs  # on a CPU its entries run eagerly, through the same buffers
 
     def _prefix(self, branches: tuple[str, ...]) -> BranchPrefix:
         if branches not in self._prefixes:
@@ -54,17 +104,26 @@ class BlockVelocity:
             )
         return self._prefixes[branches]
 
+    def _forward_fn(
+        self, prefix: BranchPrefix, pos_ids: Tensor
+    ) -> Callable[[Tensor, Tensor], Tensor]:
+        # Binds no per-request state beyond its arguments: a captured graph may outlive `self`.
+        model, markers, attention = self.model, self.marker_ids, self.attention
+
+        def forward(x: Tensor, t: Tensor) -> Tensor:
+            return model.forward_block(x, t, pos_ids, markers, prefix, attention)
+
+        return forward
+
     def _forward(self, x_t: Tensor, t: Tensor, branches: tuple[str, ...]) -> dict[str, Tensor]:
         device = self.pos_ids.device
-        v = self.model.forward_block(
-            x_t.to(device),
-            t.to(device),
-            self.pos_ids,
-            self.marker_ids,
-            self._prefix(branches),
-            self.attention,
-        )
-        return {b: v[i].to(x_t.device) for i, b in enumerate(branches)}
+        x, t = x_t.to(device, torch.float32), t.to(device, torch.float32)
+        prefix = self._prefix(branches)
+        if self.graphs is None:
+            v = self._forward_fn(prefix, self.pos_ids)(x, t)
+        else:
+            v = self.graphs.run(branches, prefix, self.pos_ids, x, t, self._forward_fn)
+        return {b: v[i].to(x_t.device, copy=True) for i, b in enumerate(branches)}
 
     def __call__(self, x_t: Tensor, t: Tensor, branches: Sequence[str]) -> dict[str, Tensor]:
         branches = tuple(branches)

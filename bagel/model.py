@@ -79,6 +79,22 @@ class BranchPrefix:
         positions = torch.tensor([c.next_position for c in contexts], device=ref.device)
         return cls(keys=keys, values=values, key_mask=key_mask, positions=positions)
 
+    def clone(self) -> BranchPrefix:
+        return BranchPrefix(
+            keys=[k.clone() for k in self.keys],
+            values=[v.clone() for v in self.values],
+            key_mask=None if self.key_mask is None else self.key_mask.clone(),
+            positions=self.positions.clone(),
+        )
+
+    def copy_(self, other: BranchPrefix) -> None:
+        """Take `other`'s contents into these tensors (same shapes), keeping their addresses."""
+        for mine, theirs in zip(self.keys + self.values, other.keys + other.values, strict=True):
+            mine.copy_(theirs, non_blocking=True)
+        if self.key_mask is not None:
+            self.key_mask.copy_(other.key_mask, non_blocking=True)
+        self.positions.copy_(other.positions, non_blocking=True)
+
 
 class MoTAttention(nn.Module):
     """Self-attention projections of both experts: q/k/v with bias, o without, per-head QK-norm."""

@@ -14,7 +14,7 @@ from torch import Tensor
 from bagel.autoencoder import AutoEncoder, to_pil
 from bagel.checkpoint import load_autoencoder, load_bagel
 from bagel.config import BagelConfig
-from bagel.generation import BlockVelocity, latent_position_ids
+from bagel.generation import BlockVelocity, ForwardGraphs, latent_position_ids
 from bagel.latents import unpatchify
 from bagel.model import Bagel, ContextKV
 from bagel.params import GenerationParams
@@ -57,6 +57,7 @@ class Pipeline:
         self.tokenizer: PromptTokenizer = load_tokenizer(model_dir)
         self.model: Bagel = load_bagel(model_dir, "diffusion", self.dtype, self.device, self.config)
         self.autoencoder: AutoEncoder = load_autoencoder(model_dir, self.dtype, self.device)
+        self.graphs = ForwardGraphs() if self.device.type == "cuda" else None
 
     @property
     def marker_ids(self) -> tuple[int, int]:
@@ -81,6 +82,7 @@ class Pipeline:
             latent_position_ids(rows, cols, self.config.max_latent_size),
             self.marker_ids,
             batch_branches=batch_branches,
+            graphs=self.graphs,  # only takes effect on a GPU
         )
         x = initial_noise(params, rows * cols, self.config.patch_dim)
         return denoise(x, velocity, params, has_img_context=UNCOND_IMG in contexts, on_step=on_step)

@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from bagel.checkpoint import load_bagel
 from bagel.config import BagelConfig
+from bagel.generation import ForwardGraphs
 from bagel.model import Bagel, ContextKV
 from bagel.pipeline import default_dtype
 from bagel.tokenizer import load_tokenizer
@@ -61,7 +62,8 @@ def join_group(
         num_kv_heads=llm.num_kv_heads,
         timeout=settings.collective_timeout,
     )
-    return RankRuntime(mesh, model, marker_ids, device, control)
+    graphs = ForwardGraphs() if device.type == "cuda" else None
+    return RankRuntime(mesh, model, marker_ids, device, control, graphs)
 
 
 def leave_group() -> None:

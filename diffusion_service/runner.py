@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from bagel.generation import ForwardGraphs
 from bagel.model import Bagel, ContextKV
 from bagel.sampler import UNCOND_IMG, denoise, initial_noise
 from diffusion_service.job import JobSpec
@@ -30,6 +31,7 @@ class RankRuntime:
     marker_ids: tuple[int, int]
     device: torch.device
     control_group: dist.ProcessGroup | None  # gloo group for commands and per-step flags
+    graphs: ForwardGraphs | None = None  # CUDA-graph captures kept across jobs (GPU only)
 
     @property
     def is_leader(self) -> bool:

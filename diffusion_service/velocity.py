@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import torch.distributed as dist
 from torch import Tensor
 
-from bagel.generation import BlockVelocity, latent_position_ids
+from bagel.generation import BlockVelocity, ForwardGraphs, latent_position_ids
 from bagel.model import Bagel, ContextKV
 from diffusion_service.parallel.collectives import all_gather_single
 from diffusion_service.parallel.mesh import ParallelMesh
@@ -33,6 +33,7 @@ class ShardedVelocity:
         sharding: LatentSharding,
         grid: tuple[int, int],
         marker_ids: tuple[int, int],
+        graphs: ForwardGraphs | None = None,
     ) -> None:
         rows, cols = grid
         pos_ids = latent_position_ids(rows, cols, model.config.max_latent_size)
@@ -45,6 +46,7 @@ class ShardedVelocity:
             marker_ids,
             attention=make_block_attention(mesh, sharding),
             batch_branches=True,
+            graphs=graphs,  # only takes effect on a GPU
         )
 
     def _zero_padding(self, v: Tensor) -> Tensor:

@@ -1,7 +1,9 @@
 """Attention over one key block that also returns its log-sum-exp, and the fp32 merge of blocks.
 
 Ring attention sees a query's keys one block at a time; this is the one place that knows how to
-attend to a block with its LSE and how to fold two partial results into one.
+attend to a block with its LSE and how to fold two partial results into one. On CPU (and for
+fp32) the LSE is computed explicitly with fp32 accumulation; on CUDA in bf16/fp16 a fused kernel
+returns it (cuDNN where available, else the flash op, which takes no mask).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def merge_attention(
     `out`, `block_out` `[B, L, H, D]`; `lse`, `block_lse` `[B, L, H]`. The block's share of the
     merged softmax mass is `sigmoid(block_lse - lse)`, which never overflows; where both sides
     are -inf (no real key seen yet) that is NaN and becomes 0, so the row stays at zero output
-    and -inf LSE. One `lerp` over the big tensor keeps the merge to two passes over memory.
+    and -inf LSE. One `lerp` does the weighted sum over the big tensor in a single pass.
     """
     lse, block_lse = lse.float(), block_lse.float()
     merged_lse = torch.logaddexp(lse, block_lse)
@@ -79,12 +81,13 @@ def _fused_attention_with_lse(
     # Both aten ops work on [B, H, L, D] views of our [B, L, H, D] tensors, take GQA KV heads as
     # they are (checked on H100, torch 2.11) and return an fp32 LSE laid out [B, H, Lq(, 1)].
     batch, q_len, heads, _ = q.shape
+    cudnn = _use_cudnn(q)
+    if key_mask is not None and not cudnn:
+        return _explicit_attention_with_lse(q, k, v, key_mask)
     qt, kt, vt = q.transpose(1, 2), k.to(q.dtype).transpose(1, 2), v.to(q.dtype).transpose(1, 2)
-    if key_mask is None and not _use_cudnn(q):
+    if not cudnn:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt)[:2]
         return out.transpose(1, 2).float(), lse.transpose(1, 2).float()
-    if key_mask is not None and not _use_cudnn(q):
-        return _explicit_attention_with_lse(q, k, v, key_mask)
     bias = None
     if key_mask is not None:
         # cuDNN takes the mask as an additive bias, broadcast over heads and queries for free.

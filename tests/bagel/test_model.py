@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from bagel.attention import full_block_attention
 from bagel.checkpoint import load_bagel
 from bagel.config import BagelConfig
-from bagel.generation import BlockVelocity, latent_position_ids
+from bagel.generation import BlockVelocity, ForwardGraphs, latent_position_ids
 from bagel.latents import patchify, unpatchify
 from bagel.model import BranchPrefix, ContextKV
 from bagel.tokenizer import load_tokenizer
@@ -150,3 +150,27 @@ def test_patchify_order_is_p_q_c_and_round_trips():
             for c in (0, 15):
                 assert tokens[1, (p * 2 + q) * 16 + c] == z[c, p, 2 + q]
     assert torch.equal(unpatchify(tokens, 2, 3, 2), z)
+
+
+def test_forward_graphs_reuse_their_buffers_for_a_new_request_of_the_same_shapes(setup):
+    """A kept capture replays on its own copies of the prefix: a second request with other KV
+    (same shapes) must get its own answer, not the first request's."""
+    config, model, _, tok = setup
+    pos_ids = latent_position_ids(2, 3, config.max_latent_size)
+    markers = (tok.start_of_image, tok.end_of_image)
+    x = torch.randn(6, config.patch_dim, dtype=torch.float64)
+    t = torch.tensor(0.8, dtype=torch.float64)
+    graphs = ForwardGraphs()
+    for prompt in ("a red car", "a big dog"):  # same token count, different KV
+        contexts = dict(
+            zip(
+                ("cond", "uncond_text"), model.prefill([tok.encode_prompt(prompt), []]), strict=True
+            )
+        )
+        kept = BlockVelocity(model, contexts, pos_ids, markers, graphs=graphs)(
+            x, t, ["cond", "uncond_text"]
+        )
+        fresh = BlockVelocity(model, contexts, pos_ids, markers)(x, t, ["cond", "uncond_text"])
+        for b in fresh:
+            assert torch.equal(kept[b], fresh[b])
+    assert len(graphs._entries) == 1

@@ -1,0 +1,1 @@
+"""Benchmark scripts that print tables: `python -m benchmarks.<name> --help`."""
