@@ -140,6 +140,27 @@ def rank_main(
             graphs=None if args.eager else ForwardGraphs(),
         )
         reference_first = first_forward(velocity, noise, device)
+        # The bf16 noise floor: the same GPU, the same weights, the branches run one at a time
+        # (unmasked kernels) instead of batched (masked kernels).
+        unbatched = BlockVelocity(
+            model, contexts, latent_position_ids(rows, cols, config.max_latent_size), MARKERS,
+            batch_branches=False,
+        )  # fmt: skip
+        floor = first_forward(unbatched, noise, device)
+        out["1gpu_unbatched_first_forward"] = {
+            "first_forward_rel_err": max(
+                (
+                    (floor[b] - reference_first[b]).abs().max() / reference_first[b].abs().max()
+                ).item()
+                for b in floor
+            ),
+            "first_forward_rel_l2": max(
+                ((floor[b] - reference_first[b]).norm() / reference_first[b].norm()).item()
+                for b in floor
+            ),
+        }
+        print(f"noise floor: {out['1gpu_unbatched_first_forward']}", flush=True)
+        del unbatched, floor
         for _ in range(args.warmup):
             denoise(
                 noise.to(device),
@@ -244,6 +265,9 @@ def main() -> None:
         f"{'config':<10} {'total s':>8} {'denoise s':>10} {'decode s':>9} {'1st fwd max':>12} {'1st fwd L2':>11} {'PSNR dB':>8}"
     )
     for key, r in results.items():
+        if "total_s" not in r:
+            print(f"{key}: {r}")
+            continue
         print(
             f"{key:<10} {r['total_s']:>8.2f} {r['denoise_s']:>10.2f} {r['decode_s']:>9.3f} "
             f"{r.get('first_forward_rel_err', 0.0):>12.2e} {r.get('first_forward_rel_l2', 0.0):>11.2e} "

@@ -1,10 +1,12 @@
-"""The fused (flash) path of attention_with_lse on CUDA, in bf16, against fp64; skipped on CPU."""
+"""The fused CUDA paths of attention_with_lse (cuDNN, and the flash op it falls back to), in
+bf16, against fp64; skipped on CPU."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from diffusion_service.parallel import lse as lse_module
 from diffusion_service.parallel.lse import attention_with_lse, merge_attention
 from tests.diffusion_service.parallel.reference import reference_attention, relative_error
 
@@ -12,6 +14,14 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 # bf16 operands: the fused kernel rounds P to bf16 before P @ V, so ~1e-2 relative, not 1e-6.
 TOL = 1e-2
+
+
+@pytest.fixture(params=["cudnn", "flash"], autouse=True)
+def kernel(request, monkeypatch):
+    """Run every test once with cuDNN and once as on a GPU without it."""
+    if request.param == "flash":
+        monkeypatch.setattr(lse_module, "_use_cudnn", lambda q: False)
+    return request.param
 
 
 def _qkv(seed: int, q_len: int, k_len: int, heads: int = 28, kv_heads: int = 4, dim: int = 128):

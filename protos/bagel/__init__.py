@@ -1,0 +1,1 @@
+"""Generated stubs for the `bagel.*` protobuf packages (not the `bagel` model package)."""

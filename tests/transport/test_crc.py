@@ -1,0 +1,38 @@
+"""CRC-32C combination: the payload digest and a frame's data CRC without a second pass."""
+
+from __future__ import annotations
+
+import google_crc32c
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from transport.crc import combine, combine_all, crc32c, crc32c_of_tail
+
+pieces = st.binary(max_size=3000)
+
+
+def test_crc32c_is_castagnoli():
+    assert crc32c(b"123456789") == 0xE3069283  # the standard check value
+
+
+@settings(max_examples=200, deadline=None)
+@given(pieces, pieces)
+def test_combine_equals_the_crc_of_the_concatenation(a, b):
+    assert combine(crc32c(a), crc32c(b), len(b)) == google_crc32c.value(a + b)
+
+
+@settings(max_examples=200, deadline=None)
+@given(pieces, pieces)
+def test_tail_crc_is_recovered_from_the_whole_and_the_head(a, b):
+    assert crc32c_of_tail(crc32c(a + b), crc32c(a), len(b)) == google_crc32c.value(b)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(pieces, max_size=12))
+def test_combine_all_equals_the_crc_of_everything(parts):
+    assert combine_all((crc32c(p), len(p)) for p in parts) == google_crc32c.value(b"".join(parts))
+
+
+def test_combine_handles_lengths_beyond_a_gigabyte():
+    # x^(8n) for n = 2**31 + 5 exercises the high bits of the power table
+    assert combine(0xDEADBEEF, 0, 2**31 + 5) == combine(combine(0xDEADBEEF, 0, 2**31), 0, 5)

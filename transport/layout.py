@@ -1,0 +1,185 @@
+"""The KV cache as the transport sees it, and where every byte of it lives in the flat payload.
+
+Payload order: context, layer, K then V; each tensor contiguous `[tokens, kv_heads, head_dim]`,
+little-endian. A `KVLayout` turns a header's numbers into byte ranges and tensor views.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from protos import kv_pb2
+
+if (
+    sys.byteorder != "little"
+):  # the wire is little-endian and tensors are sent as they lie in memory
+    raise ImportError("transport supports little-endian hosts only")
+
+ContextKind = Literal["cond", "uncond_text", "uncond_img"]
+CONTEXT_KINDS: tuple[ContextKind, ...] = ("cond", "uncond_text", "uncond_img")
+MAX_CONTEXTS = len(CONTEXT_KINDS)  # each kind at most once
+KIND_TO_WIRE: dict[str, int] = {
+    "cond": kv_pb2.CONTEXT_KIND_COND,
+    "uncond_text": kv_pb2.CONTEXT_KIND_UNCOND_TEXT,
+    "uncond_img": kv_pb2.CONTEXT_KIND_UNCOND_IMG,
+}
+WIRE_TO_KIND: dict[int, ContextKind] = {v: k for k, v in KIND_TO_WIRE.items()}  # type: ignore[misc]
+DTYPE_TO_WIRE: dict[torch.dtype, int] = {
+    torch.bfloat16: kv_pb2.DTYPE_BF16,
+    torch.float16: kv_pb2.DTYPE_FP16,
+    torch.float32: kv_pb2.DTYPE_FP32,
+}
+WIRE_TO_DTYPE: dict[int, torch.dtype] = {v: k for k, v in DTYPE_TO_WIRE.items()}
+KEY, VALUE = 0, 1  # index of K and V inside a layer's pair of segments
+
+
+@dataclass
+class KVContext:
+    """One CFG context's cache: per layer K and V of shape `[tokens, kv_heads, head_dim]`."""
+
+    kind: ContextKind
+    keys: list[Tensor]
+    values: list[Tensor]
+    next_rope_position: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.keys[0].shape[0] if self.keys else 0
+
+
+@dataclass(frozen=True)
+class ContextSpec:
+    """What the header says about one context."""
+
+    kind: ContextKind
+    num_tokens: int
+    next_rope_position: int
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Shapes of a whole cache; maps (context, layer, K/V) to byte ranges of the flat payload."""
+
+    dtype: torch.dtype
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    contexts: tuple[ContextSpec, ...]
+
+    @classmethod
+    def of(cls, contexts: Sequence[KVContext]) -> KVLayout:
+        """The layout of a cache held as tensors; checks every tensor agrees with it."""
+        if not contexts:
+            raise ValueError("a KV cache needs at least one context")
+        first = next((t for c in contexts for t in c.keys), None)
+        if first is None:
+            raise ValueError("a KV cache needs at least one layer")
+        layers = len(contexts[0].keys)
+        layout = cls(
+            dtype=first.dtype,
+            num_layers=layers,
+            num_kv_heads=first.shape[1],
+            head_dim=first.shape[2],
+            contexts=tuple(
+                ContextSpec(c.kind, c.num_tokens, c.next_rope_position) for c in contexts
+            ),
+        )
+        for ci, ctx in enumerate(contexts):
+            if len(ctx.keys) != layers or len(ctx.values) != layers:
+                raise ValueError(
+                    f"context {ci} ({ctx.kind}) does not have {layers} layers of K and V"
+                )
+            for layer in range(layers):
+                layout.check_pair(ci, layer, ctx.keys[layer], ctx.values[layer])
+        return layout
+
+    def check_pair(self, context: int, layer: int, k: Tensor, v: Tensor) -> None:
+        """Raise ValueError unless k and v have this layout's shape and dtype for `context`."""
+        shape = (self.contexts[context].num_tokens, self.num_kv_heads, self.head_dim)
+        for name, t in (("K", k), ("V", v)):
+            if tuple(t.shape) != shape or t.dtype != self.dtype:
+                raise ValueError(
+                    f"context {context} layer {layer} {name}: expected {list(shape)} {self.dtype}, "
+                    f"got {list(t.shape)} {t.dtype}"
+                )
+
+    @property
+    def element_size(self) -> int:
+        return self.dtype.itemsize
+
+    def tensor_bytes(self, context: int) -> int:
+        """Bytes of one K (or V) tensor of `context`."""
+        spec = self.contexts[context]
+        return spec.num_tokens * self.num_kv_heads * self.head_dim * self.element_size
+
+    @cached_property
+    def _context_offsets(self) -> tuple[int, ...]:
+        offsets = [0]
+        for c in range(len(self.contexts)):
+            offsets.append(offsets[-1] + 2 * self.num_layers * self.tensor_bytes(c))
+        return tuple(offsets)
+
+    def context_offset(self, context: int) -> int:
+        return self._context_offsets[context]
+
+    @property
+    def total_bytes(self) -> int:
+        return self._context_offsets[-1]
+
+    def segment(self, context: int, layer: int, kv: int) -> tuple[int, int]:
+        """Byte range [start, end) of K (kv=0) or V (kv=1) of `layer` in `context`."""
+        size = self.tensor_bytes(context)
+        start = self._context_offsets[context] + (2 * layer + kv) * size
+        return start, start + size
+
+    def views(self, flat: Tensor) -> list[KVContext]:
+        """Per-context K/V tensor views into `flat` (uint8, `total_bytes` long); no copy."""
+        if flat.dtype != torch.uint8 or flat.dim() != 1 or flat.numel() != self.total_bytes:
+            raise ValueError(f"flat buffer must be uint8 [{self.total_bytes}]")
+        shaped = flat.view(self.dtype) if flat.numel() else flat.new_empty(0, dtype=self.dtype)
+        step = self.element_size
+        out = []
+        for ci, spec in enumerate(self.contexts):
+            shape = (spec.num_tokens, self.num_kv_heads, self.head_dim)
+            pairs = []
+            for kv in (KEY, VALUE):
+                tensors = []
+                for layer in range(self.num_layers):
+                    start, end = self.segment(ci, layer, kv)
+                    tensors.append(shaped[start // step : end // step].view(shape))
+                pairs.append(tensors)
+            out.append(KVContext(spec.kind, pairs[KEY], pairs[VALUE], spec.next_rope_position))
+        return out
+
+
+@dataclass
+class KVCache:
+    """A whole cache in one flat buffer, with per-context tensor views into it."""
+
+    layout: KVLayout
+    flat: Tensor
+    contexts: list[KVContext]
+    on_release: Callable[[Tensor], None] | None = field(default=None, repr=False)
+
+    @classmethod
+    def wrap(
+        cls, layout: KVLayout, flat: Tensor, on_release: Callable[[Tensor], None] | None = None
+    ) -> KVCache:
+        return cls(layout, flat, layout.views(flat), on_release)
+
+    def context(self, kind: ContextKind) -> KVContext | None:
+        return next((c for c in self.contexts if c.kind == kind), None)
+
+    def release(self) -> None:
+        """Hand the buffer back to its pool; the views must not be used afterwards."""
+        flat, self.flat, self.contexts = self.flat, torch.empty(0, dtype=torch.uint8), []
+        if self.on_release is not None and flat.numel():
+            self.on_release(flat)
+        self.on_release = None
