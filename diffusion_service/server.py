@@ -20,6 +20,7 @@ from diffusion_service.servicer import DiffusionServicer
 from diffusion_service.settings import ServiceSettings
 from diffusion_service.world import RankWorld
 from protos import DIFFUSION_SERVICE
+from transport.buffers import tune_malloc
 from transport.options import server_options
 from transport.rpc import diffusion_handler
 
@@ -28,6 +29,7 @@ log = logging.getLogger("diffusion_service")
 
 def run(settings: ServiceSettings) -> None:
     config = validate_settings(settings)  # a bad topology fails here, before any process starts
+    tune_malloc()  # ~1 MiB frames otherwise make glibc return and re-fault pages all the time
     world = RankWorld(settings)  # forks the rank launcher: before any thread exists
     try:
         asyncio.run(_serve(settings, config, world))

@@ -21,7 +21,8 @@ from PIL import Image
 from bagel.params import GenerationParams
 from bagel.pipeline import Pipeline
 from tests.diffusion_service.kv_stream import generate, kv_frames, latents_of
-from tests.helpers.processes import ROOT, ServiceProcess, health_status, pids_with_arg
+from tests.helpers.processes import ROOT, ServiceProcess, children_of, health_status, pids_with_arg
+from transport.rpc import diffusion_generate
 
 PARAMS = GenerationParams(height=48, width=80, num_timesteps=8, seed=11)
 SLOW = GenerationParams(height=128, width=128, num_timesteps=200, seed=1)
@@ -191,24 +192,39 @@ def test_a_dead_rank_fails_the_request_with_unavailable_and_the_group_restarts(
     tiny_model_dir, pipeline, contexts
 ):
     fp = pipeline.config.fingerprint()
+    long_job = GenerationParams(height=128, width=128, num_timesteps=1000, seed=1)
     with service(tiny_model_dir, "--ulysses", "2", "--collective-timeout", "10") as svc:
         svc.wait_serving()
-        rank0 = svc.proc.pid
-        result: list = []
-        thread = threading.Thread(
-            target=lambda: result.append(
-                _stream_until_step(svc.address, kv_frames(contexts, fp, SLOW), 0, 60, False)
-            )
-        )
+        (launcher,) = children_of(svc.proc.pid)
+        (worker,) = children_of(launcher)
+        steps: list[int] = []
+        outcome: list = []
+
+        def follow() -> None:
+            with grpc.insecure_channel(svc.address) as channel:
+                try:
+                    for event in diffusion_generate(channel)(
+                        kv_frames(contexts, fp, long_job), timeout=60
+                    ):
+                        if event.WhichOneof("event") == "progress":
+                            steps.append(event.progress.step)
+                    outcome.append("finished")
+                except grpc.RpcError as e:
+                    outcome.append(e)
+
+        thread = threading.Thread(target=follow)
         thread.start()
-        time.sleep(3.0)
-        workers = [p for p in pids_with_arg(f"--listen {svc.address}") if p != rank0]
-        # the launcher and one worker share the command line; kill the youngest (the worker)
-        os.kill(max(workers), signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while len(steps) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(worker, signal.SIGKILL)
         thread.join(60)
-        assert result and result[0] is not None
-        assert result[0].code() == grpc.StatusCode.UNAVAILABLE, result[0].details()
+        assert outcome and isinstance(outcome[0], grpc.RpcError), outcome
+        assert outcome[0].code() == grpc.StatusCode.UNAVAILABLE, outcome[0].details()
+        assert steps[-1] < 1000
         svc.wait_serving(60)
+        (new_worker,) = children_of(launcher)
+        assert new_worker != worker
         got = latents_of(generate(svc.address, kv_frames(contexts, fp, PARAMS, latents_only=True)))
         assert rel_err(got, pipeline.denoise(contexts, PARAMS)) < 1e-5
 

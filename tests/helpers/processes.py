@@ -44,6 +44,21 @@ def pids_with_arg(text: str) -> list[int]:
     return found
 
 
+def children_of(pid: int) -> list[int]:
+    """Live child processes of `pid`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(entry.name))
+    return found
+
+
 class ServiceProcess:
     """`python -m MODULE ARGS --listen 127.0.0.1:PORT` with its log in a temporary file."""
 
