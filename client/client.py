@@ -1,0 +1,155 @@
+"""`BagelClient`: a thin, typed wrapper over the `bagel.v1.Prefill` stub and the standard health
+service. One `generate` call runs the whole generation and returns the decoded image."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+
+from client.request import build_request
+from protos import GenerateEvent, PrefillStub
+
+# The client imports protos and grpc only (DESIGN.md §2), so it keeps its own copy of the two
+# channel options that matter to it: PNGs and raw latents can exceed gRPC's 4 MiB default, and
+# keepalive notices a dead server during a long denoising call.
+MAX_MESSAGE_BYTES = 64 << 20
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+HEALTH_TIMEOUT_S = 10.0
+
+
+class IncompleteGeneration(RuntimeError):
+    """The server ended the stream successfully but sent no image."""
+
+
+@dataclass
+class GenerationResult:
+    image: Image.Image
+    png: bytes
+    width: int
+    height: int
+    seed: int
+    timings: dict[str, float] = field(default_factory=dict)  # phase name (e.g. "prefill_ms") -> ms
+    request_id: str = ""
+
+
+class EventStream:
+    """The events of one Generate call. Iterate it; `cancel()` or `close()` ends the call (the
+    server sees CANCELLED), as does leaving a `with` block early. Iteration raises grpc.RpcError
+    when the call fails, CANCELLED included."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+
+    def __iter__(self) -> EventStream:
+        return self
+
+    def __next__(self) -> GenerateEvent:
+        return next(self._call)
+
+    def cancel(self) -> bool:
+        return self._call.cancel()
+
+    close = cancel
+
+    def __enter__(self) -> EventStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cancel()
+
+    def code(self) -> grpc.StatusCode | None:
+        """The call's status once it has ended, else None."""
+        return self._call.code() if self._call.done() else None
+
+
+class BagelClient:
+    """A connection to a BAGEL prefill service (or anything serving `bagel.v1.Prefill`).
+
+    `timeout` is the default deadline in seconds of every call; a per-call `timeout` overrides it.
+    """
+
+    def __init__(self, address: str, timeout: float | None = None) -> None:
+        self.address = address
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._stub = PrefillStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> BagelClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def stream(self, prompt: str, *, timeout: float | None = None, **params: Any) -> EventStream:
+        """Start a generation; yields the raw `GenerateEvent`s (Accepted, Progress, Timings, Image).
+
+        `params`: see `client.request.build_request`; unknown names raise TypeError."""
+        request = build_request(prompt, **params)
+        return EventStream(self._stub.Generate(request, timeout=self._deadline(timeout)))
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        timeout: float | None = None,
+        on_event: Callable[[GenerateEvent], None] | None = None,
+        **params: Any,
+    ) -> GenerationResult:
+        """Run a whole generation and return the image; `on_event` sees every event as it comes
+        (e.g. to show progress). Raises grpc.RpcError on failure; cancels the call if interrupted."""
+        request_id = str(params.get("request_id") or "")
+        timings: dict[str, float] = {}
+        image = None
+        with self.stream(prompt, timeout=timeout, **params) as events:
+            for event in events:  # to the end, so a status after the image still raises
+                if on_event is not None:
+                    on_event(event)
+                kind = event.WhichOneof("event")
+                if kind == "accepted":
+                    request_id = event.accepted.request_id
+                elif kind == "timings":
+                    timings.update((f.name, value) for f, value in event.timings.ListFields())
+                elif kind == "image":
+                    image = event.image
+        if image is None:
+            raise IncompleteGeneration(f"request {request_id or '?'} ended without an image")
+        decoded = Image.open(io.BytesIO(image.png))
+        decoded.load()
+        return GenerationResult(
+            image=decoded,
+            png=image.png,
+            width=image.width,
+            height=image.height,
+            seed=image.seed,
+            timings=timings,
+            request_id=request_id,
+        )
+
+    def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        """The server's grpc.health.v1 status name (SERVING, NOT_SERVING, ...) for `service`
+        ("" = the whole server); raises grpc.RpcError if the server cannot be asked."""
+        deadline = self._deadline(timeout) or HEALTH_TIMEOUT_S
+        response = self._health.Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=deadline
+        )
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        return timeout if timeout is not None else self.timeout

@@ -1,0 +1,127 @@
+"""A prefill service with synthetic KV and no language model: the same `bagel.v1.Prefill` API, for
+tests and for users who bring their own prefill engine. `python -m prefill_service.mock --model DIR
+--listen HOST:PORT --diffusion HOST:PORT [--dtype fp32|bf16]` reads only the configs in DIR.
+
+The KV is deterministic in (prompt, negative prompt, seed) and has the model's shapes:
+- contexts: `cond` from the prompt, `uncond_text` from the negative prompt (empty: 0 tokens), like
+  `bagel.prompts.cfg_prompts`; next RoPE position = token count;
+- token count of a non-empty text = 2 + ceil(UTF-8 bytes / 4): the two framing tokens plus about
+  what a BPE tokenizer makes of English; no tokenizer is loaded;
+- values: per context a generator seeded from (kind, text, seed); per layer K ~ N(0, 1) (the scale
+  of QK-normed keys) then V ~ N(0, 0.5^2), drawn in fp32 and cast to the wire dtype.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from bagel.config import BagelConfig
+from bagel.model import ContextKV
+from bagel.sampler import COND, UNCOND_TEXT
+from prefill_service.prefill import LayerKV, PlannedKV, check_prompt_text
+from prefill_service.server import configure_logging, serve
+from prefill_service.settings import build_parser, settings_from_args
+from transport import ContextSpec
+from transport.params import RequestOptions
+
+KEY_STD, VALUE_STD = 1.0, 0.5
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def synthetic_token_count(text: str) -> int:
+    return 2 + math.ceil(len(text.encode()) / 4) if text else 0
+
+
+def _context_texts(prompt: str, options: RequestOptions) -> dict[str, str]:
+    return {COND: prompt, UNCOND_TEXT: options.negative_prompt}
+
+
+def _generator(kind: str, text: str, seed: int) -> torch.Generator:
+    digest = hashlib.sha256(f"{kind}\0{seed}\0{text}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def synthetic_layers(
+    config: BagelConfig, prompt: str, options: RequestOptions, dtype: torch.dtype = torch.float32
+) -> Iterator[LayerKV]:
+    """Layer by layer, (K, V) per context (cond, uncond_text) `[tokens, kv_heads, head_dim]`."""
+    llm = config.llm
+    seed = options.params.seed
+    contexts = [
+        (synthetic_token_count(text), _generator(kind, text, seed))
+        for kind, text in _context_texts(prompt, options).items()
+    ]
+    for _ in range(llm.num_layers):
+        pairs = []
+        for tokens, gen in contexts:
+            shape = (tokens, llm.num_kv_heads, llm.head_dim)
+            k = torch.randn(shape, generator=gen) * KEY_STD
+            v = torch.randn(shape, generator=gen) * VALUE_STD
+            pairs.append((k.to(dtype), v.to(dtype)))
+        yield pairs
+
+
+def synthetic_contexts(
+    config: BagelConfig, prompt: str, options: RequestOptions, dtype: torch.dtype = torch.float32
+) -> dict[str, ContextKV]:
+    """The whole synthetic cache the mock sends for this request, as the in-process pipeline
+    takes it (`bagel.pipeline.Pipeline.denoise`)."""
+    kinds = list(_context_texts(prompt, options))
+    keys: list[list[torch.Tensor]] = [[] for _ in kinds]
+    values: list[list[torch.Tensor]] = [[] for _ in kinds]
+    for pairs in synthetic_layers(config, prompt, options, dtype):
+        for i, (k, v) in enumerate(pairs):
+            keys[i].append(k)
+            values[i].append(v)
+    return {
+        kind: ContextKV(keys[i], values[i], next_position=keys[i][0].shape[0])
+        for i, kind in enumerate(kinds)
+    }
+
+
+class SyntheticKV:
+    """The mock's `KVSource`: shapes and fingerprint from the checkpoint's configs only."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.config = BagelConfig.from_dir(model_dir)
+        self.dtype = dtype
+
+    def plan(self, prompt: str, options: RequestOptions) -> PlannedKV:
+        check_prompt_text(prompt, options.negative_prompt)
+        counts = {k: synthetic_token_count(t) for k, t in _context_texts(prompt, options).items()}
+        contexts = tuple(ContextSpec(kind, n, n) for kind, n in counts.items())
+        return PlannedKV(
+            contexts, lambda: synthetic_layers(self.config, prompt, options, self.dtype)
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser(
+        "python -m prefill_service.mock",
+        "Mock BAGEL prefill service: synthetic, seed-deterministic KV; no language model.",
+        device=False,
+    )
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="KV dtype")
+    settings = settings_from_args(parser.parse_args(argv))
+    configure_logging()
+    dtype = DTYPES[settings.dtype or "fp32"]
+
+    def load() -> SyntheticKV:
+        return SyntheticKV(settings.model_dir, dtype)
+
+    return asyncio.run(serve(settings, load))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""Prompt -> CFG contexts -> KV frames: tokenizing and checking a request's contexts (cheap, before
+any compute), then computing their KV layer by layer and encoding each layer as soon as it exists.
+
+A `KVSource` is where the KV comes from: `LanguageModelKV` (the und expert) or the synthetic one in
+`prefill_service.mock`; everything after the source is shared.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from bagel.checkpoint import load_bagel
+from bagel.config import BagelConfig
+from bagel.params import InvalidParams
+from bagel.pipeline import default_dtype
+from bagel.prompts import cfg_prompts
+from bagel.tokenizer import load_tokenizer
+from transport import DEFAULT_CHUNK_SIZE, ContextSpec, KVEncoder, KVLayout
+from transport.params import RequestOptions, options_to_proto
+
+MAX_PROMPT_CHARS = 16_384  # checked before tokenizing, so a huge prompt costs nothing
+DEFAULT_MAX_PROMPT_TOKENS = 2048  # per context, framing tokens included
+
+LayerKV = Sequence[tuple[Tensor, Tensor]]  # one layer: (K, V) per context, in plan order
+
+
+@dataclass(frozen=True)
+class PlannedKV:
+    """One request's contexts, known before any compute, and the computation of their KV."""
+
+    contexts: tuple[ContextSpec, ...]
+    compute: Callable[[], Iterator[LayerKV]]  # yields each layer as soon as it is produced
+
+
+class KVSource(Protocol):
+    """Where a request's KV cache comes from."""
+
+    config: BagelConfig
+    dtype: torch.dtype
+
+    def plan(self, prompt: str, options: RequestOptions) -> PlannedKV:
+        """Check the prompt text (raise InvalidParams) and tokenize it into the contexts it makes;
+        no model compute."""
+        ...
+
+
+def check_prompt_text(prompt: str, negative_prompt: str) -> None:
+    if not prompt.strip():
+        raise InvalidParams("prompt is empty")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise InvalidParams(f"prompt is longer than {MAX_PROMPT_CHARS} characters")
+    if len(negative_prompt) > MAX_PROMPT_CHARS:
+        raise InvalidParams(f"negative_prompt is longer than {MAX_PROMPT_CHARS} characters")
+
+
+def token_limit(config: BagelConfig, max_prompt_tokens: int) -> int:
+    """Tokens a context may have: the configured limit, and below the model's RoPE range (the
+    generation block sits at the position after the prompt)."""
+    return min(max_prompt_tokens, config.llm.max_position_embeddings - 1)
+
+
+def check_token_counts(contexts: Sequence[ContextSpec], limit: int) -> None:
+    for c in contexts:
+        if c.num_tokens > limit:
+            what = "prompt" if c.kind == "cond" else "negative_prompt"
+            raise InvalidParams(
+                f"{what} is {c.num_tokens} tokens long with its framing; the limit is {limit}"
+            )
+
+
+class LanguageModelKV:
+    """The real source: BAGEL's tokenizer and its und expert (`load_bagel(..., "prefill")`)."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        device: str = "cpu",
+        *,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        self.config = BagelConfig.from_dir(model_dir)
+        self.dtype = dtype or default_dtype(device)
+        self.tokenizer = load_tokenizer(model_dir)
+        # HF fast tokenizers may reconfigure themselves inside encode; calls must not overlap.
+        self._tokenizer_lock = threading.Lock()
+        self.model = load_bagel(model_dir, "prefill", self.dtype, device, self.config)
+
+    def plan(self, prompt: str, options: RequestOptions) -> PlannedKV:
+        check_prompt_text(prompt, options.negative_prompt)
+        with self._tokenizer_lock:
+            prompts = cfg_prompts(self.tokenizer, prompt, options.negative_prompt)
+        token_ids = list(prompts.values())
+        contexts = tuple(ContextSpec(kind, len(ids), len(ids)) for kind, ids in prompts.items())
+        return PlannedKV(contexts, lambda: self.layers(token_ids))
+
+    def layers(self, token_ids: list[list[int]]) -> Iterator[LayerKV]:
+        """All contexts prefilled as one batch; each layer's K/V as soon as it is computed."""
+        for keys, values in self.model.prefill_layers(token_ids):
+            yield list(zip(keys, values, strict=True))
+
+
+@dataclass
+class PrefillStats:
+    """Measured while the frames of one request are produced (on the producer thread)."""
+
+    payload_bytes: int = 0
+    layers_done: int = 0
+    compute_s: float = 0.0  # time spent computing layers, encoding excluded
+
+
+def kv_layout(source: KVSource, planned: PlannedKV) -> KVLayout:
+    llm = source.config.llm
+    return KVLayout(source.dtype, llm.num_layers, llm.num_kv_heads, llm.head_dim, planned.contexts)
+
+
+def request_frames(
+    source: KVSource,
+    planned: PlannedKV,
+    *,
+    request_id: str,
+    options: RequestOptions,
+    stats: PrefillStats,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Iterator[list[bytes]]:
+    """The serialized `DiffusionFrame`s of one request in batches: [header], then each layer's
+    chunks as soon as that layer is computed, then [trailer]. Lazy: computes nothing until
+    iterated, and each `next` computes at most one layer."""
+    layout = kv_layout(source, planned)
+    encoder = KVEncoder(
+        layout,
+        request_id=request_id,
+        fingerprint=source.config.fingerprint(),
+        params=options_to_proto(options),
+        chunk_size=chunk_size,
+    )
+    stats.payload_bytes = layout.total_bytes
+    yield [encoder.header()]
+    layers = planned.compute()
+    try:
+        for index in range(layout.num_layers):
+            started = time.perf_counter()
+            pairs = next(layers, None)
+            stats.compute_s += time.perf_counter() - started
+            if pairs is None:
+                raise RuntimeError(
+                    f"the KV source stopped after {index} of {layout.num_layers} layers"
+                )
+            yield list(encoder.layer(index, pairs))
+            stats.layers_done = index + 1
+    finally:
+        close = getattr(layers, "close", None)
+        if close is not None:
+            close()
+    yield [encoder.trailer()]

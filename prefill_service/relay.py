@@ -1,0 +1,229 @@
+"""Relay: push a request's KV frames to the diffusion service as a `Diffusion.Generate` client stream
+while they are being computed, and pass the diffusion service's events back to the caller.
+
+The downstream call uses gRPC's synchronous client: gRPC pulls the frames from a lazy iterator on
+its own request thread, so layer l+1 is computed while layer l is on the wire, with HTTP/2 flow
+control as backpressure. (The asyncio client reports INTERNAL "Internal error from Core" instead of
+the server's status when the server ends the call while a write is in flight, grpc/grpc#36066; the
+diffusion service does exactly that when it rejects a stream early, and its status must reach the
+caller unchanged.) A thread per call reads the events and hands them to the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+
+import grpc
+
+from prefill_service.prefill import PrefillStats
+from protos import GenerateEvent, Timings
+from transport import diffusion_generate
+from transport.options import channel_options
+from transport.status import ServiceError
+
+# gRPC's own reconnect backoff (1 s initial by default) would waste most of a short deadline.
+RECONNECT_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+DEFAULT_CONNECT_TIMEOUT_S = 10.0
+DEADLINE_MARGIN_S = 0.2  # answer UNAVAILABLE this long before the caller's deadline fires
+
+
+class DiffusionLink:
+    """The channel to the diffusion service: waits for a connection (gRPC retries with backoff,
+    0.1 s growing to 1 s) inside a budget, and opens `Diffusion.Generate` calls whose requests are
+    serialized frames."""
+
+    def __init__(
+        self, address: str, *, connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
+    ) -> None:
+        self.address = address
+        self.connect_timeout_s = connect_timeout_s
+        self.channel = grpc.insecure_channel(address, options=channel_options() + RECONNECT_OPTIONS)
+
+    async def connect(self, deadline_s: float | None) -> None:
+        """Return once the channel is READY; wait at most the caller's remaining time (less a
+        margin) or `connect_timeout_s`, then raise UNAVAILABLE naming the address."""
+        budget = self.connect_timeout_s
+        if deadline_s is not None:
+            budget = min(budget, deadline_s - DEADLINE_MARGIN_S)
+        loop = asyncio.get_running_loop()
+        ready = asyncio.Event()
+        failures = 0
+        last = grpc.ChannelConnectivity.IDLE
+
+        def on_change(state: grpc.ChannelConnectivity) -> None:  # on a gRPC thread
+            nonlocal failures, last
+            last = state
+            if state is grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+                failures += 1
+            elif state is grpc.ChannelConnectivity.READY:
+                loop.call_soon_threadsafe(ready.set)
+
+        started = time.monotonic()
+        self.channel.subscribe(on_change, try_to_connect=True)
+        try:
+            await asyncio.wait_for(ready.wait(), max(budget, 0.0))
+        except TimeoutError:
+            raise ServiceError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"diffusion service at {self.address} is unavailable: not connected after "
+                f"{time.monotonic() - started:.1f} s ({failures} failed attempts, "
+                f"channel {last.name})",
+            ) from None
+        finally:
+            self.channel.unsubscribe(on_change)
+
+    def open_call(self, frames: Iterator[bytes], timeout: float | None) -> grpc.Call:
+        """Start the call; gRPC consumes `frames` on its own thread. The result iterates events."""
+        return diffusion_generate(self.channel)(frames, timeout=timeout)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+@dataclass
+class SendStats:
+    bytes_sent: int = 0
+    send_s: float | None = None  # first frame handed to gRPC -> the last one accepted
+
+
+class FrameFeed:
+    """The request iterator gRPC pulls frames from (on its request thread). Flattens the batches,
+    measures the send, and turns a failure of the KV computation into a cancel of the call plus
+    `error`, which the relay reports instead of the CANCELLED status that follows."""
+
+    def __init__(self, batches: Iterator[list[bytes]], stats: SendStats) -> None:
+        self._batches = batches
+        self.stats = stats
+        self.error: BaseException | None = None
+        self._stopped = threading.Event()
+        self._call: grpc.Call | None = None
+        self._attached = threading.Event()
+
+    def attach(self, call: grpc.Call) -> None:
+        self._call = call
+        self._attached.set()
+
+    def stop(self) -> None:
+        """Compute no further layer."""
+        self._stopped.set()
+
+    def __iter__(self) -> Iterator[bytes]:
+        started = None
+        try:
+            for batch in self._batches:
+                for frame in batch:
+                    if started is None:
+                        started = time.perf_counter()
+                    yield frame
+                    self.stats.bytes_sent += len(frame)
+                if self._stopped.is_set():
+                    return
+        except Exception as e:  # noqa: BLE001 - reported by the relay, not by gRPC's logger
+            self.error = e
+            self._attached.wait(10)
+            if self._call is not None:
+                self._call.cancel()
+            return
+        finally:
+            close = getattr(self._batches, "close", None)
+            if close is not None:
+                close()
+        if started is not None:
+            self.stats.send_s = time.perf_counter() - started
+
+
+class _End:
+    pass
+
+
+async def _events(call: grpc.Call) -> AsyncIterator[GenerateEvent]:
+    """The call's events, read on a thread of their own; raises the call's grpc.RpcError."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[GenerateEvent | _End | grpc.RpcError] = asyncio.Queue()
+
+    def post(item: GenerateEvent | _End | grpc.RpcError) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    def read() -> None:
+        try:
+            for event in call:
+                post(event)
+            post(_End())
+        except grpc.RpcError as e:
+            post(e)
+
+    threading.Thread(target=read, name="diffusion-events", daemon=True).start()
+    while True:
+        item = await queue.get()
+        if isinstance(item, _End):
+            return
+        if isinstance(item, grpc.RpcError):
+            raise item
+        yield item
+
+
+def with_prefill_timings(timings: Timings, prefill_ms: float, stats: SendStats) -> Timings:
+    """`timings` plus this service's phases: the KV compute and the send window."""
+    merged = Timings()
+    merged.CopyFrom(timings)
+    merged.prefill_ms = prefill_ms
+    if stats.send_s is not None:
+        merged.kv_send_ms = stats.send_s * 1000
+    return merged
+
+
+async def relay(
+    link: DiffusionLink,
+    batches: Iterator[list[bytes]],
+    *,
+    time_remaining: Callable[[], float | None],
+    prefill: PrefillStats,
+    sent: SendStats,
+) -> AsyncIterator[GenerateEvent]:
+    """Stream the frames of `batches` to the diffusion service (computing them as gRPC pulls them)
+    and yield its events, with this service's `prefill_ms` and `kv_send_ms` added to the Timings
+    event (or to a Timings event of its own before the image, if the diffusion service sends none).
+
+    Nothing is computed until the diffusion service is connected. A status from the diffusion
+    service is raised as a ServiceError with the same code and message, a failure of the KV
+    computation as itself; ending the iteration early (client cancel or deadline) cancels the
+    downstream call and stops the computation. `time_remaining()` is the caller's remaining
+    deadline in seconds (None: no deadline)."""
+    await link.connect(time_remaining())
+    feed = FrameFeed(batches, sent)
+    call = link.open_call(iter(feed), time_remaining())
+    feed.attach(call)
+
+    def timings(base: Timings) -> GenerateEvent:
+        return GenerateEvent(timings=with_prefill_timings(base, prefill.compute_s * 1000, sent))
+
+    timings_sent = False
+    try:
+        async for event in _events(call):
+            kind = event.WhichOneof("event")
+            if kind == "timings":
+                event = timings(event.timings)
+                timings_sent = True
+            elif kind in ("image", "latents") and not timings_sent:
+                yield timings(Timings())
+                timings_sent = True
+            yield event
+    except grpc.RpcError as e:
+        if feed.error is not None:
+            raise feed.error from None
+        raise ServiceError(e.code(), e.details() or "") from None
+    finally:
+        feed.stop()
+        call.cancel()
+    if feed.error is not None:
+        raise feed.error

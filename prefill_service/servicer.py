@@ -1,0 +1,143 @@
+"""The `bagel.v1.Prefill` servicer: validates a request before any compute, hands it to
+`prefill.request_frames` and `relay.relay`, and maps failures to a status through
+`transport.status` (the one place that does)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import grpc
+
+from bagel.params import InvalidParams
+from prefill_service.metrics import PrefillMetrics
+from prefill_service.prefill import (
+    DEFAULT_MAX_PROMPT_TOKENS,
+    KVSource,
+    PrefillStats,
+    check_token_counts,
+    request_frames,
+    token_limit,
+)
+from prefill_service.relay import DiffusionLink, SendStats, relay
+from protos import GenerateEvent, GenerateRequest, service_pb2_grpc
+from transport import DEFAULT_CHUNK_SIZE
+from transport.params import options_from_proto
+from transport.status import ServiceError, status_of
+
+logger = logging.getLogger("prefill_service")
+MAX_REQUEST_ID_CHARS = 128
+
+
+class RequestLog(logging.LoggerAdapter):
+    """Prefixes every message with the request id."""
+
+    def process(self, msg, kwargs):
+        return f"[{self.extra['request_id']}] {msg}", kwargs
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+class PrefillServicer(service_pb2_grpc.PrefillServicer):
+    """`source` is None until the model is loaded; requests meanwhile get UNAVAILABLE."""
+
+    def __init__(
+        self,
+        link: DiffusionLink,
+        metrics: PrefillMetrics,
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
+    ) -> None:
+        self.source: KVSource | None = None
+        self.max_prompt_tokens = max_prompt_tokens
+        self.link = link
+        self.metrics = metrics
+        self.chunk_size = chunk_size
+
+    async def Generate(
+        self, request: GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[GenerateEvent]:
+        request_id = request.request_id or new_request_id()
+        log = RequestLog(logger, {"request_id": request_id})
+        started = time.perf_counter()
+        prefill, sent = PrefillStats(), SendStats()
+        code = grpc.StatusCode.OK
+        self.metrics.in_flight.inc()
+        try:
+            batches = await self._prepare(request, request_id, prefill, log)
+            async for event in relay(
+                self.link,
+                batches,
+                time_remaining=context.time_remaining,
+                prefill=prefill,
+                sent=sent,
+            ):
+                yield event
+        except asyncio.CancelledError:
+            remaining = context.time_remaining()
+            expired = remaining is not None and remaining <= 0
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            log.info("ended by the caller: %s", code.name)
+            raise
+        except Exception as e:  # noqa: BLE001 - every failure becomes a status, in one place
+            code, message = status_of(e)
+            level = logging.ERROR if code is grpc.StatusCode.INTERNAL else logging.WARNING
+            log.log(level, "failed: %s: %s", code.name, message, exc_info=level >= logging.ERROR)
+            await context.abort(code, message)
+        finally:
+            elapsed = time.perf_counter() - started
+            self.metrics.in_flight.dec()
+            self.metrics.requests.labels(code=code.name).inc()
+            self.metrics.request_seconds.observe(elapsed)
+            self.metrics.kv_bytes.inc(sent.bytes_sent)
+            if prefill.layers_done:
+                self.metrics.prefill_seconds.observe(prefill.compute_s)
+            if sent.send_s is not None:
+                self.metrics.kv_send_seconds.observe(sent.send_s)
+            if code is grpc.StatusCode.OK:
+                log.info(
+                    "done in %.3f s: prefill %.1f ms, %d KV bytes sent in %.1f ms",
+                    elapsed,
+                    prefill.compute_s * 1000,
+                    sent.bytes_sent,
+                    (sent.send_s or 0.0) * 1000,
+                )
+
+    async def _prepare(
+        self, request: GenerateRequest, request_id: str, stats: PrefillStats, log: RequestLog
+    ) -> Iterator[list[bytes]]:
+        """Every check, before any compute; returns the lazy frame batches."""
+        source = self.source
+        if source is None:
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
+        if len(request_id) > MAX_REQUEST_ID_CHARS or not request_id.isprintable():
+            raise InvalidParams(
+                f"request_id must be printable and at most {MAX_REQUEST_ID_CHARS} characters"
+            )
+        options = options_from_proto(request.params, source.config)
+        loop = asyncio.get_running_loop()
+        planned = await loop.run_in_executor(None, source.plan, request.prompt, options)
+        check_token_counts(planned.contexts, token_limit(source.config, self.max_prompt_tokens))
+        p = options.params
+        log.info(
+            "accepted: %dx%d, %d timesteps, seed %d, contexts %s",
+            p.width,
+            p.height,
+            p.num_timesteps,
+            p.seed,
+            ", ".join(f"{c.kind}={c.num_tokens} tokens" for c in planned.contexts),
+        )
+        return request_frames(
+            source,
+            planned,
+            request_id=request_id,
+            options=options,
+            stats=stats,
+            chunk_size=self.chunk_size,
+        )

@@ -1,0 +1,80 @@
+"""The prefill service's settings, parsed once from the command line (shared by the real service
+and `prefill_service.mock`)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from prefill_service.prefill import DEFAULT_MAX_PROMPT_TOKENS
+from prefill_service.relay import DEFAULT_CONNECT_TIMEOUT_S
+from transport import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE
+
+
+@dataclass(frozen=True)
+class PrefillSettings:
+    model_dir: str
+    listen: str = "127.0.0.1:50051"
+    diffusion: str = "127.0.0.1:50052"
+    device: str = "cpu"
+    metrics_port: int | None = None
+    max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS
+    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
+    drain_s: float = 10.0
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    dtype: str | None = None  # mock only: "fp32" or "bf16"; the real service follows the device
+
+    @property
+    def listen_host(self) -> str:
+        return self.listen.rsplit(":", 1)[0].strip("[]")
+
+
+def build_parser(prog: str, description: str, *, device: bool = True) -> argparse.ArgumentParser:
+    """The service's flags; `device=False` leaves out --device (the mock runs no model)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--model", required=True, help="checkpoint directory")
+    parser.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT to serve on")
+    parser.add_argument(
+        "--diffusion", default="127.0.0.1:50052", help="HOST:PORT of the diffusion service"
+    )
+    if device:
+        parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--metrics-port", type=int, default=None, help="Prometheus metrics port")
+    parser.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=DEFAULT_MAX_PROMPT_TOKENS,
+        help="longest prompt (and negative prompt) accepted, in tokens",
+    )
+    parser.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=DEFAULT_CONNECT_TIMEOUT_S,
+        help="seconds to keep retrying the diffusion service when the caller sets no deadline",
+    )
+    parser.add_argument(
+        "--drain-timeout", type=float, default=10.0, help="seconds to finish work on SIGTERM"
+    )
+    parser.add_argument(
+        "--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="largest KV chunk in bytes"
+    )
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> PrefillSettings:
+    if not 0 < args.chunk_size <= MAX_CHUNK_SIZE:
+        raise SystemExit(f"--chunk-size must be in 1..{MAX_CHUNK_SIZE}")
+    if args.max_prompt_tokens < 1:
+        raise SystemExit("--max-prompt-tokens must be positive")
+    return PrefillSettings(
+        model_dir=args.model,
+        listen=args.listen,
+        diffusion=args.diffusion,
+        device=getattr(args, "device", "cpu"),
+        metrics_port=args.metrics_port,
+        max_prompt_tokens=args.max_prompt_tokens,
+        connect_timeout_s=args.connect_timeout,
+        drain_s=args.drain_timeout,
+        chunk_size=args.chunk_size,
+        dtype=getattr(args, "dtype", None),
+    )

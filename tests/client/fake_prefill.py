@@ -1,0 +1,81 @@
+"""A small synchronous `bagel.v1.Prefill` server for client tests: records each request and
+answers with scripted events (or a status), plus a settable grpc.health.v1 service."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from PIL import Image as PILImage
+
+from protos import (
+    Accepted,
+    GenerateEvent,
+    GenerateRequest,
+    Image,
+    PrefillServicer,
+    Progress,
+    Timings,
+    add_PrefillServicer_to_server,
+)
+
+
+def png_bytes(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    PILImage.new("RGB", (width, height), (10, 20, 30)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class FakePrefill(PrefillServicer):
+    def __init__(self) -> None:
+        self.requests: list[GenerateRequest] = []
+        self.steps = 3
+        self.step_delay_s = 0.0
+        self.fail_with: tuple[grpc.StatusCode, str] | None = None
+        self.cancelled = threading.Event()
+
+    def Generate(self, request: GenerateRequest, context: grpc.ServicerContext):
+        self.requests.append(request)
+        finished = False
+
+        def on_termination() -> None:  # runs however the call ends
+            if not finished and self.fail_with is None:
+                self.cancelled.set()
+
+        context.add_callback(on_termination)
+        if self.fail_with is not None:
+            context.abort(*self.fail_with)
+        p = request.params
+        width, height = p.width or 32, p.height or 32
+        seed = p.seed if p.HasField("seed") else 1234
+        yield GenerateEvent(accepted=Accepted(request_id=request.request_id or "srv-1"))
+        for step in range(1, self.steps + 1):
+            time.sleep(self.step_delay_s)
+            yield GenerateEvent(progress=Progress(step=step, total_steps=self.steps))
+        yield GenerateEvent(timings=Timings(prefill_ms=12.5, kv_send_ms=3.0, denoise_ms=100.0))
+        yield GenerateEvent(
+            image=Image(png=png_bytes(width, height), width=width, height=height, seed=seed)
+        )
+        finished = True
+
+
+class FakePrefillServer:
+    def __init__(self) -> None:
+        self.servicer = FakePrefill()
+        self.health = health.HealthServicer()
+        self.server = grpc.server(ThreadPoolExecutor(max_workers=4))
+        add_PrefillServicer_to_server(self.servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        port = self.server.add_insecure_port("127.0.0.1:0")
+        self.address = f"127.0.0.1:{port}"
+        self.server.start()
+
+    def set_health(self, status: str) -> None:
+        self.health.set("", health_pb2.HealthCheckResponse.ServingStatus.Value(status))
+
+    def stop(self) -> None:
+        self.server.stop(None)

@@ -1,0 +1,191 @@
+"""`BagelClient` and the `python -m client` CLI against a fake Prefill server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+
+from client import BagelClient
+from client.cli import ProgressDisplay, generation_params, main, parse_args, timing_summary
+from protos import GenerateEvent, Progress
+from tests.client.fake_prefill import FakePrefillServer
+from tests.helpers.processes import ROOT
+from tests.helpers.ranks import free_port
+
+
+@pytest.fixture
+def fake():
+    server = FakePrefillServer()
+    yield server
+    server.stop()
+
+
+def test_generate_returns_image_seed_timings_and_request_id(fake):
+    with BagelClient(fake.address, timeout=10) as client:
+        result = client.generate("A cute cat", width=48, height=32, seed=7, request_id="abc")
+    assert (result.width, result.height, result.seed, result.request_id) == (48, 32, 7, "abc")
+    assert result.image.size == (48, 32) and result.png.startswith(b"\x89PNG")
+    assert result.timings == {"prefill_ms": 12.5, "kv_send_ms": 3.0, "denoise_ms": 100.0}
+    [request] = fake.servicer.requests
+    assert request.prompt == "A cute cat" and request.params.seed == 7
+
+
+def test_generate_raises_the_server_status(fake):
+    fake.servicer.fail_with = (grpc.StatusCode.RESOURCE_EXHAUSTED, "queue is full")
+    with BagelClient(fake.address) as client, pytest.raises(grpc.RpcError) as info:
+        client.generate("A cute cat")
+    assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert info.value.details() == "queue is full"
+
+
+def test_generate_rejects_unknown_keywords_before_calling(fake):
+    with BagelClient(fake.address) as client, pytest.raises(TypeError):
+        client.generate("A cute cat", guidance=3)
+    assert fake.servicer.requests == []
+
+
+def test_stream_can_be_cancelled_and_the_server_sees_it(fake):
+    fake.servicer.steps, fake.servicer.step_delay_s = 100, 0.05
+    with BagelClient(fake.address, timeout=30) as client:
+        events = client.stream("A cute cat")
+        kinds = []
+        with pytest.raises(grpc.RpcError) as info:
+            for event in events:
+                kinds.append(event.WhichOneof("event"))
+                if kinds.count("progress") == 2:
+                    events.cancel()
+    assert info.value.code() is grpc.StatusCode.CANCELLED
+    assert kinds == ["accepted", "progress", "progress"]
+    assert fake.servicer.cancelled.wait(5)
+
+
+def test_stream_deadline_gives_deadline_exceeded(fake):
+    fake.servicer.steps, fake.servicer.step_delay_s = 100, 0.05
+    with BagelClient(fake.address, timeout=0.5) as client, pytest.raises(grpc.RpcError) as info:
+        list(client.stream("A cute cat"))
+    assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_health_names_the_status(fake):
+    with BagelClient(fake.address) as client:
+        fake.set_health("SERVING")
+        assert client.health() == "SERVING"
+        fake.set_health("NOT_SERVING")
+        assert client.health() == "NOT_SERVING"
+
+
+# ---- the command line -------------------------------------------------------------------------
+
+
+def test_cli_parses_size_and_maps_flags_to_params():
+    args = parse_args(
+        ["generate", "A cat", "-o", "x.png", "--size", "512", "--steps", "20", "--seed", "52"]
+        + ["--cfg-text", "4.0", "--cfg-img", "1.5", "--negative", "blurry"]
+        + ["--cfg-interval", "0.4", "1.0", "--cfg-renorm-type", "channel"]
+    )
+    assert (
+        args.server == "127.0.0.1:50051" and args.timeout is None and args.output == Path("x.png")
+    )
+    params = generation_params(args)
+    assert params["width"] == params["height"] == 512
+    assert params["num_timesteps"] == 20 and params["seed"] == 52
+    assert params["cfg_text_scale"] == 4.0 and params["cfg_img_scale"] == 1.5
+    assert params["negative_prompt"] == "blurry" and params["cfg_interval"] == (0.4, 1.0)
+    assert params["cfg_renorm_type"] == "channel" and params["timestep_shift"] is None
+
+
+def test_cli_width_and_height_separately_and_unset_by_default():
+    params = generation_params(parse_args(["generate", "A cat", "-o", "x.png", "--width", "256"]))
+    assert params["width"] == 256 and params["height"] is None and params["seed"] is None
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["generate", "A cat", "-o", "x.png", "--size", "512", "--width", "256"],
+        ["generate", "A cat"],  # no output
+        ["generate", "A cat", "-o", "x.png", "--steps", "many"],
+        ["paint", "A cat"],
+    ],
+)
+def test_cli_rejects_bad_arguments(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        parse_args(argv)
+    assert info.value.code == 2
+
+
+def test_cli_generate_prints_one_line_per_step_and_a_timing_summary(fake, tmp_path, capsys):
+    out = tmp_path / "sub" / "cat.png"
+    code = main(
+        ["generate", "A cute cat", "-o", str(out), "--width", "48", "--height", "32"]
+        + ["--seed", "52", "--steps", "3", "--server", fake.address, "--timeout", "10"]
+    )
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    lines = captured.err.splitlines()
+    assert lines == ["accepted request srv-1 (running)", "step 1/3", "step 2/3", "step 3/3"]
+    assert out.read_bytes().startswith(b"\x89PNG")
+    assert f"wrote {out} (48x32, seed 52, request srv-1)" in captured.out
+    assert "prefill" in captured.out and "12.5 ms" in captured.out and "client" in captured.out
+    params = fake.servicer.requests[0].params
+    assert (params.width, params.height, params.num_timesteps, params.seed) == (48, 32, 3, 52)
+
+
+def test_cli_generate_error_prints_status_and_exits_nonzero(fake, tmp_path, capsys):
+    fake.servicer.fail_with = (grpc.StatusCode.INVALID_ARGUMENT, "height=100 must be a multiple")
+    code = main(["generate", "A cat", "-o", str(tmp_path / "x.png"), "--server", fake.address])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.strip().endswith("error: INVALID_ARGUMENT: height=100 must be a multiple")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_cli_health_exit_code_is_zero_only_when_serving(fake, capsys):
+    fake.set_health("SERVING")
+    assert main(["health", "--server", fake.address]) == 0
+    fake.set_health("NOT_SERVING")
+    assert main(["health", "--server", fake.address]) == 1
+    assert capsys.readouterr().out.split() == ["SERVING", "NOT_SERVING"]
+    assert main(["health", "--server", f"127.0.0.1:{free_port()}", "--timeout", "2"]) == 1
+    assert capsys.readouterr().err.startswith("error: UNAVAILABLE: ")
+
+
+def test_cli_process_progress_is_line_per_step_when_not_a_tty(fake, tmp_path):
+    out = tmp_path / "cat.png"
+    proc = subprocess.run(
+        [sys.executable, "-m", "client", "generate", "A cute cat", "-o", str(out)]
+        + ["--server", fake.address, "--size", "32"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert [line for line in proc.stderr.splitlines() if line.startswith("step")] == [
+        "step 1/3",
+        "step 2/3",
+        "step 3/3",
+    ]
+    assert out.exists()
+
+
+def test_tty_progress_is_one_updating_line():
+    out = io.StringIO()
+    display = ProgressDisplay(out, tty=True)
+    for step in (1, 2, 3):
+        display(GenerateEvent(progress=Progress(step=step, total_steps=3)))
+    display.finish()
+    text = out.getvalue()
+    assert text.count("\n") == 1 and text.endswith("\n") and text.count("\r") == 3
+    assert "step 3/3" in text and "#" * 30 in text
+
+
+def test_timing_summary_lists_phases_in_protocol_order():
+    text = timing_summary({"decode_ms": 3.0, "prefill_ms": 10.0, "receive_ms": 2.0}, 1.5)
+    names = [line.split()[0] for line in text.splitlines()[1:]]
+    assert names == ["prefill", "receive", "decode", "client"]

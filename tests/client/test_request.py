@@ -1,0 +1,77 @@
+"""`build_request`: keyword arguments map to the right proto fields, and only those given are set."""
+
+from __future__ import annotations
+
+import pytest
+
+from client import PARAM_NAMES, build_request
+from protos import CfgRenormType
+
+
+def test_every_keyword_maps_to_its_proto_field():
+    request = build_request(
+        "A cute cat",
+        height=512,
+        width=768,
+        num_timesteps=30,
+        timestep_shift=2.5,
+        cfg_text_scale=4,
+        cfg_img_scale=1.5,
+        cfg_interval=(0.4, 1.0),
+        cfg_renorm_type="text_channel",
+        cfg_renorm_min=0.25,
+        seed=52,
+        negative_prompt="blurry",
+        request_id="r-1",
+    )
+    p = request.params
+    assert request.prompt == "A cute cat" and request.request_id == "r-1"
+    assert (p.height, p.width, p.num_timesteps, p.seed) == (512, 768, 30, 52)
+    assert (p.timestep_shift, p.cfg_text_scale, p.cfg_img_scale) == (2.5, 4.0, 1.5)
+    assert (p.cfg_interval.lo, p.cfg_interval.hi, p.cfg_renorm_min) == (0.4, 1.0, 0.25)
+    assert p.cfg_renorm_type == CfgRenormType.CFG_RENORM_TYPE_TEXT_CHANNEL
+    assert p.negative_prompt == "blurry"
+
+
+def test_unset_keywords_leave_fields_unset_for_server_defaults():
+    request = build_request("A cat", seed=None, height=None)
+    p = request.params
+    for name in ("height", "width", "num_timesteps", "timestep_shift", "cfg_text_scale", "seed"):
+        assert not p.HasField(name), name
+    assert not p.HasField("cfg_interval") and not request.HasField("request_id")
+    assert p.cfg_renorm_type == CfgRenormType.CFG_RENORM_TYPE_UNSPECIFIED
+
+
+def test_zero_is_sent_as_a_value_not_as_unset():
+    p = build_request("A cat", seed=0, cfg_img_scale=0.0).params
+    assert p.HasField("seed") and p.seed == 0 and p.HasField("cfg_img_scale")
+
+
+def test_steps_is_an_alias_of_num_timesteps():
+    assert build_request("A cat", steps=12).params.num_timesteps == 12
+    with pytest.raises(TypeError, match="not both"):
+        build_request("A cat", steps=12, num_timesteps=13)
+
+
+@pytest.mark.parametrize("name", ["guidance", "num_steps", "size", "cfg_scale"])
+def test_unknown_keyword_is_a_type_error(name):
+    with pytest.raises(TypeError, match=name):
+        build_request("A cat", **{name: 1})
+    assert name not in PARAM_NAMES
+
+
+@pytest.mark.parametrize(
+    ("params", "error"),
+    [
+        ({"height": 512.0}, TypeError),
+        ({"seed": True}, TypeError),
+        ({"cfg_text_scale": "4"}, TypeError),
+        ({"cfg_interval": (0.4,)}, TypeError),
+        ({"cfg_renorm_type": "per_pixel"}, ValueError),
+        ({"negative_prompt": 3}, TypeError),
+        ({"height": -16}, ValueError),
+    ],
+)
+def test_values_the_wire_cannot_carry_are_rejected(params, error):
+    with pytest.raises(error):
+        build_request("A cat", **params)
