@@ -22,7 +22,7 @@ $(TINY)/ema.safetensors: | $(STAMP)
 	$(BIN)/python -m bagel.tiny $(TINY)
 
 demo: $(STAMP) $(TINY)/ema.safetensors
-	$(BIN)/python -m bagel.demo --model $(TINY) --out out/demo.png
+	PY=$(BIN)/python MODEL=$(TINY) scripts/demo.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
