@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import os
 import queue
 import threading
 import time
@@ -162,6 +163,11 @@ class Engine:
     def _restart(self) -> None:
         self.on_health(False)
         self.metrics.restarts.inc()
+        if not self.world.can_restart:
+            log.critical(
+                "the rank group failed under torchrun: exiting so that torchrun restarts it"
+            )
+            os._exit(1)
         while not self._stop.is_set():
             try:
                 self.world.restart()

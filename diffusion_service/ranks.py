@@ -4,6 +4,7 @@ the broadcast KV cache, denoise their part, repeat."""
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 
 import torch
@@ -26,7 +27,10 @@ log = logging.getLogger("diffusion_service.ranks")
 
 
 def rank_device(settings: ServiceSettings, rank: int) -> torch.device:
-    return torch.device("cuda", rank) if settings.device == "cuda" else torch.device("cpu")
+    if settings.device != "cuda":
+        return torch.device("cpu")
+    # Under torchrun a rank's GPU is its rank on this node; our own ranks are all on one node.
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
 
 
 def load_rank_model(settings: ServiceSettings, rank: int) -> tuple[Bagel, tuple[int, int]]:
@@ -39,14 +43,19 @@ def load_rank_model(settings: ServiceSettings, rank: int) -> tuple[Bagel, tuple[
 
 
 def join_group(
-    settings: ServiceSettings, rank: int, port: int, model: Bagel, marker_ids: tuple[int, int]
+    settings: ServiceSettings,
+    rank: int,
+    init_method: str,
+    model: Bagel,
+    marker_ids: tuple[int, int],
 ) -> RankRuntime:
-    """Join the group at 127.0.0.1:`port` and build the mesh; every rank calls this alike."""
+    """Join the group (`tcp://127.0.0.1:PORT` for our own ranks, `env://` under torchrun) and
+    build the mesh; every rank calls this alike."""
     device = rank_device(settings, rank)
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(
         backend,
-        init_method=f"tcp://127.0.0.1:{port}",
+        init_method=init_method,
         rank=rank,
         world_size=settings.world_size,
         timeout=settings.collective_timeout,
@@ -109,10 +118,15 @@ def validate_settings(settings: ServiceSettings) -> BagelConfig:
 
 
 def worker_main(settings: ServiceSettings, rank: int, world: int, port: int) -> None:
-    """Ranks 1..N-1: serve rank 0's commands until SHUTDOWN or until the group fails."""
+    """Ranks 1..N-1 started by our launcher."""
     torch.set_num_threads(max(1, torch.get_num_threads() // world))
+    serve_rank(settings, rank, f"tcp://127.0.0.1:{port}")
+
+
+def serve_rank(settings: ServiceSettings, rank: int, init_method: str) -> None:
+    """Ranks 1..N-1: serve rank 0's commands until SHUTDOWN or until the group fails."""
     model, markers = load_rank_model(settings, rank)
-    runtime = join_group(settings, rank, port, model, markers)
+    runtime = join_group(settings, rank, init_method, model, markers)
     try:
         while True:
             words = receive_command(runtime)

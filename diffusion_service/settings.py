@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -21,6 +22,7 @@ class ServiceSettings:
     collective_timeout_s: float = 60.0
     heartbeat_s: float = 2.0
     drain_s: float = 10.0
+    torchrun: bool = False  # ranks started by torchrun (env:// rendezvous) instead of by us
 
     @property
     def world_size(self) -> int:
@@ -68,4 +70,11 @@ def parse_settings(argv: list[str] | None = None) -> ServiceSettings:
         metrics_port=args.metrics_port,
         collective_timeout_s=args.collective_timeout,
         drain_s=args.drain_timeout,
+        torchrun=started_by_torchrun(),
+    )
+
+
+def started_by_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or (
+        "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
     )

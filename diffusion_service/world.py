@@ -36,7 +36,7 @@ class RankWorld:
         self.settings = settings
         self.launcher = (
             RankLauncher(settings.world_size, functools.partial(worker_main, settings))
-            if settings.world_size > 1
+            if settings.world_size > 1 and not settings.torchrun
             else None
         )
         self.model: Bagel | None = None
@@ -47,10 +47,14 @@ class RankWorld:
     def start(self) -> RankRuntime:
         if self.model is None:
             self.model, self.marker_ids = load_rank_model(self.settings, 0)
-        port = free_port()
-        if self.launcher is not None:
-            self.worker_pids = self.launcher.start(port)
-        self.runtime = join_group(self.settings, 0, port, self.model, self.marker_ids)
+        if self.settings.torchrun:
+            init_method = "env://"
+        else:
+            port = free_port()
+            init_method = f"tcp://127.0.0.1:{port}"
+            if self.launcher is not None:
+                self.worker_pids = self.launcher.start(port)
+        self.runtime = join_group(self.settings, 0, init_method, self.model, self.marker_ids)
         log.info("rank group of %d is up (workers %s)", self.settings.world_size, self.worker_pids)
         return self.runtime
 
@@ -58,6 +62,11 @@ class RankWorld:
         """Broadcast a command (and the job it starts) to every rank."""
         words = job.encode(command) if job is not None else command_tensor(command)
         dist.broadcast(words, src=0, group=self.runtime.control_group)
+
+    @property
+    def can_restart(self) -> bool:
+        """torchrun owns its ranks: after a failure the whole group must exit for it to restart."""
+        return not self.settings.torchrun
 
     def restart(self) -> RankRuntime:
         log.warning("restarting the rank group")

@@ -239,3 +239,14 @@ def test_health_goes_not_serving_on_sigterm_and_no_rank_process_is_left(tiny_mod
         assert svc.leftover_pids() == []
     finally:
         svc.__exit__()
+
+
+def test_the_service_joins_a_world_started_by_torchrun(tiny_model_dir, pipeline, contexts):
+    args = ["--nproc-per-node", "2", "-m", "diffusion_service", "--model", str(tiny_model_dir)]
+    with ServiceProcess("torch.distributed.run", [*args, "--ulysses", "2"]) as svc:
+        svc.wait_serving()
+        frames = kv_frames(contexts, pipeline.config.fingerprint(), PARAMS, latents_only=True)
+        got = latents_of(generate(svc.address, frames))
+        assert rel_err(got, pipeline.denoise(contexts, PARAMS)) < 1e-5
+        svc.stop()
+        assert svc.leftover_pids() == []
