@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -22,6 +23,7 @@ from bagel.params import GenerationParams
 from bagel.pipeline import Pipeline
 from tests.diffusion_service.kv_stream import generate, kv_frames, latents_of
 from tests.helpers.processes import ROOT, ServiceProcess, children_of, health_status, pids_with_arg
+from tests.helpers.ranks import free_port
 from transport.rpc import diffusion_generate
 
 PARAMS = GenerationParams(height=48, width=80, num_timesteps=8, seed=11)
@@ -250,3 +252,26 @@ def test_the_service_joins_a_world_started_by_torchrun(tiny_model_dir, pipeline,
         assert rel_err(got, pipeline.denoise(contexts, PARAMS)) < 1e-5
         svc.stop()
         assert svc.leftover_pids() == []
+
+
+def test_metrics_count_requests_steps_kv_bytes_and_phases(tiny_model_dir, pipeline, contexts):
+    metrics_port = free_port()
+    with service(tiny_model_dir, "--metrics-port", str(metrics_port)) as svc:
+        svc.wait_serving()
+        generate(svc.address, kv_frames(contexts, pipeline.config.fingerprint(), PARAMS))
+        with pytest.raises(grpc.RpcError):
+            generate(svc.address, kv_frames(contexts, "0" * 32, PARAMS))
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as reply:
+            text = reply.read().decode()
+    assert 'bagel_diffusion_requests_total{status="OK"} 1.0' in text
+    assert 'bagel_diffusion_requests_total{status="INVALID_ARGUMENT"} 1.0' in text
+    assert 'bagel_diffusion_steps_total{cached="false"} 7.0' in text
+    kv_bytes = float(
+        next(
+            line.split()[1]
+            for line in text.splitlines()
+            if line.startswith("bagel_diffusion_kv_bytes_total")
+        )
+    )
+    assert kv_bytes > 0
+    assert 'bagel_diffusion_phase_seconds_count{phase="denoise"} 1.0' in text
