@@ -50,7 +50,7 @@ class ForwardGraphs:
         key = (
             branches,
             tuple(k.shape for k in prefix.keys[:1]),
-            prefix.key_mask is None,
+            prefix.lengths,
             tuple(x.shape),
         )
         entry = self._entries.get(key)

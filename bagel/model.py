@@ -28,7 +28,6 @@ from bagel.layers import (
 
 UND = ""  # parameter-name suffix of the understanding expert
 GEN = "_moe_gen"  # ... and of the generation expert
-NUM_MARKERS = 2  # <|vision_start|> and <|vision_end|> around the latent tokens
 
 
 @dataclass
@@ -51,12 +50,17 @@ class BranchPrefix:
 
     keys: list[Tensor]  # per layer [B, P_max, Hkv, D]
     values: list[Tensor]
-    key_mask: Tensor | None  # [B, P_max + NUM_MARKERS], True = real key; None: no padding
+    lengths: tuple[int, ...]  # real prefix tokens of each branch; the rest is padding
     positions: Tensor  # [B] int64
+
+    @property
+    def ragged(self) -> bool:
+        """Whether the branches' prefixes differ in length (then each attends on its own)."""
+        return len(set(self.lengths)) > 1
 
     @classmethod
     def from_contexts(cls, contexts: Sequence[ContextKV]) -> BranchPrefix:
-        lengths = [c.num_tokens for c in contexts]
+        lengths = tuple(c.num_tokens for c in contexts)
         longest = max(lengths)
         num_layers = len(contexts[0].keys)
         ref = contexts[0].keys[0]
@@ -69,30 +73,23 @@ class BranchPrefix:
                 v[b, : lengths[b]] = ctx.values[layer]
             keys.append(k)
             values.append(v)
-        key_mask = None
-        if min(lengths) != longest:
-            key_mask = torch.ones(
-                len(contexts), longest + NUM_MARKERS, dtype=torch.bool, device=ref.device
-            )
-            for b, n in enumerate(lengths):
-                key_mask[b, n:longest] = False
         positions = torch.tensor([c.next_position for c in contexts], device=ref.device)
-        return cls(keys=keys, values=values, key_mask=key_mask, positions=positions)
+        return cls(keys=keys, values=values, lengths=lengths, positions=positions)
 
     def clone(self) -> BranchPrefix:
         return BranchPrefix(
             keys=[k.clone() for k in self.keys],
             values=[v.clone() for v in self.values],
-            key_mask=None if self.key_mask is None else self.key_mask.clone(),
+            lengths=self.lengths,
             positions=self.positions.clone(),
         )
 
     def copy_(self, other: BranchPrefix) -> None:
         """Take `other`'s contents into these tensors (same shapes), keeping their addresses."""
+        if other.lengths != self.lengths:
+            raise ValueError(f"prefix lengths {other.lengths} differ from {self.lengths}")
         for mine, theirs in zip(self.keys + self.values, other.keys + other.values, strict=True):
             mine.copy_(theirs, non_blocking=True)
-        if self.key_mask is not None:
-            self.key_mask.copy_(other.key_mask, non_blocking=True)
         self.positions.copy_(other.positions, non_blocking=True)
 
 
@@ -178,16 +175,30 @@ class MoTDecoderLayer(nn.Module):
         sin: Tensor,
         prefix_k: Tensor,
         prefix_v: Tensor,
-        key_mask: Tensor | None,
+        prefix_lengths: tuple[int, ...] | None,
         attention: BlockAttention,
     ) -> tuple[Tensor, Tensor]:
         """One layer over the generation block: markers by the und expert, latents by the gen
-        expert, one shared non-causal attention over [prefix ; markers ; latents]."""
+        expert, one shared non-causal attention over [prefix ; markers ; latents].
+
+        With `prefix_lengths` (branches whose prefixes differ in length) each branch attends on
+        its own over its real prefix keys: no padding mask, so the fastest kernels apply.
+        """
         jq, jk, jv = self._norm_qkv(joint, cos, sin, UND)
         lq, lk, lv = self._norm_qkv(latent, cos, sin, GEN)
-        joint_k = torch.cat([prefix_k, jk], dim=1)
-        joint_v = torch.cat([prefix_v, jv], dim=1)
-        joint_attn, latent_attn = attention(jq, joint_k, joint_v, key_mask, lq, lk, lv)
+        if prefix_lengths is None:
+            joint_k = torch.cat([prefix_k, jk], dim=1)
+            joint_v = torch.cat([prefix_v, jv], dim=1)
+            joint_attn, latent_attn = attention(jq, joint_k, joint_v, None, lq, lk, lv)
+        else:
+            outs = []
+            for b, n in enumerate(prefix_lengths):
+                one = slice(b, b + 1)
+                joint_k = torch.cat([prefix_k[one, :n], jk[one]], dim=1)
+                joint_v = torch.cat([prefix_v[one, :n], jv[one]], dim=1)
+                outs.append(attention(jq[one], joint_k, joint_v, None, lq[one], lk[one], lv[one]))
+            joint_attn = torch.cat([o[0] for o in outs])
+            latent_attn = torch.cat([o[1] for o in outs])
         return self._finish(joint, joint_attn, UND), self._finish(latent, latent_attn, GEN)
 
 
@@ -315,7 +326,7 @@ class Bagel(nn.Module):
                 sin,
                 prefix.keys[index],
                 prefix.values[index],
-                prefix.key_mask,
+                prefix.lengths if prefix.ragged else None,
                 attention,
             )
         return joint, latent

@@ -130,13 +130,14 @@ def test_batched_branches_match_one_forward_per_branch(setup):
     assert rel_err(batched["cond"], batched["uncond_text"]) > 1e-3  # the prefix matters
 
 
-def test_prefix_padding_mask_hides_padded_keys():
+def test_prefixes_of_unequal_length_are_padded_and_remember_their_lengths():
     k = torch.randn(3, 2, 4)
     short = ContextKV([k], [k.clone()], 3)
     empty = ContextKV([k[:0]], [k[:0]], 0)
     prefix = BranchPrefix.from_contexts([short, empty])
     assert prefix.keys[0].shape == (2, 3, 2, 4)
-    assert prefix.key_mask.tolist() == [[True] * 5, [False, False, False, True, True]]
+    assert prefix.lengths == (3, 0) and prefix.ragged
+    assert torch.equal(prefix.keys[0][1], torch.zeros(3, 2, 4))
     assert prefix.positions.tolist() == [3, 0]
 
 
