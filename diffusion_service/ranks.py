@@ -17,7 +17,7 @@ from bagel.model import Bagel, ContextKV
 from bagel.pipeline import default_dtype
 from bagel.tokenizer import load_tokenizer
 from diffusion_service.job import JOB_WORDS, Command, JobSpec, command_of
-from diffusion_service.parallel.mesh import ParallelMesh
+from diffusion_service.parallel.mesh import ParallelMesh, validate_topology
 from diffusion_service.runner import JobCancelled, RankRuntime, run_job
 from diffusion_service.settings import ServiceSettings
 from transport.broadcast import broadcast_kv
@@ -101,16 +101,16 @@ def receive_command(runtime: RankRuntime) -> torch.Tensor:
 
 
 def validate_settings(settings: ServiceSettings) -> BagelConfig:
-    """Fail at start-up, before any process starts, on a topology the model cannot run."""
-    from diffusion_service.parallel.mesh import validate_topology
-
+    """Fail at start-up, before any process starts, on a topology the model cannot run (or
+    that does not fit the world torchrun started)."""
     config = BagelConfig.from_dir(settings.model_dir)
     llm = config.llm
+    world = int(os.environ["WORLD_SIZE"]) if settings.torchrun else settings.world_size
     validate_topology(
         settings.cfg_parallel,
         settings.ring,
         settings.ulysses,
-        settings.world_size,
+        world,
         llm.num_kv_heads,
         llm.num_heads,
     )

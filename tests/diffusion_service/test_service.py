@@ -243,6 +243,20 @@ def test_health_goes_not_serving_on_sigterm_and_no_rank_process_is_left(tiny_mod
         svc.__exit__()
 
 
+def test_a_torchrun_world_that_is_not_the_product_of_the_degrees_fails_listing_valid_choices(
+    tiny_model_dir,
+):
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "3", "-m", "diffusion_service",
+         "--model", str(tiny_model_dir), "--ulysses", "2", "--listen", "127.0.0.1:0"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode != 0
+    output = run.stdout + run.stderr
+    assert "world size 3" in output, output[-3000:]
+    assert "Valid topologies for 3 ranks and 4 KV heads: (cfg_parallel=1, ring=3, ulysses=1)" in output
+
+
 def test_the_service_joins_a_world_started_by_torchrun(tiny_model_dir, pipeline, contexts):
     args = ["--nproc-per-node", "2", "-m", "diffusion_service", "--model", str(tiny_model_dir)]
     with ServiceProcess("torch.distributed.run", [*args, "--ulysses", "2"]) as svc:
