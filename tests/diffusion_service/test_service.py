@@ -84,11 +84,15 @@ def test_every_topology_through_the_service_equals_the_single_process_latents(
     tiny_model_dir, pipeline, contexts, topology
 ):
     expected = pipeline.denoise(contexts, PARAMS)  # 15 tokens: divides none of the degrees
+    reference = np.asarray(pipeline.decode(expected, PARAMS), dtype=int)
+    fp = pipeline.config.fingerprint()
     with service(tiny_model_dir, *topology) as svc:
         svc.wait_serving()
-        frames = kv_frames(contexts, pipeline.config.fingerprint(), PARAMS, latents_only=True)
-        got = latents_of(generate(svc.address, frames))
+        got = latents_of(generate(svc.address, kv_frames(contexts, fp, PARAMS, latents_only=True)))
+        png = generate(svc.address, kv_frames(contexts, fp, PARAMS))[-1].image.png
     assert rel_err(got, expected) < 1e-5
+    image = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=int)
+    assert np.abs(image - reference).max() <= 1
 
 
 def test_invalid_topologies_fail_at_start_up_listing_the_valid_choices(tiny_model_dir):
