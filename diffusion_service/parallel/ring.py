@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from diffusion_service.parallel.lse import attention_with_lse, merge_attention
-from diffusion_service.parallel.sharding import LatentSharding
+from diffusion_service.parallel.sharding import LatentSharding, check_group_holds_shards
 
 
 def ring_attention_with_lse(
@@ -91,15 +91,7 @@ class RingAttention:
     """`BlockAttention` over a ring group; `sharding` is this rank's shard of the latents."""
 
     def __init__(self, group: dist.ProcessGroup, sharding: LatentSharding) -> None:
-        if dist.get_world_size(group) != sharding.degree:
-            raise ValueError(
-                f"ring group has {dist.get_world_size(group)} ranks, "
-                f"sharding degree is {sharding.degree}"
-            )
-        if dist.get_rank(group) != sharding.rank:
-            raise ValueError(
-                f"group rank {dist.get_rank(group)} holds shard {sharding.rank}; they must match"
-            )
+        check_group_holds_shards(group, sharding, "ring")
         self.group = group
         self.sharding = sharding
         self.block_valid = [sharding.valid_len(j) for j in range(sharding.degree)]

@@ -103,3 +103,16 @@ class LatentSharding:
                 f"expected length {' or '.join(map(str, allowed))} along dim {dim}, "
                 f"got shape {tuple(x.shape)}"
             )
+
+
+def check_group_holds_shards(group: dist.ProcessGroup, sharding: LatentSharding, name: str) -> None:
+    """Group rank `i` must hold shard `i` of a sharding over exactly the group's ranks."""
+    if dist.get_world_size(group) != sharding.degree:
+        raise ValueError(
+            f"{name} group has {dist.get_world_size(group)} ranks, "
+            f"sharding degree is {sharding.degree}"
+        )
+    if dist.get_rank(group) != sharding.rank:
+        raise ValueError(
+            f"group rank {dist.get_rank(group)} holds shard {sharding.rank}; they must match"
+        )

@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from diffusion_service.parallel.sharding import LatentSharding
+from diffusion_service.parallel.sharding import LatentSharding, check_group_holds_shards
 
 
 def _all_to_all(send: Tensor, group: dist.ProcessGroup) -> Tensor:
@@ -116,15 +116,7 @@ class UlyssesAttention:
     """`BlockAttention` over a Ulysses group; `sharding` is this rank's shard of the latents."""
 
     def __init__(self, group: dist.ProcessGroup, sharding: LatentSharding) -> None:
-        if dist.get_world_size(group) != sharding.degree:
-            raise ValueError(
-                f"Ulysses group has {dist.get_world_size(group)} ranks, "
-                f"sharding degree is {sharding.degree}"
-            )
-        if dist.get_rank(group) != sharding.rank:
-            raise ValueError(
-                f"group rank {dist.get_rank(group)} holds shard {sharding.rank}; they must match"
-            )
+        check_group_holds_shards(group, sharding, "Ulysses")
         self.group = group
         self.sharding = sharding
 
