@@ -258,7 +258,9 @@ def test_a_torchrun_world_that_is_not_the_product_of_the_degrees_fails_listing_v
     assert run.returncode != 0
     output = run.stdout + run.stderr
     assert "world size 3" in output, output[-3000:]
-    assert "Valid topologies for 3 ranks and 4 KV heads: (cfg_parallel=1, ring=3, ulysses=1)" in output
+    assert (
+        "Valid topologies for 3 ranks and 4 KV heads: (cfg_parallel=1, ring=3, ulysses=1)" in output
+    )
 
 
 def test_the_service_joins_a_world_started_by_torchrun(tiny_model_dir, pipeline, contexts):
