@@ -13,7 +13,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,12 +23,7 @@ from PIL import Image
 from bagel.params import GenerationParams
 from bagel.pipeline import Pipeline
 from client import BagelClient
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from diffusion_service.world import free_port
 
 
 def start(args: list[str], log_path: str) -> subprocess.Popen:

@@ -14,19 +14,8 @@ from PIL import Image
 
 from client.request import build_request
 from protos import GenerateEvent, PrefillStub
+from protos.options import channel_options
 
-# The client imports protos and grpc only (DESIGN.md §2), so it keeps its own copy of the two
-# channel options that matter to it: PNGs and raw latents can exceed gRPC's 4 MiB default, and
-# keepalive notices a dead server during a long denoising call.
-MAX_MESSAGE_BYTES = 64 << 20
-CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-]
 HEALTH_TIMEOUT_S = 10.0
 
 
@@ -84,7 +73,7 @@ class BagelClient:
     def __init__(self, address: str, timeout: float | None = None) -> None:
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = grpc.insecure_channel(address, options=channel_options())
         self._stub = PrefillStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 

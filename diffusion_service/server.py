@@ -20,8 +20,8 @@ from diffusion_service.servicer import DiffusionServicer
 from diffusion_service.settings import ServiceSettings
 from diffusion_service.world import RankWorld
 from protos import DIFFUSION_SERVICE
+from protos.options import server_options
 from transport.buffers import tune_malloc
-from transport.options import server_options
 from transport.rpc import diffusion_handler
 
 log = logging.getLogger("diffusion_service")

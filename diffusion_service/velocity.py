@@ -83,8 +83,3 @@ def shard_sum(mesh: ParallelMesh):
         return x
 
     return reduce_sum
-
-
-def initial_shard(noise: Tensor, sharding: LatentSharding) -> Tensor:
-    """This rank's rows of the full initial noise (pad rows zero)."""
-    return sharding.shard(noise, dim=0)

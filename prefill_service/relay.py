@@ -22,8 +22,8 @@ import grpc
 
 from prefill_service.prefill import PrefillStats
 from protos import GenerateEvent, Timings
+from protos.options import channel_options
 from transport import diffusion_generate
-from transport.options import channel_options
 from transport.status import ServiceError
 
 # gRPC's own reconnect backoff (1 s initial by default) would waste most of a short deadline.

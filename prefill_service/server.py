@@ -20,7 +20,7 @@ from prefill_service.relay import DiffusionLink
 from prefill_service.servicer import PrefillServicer
 from prefill_service.settings import PrefillSettings
 from protos import PREFILL_SERVICE, add_PrefillServicer_to_server
-from transport.options import server_options
+from protos.options import server_options
 
 logger = logging.getLogger("prefill_service")
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name

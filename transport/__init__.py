@@ -3,13 +3,13 @@ one flat buffer, the rank-0 -> group broadcast, and gRPC options. Imports torch,
 only; never the model.
 """
 
+from protos.options import channel_options, server_options
 from transport.assembler import DEFAULT_MAX_KV_BYTES, FrameAssembler, KVSpec, ReceivedKV
 from transport.broadcast import broadcast_kv
 from transport.buffers import BufferPool, Buffers, FreshBuffers, tune_malloc
 from transport.encoder import KVEncoder, encode_kv, encode_layers
 from transport.errors import Fault, TransportError, status_code
 from transport.layout import ContextKind, ContextSpec, KVCache, KVContext, KVLayout
-from transport.options import channel_options, server_options
 from transport.rpc import abort, diffusion_generate, diffusion_handler, receive_kv
 from transport.wire import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, PROTOCOL_VERSION
 

@@ -10,9 +10,9 @@ import torch
 
 from bagel.model import ContextKV
 from bagel.params import GenerationParams
+from protos.options import channel_options
 from transport.encoder import encode_kv
 from transport.layout import KVContext
-from transport.options import channel_options
 from transport.params import RequestOptions, options_to_proto
 from transport.rpc import diffusion_generate
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import socket
 import tempfile
 import traceback
 from collections.abc import Callable
@@ -19,13 +18,9 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from diffusion_service.world import free_port
+
 RankFn = Callable[..., dict[str, torch.Tensor] | None]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_main(rank: int, world: int, port: int, out_dir: str, fn: RankFn, args: tuple) -> None:

@@ -16,9 +16,9 @@ from PIL import Image as PILImage
 
 from bagel.config import BagelConfig
 from protos import Accepted, GenerateEvent, Image, KVHeader, Progress, Timings
+from protos.options import server_options
 from transport import FrameAssembler, KVSpec, ReceivedKV, TransportError, diffusion_handler
 from transport import abort as abort_with
-from transport.options import server_options
 from transport.wire import ChunkFrame, parse_frame
 
 

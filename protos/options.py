@@ -1,4 +1,5 @@
-"""gRPC channel and server options for the BAGEL services: message size limits and keepalive.
+"""gRPC channel and server options for every BAGEL endpoint (both services, the client): message
+size limits and keepalive. Plain data beside the contract, so the client needs no torch for it.
 
 Frames are at most a chunk (16 MiB max) plus a few bytes, events at most a PNG or raw latents,
 so 64 MiB covers both with room; keepalive finds a dead peer during a long denoising call.
