@@ -36,7 +36,7 @@ class ForwardGraphs:
     def __init__(self, max_entries: int = 4) -> None:
         self.max_entries = max_entries
         self.pool = None
-        self._entries: OrderedDict[tuple, tuple[Callable, BranchPrefix, Tensor]] = OrderedDict()
+        self._entries: OrderedDict[tuple, _Capture] = OrderedDict()
 
     def run(
         self,
@@ -60,14 +60,34 @@ class ForwardGraphs:
             static = prefix.clone()
             static_ids = pos_ids.clone()
             call = graph_or_eager(forward_for(static, static_ids), (x, t), self.pool)
-            entry = self._entries[key] = (call, static, static_ids)
+            entry = self._entries[key] = _Capture(call, static, static_ids, prefix, pos_ids)
             while len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)
-        call, static, static_ids = entry
         self._entries.move_to_end(key)
-        static.copy_(prefix)
-        static_ids.copy_(pos_ids)
-        return call(x, t)
+        # A request's KV goes into the captured buffers once, not at every step.
+        if entry.loaded[0] is not prefix or entry.loaded[1] is not pos_ids:
+            entry.prefix.copy_(prefix)
+            entry.pos_ids.copy_(pos_ids)
+            entry.loaded = (prefix, pos_ids)
+        return entry.call(x, t)
+
+
+class _Capture:
+    """One kept capture and the tensors its graph reads."""
+
+    def __init__(
+        self,
+        call: Callable[[Tensor, Tensor], Tensor],
+        prefix: BranchPrefix,
+        pos_ids: Tensor,
+        src_prefix: BranchPrefix,
+        src_ids: Tensor,
+    ) -> None:
+        self.call = call
+        self.prefix = prefix  # the captured graph reads these tensors
+        self.pos_ids = pos_ids
+        # Whose contents they hold now (by identity; kept alive until the next request).
+        self.loaded: tuple[BranchPrefix, Tensor] = (src_prefix, src_ids)
 
 
 class BlockVelocity:
