@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bagel import fused
+
 
 def compute_dtype(x: Tensor) -> torch.dtype:
     """fp32 for half-precision inputs, the input's own dtype when it is wider (fp64 tests)."""
@@ -24,6 +26,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
+        if fused.applies(x):
+            return fused.rms_norm(x, self.weight, self.eps)
         # One fused kernel that accumulates in fp32 for half-precision input (no fp32 copy of
         # x in memory), then Qwen2's cast-before-scale: `weight * normed.to(x.dtype)`.
         return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
@@ -56,6 +60,8 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        if fused.applies(x):
+            return self.down_proj(fused.silu_mul(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from bagel import fused
 from bagel.attention import BlockAttention, full_block_attention, masked_sdpa
 from bagel.config import BagelConfig, LLMConfig
 from bagel.layers import (
@@ -128,9 +129,14 @@ class MoTAttention(nn.Module):
         q = getattr(self, f"q_proj{expert}")(x).view(*shape, self.num_heads, self.head_dim)
         k = getattr(self, f"k_proj{expert}")(x).view(*shape, self.num_kv_heads, self.head_dim)
         v = getattr(self, f"v_proj{expert}")(x).view(*shape, self.num_kv_heads, self.head_dim)
+        q_norm, k_norm = getattr(self, f"q_norm{expert}"), getattr(self, f"k_norm{expert}")
+        if fused.applies(x):  # the same arithmetic in one pass over q and one over k
+            q = fused.qk_norm_rope(q, q_norm.weight, cos, sin, q_norm.eps)
+            k = fused.qk_norm_rope(k, k_norm.weight, cos, sin, k_norm.eps)
+            return q, k, v
         wide = compute_dtype(x)
-        q = apply_rope(getattr(self, f"q_norm{expert}")(q.to(wide)), cos, sin).to(x.dtype)
-        k = apply_rope(getattr(self, f"k_norm{expert}")(k.to(wide)), cos, sin).to(x.dtype)
+        q = apply_rope(q_norm(q.to(wide)), cos, sin).to(x.dtype)
+        k = apply_rope(k_norm(k.to(wide)), cos, sin).to(x.dtype)
         return q, k, v
 
     def out(self, attn: Tensor, expert: str) -> Tensor:

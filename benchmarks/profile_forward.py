@@ -1,0 +1,102 @@
+"""Where one generation forward's GPU time goes, at BAGEL-7B-MoT shapes with random weights.
+
+Times a captured forward (CUDA graph replay) with one and with two CFG branches at 1024², then
+profiles one eager forward with two branches and prints the GPU time per kernel group (matmuls,
+attention, norms, RoPE, elementwise, copies) and the top kernels.
+
+    python benchmarks/profile_forward.py [--size 1024] [--top 25]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from bagel.config import BAGEL_7B
+from bagel.generation import BlockVelocity, ForwardGraphs, latent_position_ids
+from bagel.params import GenerationParams
+from bagel.sampler import COND, UNCOND_TEXT, initial_noise
+from benchmarks.sp_gpu import MARKERS, contexts_for, random_model
+
+GROUPS = (
+    ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa")),
+    ("matmul", ("gemm", "sm90_xmma", "cutlass", "nvjet", "matmul")),
+    ("norm", ("rms", "norm")),
+    ("copy", ("copy", "memcpy", "memset", "cat")),
+)
+
+
+def group_of(name: str) -> str:
+    low = name.lower()
+    for group, keys in GROUPS:
+        if any(k in low for k in keys):
+            return group
+    return "elementwise/other"
+
+
+def time_replay(velocity: BlockVelocity, noise, branches, repeats: int = 10) -> float:
+    t = torch.tensor(0.9)
+    for _ in range(3):
+        velocity(noise, t, branches)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        velocity(noise, t, branches)
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+@torch.no_grad()
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--top", type=int, default=25)
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    model = random_model(BAGEL_7B, device, torch.bfloat16, 0)
+    params = GenerationParams(height=args.size, width=args.size, seed=7)
+    rows, cols = params.latent_grid(model.config)
+    contexts = contexts_for(model, 0, 32)
+    noise = initial_noise(params, rows * cols, model.config.patch_dim).to(device)
+    pos_ids = latent_position_ids(rows, cols, model.config.max_latent_size)
+    both = (COND, UNCOND_TEXT)
+
+    graphed = BlockVelocity(model, contexts, pos_ids, MARKERS, graphs=ForwardGraphs())
+    times = {
+        "graph, 2 branches (ms)": time_replay(graphed, noise, both),
+        "graph, 1 branch (ms)": time_replay(graphed, noise, (COND,)),
+    }
+    eager = BlockVelocity(model, contexts, pos_ids, MARKERS)
+    times["eager, 2 branches (ms)"] = time_replay(eager, noise, both, repeats=3)
+    for k, v in times.items():
+        print(f"{k:<26} {v:8.2f}")
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        eager(noise, torch.tensor(0.9), both)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_time_total > 0]
+    total = sum(e.self_device_time_total for e in kernels) / 1e3
+    groups: dict[str, float] = defaultdict(float)
+    for e in kernels:
+        groups[group_of(e.key)] += e.self_device_time_total / 1e3
+    print(f"\nGPU time of one eager forward, 2 branches: {total:.2f} ms")
+    for g, ms in sorted(groups.items(), key=lambda kv: -kv[1]):
+        print(f"  {g:<20} {ms:8.2f} ms  {100 * ms / total:5.1f}%")
+    print(f"\ntop {args.top} kernels (self GPU ms, calls):")
+    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[: args.top]:
+        print(f"  {e.self_device_time_total / 1e3:8.2f}  {e.count:5d}  {e.key[:110]}")
+    print(
+        json.dumps(
+            {"device": torch.cuda.get_device_name(0), "times_ms": times, "groups_ms": groups}
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
