@@ -46,8 +46,10 @@ class ForwardGraphs:
         x: Tensor,
         t: Tensor,
         forward_for: Callable[[BranchPrefix, Tensor], Callable[[Tensor, Tensor], Tensor]],
+        capture_key: tuple = (),
     ) -> Tensor:
         key = (
+            capture_key,
             branches,
             tuple(k.shape for k in prefix.keys[:1]),
             prefix.lengths,
@@ -106,7 +108,11 @@ class BlockVelocity:
         attention: BlockAttention = full_block_attention,
         batch_branches: bool = True,
         graphs: ForwardGraphs | None = None,
+        capture_key: tuple = (),
     ) -> None:
+        """`capture_key` names what a captured forward depends on beyond the shapes of its
+        inputs, such as how `attention` splits the latents over ranks: captures are reused only
+        for the same key."""
         device = model.vae2llm.weight.device
         self.model = model
         self.contexts = dict(contexts)
@@ -116,6 +122,7 @@ class BlockVelocity:
         self.batch_branches = batch_branches
         self._prefixes: dict[tuple[str, ...], BranchPrefix] = {}
         self.graphs = graphs  # on a CPU its entries run eagerly, through the same buffers
+        self.capture_key = capture_key
 
     def _prefix(self, branches: tuple[str, ...]) -> BranchPrefix:
         if branches not in self._prefixes:
@@ -142,7 +149,9 @@ class BlockVelocity:
         if self.graphs is None:
             v = self._forward_fn(prefix, self.pos_ids)(x, t)
         else:
-            v = self.graphs.run(branches, prefix, self.pos_ids, x, t, self._forward_fn)
+            v = self.graphs.run(
+                branches, prefix, self.pos_ids, x, t, self._forward_fn, self.capture_key
+            )
         return {b: v[i].to(x_t.device, copy=True) for i, b in enumerate(branches)}
 
     def __call__(self, x_t: Tensor, t: Tensor, branches: Sequence[str]) -> dict[str, Tensor]:

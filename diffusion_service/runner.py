@@ -63,7 +63,13 @@ def run_job(
     noise = initial_noise(params, num_tokens, config.patch_dim)
     x = sharding.shard(noise, dim=0).to(runtime.device)
     velocity = ShardedVelocity(
-        runtime.model, contexts, runtime.mesh, sharding, grid, runtime.marker_ids
+        runtime.model,
+        contexts,
+        runtime.mesh,
+        sharding,
+        grid,
+        runtime.marker_ids,
+        graphs=runtime.graphs,
     )
 
     def on_step(done: int, total: int) -> None:

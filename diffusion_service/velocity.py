@@ -46,7 +46,9 @@ class ShardedVelocity:
             marker_ids,
             attention=make_block_attention(mesh, sharding),
             batch_branches=True,
-            graphs=graphs,  # only takes effect on a GPU
+            graphs=graphs,
+            # The SP attention is built for this token count: captures must not cross it.
+            capture_key=(sharding.num_tokens, sharding.degree, sharding.rank),
         )
 
     def _zero_padding(self, v: Tensor) -> Tensor:

@@ -16,13 +16,15 @@ pytestmark = pytest.mark.skipif(
 
 
 def assert_within_one_rounding(got: torch.Tensor, want: torch.Tensor) -> None:
-    """Equal to the last bit almost everywhere; elsewhere at most one bf16 unit in the last place
-    (2^-7 relative): the kernels' fp32 sums may round the other way at a tie."""
+    """Equal to the last bit almost everywhere; elsewhere within two bf16 units in the last
+    place (2^-6 relative): a fp32 sum taken in another order can flip a rounding, and RMSNorm
+    rounds twice (the normalised value, then its product with the weight)."""
     assert got.shape == want.shape and got.dtype == want.dtype
     g, w = got.float(), want.float()
     diff = (g - w).abs()
-    assert (diff <= 2.0**-7 * w.abs() + 1e-6).all(), f"max diff {diff.max().item()}"
-    assert (diff == 0).float().mean().item() > 0.98
+    assert (diff <= 2.0**-6 * w.abs() + 1e-6).all(), f"max diff {diff.max().item()}"
+    equal = (diff == 0).float().mean().item()
+    assert equal > 0.98, f"only {equal:.4f} of the elements are equal"
 
 
 def randn(*shape, seed=0, scale=1.0):

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from bagel.generation import ForwardGraphs
 from bagel.params import GenerationParams
 from bagel.pipeline import Pipeline
 from bagel.sampler import UNCOND_IMG
@@ -20,14 +21,16 @@ from tests.helpers.ranks import run_ranks
 PARAMS = GenerationParams(height=48, width=80, num_timesteps=6, seed=3, cfg_interval=(0.0, 1.0))
 
 
-def _runtime(model_dir: str, cfg: int, ring: int, ulysses: int) -> tuple[RankRuntime, Pipeline]:
+def _runtime(
+    model_dir: str, cfg: int, ring: int, ulysses: int, graphs: ForwardGraphs | None = None
+) -> tuple[RankRuntime, Pipeline]:
     pipeline = Pipeline(model_dir, "cpu")
     llm = pipeline.config.llm
     mesh = ParallelMesh.build(
         cfg, ring, ulysses, num_heads=llm.num_heads, num_kv_heads=llm.num_kv_heads
     )
     runtime = RankRuntime(
-        mesh, pipeline.model, pipeline.marker_ids, torch.device("cpu"), dist.group.WORLD
+        mesh, pipeline.model, pipeline.marker_ids, torch.device("cpu"), dist.group.WORLD, graphs
     )
     return runtime, pipeline
 
@@ -99,3 +102,31 @@ def _cancel_rank(rank, world, model_dir):
 def test_rank_zero_cancel_stops_every_rank_at_the_same_step(tiny_model_dir):
     results = run_ranks(2, _cancel_rank, str(tiny_model_dir))
     assert [r["stopped"].item() for r in results] == [1, 1]
+
+
+# 15 and 16 latent tokens: the same shard length (8) on 2 ranks, different pad masks.
+SIZES = {"15": PARAMS, "16": GenerationParams(height=64, width=64, num_timesteps=6, seed=3)}
+
+
+def _kept_captures_rank(rank, world, model_dir, ring, ulysses):
+    # Kept captures (run eagerly on a CPU, through the same buffers) serve job after job, as on
+    # a GPU; a capture made for one token count must not serve another of the same shard shape.
+    runtime, pipeline = _runtime(model_dir, 1, ring, ulysses, ForwardGraphs())
+    contexts = _contexts(pipeline, False)
+    out = {}
+    for i, name in enumerate(("15", "16", "15")):
+        latents = run_job(runtime, JobSpec(i, SIZES[name]), contexts)
+        if latents is not None:
+            out[f"{name}/{i}"] = latents
+    return out
+
+
+@pytest.mark.parametrize(("ring", "ulysses"), [(1, 2), (2, 1)])
+def test_kept_captures_serve_jobs_of_other_sizes_exactly(tiny_model_dir, ring, ulysses):
+    pipeline = Pipeline(tiny_model_dir, "cpu")
+    contexts = _contexts(pipeline, False)
+    results = run_ranks(2, _kept_captures_rank, str(tiny_model_dir), ring, ulysses)
+    assert sorted(results[0]) == ["15/0", "15/2", "16/1"]
+    for key, got in results[0].items():
+        expected = pipeline.denoise(contexts, SIZES[key.split("/")[0]])
+        assert ((got - expected).abs().max() / expected.abs().max()).item() < 1e-5, key
