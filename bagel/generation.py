@@ -144,7 +144,10 @@ class BlockVelocity:
 
     def _forward(self, x_t: Tensor, t: Tensor, branches: tuple[str, ...]) -> dict[str, Tensor]:
         device = self.pos_ids.device
-        x, t = x_t.to(device, torch.float32), t.to(device, torch.float32)
+        # non_blocking: a blocking copy from the host would wait for every queued kernel, so the
+        # host could not run ahead and queue the next step while this one computes.
+        x = x_t.to(device, torch.float32)
+        t = t.to(device, torch.float32, non_blocking=True)
         prefix = self._prefix(branches)
         if self.graphs is None:
             v = self._forward_fn(prefix, self.pos_ids)(x, t)

@@ -137,6 +137,16 @@ def relative(a: dict, b: dict) -> dict:
     }
 
 
+def forward_ms(velocity, x: torch.Tensor, repeats: int = 10) -> float:
+    """Mean wall time of one forward of both CFG branches, outside the sampler."""
+    t, both = torch.tensor(0.9), (COND, UNCOND_TEXT)
+    velocity(x, t, both)
+    start = sync_time()
+    for _ in range(repeats):
+        velocity(x, t, both)
+    return 1e3 * (sync_time() - start) / repeats
+
+
 def first_forward(velocity, noise: torch.Tensor, device) -> dict:
     t = torch.tensor(1.0)
     return {b: v.float() for b, v in velocity(noise.to(device), t, (COND, UNCOND_TEXT)).items()}
@@ -200,6 +210,7 @@ def rank_main(
         done = sync_time()
         reference_image = torch.tensor(list(image.getdata()), dtype=torch.float32)
         out["1gpu"] = {
+            "forward_ms": forward_ms(velocity, noise.to(device)),
             "denoise_s": denoised - start,
             "decode_s": done - denoised,
             "total_s": done - start,
@@ -233,9 +244,13 @@ def rank_main(
         if rank == 0:
             image = decode_image(ae, model.config, latents.to(device), params)
             done = sync_time()
+        dist.barrier()
+        step_ms = forward_ms(velocity, sharding.shard(noise, dim=0).to(device))
+        if rank == 0:
             pixels = torch.tensor(list(image.getdata()), dtype=torch.float32)
             out[name] = {
                 **relative(full_first, reference_first),
+                "forward_ms": step_ms,
                 "denoise_s": denoised - start,
                 "decode_s": done - denoised,
                 "total_s": done - start,
@@ -282,7 +297,7 @@ def main() -> None:
         f"{args.init} init, {kernels}"
     )
     print(
-        f"{'config':<10} {'total s':>8} {'denoise s':>10} {'decode s':>9} {'1st fwd max':>12} {'1st fwd L2':>11} {'PSNR dB':>8}"
+        f"{'config':<10} {'total s':>8} {'denoise s':>10} {'decode s':>9} {'1st fwd max':>12} {'1st fwd L2':>11} {'PSNR dB':>8} {'fwd ms':>7}"
     )
     for key, r in results.items():
         if "total_s" not in r:  # the noise-floor row: errors only
@@ -294,7 +309,7 @@ def main() -> None:
         print(
             f"{key:<10} {r['total_s']:>8.2f} {r['denoise_s']:>10.2f} {r['decode_s']:>9.3f} "
             f"{r.get('first_forward_rel_err', 0.0):>12.2e} {r.get('first_forward_rel_l2', 0.0):>11.2e} "
-            f"{r.get('psnr_db', float('inf')):>8.1f}"
+            f"{r.get('psnr_db', float('inf')):>8.1f} {r['forward_ms']:>7.1f}"
         )
     summary = {
         "device": name,
