@@ -73,6 +73,13 @@ class ForwardGraphs:
             entry.loaded = (prefix, pos_ids)
         return entry.call(x, t)
 
+    def clear(self) -> None:
+        """Drop every capture (before the process group its collectives use goes away)."""
+        self._entries.clear()
+        self.pool = None
+        if torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+
 
 class _Capture:
     """One kept capture and the tensors its graph reads."""
@@ -122,7 +129,7 @@ class BlockVelocity:
         self.batch_branches = batch_branches
         self._prefixes: dict[tuple[str, ...], BranchPrefix] = {}
         self.graphs = graphs  # on a CPU its entries run eagerly, through the same buffers
-        self.capture_key = capture_key
+        self.capture_key = (tuple(marker_ids), *capture_key)
 
     def _prefix(self, branches: tuple[str, ...]) -> BranchPrefix:
         if branches not in self._prefixes:
@@ -134,7 +141,9 @@ class BlockVelocity:
     def _forward_fn(
         self, prefix: BranchPrefix, pos_ids: Tensor
     ) -> Callable[[Tensor, Tensor], Tensor]:
-        # Binds no per-request state beyond its arguments: a captured graph may outlive `self`.
+        # A captured graph may outlive `self`: what this binds besides its arguments (the model,
+        # the marker ids, which `capture_key` names, and the attention) must serve any request
+        # of the same key; the capture keeps it alive.
         model, markers, attention = self.model, self.marker_ids, self.attention
 
         def forward(x: Tensor, t: Tensor) -> Tensor:

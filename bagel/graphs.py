@@ -24,6 +24,9 @@ class GraphedCall:
     def __init__(
         self, fn: Callable[..., Tensor], inputs: tuple[Tensor, ...], pool=None, warmup: int = 2
     ) -> None:
+        # The graph reads the memory of every tensor `fn` reached during capture; keeping `fn`
+        # keeps the tensors it binds alive (and their memory unreused) as long as the graph.
+        self.fn = fn
         self.inputs = tuple(x.clone() for x in inputs)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

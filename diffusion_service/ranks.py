@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Mapping
 
 import torch
@@ -75,9 +76,32 @@ def join_group(
     return RankRuntime(mesh, model, marker_ids, device, control, graphs)
 
 
-def leave_group() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+LEAVE_TIMEOUT_S = 30.0
+
+
+def leave_group(runtime: RankRuntime | None = None, timeout: float = LEAVE_TIMEOUT_S) -> None:
+    """Drop the rank's CUDA-graph captures, whose NCCL work pins the communicators, then destroy
+    the process group. A destroy still running after `timeout` seconds is left behind (logged)
+    so that shutting down or restarting the group never hangs on it."""
+    if runtime is not None and runtime.graphs is not None:
+        runtime.graphs.clear()
+    if not dist.is_initialized():
+        return
+    errors: list[BaseException] = []
+
+    def destroy() -> None:
+        try:
+            dist.destroy_process_group()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller below
+            errors.append(e)
+
+    worker = threading.Thread(target=destroy, name="leave-group", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        log.warning("destroying the process group did not finish in %.0f s; left behind", timeout)
+    elif errors:
+        raise errors[0]
 
 
 def model_contexts(cache: KVCache, model: Bagel, device: torch.device) -> Mapping[str, ContextKV]:
@@ -149,4 +173,4 @@ def serve_rank(settings: ServiceSettings, rank: int, init_method: str) -> None:
             finally:
                 cache.release()
     finally:
-        leave_group()
+        leave_group(runtime)

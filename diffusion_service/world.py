@@ -84,9 +84,9 @@ class RankWorld:
             self.launcher.close()
 
     def _tear_down(self) -> None:
-        self.runtime = None
+        runtime, self.runtime = self.runtime, None
         try:
-            leave_group()
+            leave_group(runtime)
         except Exception as e:  # noqa: BLE001 - a broken group may fail to destroy cleanly
             log.warning("leaving the rank group failed: %s", e)
         if self.launcher is not None:
