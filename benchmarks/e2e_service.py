@@ -2,7 +2,7 @@
 prefill service, send requests with the client, print the latency of each phase, and compare the
 image with the in-process pipeline on the same device.
 
-    python benchmarks/e2e_service.py --model out/tiny-bagel --device cuda --topology "--ulysses 2"
+    python -m benchmarks.e2e_service --model out/tiny-bagel --device cuda --topology "--ulysses 2"
 """
 
 from __future__ import annotations

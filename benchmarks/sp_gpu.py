@@ -257,6 +257,11 @@ def rank_main(
                 "psnr_db": psnr(pixels, reference_image),
             }
             print(f"{name}: {out[name]}", flush=True)
+        if runtime.graphs is not None:
+            # Captures hold NCCL work of this layout's groups; drop them before the groups go
+            # (a 4-GPU run hung at exit when they were kept).
+            runtime.graphs.clear()
+        del velocity, runtime
         dist.barrier()
     if rank == 0:
         with open(results_path, "w") as f:
