@@ -74,11 +74,13 @@ class ForwardGraphs:
         return entry.call(x, t)
 
     def clear(self) -> None:
-        """Drop every capture (before the process group its collectives use goes away)."""
+        """Drop every capture (before the process group its collectives use goes away).
+
+        It does not wait for the GPU: a replay stuck in a dead peer's collective ends only when
+        the group is destroyed (aborted), which must not wait on it in turn. A graph still
+        running when it is dropped is freed when it finishes."""
         self._entries.clear()
         self.pool = None
-        if torch.cuda.is_initialized():
-            torch.cuda.synchronize()
 
 
 class _Capture:
