@@ -2,11 +2,14 @@
 
 `google_crc32c` checksums bytes at memory speed; `combine` joins the CRCs of adjacent pieces in
 GF(2) arithmetic (the zlib `crc32_combine` method), so the payload digest comes from the chunk CRCs
-and a frame's data CRC comes from the CRC of the whole frame.
+without a second pass over the payload. `combine_all` multiplies by the shift
+of a length that recurs (the chunk size) through byte tables: four look-ups instead of a 32-step
+loop, which matters at hundreds of chunks per request.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from functools import lru_cache
 
@@ -18,6 +21,11 @@ _POLY = 0x82F63B78  # CRC-32C, bit-reflected
 def crc32c(data: bytes) -> int:
     """CRC-32C of a bytes-like object that exposes a plain buffer (bytes, a numpy array)."""
     return google_crc32c.value(data)
+
+
+def extend(crc: int, data: bytes) -> int:
+    """CRC-32C of the bytes the CRC `crc` covers followed by `data` (`crc32c(b) == extend(0, b)`)."""
+    return google_crc32c.extend(crc, data)
 
 
 def _multiply(a: int, b: int) -> int:
@@ -66,9 +74,43 @@ def crc32c_of_tail(crc_whole: int, crc_head: int, len_tail: int) -> int:
     return _multiply(_shift_operator(len_tail), crc_head) ^ crc_whole
 
 
+# A length must recur this often in one `combine_all` before its tables (~0.3 ms to build) pay.
+_TABLE_AFTER = 16
+
+
+@lru_cache(maxsize=64)
+def _shift_tables(nbytes: int) -> tuple[tuple[int, ...], ...]:
+    """Byte tables of "multiply by x^(8 * nbytes) mod P": the product is linear in the other
+    factor, so it is the XOR of one entry per byte of it."""
+    operator = _shift_operator(nbytes)
+    tables = []
+    for byte in range(4):
+        basis = [_multiply(operator, 1 << (8 * byte + bit)) for bit in range(8)]
+        table = [0] * 256
+        for value in range(1, 256):
+            low = value & -value
+            table[value] = table[value ^ low] ^ basis[low.bit_length() - 1]
+        tables.append(tuple(table))
+    return tuple(tables)
+
+
 def combine_all(pieces: Iterable[tuple[int, int]]) -> int:
     """CRC-32C of the concatenation of pieces given as (crc, length), in order."""
+    pieces = list(pieces)
+    counts = Counter(length for _, length in pieces)
+    tables = {n: _shift_tables(n) for n, count in counts.items() if count >= _TABLE_AFTER}
     total = 0  # the CRC of no bytes
     for crc, length in pieces:
-        total = combine(total, crc, length)
+        t = tables.get(length)
+        if t is None:
+            total = combine(total, crc, length)
+        else:
+            t0, t1, t2, t3 = t
+            total = (
+                t0[total & 0xFF]
+                ^ t1[(total >> 8) & 0xFF]
+                ^ t2[(total >> 16) & 0xFF]
+                ^ t3[total >> 24]
+                ^ crc
+            )
     return total

@@ -36,3 +36,9 @@ def test_combine_all_equals_the_crc_of_everything(parts):
 def test_combine_handles_lengths_beyond_a_gigabyte():
     # x^(8n) for n = 2**31 + 5 exercises the high bits of the power table
     assert combine(0xDEADBEEF, 0, 2**31 + 5) == combine(combine(0xDEADBEEF, 0, 2**31), 0, 5)
+
+
+def test_combine_all_with_a_recurring_length_equals_the_crc_of_everything():
+    # Enough pieces of one length that combine_all takes its table path for them.
+    parts = [bytes([i]) * 1000 for i in range(40)] + [b"tail", b""] + [b"x" * 1000] * 20
+    assert combine_all((crc32c(p), len(p)) for p in parts) == google_crc32c.value(b"".join(parts))
