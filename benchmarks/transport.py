@@ -3,7 +3,10 @@
 Streams a text-to-image cache (3 contexts of ~30 tokens, ~5 MB) and an image-editing cache
 (~5,000 tokens, ~287 MB) at BAGEL-7B dimensions (28 layers, 4 KV heads, head dim 128, bf16)
 through a real grpc.aio server on 127.0.0.1 in another process, every check on; in the same run
-streams the same bytes as ready-made 1 MiB messages with no checks (the ceiling); then times
+streams the same bytes as ready-made 1 MiB messages with no checks (the ceiling), and as 1 MiB
+messages that carry only the work no checked stream can skip (the floor: the sender CRCs each piece
+of tensor memory and copies it into a message, the receiver copies it into a flat buffer and CRCs
+the copy; no framing, no contract checks, no digest); then times
 `broadcast_kv` of the large cache over 2 and 4 gloo ranks (and NCCL where there are >= 2 GPUs).
 The last line printed is one JSON object.
 
@@ -44,11 +47,12 @@ from transport import (
     server_options,
     tune_malloc,
 )
-from transport.crc import crc32c
+from transport.crc import crc32c, extend
 
 LAYERS, KV_HEADS, HEAD_DIM, DTYPE = 28, 4, 128, torch.bfloat16
 FINGERPRINT = "bench-bagel-7b"
 BARE_METHOD = "/bench.Bare/Stream"
+FLOOR_METHOD = "/bench.Bare/Floor"
 KINDS = ("cond", "uncond_text", "uncond_img")
 SMALL = (32, 28, 30)  # text to image: prompt, empty negative, prompt again
 LARGE = (2500, 2450, 50)  # image editing: prompt + image, image alone, prompt alone
@@ -109,9 +113,28 @@ async def _serve_async(conn: Connection) -> None:
             total += len(frame)
         yield str(total).encode()
 
+    floor_flat = torch.empty(512 << 20, dtype=torch.uint8).numpy()
+    floor_dest = memoryview(floor_flat)
+
+    async def floor(frames, context):
+        # What FrameAssembler does per chunk, and nothing else: copy, then CRC the copy in pieces.
+        total = 0
+        async for frame in frames:
+            source, size, checksum = memoryview(frame), len(frame), 0
+            for pos in range(0, size, 256 << 10):
+                at, end = total + pos, total + min(pos + (256 << 10), size)
+                floor_dest[at:end] = source[pos : end - total]
+                checksum = extend(checksum, floor_flat[at:end])
+            total += size
+        yield str(total).encode()
+
     server = grpc.aio.server(options=server_options())
     bare_handler = grpc.method_handlers_generic_handler(
-        "bench.Bare", {"Stream": grpc.stream_stream_rpc_method_handler(bare)}
+        "bench.Bare",
+        {
+            "Stream": grpc.stream_stream_rpc_method_handler(bare),
+            "Floor": grpc.stream_stream_rpc_method_handler(floor),
+        },
     )
     server.add_generic_rpc_handlers((diffusion_handler(generate), bare_handler))
     port = server.add_insecure_port("127.0.0.1:0")
@@ -126,7 +149,7 @@ async def _serve_async(conn: Connection) -> None:
 async def stream_case(
     port: int, conn: Connection, contexts: list[KVContext], repeats: int
 ) -> dict[str, float]:
-    """Alternate codec and bare runs after one warm-up each; return medians."""
+    """Alternate codec, bare and floor runs after one warm-up each; return medians."""
     layout = KVLayout.of(contexts)
     payload = flatten(contexts).numpy()
     total = layout.total_bytes
@@ -136,6 +159,7 @@ async def stream_case(
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=channel_options()) as ch:
         kv_call = diffusion_generate(ch)
         bare_call = ch.stream_stream(BARE_METHOD)
+        floor_call = ch.stream_stream(FLOOR_METHOD)
 
         async def kv_once() -> tuple[float, float, float]:
             encoder = KVEncoder(layout, request_id="bench", fingerprint=FINGERPRINT)
@@ -161,14 +185,30 @@ async def stream_case(
             assert int(replies[-1]) == total
             return wall
 
+        async def floor_once() -> float:
+            def messages():
+                for i in range(0, total, DEFAULT_CHUNK_SIZE):
+                    piece = payload[i : i + DEFAULT_CHUNK_SIZE]
+                    crc32c(piece)
+                    yield piece.tobytes()
+
+            start = time.perf_counter()
+            replies = [r async for r in floor_call(messages())]
+            wall = time.perf_counter() - start
+            assert int(replies[-1]) == total
+            return wall
+
         await kv_once()
         await bare_once()
-        kv, bare = [], []
+        await floor_once()
+        kv, bare, floor = [], [], []
         for _ in range(repeats):
             wall, sent_copies, received_copies = await kv_once()
             kv.append(wall)
             bare.append(await bare_once())
+            floor.append(await floor_once())
     kv_s, bare_s = statistics.median(kv), statistics.median(bare)
+    floor_s = statistics.median(floor)
     return {
         "bytes": total,
         "frames": len(bare_messages),
@@ -176,6 +216,8 @@ async def stream_case(
         "bare_ms": bare_s * 1e3,
         "kv_GBps": total / kv_s / 1e9,
         "bare_GBps": total / bare_s / 1e9,
+        "floor_ms": floor_s * 1e3,
+        "floor_GBps": total / floor_s / 1e9,
         "sent_copies": sent_copies,
         "received_copies": received_copies,
     }
@@ -330,6 +372,15 @@ def main(argv: list[str] | None = None) -> None:
                 "0 + 0",
             ]
         )
+        rows.append(
+            [
+                f"{label}: floor, CRC + 1 copy a side",
+                mb,
+                f"{r['floor_ms']:.1f}",
+                f"{r['floor_GBps'] * 1e3:.0f}",
+                "1 + 1",
+            ]
+        )
     _table(rows)
     print(
         "copies/byte counts our copies; gRPC's own (bytes <-> its slices, the socket) are in both"
@@ -355,6 +406,8 @@ def main(argv: list[str] | None = None) -> None:
                 "kv_GBps": round(big["kv_GBps"], 3),
                 "bare_GBps": round(big["bare_GBps"], 3),
                 "kv_over_bare": round(big["kv_GBps"] / big["bare_GBps"], 3),
+                "floor_GBps": round(big["floor_GBps"], 3),
+                "floor_over_bare": round(big["floor_GBps"] / big["bare_GBps"], 3),
                 "kv_MB": round(big["bytes"] / 1e6, 1),
                 "small_kv_ms": round(results["small"]["kv_ms"], 2),
                 "small_bare_ms": round(results["small"]["bare_ms"], 2),
