@@ -114,6 +114,8 @@ def _malformed(what: str) -> TransportError:
 
 
 def _read_varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
+    if pos < end and buf[pos] < 0x80:  # most varints of a frame are one byte
+        return buf[pos], pos + 1
     result = shift = 0
     while True:
         if pos >= end:
@@ -218,48 +220,29 @@ def _parse_chunk_as_written(frame: bytes) -> ChunkFrame | None:
     encoding and names what is wrong, decides. The result is the one the general parser gives;
     this only saves its per-field Python work on every chunk.
     """
+    end = len(frame)
     try:
-        if frame[0] != 0x12:  # field 2 (chunk), LEN
+        if frame[0] != _FRAME_CHUNK_KEY[0]:
             return None
-        end = len(frame)
-        length, pos = _varint_at(frame, 1)
-        if pos + length != end:
+        length, pos = _read_varint(frame, 1, end)
+        if pos + length != end or frame[pos] != _CONTEXT_KEY[0]:
             return None
-        if frame[pos] != 0x08:
+        context, pos = _read_varint(frame, pos + 1, end)
+        if frame[pos] != _LAYER_KEY[0]:
             return None
-        context, pos = _varint_at(frame, pos + 1)
-        if frame[pos] != 0x10:
+        layer, pos = _read_varint(frame, pos + 1, end)
+        if frame[pos] != _TENSOR_KEY[0]:
             return None
-        layer, pos = _varint_at(frame, pos + 1)
-        if frame[pos] != 0x18:
+        tensor, pos = _read_varint(frame, pos + 1, end)
+        if frame[pos] != _OFFSET_KEY[0]:
             return None
-        tensor, pos = _varint_at(frame, pos + 1)
-        if frame[pos] != 0x20:
-            return None
-        offset, pos = _varint_at(frame, pos + 1)
-        if frame[pos] != 0x2D or frame[pos + 5] != 0x32:  # field 5 (crc32c), I32; field 6, LEN
+        offset, pos = _read_varint(frame, pos + 1, end)
+        if frame[pos] != _CRC_KEY[0] or frame[pos + 5] != _DATA_KEY[0]:
             return None
         crc32c = int.from_bytes(frame[pos + 1 : pos + 5], "little")
-        size, pos = _varint_at(frame, pos + 6)
+        size, pos = _read_varint(frame, pos + 6, end)
         if pos + size != end:
             return None
-    except (IndexError, ValueError):
+    except (IndexError, TransportError):  # the general parser names what is wrong
         return None
     return ChunkFrame(context, layer, tensor, offset, crc32c, frame, pos, end)
-
-
-def _varint_at(buf: bytes, pos: int) -> tuple[int, int]:
-    """A varint of at most 10 bytes; ValueError if longer, IndexError if the buffer ends."""
-    byte = buf[pos]
-    if byte < 0x80:
-        return byte, pos + 1
-    result, shift = byte & 0x7F, 7
-    while True:
-        pos += 1
-        byte = buf[pos]
-        result |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return result, pos + 1
-        shift += 7
-        if shift >= 70:
-            raise ValueError("varint longer than 10 bytes")
