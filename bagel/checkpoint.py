@@ -16,22 +16,17 @@ from safetensors import safe_open
 from torch import nn
 
 from bagel.autoencoder import AutoEncoder, AutoEncoderParams
-from bagel.config import BagelConfig
+from bagel.config import AE_FILE, BagelConfig, CheckpointError, read_autoencoder_params
 from bagel.model import Bagel
 
 Role = Literal["prefill", "diffusion"]
 
 EMA_FILE = "ema.safetensors"
-AE_FILE = "ae.safetensors"
 
 # In the file, never needed for text-to-image.
 UNUSED_PREFIXES = ("vit_model.", "connector.", "vit_pos_embed.", "language_model.lm_head.")
 # Needed only by the generation path.
 GEN_ONLY_PREFIXES = ("time_embedder.", "vae2llm.", "llm2vae.", "latent_pos_embed.")
-
-
-class CheckpointError(ValueError):
-    """The file does not hold what the model expects; the message lists every fault."""
 
 
 def is_gen_only(key: str) -> bool:
@@ -110,24 +105,3 @@ def load_autoencoder(
         ae = AutoEncoder(params)
     load_state(ae, model_dir / AE_FILE, lambda key: True, dtype, device)
     return ae
-
-
-def read_autoencoder_params(path: Path) -> AutoEncoderParams:
-    """FLUX's fixed parameters, with the base width and latent channels read from tensor shapes
-    (the published file has no config; our tiny test checkpoint is narrower)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"autoencoder file {path} not found")
-    with safe_open(str(path), framework="pt") as f:
-        keys = set(f.keys())
-        try:
-            ch = f.get_slice("decoder.conv_out.weight").get_shape()[1]
-            z_channels = f.get_slice("decoder.conv_in.weight").get_shape()[1]
-        except Exception as exc:  # noqa: BLE001 - any lookup failure means the same thing
-            raise CheckpointError(f"{path.name} lacks the FLUX decoder tensors: {exc}") from exc
-    levels = 1 + max(int(k.split(".")[2]) for k in keys if k.startswith("decoder.up."))
-    blocks = 1 + max(int(k.split(".")[4]) for k in keys if k.startswith("decoder.up.0.block."))
-    default = AutoEncoderParams()
-    ch_mult = default.ch_mult if levels == len(default.ch_mult) else tuple(default.ch_mult[:levels])
-    return AutoEncoderParams(
-        ch=ch, z_channels=z_channels, ch_mult=ch_mult, num_res_blocks=blocks - 1
-    )

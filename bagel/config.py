@@ -8,7 +8,15 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from safetensors import safe_open
+
 from bagel.autoencoder import AutoEncoderParams
+
+AE_FILE = "ae.safetensors"
+
+
+class CheckpointError(ValueError):
+    """The file does not hold what the model expects; the message lists every fault."""
 
 
 @dataclass(frozen=True)
@@ -115,6 +123,10 @@ class BagelConfig:
     def max_image_size(self) -> int:
         return self.max_latent_size * self.pixels_per_token
 
+    def latent_grid(self, height: int, width: int) -> tuple[int, int]:
+        """(rows, cols) of latent tokens of a `height x width` image."""
+        return height // self.pixels_per_token, width // self.pixels_per_token
+
     def fingerprint(self) -> str:
         """A stable hash of the configuration: two processes with the same checkpoint shape agree."""
         canonical = json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
@@ -124,14 +136,33 @@ class BagelConfig:
     def from_dir(cls, model_dir: str | Path) -> BagelConfig:
         """Read `llm_config.json`; take the VAE width from `ae.safetensors` (the real checkpoint has
         no VAE config file: FLUX's values are fixed, only our tiny test checkpoint is narrower)."""
-        from bagel.checkpoint import read_autoencoder_params  # avoids an import cycle
-
         model_dir = Path(model_dir)
         llm_path = model_dir / "llm_config.json"
         if not llm_path.is_file():
             raise FileNotFoundError(f"{llm_path} not found: is {model_dir} a BAGEL checkpoint?")
         llm = LLMConfig.from_qwen2_json(json.loads(llm_path.read_text()))
-        return cls(llm=llm, vae=read_autoencoder_params(model_dir / "ae.safetensors"))
+        return cls(llm=llm, vae=read_autoencoder_params(model_dir / AE_FILE))
 
 
 BAGEL_7B = BagelConfig(llm=BAGEL_7B_LLM)
+
+
+def read_autoencoder_params(path: Path) -> AutoEncoderParams:
+    """FLUX's fixed parameters, with the base width and latent channels read from tensor shapes
+    (the published file has no config; our tiny test checkpoint is narrower)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"autoencoder file {path} not found")
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+        try:
+            ch = f.get_slice("decoder.conv_out.weight").get_shape()[1]
+            z_channels = f.get_slice("decoder.conv_in.weight").get_shape()[1]
+        except Exception as exc:  # noqa: BLE001 - any lookup failure means the same thing
+            raise CheckpointError(f"{path.name} lacks the FLUX decoder tensors: {exc}") from exc
+    levels = 1 + max(int(k.split(".")[2]) for k in keys if k.startswith("decoder.up."))
+    blocks = 1 + max(int(k.split(".")[4]) for k in keys if k.startswith("decoder.up.0.block."))
+    default = AutoEncoderParams()
+    ch_mult = default.ch_mult if levels == len(default.ch_mult) else tuple(default.ch_mult[:levels])
+    return AutoEncoderParams(
+        ch=ch, z_channels=z_channels, ch_mult=ch_mult, num_res_blocks=blocks - 1
+    )

@@ -14,7 +14,9 @@ from torch import Tensor
 
 from bagel.attention import BlockAttention, full_block_attention
 from bagel.graphs import graph_or_eager
-from bagel.model import Bagel, BranchPrefix, ContextKV
+from bagel.kv import Branch, ContextKV
+from bagel.model import Bagel, BranchPrefix
+from bagel.step_cache import NoStepCache, StepCache
 
 
 def latent_position_ids(rows: int, cols: int, max_latent_size: int) -> Tensor:
@@ -40,7 +42,7 @@ class ForwardGraphs:
 
     def run(
         self,
-        branches: tuple[str, ...],
+        branches: tuple[Branch, ...],
         prefix: BranchPrefix,
         pos_ids: Tensor,
         x: Tensor,
@@ -111,17 +113,19 @@ class BlockVelocity:
     def __init__(
         self,
         model: Bagel,
-        contexts: Mapping[str, ContextKV],
+        contexts: Mapping[Branch, ContextKV],
         pos_ids: Tensor,
         marker_ids: tuple[int, int],
         attention: BlockAttention = full_block_attention,
         batch_branches: bool = True,
         graphs: ForwardGraphs | None = None,
         capture_key: tuple = (),
+        step_cache: StepCache | None = None,
     ) -> None:
         """`capture_key` names what a captured forward depends on beyond the shapes of its
         inputs, such as how `attention` splits the latents over ranks: captures are reused only
-        for the same key."""
+        for the same key. `step_cache` is asked once per forward whether to reuse the middle
+        layers (default: never)."""
         device = model.vae2llm.weight.device
         self.model = model
         self.contexts = dict(contexts)
@@ -129,11 +133,12 @@ class BlockVelocity:
         self.marker_ids = torch.tensor(marker_ids, device=device)
         self.attention = attention
         self.batch_branches = batch_branches
-        self._prefixes: dict[tuple[str, ...], BranchPrefix] = {}
+        self._prefixes: dict[tuple[Branch, ...], BranchPrefix] = {}
         self.graphs = graphs  # on a CPU its entries run eagerly, through the same buffers
         self.capture_key = (tuple(marker_ids), *capture_key)
+        self.step_cache: StepCache = step_cache if step_cache is not None else NoStepCache()
 
-    def _prefix(self, branches: tuple[str, ...]) -> BranchPrefix:
+    def _prefix(self, branches: tuple[Branch, ...]) -> BranchPrefix:
         if branches not in self._prefixes:
             self._prefixes[branches] = BranchPrefix.from_contexts(
                 [self.contexts[b] for b in branches]
@@ -153,14 +158,18 @@ class BlockVelocity:
 
         return forward
 
-    def _forward(self, x_t: Tensor, t: Tensor, branches: tuple[str, ...]) -> dict[str, Tensor]:
+    def _forward(
+        self, x_t: Tensor, t: Tensor, branches: tuple[Branch, ...]
+    ) -> dict[Branch, Tensor]:
         device = self.pos_ids.device
         # non_blocking: a blocking copy from the host would wait for every queued kernel, so the
         # host could not run ahead and queue the next step while this one computes.
         x = x_t.to(device, torch.float32)
         t = t.to(device, torch.float32, non_blocking=True)
         prefix = self._prefix(branches)
-        if self.graphs is None:
+        if not self.step_cache.computes_everything:
+            v = self._forward_in_ranges(x, t, prefix, branches)
+        elif self.graphs is None:
             v = self._forward_fn(prefix, self.pos_ids)(x, t)
         else:
             v = self.graphs.run(
@@ -168,11 +177,34 @@ class BlockVelocity:
             )
         return {b: v[i].to(x_t.device, copy=True) for i, b in enumerate(branches)}
 
-    def __call__(self, x_t: Tensor, t: Tensor, branches: Sequence[str]) -> dict[str, Tensor]:
+    def _forward_in_ranges(
+        self, x: Tensor, t: Tensor, prefix: BranchPrefix, branches: tuple[Branch, ...]
+    ) -> Tensor:
+        """The forward split where the step cache says, its middle reused when it decides so.
+        Runs eagerly: a decision between the ranges cannot sit inside one captured graph."""
+        model, cache = self.model, self.step_cache
+        front, middle, back = cache.layer_ranges(len(model.layers))
+        with torch.no_grad():
+            states = model.embed_block(x, t, self.pos_ids, self.marker_ids, len(branches))
+            front_in = states
+            states = model.forward_layers(*states, prefix, self.attention, front)
+            if cache.reuse_middle(branches, front_in, states):
+                residual = cache.middle_residual(branches)
+                states = (states[0] + residual[0], states[1] + residual[1])
+            else:
+                middle_in = states
+                states = model.forward_layers(*states, prefix, self.attention, middle)
+                cache.store_middle_residual(
+                    branches, (states[0] - middle_in[0], states[1] - middle_in[1])
+                )
+            _, latent = model.forward_layers(*states, prefix, self.attention, back)
+            return model.velocity(latent)
+
+    def __call__(self, x_t: Tensor, t: Tensor, branches: Sequence[Branch]) -> dict[Branch, Tensor]:
         branches = tuple(branches)
         if self.batch_branches:
             return self._forward(x_t, t, branches)
-        out: dict[str, Tensor] = {}
+        out: dict[Branch, Tensor] = {}
         for b in branches:
             out.update(self._forward(x_t, t, (b,)))
         return out

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from bagel import fused
 from bagel.attention import BlockAttention, full_block_attention, masked_sdpa
 from bagel.config import BagelConfig, LLMConfig
+from bagel.kv import ContextKV
 from bagel.layers import (
     PositionTable,
     RMSNorm,
@@ -29,19 +30,6 @@ from bagel.layers import (
 
 UND = ""  # parameter-name suffix of the understanding expert
 GEN = "_moe_gen"  # ... and of the generation expert
-
-
-@dataclass
-class ContextKV:
-    """The prefilled KV cache of one CFG context: per layer `[tokens, kv_heads, head_dim]`."""
-
-    keys: list[Tensor]
-    values: list[Tensor]
-    next_position: int
-
-    @property
-    def num_tokens(self) -> int:
-        return self.keys[0].shape[0] if self.keys else 0
 
 
 @dataclass
@@ -74,7 +62,7 @@ class BranchPrefix:
                 v[b, : lengths[b]] = ctx.values[layer]
             keys.append(k)
             values.append(v)
-        positions = torch.tensor([c.next_position for c in contexts], device=ref.device)
+        positions = torch.tensor([c.next_rope_position for c in contexts], device=ref.device)
         return cls(keys=keys, values=values, lengths=lengths, positions=positions)
 
     def clone(self) -> BranchPrefix:
@@ -296,7 +284,9 @@ class Bagel(nn.Module):
             for b in range(len(prompts)):
                 keys[b].append(layer_keys[b])
                 values[b].append(layer_values[b])
-        return [ContextKV(keys[b], values[b], next_position=len(p)) for b, p in enumerate(prompts)]
+        return [
+            ContextKV(keys[b], values[b], next_rope_position=len(p)) for b, p in enumerate(prompts)
+        ]
 
     # ---- generation block: [<|vision_start|>, latents, <|vision_end|>] ------------------------
 

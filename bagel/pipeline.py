@@ -15,11 +15,13 @@ from bagel.autoencoder import AutoEncoder, to_pil
 from bagel.checkpoint import load_autoencoder, load_bagel
 from bagel.config import BagelConfig
 from bagel.generation import BlockVelocity, ForwardGraphs, latent_position_ids
+from bagel.kv import Branch, ContextKV
 from bagel.latents import unpatchify
-from bagel.model import Bagel, ContextKV
-from bagel.params import GenerationParams
+from bagel.model import Bagel
+from bagel.params import ImageParams
 from bagel.prompts import cfg_prompts
-from bagel.sampler import UNCOND_IMG, StepCallback, denoise, initial_noise
+from bagel.sampler import StepCallback, denoise, initial_noise
+from bagel.step_cache import StepCache
 from bagel.tokenizer import PromptTokenizer, load_tokenizer
 
 
@@ -35,10 +37,11 @@ class Generated:
 
 @torch.no_grad()
 def decode_image(
-    autoencoder: AutoEncoder, config: BagelConfig, latents: Tensor, params: GenerationParams
+    autoencoder: AutoEncoder, config: BagelConfig, latents: Tensor, height: int, width: int
 ) -> Image.Image:
-    """Final latent tokens `[h*w, patch_dim]` -> the RGB image, through the VAE decoder."""
-    rows, cols = params.latent_grid(config)
+    """Final latent tokens `[h*w, patch_dim]` -> the `height x width` RGB image, through the VAE
+    decoder."""
+    rows, cols = config.latent_grid(height, width)
     z = unpatchify(latents, rows, cols, config.latent_patch_size)
     weight = next(autoencoder.parameters())
     pixels = autoencoder.decode(z[None].to(weight.device, weight.dtype))
@@ -63,19 +66,20 @@ class Pipeline:
     def marker_ids(self) -> tuple[int, int]:
         return (self.tokenizer.start_of_image, self.tokenizer.end_of_image)
 
-    def prefill(self, prompt: str, negative_prompt: str = "") -> dict[str, ContextKV]:
+    def prefill(self, prompt: str, negative_prompt: str = "") -> dict[Branch, ContextKV]:
         prompts = cfg_prompts(self.tokenizer, prompt, negative_prompt)
         return dict(zip(prompts, self.model.prefill(list(prompts.values())), strict=True))
 
     def denoise(
         self,
-        contexts: Mapping[str, ContextKV],
-        params: GenerationParams,
+        contexts: Mapping[Branch, ContextKV],
+        params: ImageParams,
         batch_branches: bool = True,
         on_step: StepCallback | None = None,
+        step_cache: StepCache | None = None,
     ) -> Tensor:
-        params.validate(self.config)
-        rows, cols = params.latent_grid(self.config)
+        """Callers validate `params` first (`serving.params.GenerationParams.validate`)."""
+        rows, cols = self.config.latent_grid(params.height, params.width)
         velocity = BlockVelocity(
             self.model,
             contexts,
@@ -83,22 +87,27 @@ class Pipeline:
             self.marker_ids,
             batch_branches=batch_branches,
             graphs=self.graphs,  # only takes effect on a GPU
+            step_cache=step_cache,
         )
         x = initial_noise(params, rows * cols, self.config.patch_dim)
-        return denoise(x, velocity, params, has_img_context=UNCOND_IMG in contexts, on_step=on_step)
+        return denoise(
+            x,
+            velocity,
+            params,
+            has_img_context=Branch.UNCOND_IMG in contexts,
+            on_step=on_step,
+            step_cache=step_cache,
+        )
 
-    def decode(self, latents: Tensor, params: GenerationParams) -> Image.Image:
-        return decode_image(self.autoencoder, self.config, latents, params)
+    def decode(self, latents: Tensor, height: int, width: int) -> Image.Image:
+        return decode_image(self.autoencoder, self.config, latents, height, width)
 
-    def generate(
-        self, prompt: str, params: GenerationParams, negative_prompt: str = ""
-    ) -> Generated:
-        params.validate(self.config)
-        latents = self.denoise(self.prefill(prompt, negative_prompt), params)
-        return Generated(image=self.decode(latents, params), latents=latents)
+    def generate(self, prompt: str, params: ImageParams) -> Generated:
+        latents = self.denoise(self.prefill(prompt, params.negative_prompt), params)
+        return Generated(image=self.decode(latents, params.height, params.width), latents=latents)
 
 
 def generate(
-    model_dir: str | Path, prompt: str, params: GenerationParams, device: str = "cpu"
+    model_dir: str | Path, prompt: str, params: ImageParams, device: str = "cpu"
 ) -> Image.Image:
     return Pipeline(model_dir, device).generate(prompt, params).image

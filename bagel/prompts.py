@@ -3,16 +3,16 @@ contexts exist and what goes into each."""
 
 from __future__ import annotations
 
-from bagel.sampler import COND, UNCOND_TEXT
+from bagel.kv import Branch
 from bagel.tokenizer import PromptTokenizer
 
 
 def cfg_prompts(
     tokenizer: PromptTokenizer, prompt: str, negative_prompt: str = ""
-) -> dict[str, list[int]]:
+) -> dict[Branch, list[int]]:
     """`cond` = `<|im_start|>` prompt `<|im_end|>`; `uncond_text` = empty (BAGEL's default) or the
     framed negative prompt. Text-to-image has no separate `uncond_img`: it equals `cond`."""
     return {
-        COND: tokenizer.encode_prompt(prompt),
-        UNCOND_TEXT: tokenizer.encode_prompt(negative_prompt) if negative_prompt else [],
+        Branch.COND: tokenizer.encode_prompt(prompt),
+        Branch.UNCOND_TEXT: tokenizer.encode_prompt(negative_prompt) if negative_prompt else [],
     }

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from bagel.params import GenerationParams
-
-COND, UNCOND_TEXT, UNCOND_IMG = "cond", "uncond_text", "uncond_img"
+from bagel.kv import Branch
+from bagel.params import SamplingParams
+from bagel.step_cache import NoStepCache, StepCache
 
 # (x_t, t, branches) -> velocity per requested branch, fp32, shaped like x_t.
-VelocityModel = Callable[[Tensor, Tensor, Sequence[str]], dict[str, Tensor]]
+VelocityModel = Callable[[Tensor, Tensor, Sequence[Branch]], dict[Branch, Tensor]]
 # Sums a tensor over every shard of the latent sequence (identity in one process).
 ReduceSum = Callable[[Tensor], Tensor]
 
@@ -39,21 +39,23 @@ def in_cfg_window(t: Tensor, interval: tuple[float, float]) -> bool:
 class StepPlan:
     """What one step computes: the branches to run and the guidance scales to apply."""
 
-    branches: tuple[str, ...]
+    branches: tuple[Branch, ...]
     text_scale: float
     img_scale: float
 
 
-def plan_step(t: Tensor, params: GenerationParams, has_img_context: bool) -> StepPlan:
+def plan_step(t: Tensor, params: SamplingParams, has_img_context: bool) -> StepPlan:
     """Outside the CFG window both scales are 1 and only the conditional branch runs. The image
     branch is computed only when its context differs from the conditional one (it does not for
     text-to-image); otherwise the conditional velocity is reused, which is bit-identical."""
     if not in_cfg_window(t, params.cfg_interval):
-        return StepPlan((COND,), 1.0, 1.0)
+        return StepPlan((Branch.COND,), 1.0, 1.0)
     text, img = params.cfg_text_scale, params.cfg_img_scale
     if text <= 1.0:  # BAGEL applies no guidance at all unless the text scale is above 1
-        return StepPlan((COND,), text, img)
-    branches = (COND, UNCOND_TEXT) + ((UNCOND_IMG,) if img > 1.0 and has_img_context else ())
+        return StepPlan((Branch.COND,), text, img)
+    branches = (Branch.COND, Branch.UNCOND_TEXT)
+    if img > 1.0 and has_img_context:
+        branches += (Branch.UNCOND_IMG,)
     return StepPlan(branches, text, img)
 
 
@@ -94,38 +96,43 @@ def combine_guidance(
     return guided * scale
 
 
-def initial_noise(params: GenerationParams, num_tokens: int, patch_dim: int) -> Tensor:
+def initial_noise(params: SamplingParams, num_tokens: int, patch_dim: int) -> Tensor:
     """`randn(h*w, patch_dim)` in fp32 on the CPU from the request seed: the same on every device."""
     generator = torch.Generator().manual_seed(params.seed)
     return torch.randn(num_tokens, patch_dim, generator=generator, dtype=torch.float32)
 
 
-StepCallback = Callable[[int, int], None]  # (steps done, total steps); may raise to cancel
+# (steps done, total steps, whether the step was served by the step cache); may raise to cancel.
+StepCallback = Callable[[int, int, bool], None]
 
 
 def denoise(
     x: Tensor,
     velocity: VelocityModel,
-    params: GenerationParams,
+    params: SamplingParams,
     has_img_context: bool = False,
     reduce_sum: ReduceSum = lambda x: x,
     on_step: StepCallback | None = None,
+    step_cache: StepCache | None = None,
 ) -> Tensor:
     """Euler integration from noise (t=1) to data (t=0): `x <- x - v * dt`. `x` is fp32 and may
     be a shard of the latent tokens; the velocity model must return zeros on padding rows so that
-    they add nothing to the global renorm."""
+    they add nothing to the global renorm. `step_cache` is the policy the velocity model asks; the
+    loop tells it when each step begins and reports whether the step was served from it."""
+    cache = step_cache if step_cache is not None else NoStepCache()
     timesteps, dts = schedule(params.num_timesteps, params.timestep_shift)
     total = len(timesteps)
     for step, (t, dt) in enumerate(zip(timesteps, dts, strict=True)):
+        cache.begin_step(step, total)
         plan = plan_step(t, params, has_img_context)
         v = velocity(x, t, plan.branches)
-        v_cond = v[COND]
-        v_img = v.get(UNCOND_IMG, v_cond)
-        v_text = v.get(UNCOND_TEXT, v_cond)
+        v_cond = v[Branch.COND]
+        v_img = v.get(Branch.UNCOND_IMG, v_cond)
+        v_text = v.get(Branch.UNCOND_TEXT, v_cond)
         combined = combine_guidance(
             v_cond, v_text, v_img, plan, params.cfg_renorm_type, params.cfg_renorm_min, reduce_sum
         )
         x = x - combined.to(x.dtype) * dt
         if on_step is not None:
-            on_step(step + 1, total)
+            on_step(step + 1, total, cache.step_was_cached)
     return x

@@ -4,18 +4,20 @@ timing summary), or ask a service for its health."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
 from typing import Any, TextIO
 
 import grpc
+from tqdm import tqdm
 
 from client.client import BagelClient, IncompleteGeneration
 from protos import GenerateEvent, Timings
+from serving.params import GenerationParams
 
 DEFAULT_SERVER = "127.0.0.1:50051"
-BAR_WIDTH = 30
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,17 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt")
     gen.add_argument("-o", "--output", required=True, type=Path, help="PNG file to write")
     gen.add_argument("--size", type=int, help="square image side in pixels (multiple of 16)")
-    gen.add_argument("--width", type=int, help="pixels (multiple of 16)")
-    gen.add_argument("--height", type=int, help="pixels (multiple of 16)")
-    gen.add_argument("--steps", type=int, help="number of timesteps (server default: 50)")
-    gen.add_argument("--seed", type=int, help="unset: the server picks one and reports it")
-    gen.add_argument("--cfg-text", type=float, help="text CFG scale (server default: 4.0)")
-    gen.add_argument("--cfg-img", type=float, help="image CFG scale (server default: 1.5)")
-    gen.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LO", "HI"))
-    gen.add_argument("--cfg-renorm-type", choices=("global", "channel", "text_channel"))
-    gen.add_argument("--cfg-renorm-min", type=float)
-    gen.add_argument("--timestep-shift", type=float)
-    gen.add_argument("--negative", help="negative prompt (the unconditional text context)")
+    add_param_arguments(gen)
     gen.add_argument("--request-id", help="unset: the server assigns one")
     _add_connection_args(gen)
 
@@ -56,39 +48,44 @@ def _add_connection_args(parser: argparse.ArgumentParser) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "generate" and args.size is not None:
-        if args.width is not None or args.height is not None:
-            parser.error("--size cannot be combined with --width/--height")
-        args.width = args.height = args.size
+    if args.command == "generate":
+        if args.size is not None:
+            if args.width is not None or args.height is not None:
+                parser.error("--size cannot be combined with --width/--height")
+            args.width = args.height = args.size
+        try:
+            args.params = generation_params(args)
+        except ValueError as e:
+            parser.error(str(e))
     return args
+
+
+def add_param_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per request-schema field (`--cfg-text-scale`, ...), with its extra spellings
+    (`--steps`, `--cfg-text`, ...); every flag defaults to unset, i.e. the server's default."""
+    for f in dataclasses.fields(GenerationParams):
+        f.metadata["codec"].add_argument(parser, f.name, f.metadata)
 
 
 def generation_params(args: argparse.Namespace) -> dict[str, Any]:
     """The `BagelClient.generate` keyword arguments the command line asks for (unset: None)."""
-    return {
-        "height": args.height,
-        "width": args.width,
-        "num_timesteps": args.steps,
-        "seed": args.seed,
-        "cfg_text_scale": args.cfg_text,
-        "cfg_img_scale": args.cfg_img,
-        "cfg_interval": tuple(args.cfg_interval) if args.cfg_interval else None,
-        "cfg_renorm_type": args.cfg_renorm_type,
-        "cfg_renorm_min": args.cfg_renorm_min,
-        "timestep_shift": args.timestep_shift,
-        "negative_prompt": args.negative,
-        "request_id": args.request_id,
+    values = {
+        f.name: f.metadata["codec"].from_cli(args, f.name)
+        for f in dataclasses.fields(GenerationParams)
     }
+    values["request_id"] = args.request_id
+    return values
 
 
 class ProgressDisplay:
-    """Shows events as they come: on a TTY one updating bar, otherwise one line per step."""
+    """Shows events as they come: on a TTY a tqdm bar, otherwise one plain line per step (logs and
+    pipes get no carriage returns)."""
 
     def __init__(self, out: TextIO, tty: bool | None = None) -> None:
         self.out = out
         self.tty = out.isatty() if tty is None else tty
-        self.started = time.perf_counter()
-        self._bar_open = False
+        self._bar: tqdm | None = None
+        self._cached = 0
 
     def __call__(self, event: GenerateEvent) -> None:
         kind = event.WhichOneof("event")
@@ -98,26 +95,26 @@ class ProgressDisplay:
             self._line(f"accepted request {a.request_id} ({where})")
         elif kind == "progress":
             p = event.progress
-            cached = " (cached)" if p.cached else ""
-            if self.tty:
-                done = BAR_WIDTH * p.step // max(p.total_steps, 1)
-                bar = "#" * done + "." * (BAR_WIDTH - done)
-                elapsed = time.perf_counter() - self.started
-                text = f"\r[{bar}] step {p.step}/{p.total_steps}{cached} {elapsed:6.1f} s"
-                self.out.write(text)
-                self._bar_open = True
-                self.out.flush()
-            else:
-                self._line(f"step {p.step}/{p.total_steps}{cached}")
+            self._cached += int(p.cached)
+            if not self.tty:
+                self._line(f"step {p.step}/{p.total_steps}{' (cached)' if p.cached else ''}")
+                return
+            if self._bar is None:
+                self._bar = tqdm(
+                    total=p.total_steps, file=self.out, unit="step", desc="denoise", leave=True
+                )
+            self._bar.set_postfix_str(f"{self._cached} cached", refresh=False)
+            self._bar.update(p.step - self._bar.n)
 
     def finish(self) -> None:
-        if self._bar_open:
-            self.out.write("\n")
-            self.out.flush()
-            self._bar_open = False
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
     def _line(self, text: str) -> None:
-        self.finish()
+        if self._bar is not None:
+            self._bar.write(text, file=self.out)
+            return
         self.out.write(text + "\n")
         self.out.flush()
 
@@ -141,7 +138,7 @@ def run_generate(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     try:
         with BagelClient(args.server, timeout=args.timeout) as client:
-            result = client.generate(args.prompt, on_event=display, **generation_params(args))
+            result = client.generate(args.prompt, on_event=display, **args.params)
     except grpc.RpcError as e:
         display.finish()
         _error(f"{e.code().name}: {e.details()}")

@@ -1,85 +1,45 @@
-"""Keyword arguments -> `GenerateRequest`: the one place the client names the request fields.
+"""Keyword arguments -> `GenerateRequest`, derived from the request schema
+(`serving.params.GenerationParams`): every field of the schema is a keyword argument of the same
+name, plus `steps` (alias of `num_timesteps`) and `request_id`.
 
 Only what a caller passes is set, so every unset field keeps the server's default.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
-from protos import CfgInterval, CfgRenormType, GenerateRequest
+from protos import GenerateRequest
+from serving.params import GenerationParams
 
-RENORM_TYPES = {
-    "global": CfgRenormType.CFG_RENORM_TYPE_GLOBAL,
-    "channel": CfgRenormType.CFG_RENORM_TYPE_CHANNEL,
-    "text_channel": CfgRenormType.CFG_RENORM_TYPE_TEXT_CHANNEL,
-}
-_INT_FIELDS = ("height", "width", "num_timesteps", "seed")
-_FLOAT_FIELDS = ("timestep_shift", "cfg_text_scale", "cfg_img_scale", "cfg_renorm_min")
-PARAM_NAMES = frozenset(
-    (
-        *_INT_FIELDS,
-        *_FLOAT_FIELDS,
-        "steps",
-        "cfg_interval",
-        "cfg_renorm_type",
-        "negative_prompt",
-        "request_id",
-    )
-)
+_FIELDS = {f.name: f for f in dataclasses.fields(GenerationParams)}
+ALIASES = {"steps": "num_timesteps"}
+PARAM_NAMES = frozenset((*_FIELDS, *ALIASES, "request_id"))
 
 
 def build_request(prompt: str, **params: Any) -> GenerateRequest:
-    """A request for `prompt`; `params` are the names in `PARAM_NAMES` (`steps` is an alias of
-    `num_timesteps`). A value of None leaves the field unset. Unknown names raise TypeError, values
-    of the wrong type or out of the wire's range raise TypeError or ValueError."""
+    """A request for `prompt`; `params` are the names in `PARAM_NAMES`. A value of None leaves
+    the field unset. Unknown names raise TypeError, values of the wrong type or out of the wire's
+    range raise TypeError or ValueError."""
     unknown = sorted(set(params) - PARAM_NAMES)
     if unknown:
         raise TypeError(f"unexpected keyword argument(s): {', '.join(unknown)}")
-    if params.get("steps") is not None:
-        if params.get("num_timesteps") is not None:
-            raise TypeError("pass num_timesteps or its alias steps, not both")
-        params["num_timesteps"] = params["steps"]
-    values = {k: v for k, v in params.items() if v is not None and k != "steps"}
-
+    for alias, name in ALIASES.items():
+        if params.get(alias) is not None:
+            if params.get(name) is not None:
+                raise TypeError(f"pass {name} or its alias {alias}, not both")
+            params[name] = params[alias]
     request = GenerateRequest(prompt=prompt)
-    p = request.params
-    for name in _INT_FIELDS:
-        if name in values:
-            value = values[name]
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {value!r}")
-            setattr(p, name, value)
-    for name in _FLOAT_FIELDS:
-        if name in values:
-            setattr(p, name, _as_float(name, values[name]))
-    if "cfg_interval" in values:
-        interval = values["cfg_interval"]
-        if not isinstance(interval, tuple | list) or len(interval) != 2:
-            raise TypeError(f"cfg_interval must be a pair (lo, hi), got {interval!r}")
-        lo, hi = (_as_float("cfg_interval", x) for x in interval)
-        p.cfg_interval.CopyFrom(CfgInterval(lo=lo, hi=hi))
-    if "cfg_renorm_type" in values:
-        name = values["cfg_renorm_type"]
-        if name not in RENORM_TYPES:
-            raise ValueError(
-                f"cfg_renorm_type must be one of {', '.join(RENORM_TYPES)}, got {name!r}"
-            )
-        p.cfg_renorm_type = RENORM_TYPES[name]
-    if "negative_prompt" in values:
-        p.negative_prompt = _as_str("negative_prompt", values["negative_prompt"])
-    if "request_id" in values:
-        request.request_id = _as_str("request_id", values["request_id"])
+    request_id = params.get("request_id")
+    if request_id is not None:
+        if not isinstance(request_id, str):
+            raise TypeError(f"request_id must be a str, got {request_id!r}")
+        request.request_id = request_id
+    for name, f in _FIELDS.items():
+        value = params.get(name)
+        if value is None:
+            continue
+        codec = f.metadata["codec"]
+        codec.to_proto(request.params, name, codec.from_user(name, value))
     return request
-
-
-def _as_float(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number, got {value!r}")
-    return float(value)
-
-
-def _as_str(name: str, value: Any) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"{name} must be a str, got {value!r}")
-    return value

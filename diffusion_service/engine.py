@@ -26,10 +26,10 @@ from diffusion_service.runner import JobCancelled, run_job
 from diffusion_service.settings import ServiceSettings
 from diffusion_service.world import RankWorld
 from protos import GenerateEvent, Image, Latents, Progress, Timings
+from serving.errors import ServiceError
 from transport.broadcast import broadcast_kv
 from transport.errors import TransportError
 from transport.layout import KVCache
-from transport.status import ServiceError
 
 log = logging.getLogger("diffusion_service.engine")
 
@@ -200,9 +200,11 @@ class Engine:
             )
             broadcast_done = time.perf_counter()
 
-            def progress(done: int, total: int) -> None:
-                self.metrics.steps.labels(cached="false").inc()
-                handle.emit(GenerateEvent(progress=Progress(step=done, total_steps=total)))
+            def progress(done: int, total: int, cached: bool) -> None:
+                self.metrics.steps.labels(cached=str(cached).lower()).inc()
+                handle.emit(
+                    GenerateEvent(progress=Progress(step=done, total_steps=total, cached=cached))
+                )
 
             latents = run_job(
                 runtime,
@@ -249,12 +251,12 @@ class Engine:
 
     def _output(self, spec: JobSpec, latents) -> GenerateEvent:
         params = spec.params
-        if spec.return_latents_only:
+        if params.latents_only:
             data = latents.float().contiguous().numpy().tobytes()
             return GenerateEvent(
                 latents=Latents(data=data, shape=list(latents.shape), seed=params.seed)
             )
-        image = decode_image(self.autoencoder, self.config, latents, params)
+        image = decode_image(self.autoencoder, self.config, latents, params.height, params.width)
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         return GenerateEvent(

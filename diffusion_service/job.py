@@ -1,20 +1,24 @@
-"""What rank 0 tells the other ranks about a job, as a fixed-size int64 tensor (never pickle).
+"""What rank 0 tells the other ranks: a command, and for a new job its id and the request's
+`GenerationParams` as serialized protobuf bytes (never pickle).
 
-Floats travel as the bits of an IEEE double reinterpreted as int64, so they arrive exactly.
+A message is two broadcasts on the control group: a fixed int64 head `[command, job_id, length]`,
+then, when `length > 0`, `length` uint8 bytes. Heartbeats and shutdown send the head alone.
 """
 
 from __future__ import annotations
 
 import enum
-import struct
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
-from bagel.params import RENORM_TYPES, GenerationParams
+from serving.params import GenerationParams
 
-JOB_WORDS = 16
+HEAD_WORDS = 3
+MAX_PARAMS_BYTES = 1 << 20  # a request's params are ~100 bytes; anything near this is a bug
 
 
 class Command(enum.IntEnum):
@@ -23,63 +27,57 @@ class Command(enum.IntEnum):
     SHUTDOWN = 2
 
 
-def _float_bits(x: float) -> int:
-    return struct.unpack("<q", struct.pack("<d", x))[0]
-
-
-def _bits_float(n: int) -> float:
-    return struct.unpack("<d", struct.pack("<q", n))[0]
-
-
 @dataclass(frozen=True)
 class JobSpec:
     job_id: int
     params: GenerationParams
-    return_latents_only: bool = False
-
-    def encode(self, command: Command = Command.NEW_JOB) -> Tensor:
-        p = self.params
-        words = [
-            int(command),
-            self.job_id,
-            p.height,
-            p.width,
-            p.num_timesteps,
-            p.seed,
-            RENORM_TYPES.index(p.cfg_renorm_type),
-            int(self.return_latents_only),
-            _float_bits(p.timestep_shift),
-            _float_bits(p.cfg_text_scale),
-            _float_bits(p.cfg_img_scale),
-            _float_bits(p.cfg_interval[0]),
-            _float_bits(p.cfg_interval[1]),
-            _float_bits(p.cfg_renorm_min),
-        ]
-        return torch.tensor(words + [0] * (JOB_WORDS - len(words)), dtype=torch.int64)
-
-    @classmethod
-    def decode(cls, words: Tensor) -> JobSpec:
-        w = [int(x) for x in words.tolist()]
-        params = GenerationParams(
-            height=w[2],
-            width=w[3],
-            num_timesteps=w[4],
-            seed=w[5],
-            cfg_renorm_type=RENORM_TYPES[w[6]],
-            timestep_shift=_bits_float(w[8]),
-            cfg_text_scale=_bits_float(w[9]),
-            cfg_img_scale=_bits_float(w[10]),
-            cfg_interval=(_bits_float(w[11]), _bits_float(w[12])),
-            cfg_renorm_min=_bits_float(w[13]),
-        )
-        return cls(job_id=w[1], params=params, return_latents_only=bool(w[7]))
 
 
-def command_tensor(command: Command) -> Tensor:
-    words = torch.zeros(JOB_WORDS, dtype=torch.int64)
-    words[0] = int(command)
-    return words
+@dataclass(frozen=True)
+class RankMessage:
+    command: Command
+    job: JobSpec | None = None
 
 
-def command_of(words: Tensor) -> Command:
-    return Command(int(words[0]))
+def send_message(
+    message: RankMessage, group: dist.ProcessGroup | None, timeout: timedelta | None = None
+) -> None:
+    """Rank 0: broadcast `message` to every rank of `group`."""
+    job = message.job
+    payload = job.params.to_bytes() if job is not None else b""
+    if len(payload) > MAX_PARAMS_BYTES:
+        raise ValueError(f"job parameters of {len(payload)} bytes exceed {MAX_PARAMS_BYTES}")
+    head = torch.tensor(
+        [int(message.command), job.job_id if job is not None else 0, len(payload)],
+        dtype=torch.int64,
+    )
+    _broadcast(head, group, timeout)
+    if payload:
+        _broadcast(torch.frombuffer(bytearray(payload), dtype=torch.uint8), group, timeout)
+
+
+def receive_message(
+    group: dist.ProcessGroup | None, timeout: timedelta | None = None
+) -> RankMessage:
+    """Ranks 1..N-1: the next message rank 0 broadcasts on `group`."""
+    head = torch.zeros(HEAD_WORDS, dtype=torch.int64)
+    _broadcast(head, group, timeout)
+    command, job_id, length = (int(x) for x in head.tolist())
+    if not 0 <= length <= MAX_PARAMS_BYTES:
+        raise ValueError(f"rank message announces {length} bytes of parameters")
+    command = Command(command)
+    if command is not Command.NEW_JOB:
+        return RankMessage(command)
+    payload = torch.empty(length, dtype=torch.uint8)
+    if length:
+        _broadcast(payload, group, timeout)
+    params = GenerationParams.from_bytes(payload.numpy().tobytes())
+    return RankMessage(command, JobSpec(job_id, params))
+
+
+def _broadcast(tensor: Tensor, group: dist.ProcessGroup | None, timeout: timedelta | None) -> None:
+    work = dist.broadcast(tensor, group=group, group_src=0, async_op=True)
+    if timeout is None:
+        work.wait()
+    else:
+        work.wait(timeout=timeout)

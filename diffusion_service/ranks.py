@@ -14,10 +14,11 @@ import torch.distributed as dist
 from bagel.checkpoint import load_bagel
 from bagel.config import BagelConfig
 from bagel.generation import ForwardGraphs
-from bagel.model import Bagel, ContextKV
+from bagel.kv import Branch, ContextKV
+from bagel.model import Bagel
 from bagel.pipeline import default_dtype
 from bagel.tokenizer import load_tokenizer
-from diffusion_service.job import JOB_WORDS, Command, JobSpec, command_of
+from diffusion_service.job import Command, receive_message
 from diffusion_service.parallel.mesh import ParallelMesh, validate_topology
 from diffusion_service.runner import JobCancelled, RankRuntime, run_job
 from diffusion_service.settings import ServiceSettings
@@ -104,7 +105,9 @@ def leave_group(runtime: RankRuntime | None = None, timeout: float = LEAVE_TIMEO
         raise errors[0]
 
 
-def model_contexts(cache: KVCache, model: Bagel, device: torch.device) -> Mapping[str, ContextKV]:
+def model_contexts(
+    cache: KVCache, model: Bagel, device: torch.device
+) -> Mapping[Branch, ContextKV]:
     """The received cache as the model's contexts, in its dtype on its device (views when they
     already match)."""
     dtype = model.vae2llm.weight.dtype
@@ -113,15 +116,9 @@ def model_contexts(cache: KVCache, model: Bagel, device: torch.device) -> Mappin
         return [t.to(device=device, dtype=dtype) for t in tensors]
 
     return {
-        c.kind: ContextKV(convert(c.keys), convert(c.values), c.next_rope_position)
+        Branch(c.kind): ContextKV(convert(c.keys), convert(c.values), c.next_rope_position)
         for c in cache.contexts
     }
-
-
-def receive_command(runtime: RankRuntime) -> torch.Tensor:
-    words = torch.zeros(JOB_WORDS, dtype=torch.int64)
-    dist.broadcast(words, src=0, group=runtime.control_group)
-    return words
 
 
 def validate_settings(settings: ServiceSettings) -> BagelConfig:
@@ -153,13 +150,12 @@ def serve_rank(settings: ServiceSettings, rank: int, init_method: str) -> None:
     runtime = join_group(settings, rank, init_method, model, markers)
     try:
         while True:
-            words = receive_command(runtime)
-            command = command_of(words)
-            if command is Command.SHUTDOWN:
+            message = receive_message(runtime.control_group)
+            if message.command is Command.SHUTDOWN:
                 return
-            if command is Command.HEARTBEAT:
+            if message.job is None:  # a heartbeat
                 continue
-            job = JobSpec.decode(words)
+            job = message.job
             cache = broadcast_kv(
                 None,
                 group=dist.group.WORLD,

@@ -11,10 +11,12 @@ import torch.distributed as dist
 from torch import Tensor
 
 from bagel.generation import ForwardGraphs
-from bagel.model import Bagel, ContextKV
-from bagel.sampler import UNCOND_IMG, denoise, initial_noise
+from bagel.kv import Branch, ContextKV
+from bagel.model import Bagel
+from bagel.sampler import denoise, initial_noise
 from diffusion_service.job import JobSpec
 from diffusion_service.parallel.mesh import ParallelMesh
+from diffusion_service.step_cache import make_step_cache
 from diffusion_service.velocity import ShardedVelocity, shard_sum
 
 
@@ -49,19 +51,20 @@ def step_flag(runtime: RankRuntime, keep_going: bool) -> bool:
 def run_job(
     runtime: RankRuntime,
     job: JobSpec,
-    contexts: Mapping[str, ContextKV],
+    contexts: Mapping[Branch, ContextKV],
     keep_going: Callable[[], bool] = lambda: True,
-    on_progress: Callable[[int, int], None] = lambda done, total: None,
+    on_progress: Callable[[int, int, bool], None] = lambda done, total, cached: None,
 ) -> Tensor | None:
     """Denoise `job` on this rank. Returns the full fp32 latents `[h*w, patch_dim]` on rank 0
     and None elsewhere; raises JobCancelled on every rank when rank 0 says stop."""
     config = runtime.model.config
     params = job.params
-    grid = params.latent_grid(config)
+    grid = config.latent_grid(params.height, params.width)
     num_tokens = grid[0] * grid[1]
     sharding = runtime.mesh.latent_sharding(num_tokens)
     noise = initial_noise(params, num_tokens, config.patch_dim)
     x = sharding.shard(noise, dim=0).to(runtime.device)
+    step_cache = make_step_cache(params.cache, runtime.mesh)
     velocity = ShardedVelocity(
         runtime.model,
         contexts,
@@ -70,12 +73,13 @@ def run_job(
         grid,
         runtime.marker_ids,
         graphs=runtime.graphs,
+        step_cache=step_cache,
     )
 
-    def on_step(done: int, total: int) -> None:
+    def on_step(done: int, total: int, cached: bool) -> None:
         go = step_flag(runtime, keep_going() if runtime.is_leader else True)
         if runtime.is_leader:
-            on_progress(done, total)
+            on_progress(done, total, cached)
         if not go:
             raise JobCancelled(f"stopped after step {done} of {total}")
 
@@ -83,9 +87,10 @@ def run_job(
         x,
         velocity,
         params,
-        has_img_context=UNCOND_IMG in contexts,
+        has_img_context=Branch.UNCOND_IMG in contexts,
         reduce_sum=shard_sum(runtime.mesh),
         on_step=on_step,
+        step_cache=step_cache,
     )
     full = sharding.gather(x, runtime.mesh.sp_group, dim=0)
     return full.float().cpu() if runtime.is_leader else None

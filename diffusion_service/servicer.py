@@ -17,12 +17,13 @@ from diffusion_service.engine import DONE, Engine, JobHandle
 from diffusion_service.job import JobSpec
 from diffusion_service.metrics import ServiceMetrics
 from diffusion_service.settings import ServiceSettings
+from diffusion_service.step_cache import check_step_cache
 from protos import Accepted, GenerateEvent
+from serving.errors import status_of
+from serving.params import GenerationParams, check_cache_fits
 from transport.assembler import FrameAssembler, KVSpec
 from transport.buffers import BufferPool
-from transport.params import options_from_proto
 from transport.rpc import receive_kv
-from transport.status import status_of
 
 log = logging.getLogger("diffusion_service.servicer")
 
@@ -48,6 +49,14 @@ class DiffusionServicer:
             max_idle_bytes=2 * settings.max_kv_bytes, pin_memory=settings.device == "cuda"
         )
 
+    def checked_params(self, msg) -> GenerationParams:
+        """The request's parameters with defaults filled in, or InvalidParams naming the fault."""
+        params = GenerationParams.from_proto(msg)
+        params.validate(self.config.pixels_per_token, self.config.max_image_size)
+        check_step_cache(params.cache)
+        check_cache_fits(params.cache, self.config.llm.num_layers)
+        return params
+
     async def generate(
         self, frames: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[GenerateEvent]:
@@ -63,10 +72,10 @@ class DiffusionServicer:
             received = await receive_kv(frames, assembler)
             request_id = received.request_id or uuid.uuid4().hex[:16]
             self.metrics.kv_bytes.inc(received.cache.layout.total_bytes)
-            options = options_from_proto(received.params, self.config)
+            params = self.checked_params(received.params)
             remaining = context.time_remaining()
             handle = JobHandle(
-                spec=JobSpec(next(self._job_ids), options.params, options.latents_only),
+                spec=JobSpec(next(self._job_ids), params),
                 cache=received.cache,
                 request_id=request_id,
                 loop=asyncio.get_running_loop(),

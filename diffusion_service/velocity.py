@@ -9,7 +9,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from bagel.generation import BlockVelocity, ForwardGraphs, latent_position_ids
-from bagel.model import Bagel, ContextKV
+from bagel.kv import Branch, ContextKV
+from bagel.model import Bagel
+from bagel.step_cache import StepCache
 from diffusion_service.parallel.collectives import all_gather_single
 from diffusion_service.parallel.mesh import ParallelMesh
 from diffusion_service.parallel.sharding import LatentSharding
@@ -28,12 +30,13 @@ class ShardedVelocity:
     def __init__(
         self,
         model: Bagel,
-        contexts: Mapping[str, ContextKV],
+        contexts: Mapping[Branch, ContextKV],
         mesh: ParallelMesh,
         sharding: LatentSharding,
         grid: tuple[int, int],
         marker_ids: tuple[int, int],
         graphs: ForwardGraphs | None = None,
+        step_cache: StepCache | None = None,
     ) -> None:
         rows, cols = grid
         pos_ids = latent_position_ids(rows, cols, model.config.max_latent_size)
@@ -49,6 +52,7 @@ class ShardedVelocity:
             graphs=graphs,
             # The SP attention is built for this token count: captures must not cross it.
             capture_key=(sharding.num_tokens, sharding.degree, sharding.rank),
+            step_cache=step_cache,
         )
 
     def _zero_padding(self, v: Tensor) -> Tensor:
@@ -58,7 +62,7 @@ class ShardedVelocity:
             v[valid:] = 0
         return v
 
-    def __call__(self, x: Tensor, t: Tensor, branches: Sequence[str]) -> dict[str, Tensor]:
+    def __call__(self, x: Tensor, t: Tensor, branches: Sequence[Branch]) -> dict[Branch, Tensor]:
         branches = tuple(branches)
         cfg = self.mesh.cfg_parallel
         if cfg == 1 or len(branches) == 1:

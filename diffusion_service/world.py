@@ -7,10 +7,9 @@ import logging
 import socket
 
 import torch
-import torch.distributed as dist
 
 from bagel.model import Bagel
-from diffusion_service.job import Command, JobSpec, command_tensor
+from diffusion_service.job import Command, JobSpec, RankMessage, send_message
 from diffusion_service.launcher import RankLauncher
 from diffusion_service.ranks import join_group, leave_group, load_rank_model, worker_main
 from diffusion_service.runner import RankRuntime
@@ -60,8 +59,7 @@ class RankWorld:
 
     def send(self, command: Command, job: JobSpec | None = None) -> None:
         """Broadcast a command (and the job it starts) to every rank."""
-        words = job.encode(command) if job is not None else command_tensor(command)
-        dist.broadcast(words, src=0, group=self.runtime.control_group)
+        send_message(RankMessage(command, job), self.runtime.control_group)
 
     @property
     def can_restart(self) -> bool:

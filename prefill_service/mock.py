@@ -23,13 +23,12 @@ from pathlib import Path
 import torch
 
 from bagel.config import BagelConfig
-from bagel.model import ContextKV
-from bagel.sampler import COND, UNCOND_TEXT
+from bagel.kv import Branch, ContextKV
 from prefill_service.prefill import LayerKV, PlannedKV, check_prompt_text
 from prefill_service.server import configure_logging, serve
 from prefill_service.settings import build_parser, settings_from_args
+from serving.params import GenerationParams
 from transport import ContextSpec
-from transport.params import RequestOptions
 
 KEY_STD, VALUE_STD = 1.0, 0.5
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -39,24 +38,24 @@ def synthetic_token_count(text: str) -> int:
     return 2 + math.ceil(len(text.encode()) / 4) if text else 0
 
 
-def _context_texts(prompt: str, options: RequestOptions) -> dict[str, str]:
-    return {COND: prompt, UNCOND_TEXT: options.negative_prompt}
+def _context_texts(prompt: str, params: GenerationParams) -> dict[Branch, str]:
+    return {Branch.COND: prompt, Branch.UNCOND_TEXT: params.negative_prompt}
 
 
-def _generator(kind: str, text: str, seed: int) -> torch.Generator:
+def _generator(kind: Branch, text: str, seed: int) -> torch.Generator:
     digest = hashlib.sha256(f"{kind}\0{seed}\0{text}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
 def synthetic_layers(
-    config: BagelConfig, prompt: str, options: RequestOptions, dtype: torch.dtype = torch.float32
+    config: BagelConfig, prompt: str, params: GenerationParams, dtype: torch.dtype = torch.float32
 ) -> Iterator[LayerKV]:
     """Layer by layer, (K, V) per context (cond, uncond_text) `[tokens, kv_heads, head_dim]`."""
     llm = config.llm
-    seed = options.params.seed
+    seed = params.seed
     contexts = [
         (synthetic_token_count(text), _generator(kind, text, seed))
-        for kind, text in _context_texts(prompt, options).items()
+        for kind, text in _context_texts(prompt, params).items()
     ]
     for _ in range(llm.num_layers):
         pairs = []
@@ -69,19 +68,19 @@ def synthetic_layers(
 
 
 def synthetic_contexts(
-    config: BagelConfig, prompt: str, options: RequestOptions, dtype: torch.dtype = torch.float32
-) -> dict[str, ContextKV]:
+    config: BagelConfig, prompt: str, params: GenerationParams, dtype: torch.dtype = torch.float32
+) -> dict[Branch, ContextKV]:
     """The whole synthetic cache the mock sends for this request, as the in-process pipeline
     takes it (`bagel.pipeline.Pipeline.denoise`)."""
-    kinds = list(_context_texts(prompt, options))
+    kinds = list(_context_texts(prompt, params))
     keys: list[list[torch.Tensor]] = [[] for _ in kinds]
     values: list[list[torch.Tensor]] = [[] for _ in kinds]
-    for pairs in synthetic_layers(config, prompt, options, dtype):
+    for pairs in synthetic_layers(config, prompt, params, dtype):
         for i, (k, v) in enumerate(pairs):
             keys[i].append(k)
             values[i].append(v)
     return {
-        kind: ContextKV(keys[i], values[i], next_position=keys[i][0].shape[0])
+        kind: ContextKV(keys[i], values[i], next_rope_position=keys[i][0].shape[0])
         for i, kind in enumerate(kinds)
     }
 
@@ -97,12 +96,12 @@ class SyntheticKV:
         self.config = BagelConfig.from_dir(model_dir)
         self.dtype = dtype
 
-    def plan(self, prompt: str, options: RequestOptions) -> PlannedKV:
-        check_prompt_text(prompt, options.negative_prompt)
-        counts = {k: synthetic_token_count(t) for k, t in _context_texts(prompt, options).items()}
-        contexts = tuple(ContextSpec(kind, n, n) for kind, n in counts.items())
+    def plan(self, prompt: str, params: GenerationParams) -> PlannedKV:
+        check_prompt_text(prompt)
+        counts = {k: synthetic_token_count(t) for k, t in _context_texts(prompt, params).items()}
+        contexts = tuple(ContextSpec(int(kind), n, n) for kind, n in counts.items())
         return PlannedKV(
-            contexts, lambda: synthetic_layers(self.config, prompt, options, self.dtype)
+            contexts, lambda: synthetic_layers(self.config, prompt, params, self.dtype)
         )
 
 

@@ -19,12 +19,13 @@ from torch import Tensor
 
 from bagel.checkpoint import load_bagel
 from bagel.config import BagelConfig
-from bagel.params import InvalidParams
+from bagel.kv import Branch
 from bagel.pipeline import default_dtype
 from bagel.prompts import cfg_prompts
 from bagel.tokenizer import load_tokenizer
+from serving.errors import InvalidParams
+from serving.params import GenerationParams
 from transport import DEFAULT_CHUNK_SIZE, ContextSpec, KVEncoder, KVLayout
-from transport.params import RequestOptions, options_to_proto
 
 MAX_PROMPT_CHARS = 16_384  # checked before tokenizing, so a huge prompt costs nothing
 DEFAULT_MAX_PROMPT_TOKENS = 2048  # per context, framing tokens included
@@ -46,19 +47,18 @@ class KVSource(Protocol):
     config: BagelConfig
     dtype: torch.dtype
 
-    def plan(self, prompt: str, options: RequestOptions) -> PlannedKV:
+    def plan(self, prompt: str, params: GenerationParams) -> PlannedKV:
         """Check the prompt text (raise InvalidParams) and tokenize it into the contexts it makes;
         no model compute."""
         ...
 
 
-def check_prompt_text(prompt: str, negative_prompt: str) -> None:
+def check_prompt_text(prompt: str) -> None:
+    """The prompt's own checks; the negative prompt is a schema field, checked with the rest."""
     if not prompt.strip():
         raise InvalidParams("prompt is empty")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise InvalidParams(f"prompt is longer than {MAX_PROMPT_CHARS} characters")
-    if len(negative_prompt) > MAX_PROMPT_CHARS:
-        raise InvalidParams(f"negative_prompt is longer than {MAX_PROMPT_CHARS} characters")
 
 
 def token_limit(config: BagelConfig, max_prompt_tokens: int) -> int:
@@ -70,7 +70,7 @@ def token_limit(config: BagelConfig, max_prompt_tokens: int) -> int:
 def check_token_counts(contexts: Sequence[ContextSpec], limit: int) -> None:
     for c in contexts:
         if c.num_tokens > limit:
-            what = "prompt" if c.kind == "cond" else "negative_prompt"
+            what = "prompt" if c.kind == Branch.COND else "negative_prompt"
             raise InvalidParams(
                 f"{what} is {c.num_tokens} tokens long with its framing; the limit is {limit}"
             )
@@ -93,12 +93,14 @@ class LanguageModelKV:
         self._tokenizer_lock = threading.Lock()
         self.model = load_bagel(model_dir, "prefill", self.dtype, device, self.config)
 
-    def plan(self, prompt: str, options: RequestOptions) -> PlannedKV:
-        check_prompt_text(prompt, options.negative_prompt)
+    def plan(self, prompt: str, params: GenerationParams) -> PlannedKV:
+        check_prompt_text(prompt)
         with self._tokenizer_lock:
-            prompts = cfg_prompts(self.tokenizer, prompt, options.negative_prompt)
+            prompts = cfg_prompts(self.tokenizer, prompt, params.negative_prompt)
         token_ids = list(prompts.values())
-        contexts = tuple(ContextSpec(kind, len(ids), len(ids)) for kind, ids in prompts.items())
+        contexts = tuple(
+            ContextSpec(int(kind), len(ids), len(ids)) for kind, ids in prompts.items()
+        )
         return PlannedKV(contexts, lambda: self.layers(token_ids))
 
     def layers(self, token_ids: list[list[int]]) -> Iterator[LayerKV]:
@@ -126,7 +128,7 @@ def request_frames(
     planned: PlannedKV,
     *,
     request_id: str,
-    options: RequestOptions,
+    params: GenerationParams,
     stats: PrefillStats,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> Iterator[list[bytes]]:
@@ -138,7 +140,7 @@ def request_frames(
         layout,
         request_id=request_id,
         fingerprint=source.config.fingerprint(),
-        params=options_to_proto(options),
+        params=params.to_proto(),
         chunk_size=chunk_size,
     )
     stats.payload_bytes = layout.total_bytes

@@ -23,8 +23,8 @@ import grpc
 from prefill_service.prefill import PrefillStats
 from protos import GenerateEvent, Timings
 from protos.options import channel_options
+from serving.errors import ServiceError
 from transport import diffusion_generate
-from transport.status import ServiceError
 
 # gRPC's own reconnect backoff (1 s initial by default) would waste most of a short deadline.
 RECONNECT_OPTIONS = [

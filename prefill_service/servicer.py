@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import grpc
 
-from bagel.params import InvalidParams
+from bagel.kv import Branch
 from prefill_service.metrics import PrefillMetrics
 from prefill_service.prefill import (
     DEFAULT_MAX_PROMPT_TOKENS,
@@ -24,9 +24,9 @@ from prefill_service.prefill import (
 )
 from prefill_service.relay import DiffusionLink, SendStats, relay
 from protos import GenerateEvent, GenerateRequest, service_pb2_grpc
+from serving.errors import InvalidParams, ServiceError, status_of
+from serving.params import GenerationParams, check_cache_fits
 from transport import DEFAULT_CHUNK_SIZE
-from transport.params import options_from_proto
-from transport.status import ServiceError, status_of
 
 logger = logging.getLogger("prefill_service")
 MAX_REQUEST_ID_CHARS = 128
@@ -120,24 +120,27 @@ class PrefillServicer(service_pb2_grpc.PrefillServicer):
             raise InvalidParams(
                 f"request_id must be printable and at most {MAX_REQUEST_ID_CHARS} characters"
             )
-        options = options_from_proto(request.params, source.config)
+        config = source.config
+        params = GenerationParams.from_proto(request.params)
+        params.validate(config.pixels_per_token, config.max_image_size)
+        check_cache_fits(params.cache, config.llm.num_layers)
         loop = asyncio.get_running_loop()
-        planned = await loop.run_in_executor(None, source.plan, request.prompt, options)
-        check_token_counts(planned.contexts, token_limit(source.config, self.max_prompt_tokens))
-        p = options.params
+        planned = await loop.run_in_executor(None, source.plan, request.prompt, params)
+        check_token_counts(planned.contexts, token_limit(config, self.max_prompt_tokens))
+        p = params
         log.info(
             "accepted: %dx%d, %d timesteps, seed %d, contexts %s",
             p.width,
             p.height,
             p.num_timesteps,
             p.seed,
-            ", ".join(f"{c.kind}={c.num_tokens} tokens" for c in planned.contexts),
+            ", ".join(f"{Branch(c.kind)}={c.num_tokens} tokens" for c in planned.contexts),
         )
         return request_frames(
             source,
             planned,
             request_id=request_id,
-            options=options,
+            params=params,
             stats=stats,
             chunk_size=self.chunk_size,
         )

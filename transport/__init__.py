@@ -9,7 +9,7 @@ from transport.broadcast import broadcast_kv
 from transport.buffers import BufferPool, Buffers, FreshBuffers, tune_malloc
 from transport.encoder import KVEncoder, encode_kv, encode_layers
 from transport.errors import Fault, TransportError, status_code
-from transport.layout import ContextKind, ContextSpec, KVCache, KVContext, KVLayout
+from transport.layout import ContextSpec, ContextTensors, ContextViews, KVCache, KVLayout
 from transport.rpc import abort, diffusion_generate, diffusion_handler, receive_kv
 from transport.wire import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, PROTOCOL_VERSION
 
@@ -20,13 +20,13 @@ __all__ = [
     "PROTOCOL_VERSION",
     "BufferPool",
     "Buffers",
-    "ContextKind",
     "ContextSpec",
+    "ContextTensors",
+    "ContextViews",
     "Fault",
     "FrameAssembler",
     "FreshBuffers",
     "KVCache",
-    "KVContext",
     "KVEncoder",
     "KVLayout",
     "KVSpec",

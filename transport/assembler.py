@@ -19,12 +19,12 @@ from transport import crc, wire
 from transport.buffers import Buffers, FreshBuffers
 from transport.errors import Fault, TransportError
 from transport.layout import (
+    CONTEXT_KINDS,
     DTYPE_TO_WIRE,
     KEY,
     MAX_CONTEXTS,
     VALUE,
     WIRE_TO_DTYPE,
-    WIRE_TO_KIND,
     ContextSpec,
     KVCache,
     KVLayout,
@@ -238,13 +238,13 @@ class FrameAssembler:
             )
         contexts = []
         for i, info in enumerate(header.contexts):
-            kind = WIRE_TO_KIND.get(info.kind)
-            if kind is None:
-                raise _contract(f"context {i} has unknown kind {info.kind}")
+            kind = info.kind
+            if kind not in CONTEXT_KINDS:
+                raise _contract(f"context {i} has unknown kind {kind}")
             if any(c.kind == kind for c in contexts):
-                raise _contract(f"context kind {kind} appears more than once")
+                raise _contract(f"context kind {_kind_name(kind)} appears more than once")
             contexts.append(ContextSpec(kind, info.num_tokens, info.next_rope_position))
-        if not any(c.kind == "cond" for c in contexts):
+        if not any(c.kind == kv_pb2.CONTEXT_KIND_COND for c in contexts):
             raise _contract("the header has no cond context")
         if not 0 < header.chunk_size <= MAX_CHUNK_SIZE:
             raise _contract(f"chunk size {header.chunk_size} is outside 1..{MAX_CHUNK_SIZE}")
@@ -302,7 +302,8 @@ class FrameAssembler:
 
     def _where(self, context: int, layer: int, kv: int) -> str:
         assert self._layout is not None
-        return f"context {context} ({self._layout.contexts[context].kind}) layer {layer} {'KV'[kv]}"
+        kind = _kind_name(self._layout.contexts[context].kind)
+        return f"context {context} ({kind}) layer {layer} {'KV'[kv]}"
 
     def _chunk_violation(self, chunk: wire.ChunkFrame) -> TransportError:
         """The contract error of a chunk that the fast checks in `_on_chunk` turned away."""
@@ -372,3 +373,7 @@ class FrameAssembler:
                 f"trailer says {trailer.payload_crc32c:#010x}",
             )
         self._state = _State.DONE
+
+
+def _kind_name(kind: int) -> str:
+    return kv_pb2.ContextKind.Name(kind).removeprefix("CONTEXT_KIND_").lower()

@@ -16,11 +16,10 @@ from torch import Tensor
 from transport.buffers import Buffers, FreshBuffers
 from transport.errors import Fault, TransportError
 from transport.layout import (
+    CONTEXT_KINDS,
     DTYPE_TO_WIRE,
-    KIND_TO_WIRE,
     MAX_CONTEXTS,
     WIRE_TO_DTYPE,
-    WIRE_TO_KIND,
     ContextSpec,
     KVCache,
     KVLayout,
@@ -47,7 +46,7 @@ def layout_to_tensor(layout: KVLayout) -> Tensor:
         layout.total_bytes,
     ]
     for c in layout.contexts:
-        values += [KIND_TO_WIRE[c.kind], c.num_tokens, c.next_rope_position]
+        values += [c.kind, c.num_tokens, c.next_rope_position]
     header = torch.zeros(HEADER_LEN, dtype=torch.int64)
     header[: len(values)] = torch.tensor(values, dtype=torch.int64)
     return header
@@ -58,12 +57,11 @@ def layout_from_tensor(header: Tensor) -> KVLayout:
     v = header.tolist()
     n = v[5] if len(v) == HEADER_LEN else 0
     kinds = v[_FIXED : _FIXED + 3 * n : 3] if 0 < n <= MAX_CONTEXTS else []
-    valid = kinds and v[0] == _MAGIC and v[1] in WIRE_TO_DTYPE and set(kinds) <= WIRE_TO_KIND.keys()
+    valid = kinds and v[0] == _MAGIC and v[1] in WIRE_TO_DTYPE and set(kinds) <= CONTEXT_KINDS
     if not valid:
         raise TransportError(Fault.CONTRACT, "broadcast header is not a KV layout header")
     contexts = tuple(
-        ContextSpec(WIRE_TO_KIND[v[i]], v[i + 1], v[i + 2])
-        for i in range(_FIXED, _FIXED + 3 * n, 3)
+        ContextSpec(v[i], v[i + 1], v[i + 2]) for i in range(_FIXED, _FIXED + 3 * n, 3)
     )
     layout = KVLayout(WIRE_TO_DTYPE[v[1]], v[2], v[3], v[4], contexts)
     if layout.total_bytes != v[6]:

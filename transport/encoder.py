@@ -7,14 +7,14 @@ gRPC call whose request serializer passes bytes through (see `transport.rpc`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from protos import GenerationParams, kv_pb2
 from transport import crc, wire
-from transport.layout import DTYPE_TO_WIRE, KEY, KIND_TO_WIRE, VALUE, KVContext, KVLayout
+from transport.layout import DTYPE_TO_WIRE, KEY, VALUE, ContextTensors, KVLayout
 from transport.wire import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, PROTOCOL_VERSION
 
 _WIRE_TENSOR = {KEY: kv_pb2.KV_TENSOR_KEY, VALUE: kv_pb2.KV_TENSOR_VALUE}
@@ -50,7 +50,7 @@ class KVEncoder:
             head_dim=layout.head_dim,
             contexts=[
                 kv_pb2.ContextInfo(
-                    kind=KIND_TO_WIRE[c.kind],
+                    kind=c.kind,
                     num_tokens=c.num_tokens,
                     next_rope_position=c.next_rope_position,
                 )
@@ -126,17 +126,19 @@ def encode_layers(
 
 
 def encode_kv(
-    contexts: Sequence[KVContext],
+    contexts: Mapping[int, ContextTensors],
     *,
     request_id: str,
     fingerprint: str,
     params: GenerationParams | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> Iterator[bytes]:
-    """All frames of a cache that is already complete."""
+    """All frames of a cache that is already complete; `contexts` maps each context kind to its
+    tensors, in payload order."""
     layout = KVLayout.of(contexts)
     layers = (
-        [(c.keys[layer], c.values[layer]) for c in contexts] for layer in range(layout.num_layers)
+        [(c.keys[layer], c.values[layer]) for c in contexts.values()]
+        for layer in range(layout.num_layers)
     )
     yield from encode_layers(
         layout,

@@ -32,6 +32,11 @@ class TransportError(Exception):
         self.fault = fault
         self.message = message
 
+    @property
+    def grpc_code(self) -> grpc.StatusCode:
+        """The status this error ends a call with (read by `serving.errors.status_of`)."""
+        return _STATUS[self.fault]
+
     def __repr__(self) -> str:
         return f"TransportError({self.fault.name}, {self.message!r})"
 

@@ -1,16 +1,19 @@
 """The KV cache as the transport sees it, and where every byte of it lives in the flat payload.
 
 Payload order: context, layer, K then V; each tensor contiguous `[tokens, kv_heads, head_dim]`,
-little-endian. A `KVLayout` turns a header's numbers into byte ranges and tensor views.
+little-endian. A `KVLayout` turns a header's numbers into byte ranges and tensor views. A context
+is named by its wire kind (`bagel.v1.ContextKind`, an int); the transport holds no context type of
+its own: it reads any object with `keys`, `values` and `next_rope_position` (the model's
+`ContextKV`) and hands out per-context tensor views.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Literal
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -22,15 +25,11 @@ if (
 ):  # the wire is little-endian and tensors are sent as they lie in memory
     raise ImportError("transport supports little-endian hosts only")
 
-ContextKind = Literal["cond", "uncond_text", "uncond_img"]
-CONTEXT_KINDS: tuple[ContextKind, ...] = ("cond", "uncond_text", "uncond_img")
-MAX_CONTEXTS = len(CONTEXT_KINDS)  # each kind at most once
-KIND_TO_WIRE: dict[str, int] = {
-    "cond": kv_pb2.CONTEXT_KIND_COND,
-    "uncond_text": kv_pb2.CONTEXT_KIND_UNCOND_TEXT,
-    "uncond_img": kv_pb2.CONTEXT_KIND_UNCOND_IMG,
-}
-WIRE_TO_KIND: dict[int, ContextKind] = {v: k for k, v in KIND_TO_WIRE.items()}  # type: ignore[misc]
+# The context kinds a stream may carry: every `ContextKind` but UNSPECIFIED, each at most once.
+CONTEXT_KINDS: frozenset[int] = frozenset(
+    v for v in kv_pb2.ContextKind.values() if v != kv_pb2.CONTEXT_KIND_UNSPECIFIED
+)
+MAX_CONTEXTS = len(CONTEXT_KINDS)
 DTYPE_TO_WIRE: dict[torch.dtype, int] = {
     torch.bfloat16: kv_pb2.DTYPE_BF16,
     torch.float16: kv_pb2.DTYPE_FP16,
@@ -40,27 +39,42 @@ WIRE_TO_DTYPE: dict[int, torch.dtype] = {v: k for k, v in DTYPE_TO_WIRE.items()}
 KEY, VALUE = 0, 1  # index of K and V inside a layer's pair of segments
 
 
-@dataclass
-class KVContext:
-    """One CFG context's cache: per layer K and V of shape `[tokens, kv_heads, head_dim]`."""
+class ContextTensors(Protocol):
+    """One context's cache as a sender holds it: per layer K and V `[tokens, kv_heads, head_dim]`."""
 
-    kind: ContextKind
-    keys: list[Tensor]
-    values: list[Tensor]
+    keys: Sequence[Tensor]
+    values: Sequence[Tensor]
     next_rope_position: int
-
-    @property
-    def num_tokens(self) -> int:
-        return self.keys[0].shape[0] if self.keys else 0
 
 
 @dataclass(frozen=True)
 class ContextSpec:
-    """What the header says about one context."""
+    """What the header says about one context; `kind` is a `bagel.v1.ContextKind` value."""
 
-    kind: ContextKind
+    kind: int
     num_tokens: int
     next_rope_position: int
+
+
+@dataclass(frozen=True)
+class ContextViews:
+    """One received context: its header entry and per-layer K and V views into the payload."""
+
+    spec: ContextSpec
+    keys: list[Tensor]
+    values: list[Tensor]
+
+    @property
+    def kind(self) -> int:
+        return self.spec.kind
+
+    @property
+    def next_rope_position(self) -> int:
+        return self.spec.next_rope_position
+
+    @property
+    def num_tokens(self) -> int:
+        return self.spec.num_tokens
 
 
 @dataclass(frozen=True)
@@ -74,27 +88,33 @@ class KVLayout:
     contexts: tuple[ContextSpec, ...]
 
     @classmethod
-    def of(cls, contexts: Sequence[KVContext]) -> KVLayout:
-        """The layout of a cache held as tensors; checks every tensor agrees with it."""
+    def of(cls, contexts: Mapping[int, ContextTensors]) -> KVLayout:
+        """The layout of a cache held as tensors, keyed by context kind in payload order; checks
+        every tensor agrees with it."""
         if not contexts:
             raise ValueError("a KV cache needs at least one context")
-        first = next((t for c in contexts for t in c.keys), None)
+        unknown = sorted(set(map(int, contexts)) - CONTEXT_KINDS)
+        if unknown:
+            raise ValueError(f"unknown context kinds {unknown}")
+        first = next((t for c in contexts.values() for t in c.keys), None)
         if first is None:
             raise ValueError("a KV cache needs at least one layer")
-        layers = len(contexts[0].keys)
+        items = list(contexts.items())
+        layers = len(items[0][1].keys)
         layout = cls(
             dtype=first.dtype,
             num_layers=layers,
             num_kv_heads=first.shape[1],
             head_dim=first.shape[2],
             contexts=tuple(
-                ContextSpec(c.kind, c.num_tokens, c.next_rope_position) for c in contexts
+                ContextSpec(int(kind), c.keys[0].shape[0] if c.keys else 0, c.next_rope_position)
+                for kind, c in items
             ),
         )
-        for ci, ctx in enumerate(contexts):
+        for ci, (kind, ctx) in enumerate(items):
             if len(ctx.keys) != layers or len(ctx.values) != layers:
                 raise ValueError(
-                    f"context {ci} ({ctx.kind}) does not have {layers} layers of K and V"
+                    f"context {ci} (kind {int(kind)}) does not have {layers} layers of K and V"
                 )
             for layer in range(layers):
                 layout.check_pair(ci, layer, ctx.keys[layer], ctx.values[layer])
@@ -139,7 +159,7 @@ class KVLayout:
         start = self._context_offsets[context] + (2 * layer + kv) * size
         return start, start + size
 
-    def views(self, flat: Tensor) -> list[KVContext]:
+    def views(self, flat: Tensor) -> list[ContextViews]:
         """Per-context K/V tensor views into `flat` (uint8, `total_bytes` long); no copy."""
         if flat.dtype != torch.uint8 or flat.dim() != 1 or flat.numel() != self.total_bytes:
             raise ValueError(f"flat buffer must be uint8 [{self.total_bytes}]")
@@ -155,7 +175,7 @@ class KVLayout:
                     start, end = self.segment(ci, layer, kv)
                     tensors.append(shaped[start // step : end // step].view(shape))
                 pairs.append(tensors)
-            out.append(KVContext(spec.kind, pairs[KEY], pairs[VALUE], spec.next_rope_position))
+            out.append(ContextViews(spec, pairs[KEY], pairs[VALUE]))
         return out
 
 
@@ -165,7 +185,7 @@ class KVCache:
 
     layout: KVLayout
     flat: Tensor
-    contexts: list[KVContext]
+    contexts: list[ContextViews]
     on_release: Callable[[Tensor], None] | None = field(default=None, repr=False)
 
     @classmethod
@@ -174,7 +194,7 @@ class KVCache:
     ) -> KVCache:
         return cls(layout, flat, layout.views(flat), on_release)
 
-    def context(self, kind: ContextKind) -> KVContext | None:
+    def context(self, kind: int) -> ContextViews | None:
         return next((c for c in self.contexts if c.kind == kind), None)
 
     def release(self) -> None:

@@ -12,8 +12,9 @@ from bagel.attention import full_block_attention
 from bagel.checkpoint import load_bagel
 from bagel.config import BagelConfig
 from bagel.generation import BlockVelocity, ForwardGraphs, latent_position_ids
+from bagel.kv import Branch, ContextKV
 from bagel.latents import patchify, unpatchify
-from bagel.model import BranchPrefix, ContextKV
+from bagel.model import BranchPrefix
 from bagel.tokenizer import load_tokenizer
 from tests.bagel import fp64_reference as ref
 
@@ -43,7 +44,7 @@ def test_prefill_kv_matches_fp64_recomputation(setup):
     ids = tok.encode_prompt("a red fox in the snow")
     (ctx,) = model.prefill([ids])
     expected = ref.prefill(sd, ids, **dims(config))
-    assert ctx.next_position == len(ids)
+    assert ctx.next_rope_position == len(ids)
     for layer, (k, v) in enumerate(expected):
         assert rel_err(ctx.keys[layer], k) < 1e-10
         assert rel_err(ctx.values[layer], v) < 1e-10
@@ -59,7 +60,7 @@ def test_batched_prefill_of_unequal_prompts_equals_one_at_a_time(setup):
     batched = model.prefill(prompts)
     for prompt, ctx in zip(prompts, batched, strict=True):
         if not prompt:
-            assert ctx.num_tokens == 0 and ctx.next_position == 0
+            assert ctx.num_tokens == 0 and ctx.next_rope_position == 0
             continue
         (alone,) = model.prefill([prompt])
         for a, b in zip(ctx.keys + ctx.values, alone.keys + alone.values, strict=True):
@@ -114,20 +115,20 @@ def test_batched_branches_match_one_forward_per_branch(setup):
     config, model, _, tok = setup
     ids = tok.encode_prompt("a lighthouse")
     cond, uncond = model.prefill([ids, []])
-    contexts = {"cond": cond, "uncond_text": uncond}
+    contexts = {Branch.COND: cond, Branch.UNCOND_TEXT: uncond}
     pos_ids = latent_position_ids(4, 4, config.max_latent_size)
     markers = (tok.start_of_image, tok.end_of_image)
     x = torch.randn(16, config.patch_dim, dtype=torch.float64)
     t = torch.tensor(0.9, dtype=torch.float64)
     batched = BlockVelocity(model, contexts, pos_ids, markers, batch_branches=True)(
-        x, t, ["cond", "uncond_text"]
+        x, t, [Branch.COND, Branch.UNCOND_TEXT]
     )
     single = BlockVelocity(model, contexts, pos_ids, markers, batch_branches=False)(
-        x, t, ["cond", "uncond_text"]
+        x, t, [Branch.COND, Branch.UNCOND_TEXT]
     )
     for b in contexts:
         assert rel_err(batched[b], single[b]) < 1e-6
-    assert rel_err(batched["cond"], batched["uncond_text"]) > 1e-3  # the prefix matters
+    assert rel_err(batched[Branch.COND], batched[Branch.UNCOND_TEXT]) > 1e-3  # the prefix matters
 
 
 def test_prefixes_of_unequal_length_are_padded_and_remember_their_lengths():
@@ -165,13 +166,17 @@ def test_forward_graphs_reuse_their_buffers_for_a_new_request_of_the_same_shapes
     for prompt in ("a red car", "a big dog"):  # same token count, different KV
         contexts = dict(
             zip(
-                ("cond", "uncond_text"), model.prefill([tok.encode_prompt(prompt), []]), strict=True
+                (Branch.COND, Branch.UNCOND_TEXT),
+                model.prefill([tok.encode_prompt(prompt), []]),
+                strict=True,
             )
         )
         kept = BlockVelocity(model, contexts, pos_ids, markers, graphs=graphs)(
-            x, t, ["cond", "uncond_text"]
+            x, t, [Branch.COND, Branch.UNCOND_TEXT]
         )
-        fresh = BlockVelocity(model, contexts, pos_ids, markers)(x, t, ["cond", "uncond_text"])
+        fresh = BlockVelocity(model, contexts, pos_ids, markers)(
+            x, t, [Branch.COND, Branch.UNCOND_TEXT]
+        )
         for b in fresh:
             assert torch.equal(kept[b], fresh[b])
     assert len(graphs._entries) == 1

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bagel.params import GenerationParams
+from bagel.kv import Branch
 from bagel.pipeline import Pipeline
-from bagel.sampler import UNCOND_IMG
+from serving.params import GenerationParams
 
 PARAMS = GenerationParams(height=64, width=96, num_timesteps=8, seed=7)
 
@@ -40,7 +40,7 @@ def test_reusing_the_conditional_velocity_for_cfg_img_is_bit_identical(pipeline)
     contexts = pipeline.prefill("a red bicycle")
     reused = pipeline.denoise(contexts, PARAMS, batch_branches=False)
     computed = pipeline.denoise(
-        {**contexts, UNCOND_IMG: contexts["cond"]}, PARAMS, batch_branches=False
+        {**contexts, Branch.UNCOND_IMG: contexts[Branch.COND]}, PARAMS, batch_branches=False
     )
     assert torch.equal(reused, computed)
 
@@ -55,8 +55,8 @@ def test_batched_cfg_branches_match_unbatched_latents(pipeline):
 def test_negative_prompt_changes_the_unconditional_context(pipeline):
     plain = pipeline.prefill("a dog")
     negative = pipeline.prefill("a dog", negative_prompt="blurry")
-    assert plain["uncond_text"].num_tokens == 0
-    assert negative["uncond_text"].num_tokens > 2
+    assert plain[Branch.UNCOND_TEXT].num_tokens == 0
+    assert negative[Branch.UNCOND_TEXT].num_tokens > 2
     a = pipeline.denoise(plain, PARAMS)
     b = pipeline.denoise(negative, PARAMS)
     assert (a - b).abs().max() > 1e-3

@@ -1,22 +1,21 @@
-"""The flow-matching schedule, the CFG combination and the request parameters."""
+"""The flow-matching schedule and the CFG combination."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from bagel.config import BAGEL_7B
-from bagel.params import GenerationParams, InvalidParams
+from bagel.kv import Branch
 from bagel.sampler import (
-    COND,
-    UNCOND_IMG,
-    UNCOND_TEXT,
     StepPlan,
     combine_guidance,
     denoise,
     plan_step,
     schedule,
 )
+from serving.params import GenerationParams
+
+COND, UNCOND_TEXT, UNCOND_IMG = Branch.COND, Branch.UNCOND_TEXT, Branch.UNCOND_IMG
 
 
 def test_50_timesteps_give_49_steps_41_inside_the_cfg_window_at_shift_3():
@@ -115,7 +114,8 @@ def test_denoise_calls_back_every_step_and_can_be_stopped():
     def velocity(x, t, branches):
         return {b: torch.ones_like(x) for b in branches}
 
-    def on_step(done, total):
+    def on_step(done, total, cached):
+        assert cached is False
         seen.append((done, total))
         if done == 3:
             raise KeyboardInterrupt
@@ -125,31 +125,3 @@ def test_denoise_calls_back_every_step_and_can_be_stopped():
     assert seen == [(1, 5), (2, 5), (3, 5)]
     x = denoise(torch.zeros(2, 64), velocity, params)
     assert torch.allclose(x, -torch.ones(2, 64))  # integrates v=1 over t from 1 to 0
-
-
-@pytest.mark.parametrize(
-    ("field", "value", "message"),
-    [
-        ("height", 1000, "height=1000 must be a positive multiple of 16"),
-        ("width", 2048, "width=2048 must be a positive multiple of 16 and at most 1024"),
-        ("num_timesteps", 1, "num_timesteps=1"),
-        ("timestep_shift", 0.0, "timestep_shift"),
-        ("cfg_text_scale", float("nan"), "cfg_text_scale"),
-        ("cfg_interval", (0.8, 0.2), "cfg_interval"),
-        (
-            "cfg_renorm_type",
-            "max",
-            "cfg_renorm_type='max' must be one of global, channel, text_channel",
-        ),
-        ("cfg_renorm_min", 1.5, "cfg_renorm_min"),
-        ("seed", -1, "seed=-1"),
-    ],
-)
-def test_invalid_params_name_the_field(field, value, message):
-    with pytest.raises(InvalidParams, match=message.replace("(", r"\(").replace("[", r"\[")):
-        GenerationParams(**{field: value}).validate(BAGEL_7B)
-
-
-def test_default_params_are_valid_for_bagel_7b():
-    GenerationParams().validate(BAGEL_7B)
-    assert GenerationParams().latent_grid(BAGEL_7B) == (64, 64)

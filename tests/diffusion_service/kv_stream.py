@@ -2,31 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Mapping
 
 import grpc
 import numpy as np
 import torch
 
-from bagel.model import ContextKV
-from bagel.params import GenerationParams
+from bagel.kv import Branch, ContextKV
 from protos.options import channel_options
+from serving.params import GenerationParams
 from transport.encoder import encode_kv
-from transport.layout import KVContext
-from transport.params import RequestOptions, options_to_proto
 from transport.rpc import diffusion_generate
 
 
 def kv_frames(
-    contexts: Mapping[str, ContextKV],
+    contexts: Mapping[Branch, ContextKV],
     fingerprint: str,
     params: GenerationParams,
     request_id: str = "test",
     latents_only: bool = False,
 ) -> Iterator[bytes]:
-    kv = [KVContext(kind, c.keys, c.values, c.next_position) for kind, c in contexts.items()]
-    proto = options_to_proto(RequestOptions(params, latents_only=latents_only))
-    return encode_kv(kv, request_id=request_id, fingerprint=fingerprint, params=proto)
+    if latents_only:
+        params = dataclasses.replace(params, output_format="latents")
+    return encode_kv(
+        contexts, request_id=request_id, fingerprint=fingerprint, params=params.to_proto()
+    )
 
 
 def generate(address: str, frames, timeout: float = 60.0) -> list:

@@ -9,12 +9,12 @@ import torch
 import torch.distributed as dist
 
 from bagel.generation import ForwardGraphs
-from bagel.params import GenerationParams
+from bagel.kv import Branch
 from bagel.pipeline import Pipeline
-from bagel.sampler import UNCOND_IMG
 from diffusion_service.job import JobSpec
 from diffusion_service.parallel.mesh import ParallelMesh
 from diffusion_service.runner import JobCancelled, RankRuntime, run_job
+from serving.params import GenerationParams
 from tests.helpers.ranks import run_ranks
 
 # 48x80 pixels -> 3x5 = 15 latent tokens: divisible by neither 2 nor 4.
@@ -40,7 +40,7 @@ def _contexts(pipeline: Pipeline, with_img: bool) -> dict:
     different context as image editing would."""
     contexts = pipeline.prefill("a green apple", negative_prompt="dark")
     if with_img:
-        contexts[UNCOND_IMG] = pipeline.prefill("an apple")["cond"]
+        contexts[Branch.UNCOND_IMG] = pipeline.prefill("an apple")[Branch.COND]
     return contexts
 
 
@@ -92,7 +92,7 @@ def _cancel_rank(rank, world, model_dir):
             JobSpec(1, PARAMS),
             contexts,
             keep_going=lambda: len(steps) < 2,
-            on_progress=lambda done, total: steps.append(done),
+            on_progress=lambda done, total, cached: steps.append(done),
         )
     except JobCancelled:
         return {"stopped": torch.tensor(1)}

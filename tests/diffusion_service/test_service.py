@@ -19,8 +19,8 @@ import torch
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
-from bagel.params import GenerationParams
 from bagel.pipeline import Pipeline
+from serving.params import GenerationParams
 from tests.diffusion_service.kv_stream import generate, kv_frames, latents_of
 from tests.helpers.processes import ROOT, ServiceProcess, children_of, health_status, pids_with_arg
 from tests.helpers.ranks import free_port
@@ -62,7 +62,9 @@ def test_png_through_the_service_equals_the_in_process_reference(ulysses2, pipel
         range(1, 8)
     )
     image = np.asarray(Image.open(io.BytesIO(events[-1].image.png)).convert("RGB"), dtype=int)
-    reference = np.asarray(pipeline.decode(pipeline.denoise(contexts, PARAMS), PARAMS), dtype=int)
+    reference = np.asarray(
+        pipeline.decode(pipeline.denoise(contexts, PARAMS), PARAMS.height, PARAMS.width), dtype=int
+    )
     assert image.shape == reference.shape == (48, 80, 3)
     assert np.abs(image - reference).max() <= 1
     timings = events[-2].timings
@@ -84,7 +86,7 @@ def test_every_topology_through_the_service_equals_the_single_process_latents(
     tiny_model_dir, pipeline, contexts, topology
 ):
     expected = pipeline.denoise(contexts, PARAMS)  # 15 tokens: divides none of the degrees
-    reference = np.asarray(pipeline.decode(expected, PARAMS), dtype=int)
+    reference = np.asarray(pipeline.decode(expected, PARAMS.height, PARAMS.width), dtype=int)
     fp = pipeline.config.fingerprint()
     with service(tiny_model_dir, *topology) as svc:
         svc.wait_serving()

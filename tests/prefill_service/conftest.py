@@ -13,10 +13,10 @@ from bagel.config import BagelConfig
 from prefill_service.prefill import KVSource, LanguageModelKV, LayerKV, PlannedKV
 from prefill_service.server import PrefillServer
 from prefill_service.settings import PrefillSettings
+from serving.params import GenerationParams
 from tests.helpers.event_loop import EventLoopThread
 from tests.helpers.ranks import free_port
 from tests.prefill_service.fake_diffusion import FakeDiffusion
-from transport.params import RequestOptions
 
 
 class InstrumentedSource:
@@ -34,8 +34,8 @@ class InstrumentedSource:
         self.before_layer = None
         self.layer_done_times = []
 
-    def plan(self, prompt: str, options: RequestOptions) -> PlannedKV:
-        planned = self.inner.plan(prompt, options)
+    def plan(self, prompt: str, params: GenerationParams) -> PlannedKV:
+        planned = self.inner.plan(prompt, params)
         return PlannedKV(planned.contexts, lambda: self._observed(planned.compute()))
 
     def _observed(self, layers: Iterator[LayerKV]) -> Iterator[LayerKV]:

@@ -11,13 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from bagel.params import GenerationParams
 from bagel.pipeline import Pipeline
 from client import BagelClient, build_request
 from prefill_service.mock import synthetic_contexts
 from protos import OutputFormat, PrefillStub
+from serving.params import GenerationParams
 from tests.helpers.processes import ServiceProcess
-from transport.params import options_from_proto
 
 SMALL = {"height": 48, "width": 80, "num_timesteps": 8}
 
@@ -45,8 +44,8 @@ def pixels(image) -> np.ndarray:
 
 
 def reference_image(pipeline: Pipeline, prompt: str, seed: int, negative: str = "") -> np.ndarray:
-    params = GenerationParams(seed=seed, **SMALL)
-    return pixels(pipeline.generate(prompt, params, negative_prompt=negative).image)
+    params = GenerationParams(seed=seed, negative_prompt=negative, **SMALL)
+    return pixels(pipeline.generate(prompt, params).image)
 
 
 def test_png_through_both_services_equals_the_in_process_reference(prefill, pipeline):
@@ -108,8 +107,8 @@ def test_mock_prefill_through_real_diffusion_matches_the_pipeline_fed_the_same_k
         mock.wait_serving()
         with BagelClient(mock.address, timeout=60) as client:
             result = client.generate(prompt, **kwargs)
-    options = options_from_proto(build_request(prompt, **kwargs).params, pipeline.config)
-    contexts = synthetic_contexts(pipeline.config, prompt, options)
-    latents = pipeline.denoise(contexts, options.params)
-    reference = pixels(pipeline.decode(latents, options.params))
+    params = GenerationParams.from_proto(build_request(prompt, **kwargs).params)
+    contexts = synthetic_contexts(pipeline.config, prompt, params)
+    latents = pipeline.denoise(contexts, params)
+    reference = pixels(pipeline.decode(latents, params.height, params.width))
     assert np.abs(pixels(result.image) - reference).max() <= 1

@@ -10,32 +10,35 @@ from pathlib import Path
 import pytest
 import torch
 
+from bagel.kv import Branch, ContextKV
 from bagel.pipeline import Pipeline
 from client import BagelClient, build_request
 from prefill_service.mock import SyntheticKV, synthetic_contexts, synthetic_token_count
 from prefill_service.settings import PrefillSettings
 from protos import kv_pb2
+from serving.params import GenerationParams
 from tests.helpers.processes import ROOT, ServiceProcess
 from tests.prefill_service.conftest import RunningPrefill
-from transport.params import RequestOptions, options_from_proto
 
 SMALL = {"height": 64, "width": 64}
 
 
-def options(config, **params) -> RequestOptions:
-    return options_from_proto(build_request("unused", **params).params, config)
+def options(config, **params) -> GenerationParams:
+    parsed = GenerationParams.from_proto(build_request("unused", **params).params)
+    parsed.validate(config.pixels_per_token, config.max_image_size)
+    return parsed
 
 
 def assert_same_kv(a, b) -> None:
     assert list(a) == list(b)
     for kind in a:
-        assert a[kind].next_position == b[kind].next_position
+        assert a[kind].next_rope_position == b[kind].next_rope_position
         for x, y in zip(a[kind].keys + a[kind].values, b[kind].keys + b[kind].values, strict=True):
             assert torch.equal(x, y)
 
 
 def differs(a, b) -> bool:
-    return not torch.equal(a["cond"].keys[0], b["cond"].keys[0])
+    return not torch.equal(a[Branch.COND].keys[0], b[Branch.COND].keys[0])
 
 
 def test_same_prompt_and_seed_give_identical_kv(tiny_config):
@@ -57,29 +60,30 @@ def test_kv_has_the_model_shapes_and_a_realistic_scale(tiny_config):
     contexts = synthetic_contexts(
         tiny_config, prompt, options(tiny_config, seed=1, negative_prompt=negative)
     )
-    assert list(contexts) == ["cond", "uncond_text"]
-    for kind, text in (("cond", prompt), ("uncond_text", negative)):
+    assert list(contexts) == [Branch.COND, Branch.UNCOND_TEXT]
+    for kind, text in ((Branch.COND, prompt), (Branch.UNCOND_TEXT, negative)):
         ctx = contexts[kind]
         tokens = synthetic_token_count(text)
-        assert ctx.next_position == tokens == 2 + -(-len(text.encode()) // 4)
+        assert ctx.next_rope_position == tokens == 2 + -(-len(text.encode()) // 4)
         assert len(ctx.keys) == len(ctx.values) == llm.num_layers
         for t in ctx.keys + ctx.values:
             assert t.shape == (tokens, llm.num_kv_heads, llm.head_dim)
             assert t.dtype == torch.float32
-    keys = torch.cat([k.flatten() for k in contexts["cond"].keys])
-    values = torch.cat([v.flatten() for v in contexts["cond"].values])
+    keys = torch.cat([k.flatten() for k in contexts[Branch.COND].keys])
+    values = torch.cat([v.flatten() for v in contexts[Branch.COND].values])
     assert 0.9 < keys.std() < 1.1 and 0.4 < values.std() < 0.6
 
 
 def test_empty_negative_prompt_gives_an_empty_uncond_context(tiny_config):
     contexts = synthetic_contexts(tiny_config, "A cat", options(tiny_config, seed=1))
-    assert contexts["uncond_text"].num_tokens == 0 and contexts["uncond_text"].next_position == 0
+    assert contexts[Branch.UNCOND_TEXT].num_tokens == 0
+    assert contexts[Branch.UNCOND_TEXT].next_rope_position == 0
 
 
 def test_synthetic_kv_feeds_the_in_process_pipeline(tiny_model_dir, tiny_config):
     opts = options(tiny_config, seed=4, num_timesteps=3, **SMALL)
     latents = Pipeline(tiny_model_dir).denoise(
-        synthetic_contexts(tiny_config, "A cute cat", opts), opts.params
+        synthetic_contexts(tiny_config, "A cute cat", opts), opts
     )
     assert latents.shape == (16, tiny_config.patch_dim) and torch.isfinite(latents).all()
 
@@ -103,7 +107,7 @@ def test_mock_service_sends_exactly_synthetic_contexts(
     assert call.header.dtype == (kv_pb2.DTYPE_FP32 if dtype == torch.float32 else kv_pb2.DTYPE_BF16)
     expected = synthetic_contexts(tiny_config, "A cute cat", options(tiny_config, **params), dtype)
     got = {
-        c.kind: type(expected["cond"])(c.keys, c.values, c.next_rope_position)
+        Branch(c.kind): ContextKV(c.keys, c.values, c.next_rope_position)
         for c in call.received.cache.contexts
     }
     assert_same_kv(got, expected)

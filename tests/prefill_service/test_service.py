@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from bagel.checkpoint import load_bagel
+from bagel.kv import Branch
 from bagel.prompts import cfg_prompts
 from bagel.tokenizer import load_tokenizer
 from client import BagelClient
@@ -57,7 +58,7 @@ def test_kv_that_arrives_equals_in_process_prefill_bit_for_bit(
     expected = reference_model.prefill(list(prompts.values()))
     assert [c.kind for c in received.cache.contexts] == list(prompts)
     for got, want, ids in zip(received.cache.contexts, expected, prompts.values(), strict=True):
-        assert got.num_tokens == len(ids) and got.next_rope_position == want.next_position
+        assert got.num_tokens == len(ids) and got.next_rope_position == want.next_rope_position
         for layer in range(len(want.keys)):
             assert torch.equal(got.keys[layer], want.keys[layer])
             assert torch.equal(got.values[layer], want.values[layer])
@@ -91,7 +92,7 @@ def test_concurrent_requests_each_get_their_own_kv(
     for call in fake_diffusion.calls:
         rid = call.received.request_id
         assert call.received.params.seed == results[rid]
-        ids = cfg_prompts(tokenizer, prompts[rid])["cond"]
+        ids = cfg_prompts(tokenizer, prompts[rid])[Branch.COND]
         [want] = reference_model.prefill([ids])
         got = call.received.cache.contexts[0]
         for layer in range(len(want.keys)):

@@ -7,10 +7,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from transport import FreshBuffers, KVContext, KVSpec
+from bagel.kv import Branch, ContextKV
+from transport import ContextViews, FreshBuffers, KVSpec
 
 FINGERPRINT = "test-model-v1"
-KINDS = ("cond", "uncond_text", "uncond_img")
+KINDS = (Branch.COND, Branch.UNCOND_TEXT, Branch.UNCOND_IMG)
 
 
 def make_contexts(
@@ -21,24 +22,25 @@ def make_contexts(
     heads: int = 2,
     head_dim: int = 8,
     seed: int = 0,
-) -> list[KVContext]:
-    """One context per entry of `tokens` (cond, uncond_text, uncond_img), random contents."""
+) -> dict[Branch, ContextKV]:
+    """One context per entry of `tokens` (cond, uncond_text, uncond_img), random contents; the
+    i-th has next RoPE position `tokens[i] + i`."""
     gen = torch.Generator().manual_seed(seed)
 
     def tensor(n: int) -> Tensor:
         return torch.randn(n, heads, head_dim, generator=gen).to(dtype)
 
-    return [
-        KVContext(
-            kind, [tensor(n) for _ in range(layers)], [tensor(n) for _ in range(layers)], n + i
+    return {
+        kind: ContextKV(
+            [tensor(n) for _ in range(layers)], [tensor(n) for _ in range(layers)], n + i
         )
         for i, (kind, n) in enumerate(zip(KINDS, tokens, strict=False))
-    ]
+    }
 
 
-def spec_for(contexts: list[KVContext], fingerprint: str = FINGERPRINT) -> KVSpec:
-    k = next(t for c in contexts for t in c.keys)
-    return KVSpec(fingerprint, len(contexts[0].keys), k.shape[1], k.shape[2])
+def spec_for(contexts: dict[Branch, ContextKV], fingerprint: str = FINGERPRINT) -> KVSpec:
+    k = next(t for c in contexts.values() for t in c.keys)
+    return KVSpec(fingerprint, len(contexts[Branch.COND].keys), k.shape[1], k.shape[2])
 
 
 def raw(t: Tensor) -> bytes:
@@ -46,9 +48,9 @@ def raw(t: Tensor) -> bytes:
     return t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
 
 
-def assert_same_cache(sent: list[KVContext], received: list[KVContext]) -> None:
-    assert [c.kind for c in received] == [c.kind for c in sent]
-    for a, b in zip(sent, received, strict=True):
+def assert_same_cache(sent: dict[Branch, ContextKV], received: list[ContextViews]) -> None:
+    assert [c.kind for c in received] == list(sent)
+    for a, b in zip(sent.values(), received, strict=True):
         assert b.next_rope_position == a.next_rope_position
         assert len(b.keys) == len(a.keys) and len(b.values) == len(a.values)
         for x, y in zip(a.keys + a.values, b.keys + b.values, strict=True):

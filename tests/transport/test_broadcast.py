@@ -21,7 +21,7 @@ TOKENS = (7, 0, 5)  # the unconditional text context is empty
 def source_cache(seed: int) -> KVCache:
     contexts = make_contexts(TOKENS, dtype=torch.bfloat16, layers=3, seed=seed)
     payload = b"".join(
-        raw(t) for c in contexts for p in zip(c.keys, c.values, strict=True) for t in p
+        raw(t) for c in contexts.values() for p in zip(c.keys, c.values, strict=True) for t in p
     )
     return KVCache.wrap(
         KVLayout.of(contexts), torch.frombuffer(bytearray(payload), dtype=torch.uint8)
@@ -32,13 +32,13 @@ def views_match(cache: KVCache, seed: int) -> bool:
     """This rank's views hold the tensors rank 0 started from, at the right shapes."""
     expected = make_contexts(TOKENS, dtype=torch.bfloat16, layers=3, seed=seed)
     return all(
-        a.kind == b.kind
+        kind == b.kind
         and a.next_rope_position == b.next_rope_position
         and all(
             raw(x) == raw(y) and x.shape == y.shape
             for x, y in zip(a.keys + a.values, b.keys + b.values, strict=True)
         )
-        for a, b in zip(expected, cache.contexts, strict=True)
+        for (kind, a), b in zip(expected.items(), cache.contexts, strict=True)
     )
 
 

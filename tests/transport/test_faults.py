@@ -21,7 +21,7 @@ CHUNK = 64
 CONTEXTS = make_contexts([5, 0, 3], dtype=torch.float32, layers=2)
 SPEC = spec_for(CONTEXTS)
 PAYLOAD = b"".join(
-    raw(t) for c in CONTEXTS for pair in zip(c.keys, c.values, strict=True) for t in pair
+    raw(t) for c in CONTEXTS.values() for pair in zip(c.keys, c.values, strict=True) for t in pair
 )
 Frames = list[bytes]
 
@@ -286,7 +286,14 @@ def test_dtype_the_model_does_not_take_is_rejected():
 
 
 def test_header_without_cond_context_is_rejected():
-    fs = list(encode_kv(CONTEXTS[:2], request_id="t", fingerprint=FINGERPRINT, chunk_size=CHUNK))
+    fs = list(
+        encode_kv(
+            dict(list(CONTEXTS.items())[:2]),
+            request_id="t",
+            fingerprint=FINGERPRINT,
+            chunk_size=CHUNK,
+        )
+    )
     fs[0] = edit(fs[0], lambda m: set_kind(0, kv_pb2.CONTEXT_KIND_UNCOND_IMG)(m.header))
     error, _, _ = run(fs)
     assert error.fault is CONTRACT and error.message == "the header has no cond context"

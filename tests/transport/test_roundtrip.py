@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 
+from bagel.kv import Branch, ContextKV
 from protos import DiffusionFrame, GenerationParams
 from transport import (
     BufferPool,
@@ -16,7 +17,6 @@ from transport import (
     encode_kv,
     encode_layers,
 )
-from transport.layout import KVContext
 
 from .factory import FINGERPRINT, RecordingBuffers, assert_same_cache, make_contexts, spec_for
 
@@ -36,7 +36,7 @@ def test_round_trip_is_exact_for_random_sizes_and_chunkings(dtype, seed):
     rng = random.Random(seed)
     tokens = [rng.randint(1, 40), 0, rng.randint(0, 40)][: rng.randint(2, 3)]
     contexts = make_contexts(tokens, dtype=dtype, layers=rng.randint(1, 4), seed=seed)
-    contexts[0].keys[0][0, 0, 0] = float("nan")  # bit patterns travel, not values
+    contexts[Branch.COND].keys[0][0, 0, 0] = float("nan")  # bit patterns travel, not values
     chunk_size = rng.choice([1, 7, 64, 1000, 1 << 20])
     params = GenerationParams(height=512, width=768, seed=seed)
     frames = list(
@@ -60,7 +60,7 @@ def test_zero_token_context_round_trips_as_empty_tensors():
     received = assemble(
         encode_kv(contexts, request_id="z", fingerprint=FINGERPRINT), spec_for(contexts)
     )
-    empty = received.cache.context("uncond_text")
+    empty = received.cache.context(Branch.UNCOND_TEXT)
     assert empty is not None and all(t.shape == (0, 2, 8) for t in empty.keys + empty.values)
     assert_same_cache(contexts, received.cache.contexts)
 
@@ -81,7 +81,9 @@ def test_layers_encoded_out_of_order_as_prefill_produces_them_still_round_trip()
     )
     frames = [encoder.header()]
     for layer in [3, 0, 4, 1, 2]:
-        frames += encoder.layer(layer, [(c.keys[layer], c.values[layer]) for c in contexts])
+        frames += encoder.layer(
+            layer, [(c.keys[layer], c.values[layer]) for c in contexts.values()]
+        )
     frames.append(encoder.trailer())
     assert_same_cache(contexts, assemble(frames, spec_for(contexts)).cache.contexts)
 
@@ -93,7 +95,7 @@ def test_encode_layers_streams_each_layer_before_the_next_is_produced():
     def layers():
         for layer in range(3):
             produced.append(layer)
-            yield [(c.keys[layer], c.values[layer]) for c in contexts]
+            yield [(c.keys[layer], c.values[layer]) for c in contexts.values()]
 
     frames = encode_layers(KVLayout.of(contexts), layers(), request_id="s", fingerprint=FINGERPRINT)
     next(frames)  # header
@@ -200,7 +202,11 @@ def test_encoder_rejects_tensors_that_do_not_match_the_layout():
     with pytest.raises(ValueError, match="context 0 layer 0 K"):
         list(
             encoder.layer(
-                0, [(bad, contexts[0].values[0]), (contexts[1].keys[0], contexts[1].values[0])]
+                0,
+                [
+                    (bad, contexts[Branch.COND].values[0]),
+                    (contexts[Branch.UNCOND_TEXT].keys[0], contexts[Branch.UNCOND_TEXT].values[0]),
+                ],
             )
         )
     with pytest.raises(ValueError, match="never encoded"):
@@ -209,6 +215,7 @@ def test_encoder_rejects_tensors_that_do_not_match_the_layout():
 
 def test_layout_of_rejects_ragged_layers():
     contexts = make_contexts([3, 2], layers=2)
-    contexts[1] = KVContext("uncond_text", contexts[1].keys[:1], contexts[1].values[:1], 0)
+    text = contexts[Branch.UNCOND_TEXT]
+    contexts[Branch.UNCOND_TEXT] = ContextKV(text.keys[:1], text.values[:1], 0)
     with pytest.raises(ValueError, match="does not have 2 layers"):
         KVLayout.of(contexts)

@@ -1,0 +1,292 @@
+"""How one request field travels: between the dataclass and its protobuf field, from a caller's
+keyword argument, from the command line, and what values it may hold.
+
+`serving.params` attaches one codec to every field; nothing else names the fields.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
+
+from serving.errors import InvalidParams
+
+
+def enum_names(enum: EnumTypeWrapper, prefix: str) -> tuple[str, ...]:
+    """The lower-case names of a proto enum's values after its prefix, UNSPECIFIED left out."""
+    return tuple(
+        name.removeprefix(prefix).lower()
+        for name in enum.keys()  # noqa: SIM118 - an enum wrapper, not a dict
+        if not name.endswith("_UNSPECIFIED")
+    )
+
+
+def fields_from_message(cls: type, msg: Any) -> dict[str, Any]:
+    """Dataclass keyword arguments for the fields `msg` sets (unset ones are left out)."""
+    values = {}
+    for f in dataclasses.fields(cls):
+        value = f.metadata["codec"].from_proto(msg, f.name)
+        if value is not None:
+            values[f.name] = value
+    return values
+
+
+def fields_to_message(obj: Any, msg: Any) -> Any:
+    """Set every field of dataclass `obj` on `msg`; returns `msg`."""
+    for f in dataclasses.fields(obj):
+        f.metadata["codec"].to_proto(msg, f.name, getattr(obj, f.name))
+    return msg
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class Range:
+    """Valid values `lo .. hi`; an open end excludes its bound."""
+
+    lo: float
+    hi: float
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def contains(self, value: float) -> bool:
+        above = value > self.lo if self.lo_open else value >= self.lo
+        below = value < self.hi if self.hi_open else value <= self.hi
+        return above and below
+
+    def check(self, name: str, value: float) -> None:
+        if not self.contains(value):
+            raise InvalidParams(f"{name}={value!r} must be in {self}")
+
+    def __str__(self) -> str:
+        return (
+            f"{'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+        )
+
+
+class Codec:
+    """Scalar fields with proto3 `optional` presence: unset on the wire means the default."""
+
+    python_type: type = object
+
+    def from_proto(self, msg: Any, name: str) -> Any:
+        return getattr(msg, name) if msg.HasField(name) else None
+
+    def to_proto(self, msg: Any, name: str, value: Any) -> None:
+        setattr(msg, name, value)
+
+    def from_user(self, name: str, value: Any) -> Any:
+        """A caller's keyword argument as the field holds it; TypeError for a wrong type."""
+        self._check_type(name, value, TypeError)
+        return value
+
+    def check(self, name: str, value: Any) -> None:
+        """InvalidParams unless the field may hold `value` at all (ranges come separately)."""
+        self._check_type(name, value, InvalidParams)
+
+    def _check_type(self, name: str, value: Any, error: type[Exception]) -> None:
+        if isinstance(value, bool) or not isinstance(value, self.python_type):
+            raise error(f"{name} must be {self.python_type.__name__}, got {value!r}")
+
+    def add_argument(self, parser: argparse.ArgumentParser, name: str, meta: dict) -> None:
+        parser.add_argument(
+            flag(name), *meta["flags"], dest=name, type=self.python_type, help=meta["help"]
+        )
+
+    def from_cli(self, args: argparse.Namespace, name: str) -> Any:
+        return getattr(args, name)
+
+
+class IntCodec(Codec):
+    python_type = int
+
+
+class FloatCodec(Codec):
+    python_type = float
+
+    def from_user(self, name: str, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"{name} must be a number, got {value!r}")
+        return float(value)
+
+    def check(self, name: str, value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InvalidParams(f"{name} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise InvalidParams(f"{name}={value!r} must be finite")
+
+
+class StringCodec(Codec):
+    """A proto3 string without presence: empty means unset."""
+
+    python_type = str
+
+    def __init__(self, max_chars: int) -> None:
+        self.max_chars = max_chars
+
+    def from_proto(self, msg: Any, name: str) -> str | None:
+        return getattr(msg, name) or None
+
+    def check(self, name: str, value: Any) -> None:
+        super().check(name, value)
+        if len(value) > self.max_chars:
+            raise InvalidParams(f"{name} is longer than {self.max_chars} characters")
+
+
+class EnumNameCodec(Codec):
+    """A proto enum, held as the lower-case name of its value (`CFG_RENORM_TYPE_GLOBAL` ->
+    "global"); the zero value (UNSPECIFIED) means unset."""
+
+    python_type = str
+
+    def __init__(self, enum: EnumTypeWrapper, prefix: str) -> None:
+        self.enum = enum
+        self.prefix = prefix
+        self.names = enum_names(enum, prefix)
+
+    def from_proto(self, msg: Any, name: str) -> str | None:
+        number = getattr(msg, name)
+        if number == 0:
+            return None
+        label = self.enum.Name(number) if number in self.enum.values() else None
+        if label is None:
+            raise InvalidParams(f"{name}={number} is not a known value")
+        return label.removeprefix(self.prefix).lower()
+
+    def to_proto(self, msg: Any, name: str, value: str) -> None:
+        setattr(msg, name, self.enum.Value(self.prefix + value.upper()))
+
+    def from_user(self, name: str, value: Any) -> str:
+        super().from_user(name, value)
+        if value not in self.names:
+            raise ValueError(f"{name} must be one of {', '.join(self.names)}, got {value!r}")
+        return value
+
+    def check(self, name: str, value: Any) -> None:
+        super().check(name, value)
+        if value not in self.names:
+            raise InvalidParams(f"{name}={value!r} must be one of {', '.join(self.names)}")
+
+    def add_argument(self, parser: argparse.ArgumentParser, name: str, meta: dict) -> None:
+        parser.add_argument(
+            flag(name), *meta["flags"], dest=name, choices=self.names, help=meta["help"]
+        )
+
+
+class IntervalCodec(Codec):
+    """A `(lo, hi)` pair of floats in [0, 1], as a message with fields `lo` and `hi`."""
+
+    def from_proto(self, msg: Any, name: str) -> tuple[float, float] | None:
+        if not msg.HasField(name):
+            return None
+        pair = getattr(msg, name)
+        return (pair.lo, pair.hi)
+
+    def to_proto(self, msg: Any, name: str, value: tuple[float, float]) -> None:
+        pair = getattr(msg, name)
+        pair.lo, pair.hi = value
+
+    def from_user(self, name: str, value: Any) -> tuple[float, float]:
+        if not isinstance(value, tuple | list) or len(value) != 2:
+            raise TypeError(f"{name} must be a pair (lo, hi), got {value!r}")
+        return tuple(FloatCodec().from_user(name, x) for x in value)  # type: ignore[return-value]
+
+    def check(self, name: str, value: Any) -> None:
+        if not isinstance(value, tuple) or len(value) != 2:
+            raise InvalidParams(f"{name} must be a pair (lo, hi), got {value!r}")
+        for x in value:
+            FloatCodec().check(name, x)
+            if not 0.0 <= x <= 1.0:
+                raise InvalidParams(f"{name}={value!r}: both ends must be in [0, 1]")
+
+    def add_argument(self, parser: argparse.ArgumentParser, name: str, meta: dict) -> None:
+        parser.add_argument(
+            flag(name),
+            *meta["flags"],
+            dest=name,
+            type=float,
+            nargs=2,
+            metavar=("LO", "HI"),
+            help=meta["help"],
+        )
+
+    def from_cli(self, args: argparse.Namespace, name: str) -> tuple[float, float] | None:
+        value = getattr(args, name)
+        return tuple(value) if value is not None else None  # type: ignore[return-value]
+
+
+class CachePolicyCodec(Codec):
+    """A oneof of policy messages, held as one of the policy dataclasses. `policies` maps each
+    oneof member's name to its dataclass, whose fields are the member message's fields."""
+
+    def __init__(self, policies: dict[str, type]) -> None:
+        self.policies = policies
+        self.names = {cls: name for name, cls in policies.items()}
+
+    def from_proto(self, msg: Any, name: str) -> Any:
+        if not msg.HasField(name):
+            return None
+        holder = getattr(msg, name)
+        member = holder.WhichOneof("policy")
+        if member is None:
+            return None
+        cls = self.policies.get(member)
+        if cls is None:
+            raise InvalidParams(f"{name}.{member} is not a known policy")
+        return cls(**fields_from_message(cls, getattr(holder, member)))
+
+    def to_proto(self, msg: Any, name: str, value: Any) -> None:
+        member = getattr(getattr(msg, name), self.names[type(value)])
+        member.SetInParent()
+        fields_to_message(value, member)
+
+    def from_user(self, name: str, value: Any) -> Any:
+        if isinstance(value, str) and value in self.policies:
+            return self.policies[value]()
+        if type(value) not in self.names:
+            raise TypeError(
+                f"{name} must be a policy name ({', '.join(self.policies)}) or one of "
+                f"{', '.join(cls.__name__ for cls in self.names)}, got {value!r}"
+            )
+        return value
+
+    def check(self, name: str, value: Any) -> None:
+        if type(value) not in self.names:
+            raise InvalidParams(f"{name}={value!r} is not a known policy")
+
+    def add_argument(self, parser: argparse.ArgumentParser, name: str, meta: dict) -> None:
+        parser.add_argument(
+            flag(name), *meta["flags"], dest=name, choices=tuple(self.policies), help=meta["help"]
+        )
+        for policy_name, cls in self.policies.items():
+            for f in dataclasses.fields(cls):
+                f.metadata["codec"].add_argument(
+                    parser,
+                    f.name,
+                    {**f.metadata, "help": f"{f.metadata['help']} (with --{name} {policy_name})"},
+                )
+
+    def from_cli(self, args: argparse.Namespace, name: str) -> Any:
+        chosen = getattr(args, name)
+        given = {
+            cls: {
+                f.name: f.metadata["codec"].from_cli(args, f.name)
+                for f in dataclasses.fields(cls)
+                if f.metadata["codec"].from_cli(args, f.name) is not None
+            }
+            for cls in self.names
+        }
+        cls = self.policies[chosen] if chosen is not None else None
+        stray = [k for other, options in given.items() if other is not cls for k in options]
+        if stray:
+            raise ValueError(
+                f"{', '.join(flag(k) for k in stray)} need(s) the matching --{name} policy"
+            )
+        return None if cls is None else cls(**given[cls])
