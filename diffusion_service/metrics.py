@@ -34,5 +34,5 @@ class ServiceMetrics:
             restarts=Counter("bagel_diffusion_rank_restarts", "Rank group restarts", registry=r),
         )
 
-    def serve(self, port: int) -> None:
-        start_http_server(port, addr="0.0.0.0", registry=self.registry)
+    def serve(self, host: str, port: int) -> None:
+        start_http_server(port, addr=host, registry=self.registry)

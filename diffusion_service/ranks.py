@@ -19,7 +19,7 @@ from bagel.model import Bagel
 from bagel.pipeline import default_dtype
 from bagel.tokenizer import load_tokenizer
 from diffusion_service.job import Command, receive_message
-from diffusion_service.parallel.mesh import ParallelMesh, validate_topology
+from diffusion_service.parallel.mesh import ParallelMesh
 from diffusion_service.runner import JobCancelled, RankRuntime, run_job
 from diffusion_service.settings import ServiceSettings
 from transport.broadcast import broadcast_kv
@@ -65,10 +65,11 @@ def join_group(
     # Commands and per-step flags are tiny CPU tensors: a gloo group for them on any backend.
     control = dist.new_group(backend="gloo", timeout=settings.collective_timeout)
     llm = model.config.llm
+    parallel = settings.parallel
     mesh = ParallelMesh.build(
-        settings.cfg_parallel,
-        settings.ring,
-        settings.ulysses,
+        parallel.cfg_parallel,
+        parallel.ring,
+        parallel.ulysses,
         num_heads=llm.num_heads,
         num_kv_heads=llm.num_kv_heads,
         timeout=settings.collective_timeout,
@@ -127,14 +128,7 @@ def validate_settings(settings: ServiceSettings) -> BagelConfig:
     config = BagelConfig.from_dir(settings.model_dir)
     llm = config.llm
     world = int(os.environ["WORLD_SIZE"]) if settings.torchrun else settings.world_size
-    validate_topology(
-        settings.cfg_parallel,
-        settings.ring,
-        settings.ulysses,
-        world,
-        llm.num_kv_heads,
-        llm.num_heads,
-    )
+    settings.parallel.validate(llm.num_heads, llm.num_kv_heads, world)
     return config
 
 

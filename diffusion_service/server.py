@@ -43,7 +43,7 @@ async def _serve(settings: ServiceSettings, config, world: RankWorld) -> None:
     health_servicer = health.aio.HealthServicer()
     metrics = ServiceMetrics.create()
     if settings.metrics_port is not None:
-        metrics.serve(settings.metrics_port)
+        metrics.serve(settings.metrics_host, settings.metrics_port)
 
     async def set_health(serving: bool) -> None:
         status = (
@@ -78,12 +78,10 @@ async def _serve(settings: ServiceSettings, config, world: RankWorld) -> None:
     await set_health(True)
     host = settings.listen.rsplit(":", 1)[0]
     log.info(
-        "diffusion service listening on %s:%d (ulysses %d, ring %d, cfg %d, %s)",
+        "diffusion service listening on %s:%d (%s, %s)",
         host,
         port,
-        settings.ulysses,
-        settings.ring,
-        settings.cfg_parallel,
+        settings.parallel.describe(),
         settings.device,
     )
 

@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
+
+from diffusion_service.parallel.config import ParallelConfig
+from serving.settings import DEFAULT_METRICS_HOST, default, listen_host
 
 
 @dataclass(frozen=True)
 class ServiceSettings:
     model_dir: str
     listen: str = "127.0.0.1:50052"
-    ulysses: int = 1
-    ring: int = 1
-    cfg_parallel: int = 1
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     device: str = "cpu"
     max_queue: int = 8
     max_kv_bytes: int = 1 << 30
+    metrics_host: str = DEFAULT_METRICS_HOST
     metrics_port: int | None = None
     collective_timeout_s: float = 60.0
     heartbeat_s: float = 2.0
@@ -26,47 +28,87 @@ class ServiceSettings:
 
     @property
     def world_size(self) -> int:
-        return self.ulysses * self.ring * self.cfg_parallel
+        return self.parallel.world_size
 
     @property
     def collective_timeout(self) -> timedelta:
         return timedelta(seconds=self.collective_timeout_s)
 
+    @property
+    def listen_host(self) -> str:
+        return listen_host(self.listen)
 
-def parse_settings(argv: list[str] | None = None) -> ServiceSettings:
+
+def build_parser() -> argparse.ArgumentParser:
+    s, p = ServiceSettings, ParallelConfig
     parser = argparse.ArgumentParser(
         prog="python -m diffusion_service",
         description="BAGEL diffusion service: receives a KV cache, denoises on all ranks, streams the image.",
     )
     parser.add_argument("--model", required=True, help="checkpoint directory")
-    parser.add_argument("--listen", default="127.0.0.1:50052", help="HOST:PORT to serve on")
+    parser.add_argument("--listen", default=default(s, "listen"), help="HOST:PORT to serve on")
     parser.add_argument(
-        "--ulysses", type=int, default=1, help="Ulysses degree (divides the KV heads)"
+        "--ulysses",
+        type=int,
+        default=default(p, "ulysses"),
+        help="Ulysses degree (divides the KV heads)",
     )
-    parser.add_argument("--ring", type=int, default=1, help="Ring degree")
-    parser.add_argument("--cfg-parallel", type=int, default=1, help="CFG-parallel degree")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--ring", type=int, default=default(p, "ring"), help="Ring degree")
     parser.add_argument(
-        "--max-queue", type=int, default=8, help="requests waiting beyond the running one"
+        "--cfg-parallel", type=int, default=default(p, "cfg_parallel"), help="CFG-parallel degree"
     )
     parser.add_argument(
-        "--max-kv-bytes", type=int, default=1 << 30, help="largest KV cache accepted"
+        "--sp-attention",
+        default=default(p, "sp_attention"),
+        help="SP attention variant by name (default: the one the degrees imply)",
+    )
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=default(s, "device"))
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=default(s, "max_queue"),
+        help="requests waiting beyond the running one",
+    )
+    parser.add_argument(
+        "--max-kv-bytes",
+        type=int,
+        default=default(s, "max_kv_bytes"),
+        help="largest KV cache accepted",
+    )
+    parser.add_argument(
+        "--metrics-host", default=default(s, "metrics_host"), help="address metrics bind to"
     )
     parser.add_argument("--metrics-port", type=int, default=None, help="Prometheus metrics port")
-    parser.add_argument("--collective-timeout", type=float, default=60.0, help="seconds")
     parser.add_argument(
-        "--drain-timeout", type=float, default=10.0, help="seconds to finish work on SIGTERM"
+        "--collective-timeout",
+        type=float,
+        default=default(s, "collective_timeout_s"),
+        help="seconds any collective may take before the group counts as failed",
     )
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=default(s, "drain_s"),
+        help="seconds to finish work on SIGTERM",
+    )
+    return parser
+
+
+def parse_settings(argv: list[str] | None = None) -> ServiceSettings:
+    args = build_parser().parse_args(argv)
     return ServiceSettings(
         model_dir=args.model,
         listen=args.listen,
-        ulysses=args.ulysses,
-        ring=args.ring,
-        cfg_parallel=args.cfg_parallel,
+        parallel=ParallelConfig(
+            ulysses=args.ulysses,
+            ring=args.ring,
+            cfg_parallel=args.cfg_parallel,
+            sp_attention=args.sp_attention,
+        ),
         device=args.device,
         max_queue=args.max_queue,
         max_kv_bytes=args.max_kv_bytes,
+        metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,
         collective_timeout_s=args.collective_timeout,
         drain_s=args.drain_timeout,
