@@ -7,6 +7,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY bagel bagel
 COPY protos protos
+COPY serving serving
 COPY transport transport
 COPY diffusion_service diffusion_service
 COPY prefill_service prefill_service

@@ -3,8 +3,8 @@
 The generation block is `[markers ; latent tokens]`. The markers (and the prompt KV in front of
 them) are *joint* tokens: every process holds all of them. The latent tokens may be a slice of
 the whole latent sequence when a caller shards it; the model does not know or care. A
-`BlockAttention` receives both groups and returns the attention output for both, so a
-sequence-parallel implementation can be plugged in without the model changing.
+`BlockAttention` receives both groups in one `BlockQKV` and returns `(joint_out, latent_out)`,
+so a sequence-parallel implementation can be plugged in without the model changing.
 
 Conventions for every implementation:
 - shapes: q `[B, L, H, D]`, k/v `[B, L, Hkv, D]`, `H % Hkv == 0`; query head `h` reads KV head
@@ -18,6 +18,7 @@ Conventions for every implementation:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -25,17 +26,24 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+@dataclass(frozen=True)
+class BlockQKV:
+    """The inputs of one block attention: the joint tokens' q/k/v and key mask, and this
+    process's latent tokens' q/k/v (all of them, or its shard)."""
+
+    joint_q: Tensor
+    joint_k: Tensor
+    joint_v: Tensor
+    joint_key_mask: Tensor | None
+    latent_q: Tensor
+    latent_k: Tensor
+    latent_v: Tensor
+
+
 class BlockAttention(Protocol):
-    def __call__(
-        self,
-        joint_q: Tensor,
-        joint_k: Tensor,
-        joint_v: Tensor,
-        joint_key_mask: Tensor | None,
-        latent_q: Tensor,
-        latent_k: Tensor,
-        latent_v: Tensor,
-    ) -> tuple[Tensor, Tensor]: ...
+    def __call__(self, x: BlockQKV) -> tuple[Tensor, Tensor]:
+        """`(joint_out, latent_out)`, shaped like `x.joint_q` and `x.latent_q`."""
+        ...
 
 
 def expand_kv_heads(x: Tensor, num_heads: int) -> Tensor:
@@ -81,23 +89,15 @@ def masked_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     return out.transpose(1, 2)
 
 
-def full_block_attention(
-    joint_q: Tensor,
-    joint_k: Tensor,
-    joint_v: Tensor,
-    joint_key_mask: Tensor | None,
-    latent_q: Tensor,
-    latent_k: Tensor,
-    latent_v: Tensor,
-) -> tuple[Tensor, Tensor]:
+def full_block_attention(x: BlockQKV) -> tuple[Tensor, Tensor]:
     """The single-process `BlockAttention`: all tokens attend to all keys."""
-    q = torch.cat([joint_q, latent_q], dim=1)
-    k = torch.cat([joint_k, latent_k], dim=1)
-    v = torch.cat([joint_v, latent_v], dim=1)
+    q = torch.cat([x.joint_q, x.latent_q], dim=1)
+    k = torch.cat([x.joint_k, x.latent_k], dim=1)
+    v = torch.cat([x.joint_v, x.latent_v], dim=1)
     mask = None
-    if joint_key_mask is not None:
-        latent_mask = joint_key_mask.new_ones(latent_k.shape[:2])
-        mask = torch.cat([joint_key_mask, latent_mask], dim=1)
+    if x.joint_key_mask is not None:
+        latent_mask = x.joint_key_mask.new_ones(x.latent_k.shape[:2])
+        mask = torch.cat([x.joint_key_mask, latent_mask], dim=1)
     out = sdpa(q, k, v, mask)
-    joint_len = joint_q.shape[1]
+    joint_len = x.joint_q.shape[1]
     return out[:, :joint_len], out[:, joint_len:]

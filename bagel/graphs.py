@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-log = logging.getLogger("bagel.graphs")
+log = logging.getLogger(__name__)
 
 
 class GraphedCall:

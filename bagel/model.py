@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from bagel import fused
-from bagel.attention import BlockAttention, full_block_attention, masked_sdpa
+from bagel.attention import BlockAttention, BlockQKV, full_block_attention, masked_sdpa
 from bagel.config import BagelConfig, LLMConfig
 from bagel.kv import ContextKV
 from bagel.layers import (
@@ -183,14 +183,15 @@ class MoTDecoderLayer(nn.Module):
         if prefix_lengths is None:
             joint_k = torch.cat([prefix_k, jk], dim=1)
             joint_v = torch.cat([prefix_v, jv], dim=1)
-            joint_attn, latent_attn = attention(jq, joint_k, joint_v, None, lq, lk, lv)
+            joint_attn, latent_attn = attention(BlockQKV(jq, joint_k, joint_v, None, lq, lk, lv))
         else:
             outs = []
             for b, n in enumerate(prefix_lengths):
                 one = slice(b, b + 1)
                 joint_k = torch.cat([prefix_k[one, :n], jk[one]], dim=1)
                 joint_v = torch.cat([prefix_v[one, :n], jv[one]], dim=1)
-                outs.append(attention(jq[one], joint_k, joint_v, None, lq[one], lk[one], lv[one]))
+                qkv = BlockQKV(jq[one], joint_k, joint_v, None, lq[one], lk[one], lv[one])
+                outs.append(attention(qkv))
             joint_attn = torch.cat([o[0] for o in outs])
             latent_attn = torch.cat([o[1] for o in outs])
         return self._finish(joint, joint_attn, UND), self._finish(latent, latent_attn, GEN)

@@ -40,6 +40,11 @@ class StepCache(Protocol):
         """Whether this forward skips `middle` and adds `middle_residual` instead."""
         ...
 
+    def abstain(self) -> None:
+        """This process runs no forward in this step but takes part in the decision (a
+        collective policy must join its collective)."""
+        ...
+
     def middle_residual(self, branches: Sequence[Branch]) -> BlockStates:
         """What `middle` added at the last forward of `branches` that ran it."""
         ...
@@ -75,6 +80,9 @@ class NoStepCache:
         self, branches: Sequence[Branch], front_in: BlockStates, front_out: BlockStates
     ) -> bool:
         return False
+
+    def abstain(self) -> None:
+        pass
 
     def middle_residual(self, branches: Sequence[Branch]) -> BlockStates:
         raise RuntimeError("the none policy keeps no residual")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any, TextIO
 import grpc
 from tqdm import tqdm
 
-from client.client import BagelClient, IncompleteGeneration
+from client.client import BagelClient, GenerationResult, IncompleteGeneration
 from protos import GenerateEvent, Timings
 from serving.params import GenerationParams
 
@@ -33,6 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--size", type=int, help="square image side in pixels (multiple of 16)")
     add_param_arguments(gen)
     gen.add_argument("--request-id", help="unset: the server assigns one")
+    gen.add_argument(
+        "--summary-json",
+        type=Path,
+        metavar="FILE",
+        help="write request_id, seed, steps, cached_steps (0-based) and timings as JSON",
+    )
     _add_connection_args(gen)
 
     health = commands.add_parser("health", help="print the server's health; exit 0 iff SERVING")
@@ -168,7 +175,27 @@ def run_generate(args: argparse.Namespace) -> int:
         f"request {result.request_id})"
     )
     print(timing_summary(result.timings, wall_s))
+    if args.summary_json is not None:
+        try:
+            write_summary(args.summary_json, result, wall_s)
+        except OSError as e:
+            _error(f"cannot write {args.summary_json}: {e}")
+            return 1
     return 0
+
+
+def write_summary(path: Path, result: GenerationResult, wall_s: float) -> None:
+    summary = {
+        "request_id": result.request_id,
+        "seed": result.seed,
+        "width": result.width,
+        "height": result.height,
+        "steps": result.steps,
+        "cached_steps": result.cached_steps,
+        "timings_ms": {**result.timings, "client_ms": wall_s * 1000},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=2) + "\n")
 
 
 def run_health(args: argparse.Namespace) -> int:

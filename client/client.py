@@ -32,6 +32,8 @@ class GenerationResult:
     seed: int
     timings: dict[str, float] = field(default_factory=dict)  # phase name (e.g. "prefill_ms") -> ms
     request_id: str = ""
+    steps: int = 0  # Euler steps denoised
+    cached_steps: list[int] = field(default_factory=list)  # 0-based steps the step cache served
 
 
 class EventStream:
@@ -106,6 +108,7 @@ class BagelClient:
         request_id = str(params.get("request_id") or "")
         timings: dict[str, float] = {}
         image = None
+        steps, cached_steps = 0, []
         with self.stream(prompt, timeout=timeout, **params) as events:
             for event in events:  # to the end, so a status after the image still raises
                 if on_event is not None:
@@ -113,6 +116,10 @@ class BagelClient:
                 kind = event.WhichOneof("event")
                 if kind == "accepted":
                     request_id = event.accepted.request_id
+                elif kind == "progress":
+                    steps = event.progress.total_steps
+                    if event.progress.cached:
+                        cached_steps.append(event.progress.step - 1)
                 elif kind == "timings":
                     timings.update((f.name, value) for f, value in event.timings.ListFields())
                 elif kind == "image":
@@ -129,6 +136,8 @@ class BagelClient:
             seed=image.seed,
             timings=timings,
             request_id=request_id,
+            steps=steps,
+            cached_steps=cached_steps,
         )
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:

@@ -20,18 +20,19 @@ from bagel.autoencoder import AutoEncoder
 from bagel.config import BagelConfig
 from bagel.pipeline import decode_image
 from diffusion_service.job import Command, JobSpec
-from diffusion_service.metrics import ServiceMetrics
+from diffusion_service.metrics import DiffusionMetrics
 from diffusion_service.ranks import model_contexts
 from diffusion_service.runner import JobCancelled, run_job
 from diffusion_service.settings import ServiceSettings
 from diffusion_service.world import RankWorld
 from protos import GenerateEvent, Image, Latents, Progress, Timings
 from serving.errors import ServiceError
+from serving.params import cache_policy_name
 from transport.broadcast import broadcast_kv
 from transport.errors import TransportError
 from transport.layout import KVCache
 
-log = logging.getLogger("diffusion_service.engine")
+log = logging.getLogger(__name__)
 
 DONE = object()
 
@@ -78,7 +79,7 @@ class Engine:
         config: BagelConfig,
         world: RankWorld,
         autoencoder: AutoEncoder,
-        metrics: ServiceMetrics,
+        metrics: DiffusionMetrics,
         on_health: Callable[[bool], None],
     ) -> None:
         self.settings = settings
@@ -200,8 +201,10 @@ class Engine:
             )
             broadcast_done = time.perf_counter()
 
+            policy = cache_policy_name(handle.spec.params.cache)
+
             def progress(done: int, total: int, cached: bool) -> None:
-                self.metrics.steps.labels(cached=str(cached).lower()).inc()
+                self.metrics.steps.labels(policy=policy, cached=str(cached).lower()).inc()
                 handle.emit(
                     GenerateEvent(progress=Progress(step=done, total_steps=total, cached=cached))
                 )

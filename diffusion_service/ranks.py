@@ -65,11 +65,8 @@ def join_group(
     # Commands and per-step flags are tiny CPU tensors: a gloo group for them on any backend.
     control = dist.new_group(backend="gloo", timeout=settings.collective_timeout)
     llm = model.config.llm
-    parallel = settings.parallel
     mesh = ParallelMesh.build(
-        parallel.cfg_parallel,
-        parallel.ring,
-        parallel.ulysses,
+        settings.parallel,
         num_heads=llm.num_heads,
         num_kv_heads=llm.num_kv_heads,
         timeout=settings.collective_timeout,

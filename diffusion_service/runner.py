@@ -16,7 +16,7 @@ from bagel.model import Bagel
 from bagel.sampler import denoise, initial_noise
 from diffusion_service.job import JobSpec
 from diffusion_service.parallel.mesh import ParallelMesh
-from diffusion_service.step_cache import make_step_cache
+from diffusion_service.step_cache import make_step_cache, world_sum
 from diffusion_service.velocity import ShardedVelocity, shard_sum
 
 
@@ -64,7 +64,7 @@ def run_job(
     sharding = runtime.mesh.latent_sharding(num_tokens)
     noise = initial_noise(params, num_tokens, config.patch_dim)
     x = sharding.shard(noise, dim=0).to(runtime.device)
-    step_cache = make_step_cache(params.cache, runtime.mesh)
+    step_cache = make_step_cache(params.cache, sharding.num_valid, world_sum(runtime.device))
     velocity = ShardedVelocity(
         runtime.model,
         contexts,
@@ -78,8 +78,7 @@ def run_job(
 
     def on_step(done: int, total: int, cached: bool) -> None:
         go = step_flag(runtime, keep_going() if runtime.is_leader else True)
-        if runtime.is_leader:
-            on_progress(done, total, cached)
+        on_progress(done, total, cached)  # every rank knows whether the step was cached
         if not go:
             raise JobCancelled(f"stopped after step {done} of {total}")
 

@@ -1,96 +1,138 @@
-"""Start-up and shutdown of the diffusion service: ranks, engine, gRPC server with health and
-reflection, metrics, and signal handling."""
+"""The diffusion service's server: `bagel.v1.Diffusion` on the shared server shape
+(`serving.server.GrpcServer`: health, reflection, metrics), the rank group and the engine started
+in the background (health NOT_SERVING until they are), and a graceful stop on SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import signal
+from collections.abc import AsyncIterator
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from bagel.checkpoint import load_autoencoder
+from bagel.config import BagelConfig
 from bagel.pipeline import default_dtype
 from diffusion_service.engine import Engine
-from diffusion_service.metrics import ServiceMetrics
+from diffusion_service.metrics import DiffusionMetrics
 from diffusion_service.ranks import rank_device, validate_settings
 from diffusion_service.servicer import DiffusionServicer
 from diffusion_service.settings import ServiceSettings
 from diffusion_service.world import RankWorld
-from protos import DIFFUSION_SERVICE
-from protos.options import server_options
+from protos import DIFFUSION_SERVICE, GenerateEvent
+from serving.server import GrpcServer, wait_for_signal
 from transport.buffers import tune_malloc
 from transport.rpc import diffusion_handler
 
-log = logging.getLogger("diffusion_service")
+log = logging.getLogger(__name__)
 
 
-def run(settings: ServiceSettings) -> None:
+class DiffusionServer:
+    """One diffusion service: rank 0's gRPC server, its rank group and its engine. Construct it
+    before any thread starts (the rank group forks its launcher); `start()` serves at once and
+    `loaded` finishes when the ranks are up and health says SERVING."""
+
+    def __init__(self, settings: ServiceSettings, config: BagelConfig) -> None:
+        self.settings = settings
+        self.config = config
+        self.world = RankWorld(settings)  # forks the rank launcher
+        self.metrics = DiffusionMetrics()
+        self.engine: Engine | None = None
+        self.servicer: DiffusionServicer | None = None
+        self.grpc = GrpcServer(
+            DIFFUSION_SERVICE,
+            settings.listen,
+            lambda server: server.add_generic_rpc_handlers((diffusion_handler(self._generate),)),
+            self.metrics,
+            settings.metrics_host,
+            settings.metrics_port,
+        )
+        self.loaded: asyncio.Future | None = None
+
+    async def start(self) -> int:
+        port = await self.grpc.start()
+        self.loaded = asyncio.ensure_future(self._load())
+        return port
+
+    async def _load(self) -> None:
+        loop = asyncio.get_running_loop()
+        settings = self.settings
+        await asyncio.to_thread(self.world.start)
+        device = rank_device(settings, 0)
+        autoencoder = await asyncio.to_thread(
+            load_autoencoder, settings.model_dir, default_dtype(device), device
+        )
+
+        def on_health(serving: bool) -> None:  # called from the engine thread
+            asyncio.run_coroutine_threadsafe(self.grpc.set_serving(serving), loop)
+
+        engine = Engine(settings, self.config, self.world, autoencoder, self.metrics, on_health)
+        self.servicer = DiffusionServicer(settings, self.config, engine, self.metrics)
+        self.engine = engine
+        engine.start()
+        await self.grpc.set_serving(True)
+        log.info(
+            "serving on %s (port %d): %s, %s",
+            settings.listen,
+            self.grpc.port,
+            settings.parallel.describe(),
+            settings.device,
+        )
+
+    async def _generate(
+        self, frames: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[GenerateEvent]:
+        if self.servicer is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the diffusion ranks are starting")
+        async for event in self.servicer.generate(frames, context):
+            yield event
+
+    async def stop(self, drain_s: float) -> None:
+        """NOT_SERVING at once, finish queued work for up to `drain_s`, then stop the ranks."""
+        await self.grpc.set_serving(False)
+        if self.engine is not None:
+            await asyncio.to_thread(self.engine.stop, drain_s)
+        elif self.loaded is not None and not self.loaded.done():
+            self.loaded.cancel()
+        await self.grpc.stop(grace=1.0)
+
+    def close(self) -> None:
+        if self.world.launcher is not None:
+            self.world.launcher.close()
+
+
+def run(settings: ServiceSettings) -> int:
+    """Serve until SIGTERM/SIGINT; returns the exit status."""
     config = validate_settings(settings)  # a bad topology fails here, before any process starts
     tune_malloc()  # ~1 MiB frames otherwise make glibc return and re-fault pages all the time
-    world = RankWorld(settings)  # forks the rank launcher: before any thread exists
+    server = DiffusionServer(settings, config)  # forks: before any thread exists
     try:
-        asyncio.run(_serve(settings, config, world))
+        return asyncio.run(_serve(server))
     finally:
-        if world.launcher is not None:
-            world.launcher.close()
+        server.close()
 
 
-async def _serve(settings: ServiceSettings, config, world: RankWorld) -> None:
-    loop = asyncio.get_running_loop()
-    health_servicer = health.aio.HealthServicer()
-    metrics = ServiceMetrics.create()
-    if settings.metrics_port is not None:
-        metrics.serve(settings.metrics_host, settings.metrics_port)
-
-    async def set_health(serving: bool) -> None:
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if serving
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        for name in ("", DIFFUSION_SERVICE):
-            await health_servicer.set(name, status)
-
-    def on_health(serving: bool) -> None:  # called from the engine thread
-        asyncio.run_coroutine_threadsafe(set_health(serving), loop)
-
-    await set_health(False)
-    server = grpc.aio.server(options=server_options())
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (DIFFUSION_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
-    port = server.add_insecure_port(settings.listen)
-    if port == 0:
-        raise SystemExit(f"cannot listen on {settings.listen}")
-    await server.start()  # health answers NOT_SERVING while the ranks start
-
-    await asyncio.to_thread(world.start)
-    device = rank_device(settings, 0)
-    autoencoder = load_autoencoder(settings.model_dir, default_dtype(device), device)
-    engine = Engine(settings, config, world, autoencoder, metrics, on_health)
-    servicer = DiffusionServicer(settings, config, engine, metrics)
-    server.add_generic_rpc_handlers((diffusion_handler(servicer.generate),))
-    engine.start()
-    await set_health(True)
-    host = settings.listen.rsplit(":", 1)[0]
+async def _serve(server: DiffusionServer) -> int:
+    settings = server.settings
+    port = await server.start()
     log.info(
-        "diffusion service listening on %s:%d (%s, %s)",
-        host,
-        port,
-        settings.parallel.describe(),
-        settings.device,
+        "listening on %s (port %d); starting %d ranks", settings.listen, port, settings.world_size
     )
-
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    stopping = asyncio.ensure_future(wait_for_signal())
+    assert server.loaded is not None
+    await asyncio.wait({stopping, server.loaded}, return_when=asyncio.FIRST_COMPLETED)
+    status = 0
+    if server.loaded.done() and not server.loaded.cancelled() and server.loaded.exception():
+        error = server.loaded.exception()
+        log.error("starting the ranks failed: %s: %s", type(error).__name__, error)
+        status = 1
+    else:
+        await stopping
     log.info("shutting down: draining for up to %.0f s", settings.drain_s)
-    await set_health(False)
-    await asyncio.to_thread(engine.stop, settings.drain_s)
-    await server.stop(grace=1.0)
+    await server.stop(settings.drain_s)
+    stopping.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await stopping
     log.info("stopped")
+    return status

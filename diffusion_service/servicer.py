@@ -15,7 +15,7 @@ import grpc
 from bagel.config import BagelConfig
 from diffusion_service.engine import DONE, Engine, JobHandle
 from diffusion_service.job import JobSpec
-from diffusion_service.metrics import ServiceMetrics
+from diffusion_service.metrics import DiffusionMetrics
 from diffusion_service.settings import ServiceSettings
 from diffusion_service.step_cache import check_step_cache
 from protos import Accepted, GenerateEvent
@@ -25,7 +25,7 @@ from transport.assembler import FrameAssembler, KVSpec
 from transport.buffers import BufferPool
 from transport.rpc import receive_kv
 
-log = logging.getLogger("diffusion_service.servicer")
+log = logging.getLogger(__name__)
 
 
 class DiffusionServicer:
@@ -34,7 +34,7 @@ class DiffusionServicer:
         settings: ServiceSettings,
         config: BagelConfig,
         engine: Engine,
-        metrics: ServiceMetrics,
+        metrics: DiffusionMetrics,
     ) -> None:
         self.settings = settings
         self.config = config
@@ -51,7 +51,7 @@ class DiffusionServicer:
 
     def checked_params(self, msg) -> GenerationParams:
         """The request's parameters with defaults filled in, or InvalidParams naming the fault."""
-        params = GenerationParams.from_proto(msg)
+        params = GenerationParams.from_proto(msg).with_cache_default(self.settings.default_cache)
         params.validate(self.config.pixels_per_token, self.config.max_image_size)
         check_step_cache(params.cache)
         check_cache_fits(params.cache, self.config.llm.num_layers)
@@ -64,6 +64,7 @@ class DiffusionServicer:
         received = None
         request_id = "-"
         status = grpc.StatusCode.OK
+        recorded = False
         try:
             started = time.perf_counter()
             assembler = FrameAssembler(
@@ -96,10 +97,15 @@ class DiffusionServicer:
         except Exception as e:  # noqa: BLE001 - mapped to a status in one place
             status, message = status_of(e)
             log.info("request %s: %s: %s", request_id, status.name, message)
+            # Counted before the status leaves: a caller that reads the metrics once it has
+            # the status must find this call in them.
+            self.metrics.requests.labels(code=status.name).inc()
+            recorded = True
             await context.abort(status, message)
         finally:
             if handle is not None:
                 handle.cancel()  # a no-op once the job has finished
             elif received is not None:
                 received.cache.release()
-            self.metrics.requests.labels(status.name).inc()
+            if not recorded:
+                self.metrics.requests.labels(code=status.name).inc()

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from diffusion_service.parallel.config import ParallelConfig
-from serving.settings import DEFAULT_METRICS_HOST, default, listen_host
+from serving.params import CACHE_SPEC, CachePolicy, NoCache
+from serving.settings import DEFAULT_METRICS_HOST, default
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,7 @@ class ServiceSettings:
     device: str = "cpu"
     max_queue: int = 8
     max_kv_bytes: int = 1 << 30
+    default_cache: CachePolicy = NoCache()  # for requests that leave the cache policy unset
     metrics_host: str = DEFAULT_METRICS_HOST
     metrics_port: int | None = None
     collective_timeout_s: float = 60.0
@@ -33,10 +35,6 @@ class ServiceSettings:
     @property
     def collective_timeout(self) -> timedelta:
         return timedelta(seconds=self.collective_timeout_s)
-
-    @property
-    def listen_host(self) -> str:
-        return listen_host(self.listen)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest KV cache accepted",
     )
     parser.add_argument(
+        "--default-cache",
+        type=CACHE_SPEC.parse,
+        default=default(s, "default_cache"),
+        metavar="SPEC",
+        help="step-cache policy of requests that set none, e.g. dbcache:fn=4,warmup=8,threshold=0.2"
+        " (default: none)",
+    )
+    parser.add_argument(
         "--metrics-host", default=default(s, "metrics_host"), help="address metrics bind to"
     )
     parser.add_argument("--metrics-port", type=int, default=None, help="Prometheus metrics port")
@@ -108,6 +114,7 @@ def parse_settings(argv: list[str] | None = None) -> ServiceSettings:
         device=args.device,
         max_queue=args.max_queue,
         max_kv_bytes=args.max_kv_bytes,
+        default_cache=args.default_cache,
         metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,
         collective_timeout_s=args.collective_timeout,

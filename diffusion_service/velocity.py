@@ -14,8 +14,8 @@ from bagel.model import Bagel
 from bagel.step_cache import StepCache
 from diffusion_service.parallel.collectives import all_gather_single
 from diffusion_service.parallel.mesh import ParallelMesh
+from diffusion_service.parallel.registry import make_block_attention
 from diffusion_service.parallel.sharding import LatentSharding
-from diffusion_service.parallel.usp import make_block_attention
 
 
 class ShardedVelocity:
@@ -51,7 +51,12 @@ class ShardedVelocity:
             batch_branches=True,
             graphs=graphs,
             # The SP attention is built for this token count: captures must not cross it.
-            capture_key=(sharding.num_tokens, sharding.degree, sharding.rank),
+            capture_key=(
+                mesh.config.sp_attention_name,
+                sharding.num_tokens,
+                sharding.degree,
+                sharding.rank,
+            ),
             step_cache=step_cache,
         )
 
@@ -70,8 +75,11 @@ class ShardedVelocity:
         slots = -(-len(branches) // cfg)
         mine = branches[self.mesh.cfg_rank :: cfg]
         local = x.new_zeros((slots, *x.shape))
-        for i, v in enumerate(self.block(x, t, mine).values()):
-            local[i] = self._zero_padding(v)
+        if mine:
+            for i, v in enumerate(self.block(x, t, mine).values()):
+                local[i] = self._zero_padding(v)
+        else:  # more CFG groups than branches this step: this group only takes part
+            self.block.step_cache.abstain()
         gathered = x.new_empty((cfg * slots, *x.shape))
         all_gather_single(gathered, local, group=self.mesh.cfg_group)
         # CFG rank r's slot i holds branch r + i * cfg.

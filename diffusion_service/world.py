@@ -15,7 +15,7 @@ from diffusion_service.ranks import join_group, leave_group, load_rank_model, wo
 from diffusion_service.runner import RankRuntime
 from diffusion_service.settings import ServiceSettings
 
-log = logging.getLogger("diffusion_service.world")
+log = logging.getLogger(__name__)
 
 
 def free_port() -> int:

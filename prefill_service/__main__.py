@@ -7,8 +7,9 @@ import asyncio
 import sys
 
 from prefill_service.prefill import LanguageModelKV
-from prefill_service.server import configure_logging, serve
+from prefill_service.server import serve
 from prefill_service.settings import build_parser, settings_from_args
+from serving.server import configure_logging
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,9 +25,10 @@ import torch
 from bagel.config import BagelConfig
 from bagel.kv import Branch, ContextKV
 from prefill_service.prefill import LayerKV, PlannedKV, check_prompt_text
-from prefill_service.server import configure_logging, serve
+from prefill_service.server import serve
 from prefill_service.settings import build_parser, settings_from_args
 from serving.params import GenerationParams
+from serving.server import configure_logging
 from transport import ContextSpec
 
 KEY_STD, VALUE_STD = 1.0, 0.5

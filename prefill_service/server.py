@@ -1,18 +1,13 @@
-"""The prefill service's gRPC server: `bagel.v1.Prefill`, `grpc.health.v1.Health` and server
-reflection on one grpc.aio server, the model loaded in the background (health NOT_SERVING until it
-is), metrics on their own port, and a graceful stop on SIGTERM/SIGINT."""
+"""The prefill service's server: `bagel.v1.Prefill` on the shared server shape
+(`serving.server.GrpcServer`: health, reflection, metrics), the KV source loaded in the background
+(health NOT_SERVING until it is), and a graceful stop on SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import signal
 from collections.abc import Callable
-
-import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from prefill_service.metrics import PrefillMetrics
 from prefill_service.prefill import KVSource
@@ -20,12 +15,9 @@ from prefill_service.relay import DiffusionLink
 from prefill_service.servicer import PrefillServicer
 from prefill_service.settings import PrefillSettings
 from protos import PREFILL_SERVICE, add_PrefillServicer_to_server
-from protos.options import server_options
+from serving.server import GrpcServer, wait_for_signal
 
-logger = logging.getLogger("prefill_service")
-HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-SERVICE_NAMES = (PREFILL_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME)
-_HEALTH_NAMES = ("", PREFILL_SERVICE)  # "" is the whole server
+log = logging.getLogger(__name__)
 
 
 class PrefillServer:
@@ -43,35 +35,31 @@ class PrefillServer:
             chunk_size=settings.chunk_size,
             max_prompt_tokens=settings.max_prompt_tokens,
         )
-        self.health = health.aio.HealthServicer()
+        self.grpc = GrpcServer(
+            PREFILL_SERVICE,
+            settings.listen,
+            lambda server: add_PrefillServicer_to_server(self.servicer, server),
+            self.metrics,
+            settings.metrics_host,
+            settings.metrics_port,
+        )
         self.loaded: asyncio.Future | None = None
-        self.port: int | None = None
-        self._server: grpc.aio.Server | None = None
+
+    @property
+    def port(self) -> int | None:
+        return self.grpc.port
 
     async def start(self) -> int:
         """Serve on `settings.listen`; returns the bound port (useful with port 0)."""
-        server = grpc.aio.server(options=server_options())
-        add_PrefillServicer_to_server(self.servicer, server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(SERVICE_NAMES, server)
-        for name in _HEALTH_NAMES:
-            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = server.add_insecure_port(self.settings.listen)
-        if not self.port:
-            raise RuntimeError(f"cannot listen on {self.settings.listen}")
-        await server.start()
-        self._server = server
-        if self.settings.metrics_port is not None:
-            self.metrics.serve(self.settings.listen_host, self.settings.metrics_port)
+        port = await self.grpc.start()
         self.loaded = asyncio.ensure_future(self._load())
-        return self.port
+        return port
 
     async def _load(self) -> None:
         source = await asyncio.get_running_loop().run_in_executor(None, self._load_source)
         self.servicer.source = source
-        for name in _HEALTH_NAMES:
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        logger.info(
+        await self.grpc.set_serving(True)
+        log.info(
             "serving: model %s, KV dtype %s, diffusion service at %s",
             source.config.fingerprint(),
             source.dtype,
@@ -80,44 +68,31 @@ class PrefillServer:
 
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING at once; in-flight calls get `grace` seconds, then are cancelled."""
-        await self.health.enter_graceful_shutdown()
         if self.loaded is not None and not self.loaded.done():
             self.loaded.cancel()
-        if self._server is not None:
-            await self._server.stop(grace)
+        await self.grpc.stop(grace)
         self.link.close()
-        self.metrics.close()
 
 
 async def serve(settings: PrefillSettings, load_source: Callable[[], KVSource]) -> int:
     """Run a server until SIGTERM/SIGINT (or a failed model load); returns the exit status."""
     server = PrefillServer(settings, load_source)
     port = await server.start()
-    logger.info("listening on %s (port %d); loading the model", settings.listen, port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    stopping = asyncio.ensure_future(stop.wait())
+    log.info("listening on %s (port %d); loading the model", settings.listen, port)
+    stopping = asyncio.ensure_future(wait_for_signal())
     assert server.loaded is not None
     await asyncio.wait({stopping, server.loaded}, return_when=asyncio.FIRST_COMPLETED)
     status = 0
     if server.loaded.done() and not server.loaded.cancelled() and server.loaded.exception():
         error = server.loaded.exception()
-        logger.error("loading the model failed: %s: %s", type(error).__name__, error)
+        log.error("loading the model failed: %s: %s", type(error).__name__, error)
         status = 1
     else:
         await stopping
-    logger.info("stopping: draining in-flight requests for up to %.1f s", settings.drain_s)
+    log.info("stopping: draining in-flight requests for up to %.1f s", settings.drain_s)
     await server.stop(settings.drain_s)
     stopping.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await stopping
-    logger.info("stopped")
+    log.info("stopped")
     return status
-
-
-def configure_logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )

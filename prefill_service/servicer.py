@@ -28,7 +28,7 @@ from serving.errors import InvalidParams, ServiceError, status_of
 from serving.params import GenerationParams, check_cache_fits
 from transport import DEFAULT_CHUNK_SIZE
 
-logger = logging.getLogger("prefill_service")
+log = logging.getLogger(__name__)
 MAX_REQUEST_ID_CHARS = 128
 
 
@@ -64,13 +64,14 @@ class PrefillServicer(service_pb2_grpc.PrefillServicer):
         self, request: GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[GenerateEvent]:
         request_id = request.request_id or new_request_id()
-        log = RequestLog(logger, {"request_id": request_id})
+        request_log = RequestLog(log, {"request_id": request_id})
         started = time.perf_counter()
         prefill, sent = PrefillStats(), SendStats()
         code = grpc.StatusCode.OK
+        recorded = False
         self.metrics.in_flight.inc()
         try:
-            batches = await self._prepare(request, request_id, prefill, log)
+            batches = await self._prepare(request, request_id, prefill, request_log)
             async for event in relay(
                 self.link,
                 batches,
@@ -83,34 +84,49 @@ class PrefillServicer(service_pb2_grpc.PrefillServicer):
             remaining = context.time_remaining()
             expired = remaining is not None and remaining <= 0
             code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
-            log.info("ended by the caller: %s", code.name)
+            request_log.info("ended by the caller: %s", code.name)
             raise
         except Exception as e:  # noqa: BLE001 - every failure becomes a status, in one place
             code, message = status_of(e)
             level = logging.ERROR if code is grpc.StatusCode.INTERNAL else logging.WARNING
-            log.log(level, "failed: %s: %s", code.name, message, exc_info=level >= logging.ERROR)
+            request_log.log(
+                level, "failed: %s: %s", code.name, message, exc_info=level >= logging.ERROR
+            )
+            # Counted before the status leaves: a caller that reads the metrics once it has
+            # the status must find this call in them.
+            self._record(code, started, prefill, sent)
+            recorded = True
             await context.abort(code, message)
         finally:
-            elapsed = time.perf_counter() - started
-            self.metrics.in_flight.dec()
-            self.metrics.requests.labels(code=code.name).inc()
-            self.metrics.request_seconds.observe(elapsed)
-            self.metrics.kv_bytes.inc(sent.bytes_sent)
-            if prefill.layers_done:
-                self.metrics.prefill_seconds.observe(prefill.compute_s)
-            if sent.send_s is not None:
-                self.metrics.kv_send_seconds.observe(sent.send_s)
+            if not recorded:
+                self._record(code, started, prefill, sent)
             if code is grpc.StatusCode.OK:
-                log.info(
+                request_log.info(
                     "done in %.3f s: prefill %.1f ms, %d KV bytes sent in %.1f ms",
-                    elapsed,
+                    time.perf_counter() - started,
                     prefill.compute_s * 1000,
                     sent.bytes_sent,
                     (sent.send_s or 0.0) * 1000,
                 )
 
+    def _record(
+        self, code: grpc.StatusCode, started: float, prefill: PrefillStats, sent: SendStats
+    ) -> None:
+        self.metrics.in_flight.dec()
+        self.metrics.requests.labels(code=code.name).inc()
+        self.metrics.phase_seconds.labels("total").observe(time.perf_counter() - started)
+        self.metrics.kv_bytes.inc(sent.bytes_sent)
+        if prefill.layers_done:
+            self.metrics.phase_seconds.labels("prefill").observe(prefill.compute_s)
+        if sent.send_s is not None:
+            self.metrics.phase_seconds.labels("kv_send").observe(sent.send_s)
+
     async def _prepare(
-        self, request: GenerateRequest, request_id: str, stats: PrefillStats, log: RequestLog
+        self,
+        request: GenerateRequest,
+        request_id: str,
+        stats: PrefillStats,
+        request_log: RequestLog,
     ) -> Iterator[list[bytes]]:
         """Every check, before any compute; returns the lazy frame batches."""
         source = self.source
@@ -128,7 +144,7 @@ class PrefillServicer(service_pb2_grpc.PrefillServicer):
         planned = await loop.run_in_executor(None, source.plan, request.prompt, params)
         check_token_counts(planned.contexts, token_limit(config, self.max_prompt_tokens))
         p = params
-        log.info(
+        request_log.info(
             "accepted: %dx%d, %d timesteps, seed %d, contexts %s",
             p.width,
             p.height,

@@ -1,5 +1,5 @@
 """The prefill service's settings, parsed once from the command line (shared by the real service
-and `prefill_service.mock`)."""
+and `prefill_service.mock`); argparse takes every default from the dataclass."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from prefill_service.prefill import DEFAULT_MAX_PROMPT_TOKENS
 from prefill_service.relay import DEFAULT_CONNECT_TIMEOUT_S
+from serving.settings import DEFAULT_METRICS_HOST, default
 from transport import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE
 
 
@@ -17,6 +18,7 @@ class PrefillSettings:
     listen: str = "127.0.0.1:50051"
     diffusion: str = "127.0.0.1:50052"
     device: str = "cpu"
+    metrics_host: str = DEFAULT_METRICS_HOST
     metrics_port: int | None = None
     max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
@@ -24,39 +26,45 @@ class PrefillSettings:
     chunk_size: int = DEFAULT_CHUNK_SIZE
     dtype: str | None = None  # mock only: "fp32" or "bf16"; the real service follows the device
 
-    @property
-    def listen_host(self) -> str:
-        return self.listen.rsplit(":", 1)[0].strip("[]")
-
 
 def build_parser(prog: str, description: str, *, device: bool = True) -> argparse.ArgumentParser:
     """The service's flags; `device=False` leaves out --device (the mock runs no model)."""
+    s = PrefillSettings
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--model", required=True, help="checkpoint directory")
-    parser.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT to serve on")
+    parser.add_argument("--listen", default=default(s, "listen"), help="HOST:PORT to serve on")
     parser.add_argument(
-        "--diffusion", default="127.0.0.1:50052", help="HOST:PORT of the diffusion service"
+        "--diffusion", default=default(s, "diffusion"), help="HOST:PORT of the diffusion service"
     )
     if device:
-        parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+        parser.add_argument("--device", choices=("cpu", "cuda"), default=default(s, "device"))
+    parser.add_argument(
+        "--metrics-host", default=default(s, "metrics_host"), help="address metrics bind to"
+    )
     parser.add_argument("--metrics-port", type=int, default=None, help="Prometheus metrics port")
     parser.add_argument(
         "--max-prompt-tokens",
         type=int,
-        default=DEFAULT_MAX_PROMPT_TOKENS,
+        default=default(s, "max_prompt_tokens"),
         help="longest prompt (and negative prompt) accepted, in tokens",
     )
     parser.add_argument(
         "--connect-timeout",
         type=float,
-        default=DEFAULT_CONNECT_TIMEOUT_S,
+        default=default(s, "connect_timeout_s"),
         help="seconds to keep retrying the diffusion service when the caller sets no deadline",
     )
     parser.add_argument(
-        "--drain-timeout", type=float, default=10.0, help="seconds to finish work on SIGTERM"
+        "--drain-timeout",
+        type=float,
+        default=default(s, "drain_s"),
+        help="seconds to finish work on SIGTERM",
     )
     parser.add_argument(
-        "--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="largest KV chunk in bytes"
+        "--chunk-size",
+        type=int,
+        default=default(s, "chunk_size"),
+        help="largest KV chunk in bytes",
     )
     return parser
 
@@ -70,7 +78,8 @@ def settings_from_args(args: argparse.Namespace) -> PrefillSettings:
         model_dir=args.model,
         listen=args.listen,
         diffusion=args.diffusion,
-        device=getattr(args, "device", "cpu"),
+        device=getattr(args, "device", default(PrefillSettings, "device")),
+        metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,
         max_prompt_tokens=args.max_prompt_tokens,
         connect_timeout_s=args.connect_timeout,

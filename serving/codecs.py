@@ -243,50 +243,108 @@ class CachePolicyCodec(Codec):
         return cls(**fields_from_message(cls, getattr(holder, member)))
 
     def to_proto(self, msg: Any, name: str, value: Any) -> None:
+        if value is None:  # unset: the receiver's default
+            return
         member = getattr(getattr(msg, name), self.names[type(value)])
         member.SetInParent()
         fields_to_message(value, member)
 
     def from_user(self, name: str, value: Any) -> Any:
-        if isinstance(value, str) and value in self.policies:
-            return self.policies[value]()
+        """A policy dataclass, or a spec string (see `parse`)."""
+        if isinstance(value, str):
+            return self.parse(value)
         if type(value) not in self.names:
             raise TypeError(
-                f"{name} must be a policy name ({', '.join(self.policies)}) or one of "
+                f"{name} must be a spec string or one of "
                 f"{', '.join(cls.__name__ for cls in self.names)}, got {value!r}"
             )
         return value
 
     def check(self, name: str, value: Any) -> None:
-        if type(value) not in self.names:
+        if value is not None and type(value) not in self.names:
             raise InvalidParams(f"{name}={value!r} is not a known policy")
+
+    def parse(self, text: str) -> Any:
+        """`NAME[:KEY=VALUE,...][+taylorseer:order=N]`, e.g. `none`, `teacache:threshold=0.2`,
+        `dbcache:fn=4,bn=0,warmup=8,max_cached=-1,threshold=0.24+taylorseer:order=2`. NAME is a
+        policy's name with or without underscores; KEY a field's short key or its name; -1 means
+        no limit where 0 does. Raises ValueError naming what is wrong."""
+        head, *modifiers = text.strip().split("+")
+        policy_name, _, options = head.partition(":")
+        cls = self._lookup(policy_name.strip())
+        values = self._options(cls, options, text)
+        for modifier in modifiers:
+            mod_name, _, mod_options = modifier.partition(":")
+            if mod_name.strip() != "taylorseer":
+                raise ValueError(f"cache spec {text!r}: unknown modifier {mod_name!r}")
+            fields = {f.name for f in dataclasses.fields(cls)}
+            if "taylorseer_order" not in fields:
+                raise ValueError(f"cache spec {text!r}: {policy_name} takes no taylorseer")
+            for key, value in self._pairs(mod_options, text):
+                if key != "order":
+                    raise ValueError(f"cache spec {text!r}: taylorseer takes only order=N")
+                values["taylorseer_order"] = self._number(int, key, value, text)
+            values.setdefault("taylorseer_order", 1)
+        return cls(**values)
+
+    def spec_names(self) -> str:
+        return ", ".join(name.replace("_", "") for name in self.policies)
+
+    def _lookup(self, name: str) -> type:
+        for member, cls in self.policies.items():
+            if name in (member, member.replace("_", "")):
+                return cls
+        raise ValueError(f"unknown cache policy {name!r}; known: {self.spec_names()}")
+
+    def _options(self, cls: type, options: str, text: str) -> dict[str, Any]:
+        by_key = {}
+        for f in dataclasses.fields(cls):
+            by_key[f.name] = f
+            if f.metadata.get("key"):
+                by_key[f.metadata["key"]] = f
+        values: dict[str, Any] = {}
+        for key, raw in self._pairs(options, text):
+            f = by_key.get(key)
+            if f is None or f.name == "taylorseer_order":
+                known = ", ".join(
+                    f.metadata.get("key") or f.name
+                    for f in dataclasses.fields(cls)
+                    if f.name != "taylorseer_order"
+                )
+                raise ValueError(f"cache spec {text!r}: unknown option {key!r}; known: {known}")
+            value = self._number(f.metadata["codec"].python_type, key, raw, text)
+            if value == -1 and f.metadata.get("zero_means_unlimited"):
+                value = 0
+            values[f.name] = value
+        return values
+
+    @staticmethod
+    def _pairs(options: str, text: str) -> list[tuple[str, str]]:
+        pairs = []
+        for item in filter(None, (part.strip() for part in options.split(","))):
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"cache spec {text!r}: {item!r} is not KEY=VALUE")
+            pairs.append((key.strip(), value.strip()))
+        return pairs
+
+    @staticmethod
+    def _number(kind: type, key: str, raw: str, text: str) -> Any:
+        try:
+            return kind(raw)
+        except ValueError:
+            raise ValueError(f"cache spec {text!r}: {key}={raw!r} is not {kind.__name__}") from None
 
     def add_argument(self, parser: argparse.ArgumentParser, name: str, meta: dict) -> None:
         parser.add_argument(
-            flag(name), *meta["flags"], dest=name, choices=tuple(self.policies), help=meta["help"]
+            flag(name),
+            *meta["flags"],
+            dest=name,
+            metavar="SPEC",
+            help=f"{meta['help']}: NAME[:KEY=VALUE,...][+taylorseer:order=N], NAME one of "
+            f"{self.spec_names()} (e.g. dbcache:fn=4,bn=0,warmup=8,threshold=0.24)",
         )
-        for policy_name, cls in self.policies.items():
-            for f in dataclasses.fields(cls):
-                f.metadata["codec"].add_argument(
-                    parser,
-                    f.name,
-                    {**f.metadata, "help": f"{f.metadata['help']} (with --{name} {policy_name})"},
-                )
 
     def from_cli(self, args: argparse.Namespace, name: str) -> Any:
-        chosen = getattr(args, name)
-        given = {
-            cls: {
-                f.name: f.metadata["codec"].from_cli(args, f.name)
-                for f in dataclasses.fields(cls)
-                if f.metadata["codec"].from_cli(args, f.name) is not None
-            }
-            for cls in self.names
-        }
-        cls = self.policies[chosen] if chosen is not None else None
-        stray = [k for other, options in given.items() if other is not cls for k in options]
-        if stray:
-            raise ValueError(
-                f"{', '.join(flag(k) for k in stray)} need(s) the matching --{name} policy"
-            )
-        return None if cls is None else cls(**given[cls])
+        text = getattr(args, name)
+        return None if text is None else self.parse(text)

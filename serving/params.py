@@ -36,10 +36,33 @@ RENORM_TYPES = enum_names(params_pb2.CfgRenormType, "CFG_RENORM_TYPE_")  # globa
 OUTPUT_FORMATS = enum_names(params_pb2.OutputFormat, "OUTPUT_FORMAT_")  # png, latents
 
 
-def spec(codec: Codec, help: str, *, flags: tuple[str, ...] = (), bounds: Range | None = None):
-    """Field metadata: how the field travels, what `--help` says, extra CLI flag spellings and
-    the valid range (None: the codec's own checks, or checked in `validate`)."""
-    return {"codec": codec, "help": help, "flags": flags, "bounds": bounds}
+def spec(
+    codec: Codec,
+    help: str,
+    *,
+    flags: tuple[str, ...] = (),
+    bounds: Range | None = None,
+    key: str | None = None,
+    zero_means_unlimited: bool = False,
+) -> dict:
+    """Field metadata: how the field travels, what `--help` says, extra CLI flag spellings, the
+    valid range (None: the codec's own checks, or checked in `validate`), and for cache-policy
+    fields their short key in a `--cache` spec and whether -1 there stands for 0 (no limit)."""
+    return {
+        "codec": codec,
+        "help": help,
+        "flags": flags,
+        "bounds": bounds,
+        "key": key,
+        "zero_means_unlimited": zero_means_unlimited,
+    }
+
+
+TAYLORSEER = spec(
+    IntCodec(),
+    "TaylorSeer order of the reused residual's forecast (0: reuse it as it is)",
+    bounds=Range(0, 2),
+)
 
 
 @dataclass(frozen=True)
@@ -54,8 +77,9 @@ class TeaCache:
 
     rel_l1_threshold: float = field(
         default=0.2,
-        metadata=spec(FloatCodec(), "TeaCache threshold", bounds=Range(0.0, 10.0)),
+        metadata=spec(FloatCodec(), "TeaCache threshold", bounds=Range(0.0, 10.0), key="threshold"),
     )
+    taylorseer_order: int = field(default=0, metadata=TAYLORSEER)
 
 
 @dataclass(frozen=True)
@@ -67,42 +91,63 @@ class DBCache:
     fn_compute_blocks: int = field(
         default=8,
         metadata=spec(
-            IntCodec(), "DBCache Fn: blocks computed first, every step", bounds=Range(1, 1000)
+            IntCodec(),
+            "DBCache Fn: blocks computed first, every step",
+            bounds=Range(1, 1000),
+            key="fn",
         ),
     )
     bn_compute_blocks: int = field(
         default=0,
         metadata=spec(
-            IntCodec(), "DBCache Bn: blocks computed last, every step", bounds=Range(0, 1000)
+            IntCodec(),
+            "DBCache Bn: blocks computed last, every step",
+            bounds=Range(0, 1000),
+            key="bn",
         ),
     )
     max_warmup_steps: int = field(
         default=8,
-        metadata=spec(IntCodec(), "steps always computed at the start", bounds=Range(0, 1000)),
+        metadata=spec(
+            IntCodec(), "steps always computed at the start", bounds=Range(0, 1000), key="warmup"
+        ),
     )
     max_cached_steps: int = field(
         default=0,
         metadata=spec(
-            IntCodec(), "most steps served from the cache (0: no limit)", bounds=Range(0, 1000)
+            IntCodec(),
+            "most steps served from the cache (0: no limit)",
+            bounds=Range(0, 1000),
+            key="max_cached",
+            zero_means_unlimited=True,
         ),
     )
     max_continuous_cached_steps: int = field(
         default=0,
         metadata=spec(
-            IntCodec(), "most cached steps in a row (0: no limit)", bounds=Range(0, 1000)
+            IntCodec(),
+            "most cached steps in a row (0: no limit)",
+            bounds=Range(0, 1000),
+            key="max_continuous",
+            zero_means_unlimited=True,
         ),
     )
     residual_diff_threshold: float = field(
         default=0.08,
         metadata=spec(
-            FloatCodec(), "DBCache relative residual change threshold", bounds=Range(0.0, 10.0)
+            FloatCodec(),
+            "DBCache relative residual change threshold",
+            bounds=Range(0.0, 10.0),
+            key="threshold",
         ),
     )
+    taylorseer_order: int = field(default=0, metadata=TAYLORSEER)
 
 
 CachePolicy = NoCache | TeaCache | DBCache
 # Each policy is one member of the `CacheConfig.policy` oneof, named as the proto names it.
 CACHE_POLICIES: dict[str, type] = {"none": NoCache, "tea_cache": TeaCache, "db_cache": DBCache}
+CACHE_SPEC = CachePolicyCodec(CACHE_POLICIES)  # parses `--cache` specs such as "dbcache:fn=4"
 
 
 @dataclass(frozen=True)
@@ -167,13 +212,21 @@ class GenerationParams:
             flags=("--negative",),
         ),
     )
-    cache: CachePolicy = field(
-        default=NoCache(), metadata=spec(CachePolicyCodec(CACHE_POLICIES), "step-cache policy")
+    cache: CachePolicy | None = field(
+        default=None,
+        metadata=spec(
+            CACHE_SPEC,
+            "step-cache policy (unset: the diffusion service's default)",
+        ),
     )
     output_format: str = field(
         default="png",
         metadata=spec(EnumNameCodec(params_pb2.OutputFormat, "OUTPUT_FORMAT_"), "what comes back"),
     )
+
+    def with_cache_default(self, default: CachePolicy) -> GenerationParams:
+        """These params with `default` where the request left the cache policy unset."""
+        return self if self.cache is not None else dataclasses.replace(self, cache=default)
 
     def validate(self, pixel_step: int, max_side: int) -> None:
         """Raise InvalidParams naming the first bad field. `pixel_step` and `max_side` are the
@@ -225,6 +278,15 @@ def walk(params: Any, prefix: str = ""):
         yield prefix + f.name, value, f.metadata
         if dataclasses.is_dataclass(value):
             yield from walk(value, f"{prefix}{f.name}.")
+
+
+def cache_policy_name(policy: CachePolicy | None) -> str:
+    """The policy's name as a `--cache` spec starts (`none`, `teacache`, `dbcache`), with
+    `+taylorseer` when it forecasts."""
+    if policy is None:
+        return "none"
+    name = CACHE_SPEC.names[type(policy)].replace("_", "")
+    return name + ("+taylorseer" if getattr(policy, "taylorseer_order", 0) else "")
 
 
 def check_cache_fits(policy: CachePolicy, num_layers: int) -> None:

@@ -19,8 +19,3 @@ def default(settings_cls: type, name: str) -> Any:
                 return f.default_factory()
             raise ValueError(f"{settings_cls.__name__}.{name} has no default")
     raise KeyError(name)
-
-
-def listen_host(address: str) -> str:
-    """The host part of HOST:PORT (brackets of an IPv6 literal removed)."""
-    return address.rsplit(":", 1)[0].strip("[]")

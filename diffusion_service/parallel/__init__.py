@@ -1,1 +1,2 @@
-"""Sequence parallelism for the diffusion ranks: topology, latent sharding, SP attention."""
+"""Sequence parallelism for the diffusion ranks: the layout config, topology, latent sharding, and
+the SP attention variants by name."""

@@ -6,6 +6,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from diffusion_service.parallel import registry
+
+# BAGEL has at most three CFG branches (cond, uncond-text, uncond-image).
+MAX_CFG_PARALLEL = 3
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
 
 @dataclass(frozen=True)
 class ParallelConfig:
@@ -25,19 +34,97 @@ class ParallelConfig:
     def sp_degree(self) -> int:
         return self.ulysses * self.ring
 
+    @property
+    def sp_attention_name(self) -> str:
+        """`sp_attention`, or the registry's default for the degrees when it is None."""
+        if self.sp_attention is not None:
+            return self.sp_attention
+        return registry.default_sp_attention(self)
+
+    @classmethod
+    def valid_layouts(cls, world: int, num_kv_heads: int) -> list[ParallelConfig]:
+        """Every layout (default SP attention) that fits `world` ranks and `num_kv_heads` KV
+        heads, CFG degree first, then Ulysses, both ascending."""
+        return [
+            cls(ulysses=ulysses, ring=world // (cfg * ulysses), cfg_parallel=cfg)
+            for cfg in _divisors(world)
+            if cfg <= MAX_CFG_PARALLEL
+            for ulysses in _divisors(world // cfg)
+            if num_kv_heads % ulysses == 0
+        ]
+
     def validate(self, num_heads: int, num_kv_heads: int, world: int | None = None) -> None:
         """Raise ValueError listing the valid choices unless the model can run on this layout
-        (and, when given, the layout fills exactly `world` ranks)."""
-        from diffusion_service.parallel.mesh import validate_topology
+        (and, when given, the layout fills exactly `world` ranks).
 
-        validate_topology(
-            self.cfg_parallel,
-            self.ring,
-            self.ulysses,
-            self.world_size if world is None else world,
-            num_kv_heads,
-            num_heads,
+        Ulysses splits KV heads over its ranks without replicating them, so its degree must
+        divide `num_kv_heads`; `sp_attention` must name a registered variant that runs on these
+        degrees. Every problem is reported at once.
+        """
+        world = self.world_size if world is None else world
+        problems = [
+            f"{name} must be a positive integer, got {value!r}"
+            for name, value in (
+                ("cfg_parallel", self.cfg_parallel),
+                ("ring", self.ring),
+                ("ulysses", self.ulysses),
+            )
+            if not isinstance(value, int) or value < 1
+        ]
+        if problems:
+            raise ValueError("; ".join(problems))
+        if num_kv_heads < 1 or num_heads % num_kv_heads != 0:
+            raise ValueError(
+                f"the model's {num_heads} query heads are not a multiple of its "
+                f"{num_kv_heads} KV heads"
+            )
+        if self.cfg_parallel > MAX_CFG_PARALLEL:
+            problems.append(
+                f"cfg_parallel={self.cfg_parallel} exceeds the {MAX_CFG_PARALLEL} CFG branches; "
+                "valid cfg_parallel degrees: " + ", ".join(map(str, range(1, MAX_CFG_PARALLEL + 1)))
+            )
+        if num_kv_heads % self.ulysses != 0:
+            problems.append(
+                f"ulysses={self.ulysses} does not divide the {num_kv_heads} KV heads; "
+                f"valid ulysses degrees: {', '.join(map(str, _divisors(num_kv_heads)))}"
+            )
+        if self.world_size != world:
+            problems.append(
+                f"world size {world} does not equal cfg_parallel x ring x ulysses = "
+                f"{self.cfg_parallel} x {self.ring} x {self.ulysses} = {self.world_size}"
+            )
+        message = "; ".join(problems)
+        if problems:
+            choices = ", ".join(
+                f"(cfg_parallel={c.cfg_parallel}, ring={c.ring}, ulysses={c.ulysses})"
+                for c in self.valid_layouts(world, num_kv_heads)
+            )
+            message += (
+                f". Valid topologies for {world} ranks and {num_kv_heads} KV heads: {choices}"
+            )
+        attention = self._sp_attention_problem()
+        if attention is not None:
+            message = f"{message}; {attention}" if message else attention
+        if message:
+            raise ValueError(message)
+
+    def _sp_attention_problem(self) -> str | None:
+        name = self.sp_attention_name
+        try:
+            variant = registry.lookup(name)
+        except ValueError as unknown:
+            return str(unknown)
+        if variant.supports(self):
+            return None
+        fitting = [n for n in registry.names() if registry.lookup(n).supports(self)]
+        return (
+            f"sp_attention {name!r} needs {variant.requires}, not ulysses={self.ulysses}, "
+            f"ring={self.ring}; valid sp_attention for these degrees: "
+            + (", ".join(fitting) or "(no registered variant)")
         )
 
     def describe(self) -> str:
-        return f"ulysses {self.ulysses}, ring {self.ring}, cfg {self.cfg_parallel}"
+        return (
+            f"ulysses {self.ulysses}, ring {self.ring}, cfg {self.cfg_parallel}, "
+            f"sp attention {self.sp_attention_name}"
+        )

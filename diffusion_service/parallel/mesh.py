@@ -1,4 +1,5 @@
-"""The diffusion service's rank topology: CFG parallel outermost, then Ring, then Ulysses.
+"""The diffusion service's rank topology, built from a validated `ParallelConfig`: CFG parallel
+outermost, then Ring, then Ulysses.
 
 `rank = cfg_rank * (ring * ulysses) + ring_rank * ulysses + ulysses_rank`: Ulysses groups are
 contiguous ranks because their all-to-all is the heaviest traffic and neighbouring ranks share
@@ -14,79 +15,18 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from diffusion_service.parallel.config import ParallelConfig
 from diffusion_service.parallel.sharding import LatentSharding
 
-# BAGEL has at most three CFG branches (cond, uncond-text, uncond-image).
-MAX_CFG_PARALLEL = 3
 
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def valid_topologies(world: int, num_kv_heads: int) -> list[tuple[int, int, int]]:
-    """Every `(cfg_parallel, ring, ulysses)` that fits `world` ranks and `num_kv_heads` KV heads."""
-    return [
-        (cfg, world // (cfg * ulysses), ulysses)
-        for cfg in _divisors(world)
-        if cfg <= MAX_CFG_PARALLEL
-        for ulysses in _divisors(world // cfg)
-        if num_kv_heads % ulysses == 0
-    ]
-
-
-def validate_topology(
-    cfg_parallel: int, ring: int, ulysses: int, world: int, num_kv_heads: int, num_heads: int
-) -> None:
-    """Raise ValueError, listing the valid choices, if the topology cannot run the model.
-
-    Ulysses splits KV heads over its ranks without replicating them, so its degree must divide
-    `num_kv_heads`; the world must be exactly `cfg_parallel * ring * ulysses`.
-    """
-    problems = []
-    for name, value in (("cfg_parallel", cfg_parallel), ("ring", ring), ("ulysses", ulysses)):
-        if not isinstance(value, int) or value < 1:
-            problems.append(f"{name} must be a positive integer, got {value!r}")
-    if problems:
-        raise ValueError("; ".join(problems))
-    if num_kv_heads < 1 or num_heads % num_kv_heads != 0:
-        raise ValueError(
-            f"the model's {num_heads} query heads are not a multiple of its {num_kv_heads} KV heads"
-        )
-    if cfg_parallel > MAX_CFG_PARALLEL:
-        problems.append(
-            f"cfg_parallel={cfg_parallel} exceeds the {MAX_CFG_PARALLEL} CFG branches; "
-            f"valid cfg_parallel degrees: {', '.join(map(str, range(1, MAX_CFG_PARALLEL + 1)))}"
-        )
-    if num_kv_heads % ulysses != 0:
-        problems.append(
-            f"ulysses={ulysses} does not divide the {num_kv_heads} KV heads; "
-            f"valid ulysses degrees: {', '.join(map(str, _divisors(num_kv_heads)))}"
-        )
-    product = cfg_parallel * ring * ulysses
-    if product != world:
-        problems.append(
-            f"world size {world} does not equal cfg_parallel x ring x ulysses = "
-            f"{cfg_parallel} x {ring} x {ulysses} = {product}"
-        )
-    if problems:
-        choices = ", ".join(
-            f"(cfg_parallel={c}, ring={r}, ulysses={u})"
-            for c, r, u in valid_topologies(world, num_kv_heads)
-        )
-        raise ValueError(
-            "; ".join(problems) + f". Valid topologies for {world} ranks and "
-            f"{num_kv_heads} KV heads: {choices}"
-        )
-
-
-def mesh_rank_groups(cfg_parallel: int, ring: int, ulysses: int) -> dict[str, list[list[int]]]:
+def mesh_rank_groups(config: ParallelConfig) -> dict[str, list[list[int]]]:
     """Global ranks of every group of each kind, in the order the groups are created.
 
     Kinds: `ulysses`, `ring` (ordered by ring rank), `sp` (one per CFG branch, ordered by
     sp rank = `ring_rank * ulysses + ulysses_rank`), `cfg` (the ranks with the same sp rank).
     """
-    sp = ring * ulysses
+    cfg_parallel, ring, ulysses = config.cfg_parallel, config.ring, config.ulysses
+    sp = config.sp_degree
 
     def rank(c: int, r: int, u: int) -> int:
         return c * sp + r * ulysses + u
@@ -115,9 +55,7 @@ class ParallelMesh:
     is ever issued (degree 1 everywhere).
     """
 
-    cfg_parallel: int
-    ring: int
-    ulysses: int
+    config: ParallelConfig
     rank: int
     world: int
     ulysses_group: dist.ProcessGroup | None
@@ -132,15 +70,14 @@ class ParallelMesh:
     @classmethod
     def build(
         cls,
-        cfg_parallel: int,
-        ring: int,
-        ulysses: int,
+        config: ParallelConfig,
         *,
         num_heads: int,
         num_kv_heads: int,
         timeout: timedelta | None = None,
     ) -> ParallelMesh:
-        """Validate the topology and create every process group; call on every rank alike.
+        """Validate `config` against the world and the model, and create every process group;
+        call on every rank alike.
 
         `timeout` bounds every collective on the new groups (pass the one given to
         `init_process_group`); None inherits the world group's timeout where torch exposes it.
@@ -148,8 +85,8 @@ class ParallelMesh:
         initialized = dist.is_available() and dist.is_initialized()
         world = dist.get_world_size() if initialized else 1
         rank = dist.get_rank() if initialized else 0
-        validate_topology(cfg_parallel, ring, ulysses, world, num_kv_heads, num_heads)
-        layout = mesh_rank_groups(cfg_parallel, ring, ulysses)
+        config.validate(num_heads, num_kv_heads, world)
+        layout = mesh_rank_groups(config)
         mine = {kind: next(g for g in groups if rank in g) for kind, groups in layout.items()}
         handles: dict[tuple[int, ...], dist.ProcessGroup | None] = {}
         if initialized:
@@ -170,9 +107,7 @@ class ParallelMesh:
         else:
             handles = {tuple(members): None for members in mine.values()}
         return cls(
-            cfg_parallel=cfg_parallel,
-            ring=ring,
-            ulysses=ulysses,
+            config=config,
             rank=rank,
             world=world,
             ulysses_group=handles[tuple(mine["ulysses"])],
@@ -186,8 +121,20 @@ class ParallelMesh:
         )
 
     @property
+    def cfg_parallel(self) -> int:
+        return self.config.cfg_parallel
+
+    @property
+    def ring(self) -> int:
+        return self.config.ring
+
+    @property
+    def ulysses(self) -> int:
+        return self.config.ulysses
+
+    @property
     def sp_degree(self) -> int:
-        return self.ring * self.ulysses
+        return self.config.sp_degree
 
     @property
     def cfg_rank(self) -> int:

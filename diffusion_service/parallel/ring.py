@@ -13,24 +13,17 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from bagel.attention import BlockQKV
 from diffusion_service.parallel.lse import attention_with_lse, merge_attention
 from diffusion_service.parallel.sharding import LatentSharding, check_group_holds_shards
 
 
 def ring_attention_with_lse(
-    group: dist.ProcessGroup,
-    joint_q: Tensor,
-    joint_k: Tensor,
-    joint_v: Tensor,
-    joint_key_mask: Tensor | None,
-    latent_q: Tensor,
-    latent_k: Tensor,
-    latent_v: Tensor,
-    block_valid: Sequence[int],
+    group: dist.ProcessGroup, x: BlockQKV, block_valid: Sequence[int]
 ) -> tuple[Tensor, Tensor]:
     """Attention of `[joint_q; latent_q]` to the joint keys and every ring rank's latent block.
 
-    `latent_*` is this rank's block (`[B, S, *, D]`, the same S on every rank); `block_valid[j]`
+    `x.latent_*` is this rank's block (`[B, S, *, D]`, the same S on every rank); `block_valid[j]`
     counts the real tokens at the front of ring rank `j`'s block (the rest is pad, never read).
     Returns fp32 `out [B, Lj + S, H, D]` and `lse [B, Lj + S, H]`.
     """
@@ -39,9 +32,9 @@ def ring_attention_with_lse(
     peers = dist.get_process_group_ranks(group)
     send_to, recv_from = peers[(me + 1) % size], peers[(me - 1) % size]
 
-    q = torch.cat([joint_q, latent_q], dim=1)
+    q = torch.cat([x.joint_q, x.latent_q], dim=1)
     # K and V travel as one tensor so each step is one send and one receive.
-    block = torch.stack([latent_k, latent_v])
+    block = torch.stack([x.latent_k, x.latent_v])
     incoming = torch.empty_like(block)
     out = lse = None
     for step in range(size):
@@ -58,7 +51,7 @@ def ring_attention_with_lse(
         valid = block_valid[owner]
         keys, values = block[0][:, :valid], block[1][:, :valid]
         if step == 0:
-            out, lse = _attend_joint_and_own(q, joint_k, joint_v, joint_key_mask, keys, values)
+            out, lse = _attend_joint_and_own(q, x, keys, values)
         elif valid > 0:
             block_out, block_lse = attention_with_lse(q, keys, values)
             out, lse = merge_attention(out, lse, block_out, block_lse)
@@ -69,21 +62,16 @@ def ring_attention_with_lse(
 
 
 def _attend_joint_and_own(
-    q: Tensor,
-    joint_k: Tensor,
-    joint_v: Tensor,
-    joint_key_mask: Tensor | None,
-    own_k: Tensor,
-    own_v: Tensor,
+    q: Tensor, x: BlockQKV, own_k: Tensor, own_v: Tensor
 ) -> tuple[Tensor, Tensor]:
     # One block: the joint keys in front of this rank's latent keys (one kernel, not two plus a
     # merge; on H100 a masked block costs less than a separate joint block and its merge).
     mask = None
-    if joint_key_mask is not None:
-        own = joint_key_mask.new_ones((own_k.shape[0], own_k.shape[1]))
-        mask = torch.cat([joint_key_mask, own], dim=1)
+    if x.joint_key_mask is not None:
+        own = x.joint_key_mask.new_ones((own_k.shape[0], own_k.shape[1]))
+        mask = torch.cat([x.joint_key_mask, own], dim=1)
     return attention_with_lse(
-        q, torch.cat([joint_k, own_k], dim=1), torch.cat([joint_v, own_v], dim=1), mask
+        q, torch.cat([x.joint_k, own_k], dim=1), torch.cat([x.joint_v, own_v], dim=1), mask
     )
 
 
@@ -96,42 +84,12 @@ class RingAttention:
         self.sharding = sharding
         self.block_valid = [sharding.valid_len(j) for j in range(sharding.degree)]
 
-    def attend_with_lse(
-        self,
-        joint_q: Tensor,
-        joint_k: Tensor,
-        joint_v: Tensor,
-        joint_key_mask: Tensor | None,
-        latent_q: Tensor,
-        latent_k: Tensor,
-        latent_v: Tensor,
-    ) -> tuple[Tensor, Tensor]:
+    def attend_with_lse(self, x: BlockQKV) -> tuple[Tensor, Tensor]:
         """fp32 output and LSE for the rows `[joint_q; latent_q]`."""
-        return ring_attention_with_lse(
-            self.group,
-            joint_q,
-            joint_k,
-            joint_v,
-            joint_key_mask,
-            latent_q,
-            latent_k,
-            latent_v,
-            self.block_valid,
-        )
+        return ring_attention_with_lse(self.group, x, self.block_valid)
 
-    def __call__(
-        self,
-        joint_q: Tensor,
-        joint_k: Tensor,
-        joint_v: Tensor,
-        joint_key_mask: Tensor | None,
-        latent_q: Tensor,
-        latent_k: Tensor,
-        latent_v: Tensor,
-    ) -> tuple[Tensor, Tensor]:
-        out, _ = self.attend_with_lse(
-            joint_q, joint_k, joint_v, joint_key_mask, latent_q, latent_k, latent_v
-        )
-        out = out.to(latent_q.dtype)
-        joint_len = joint_q.shape[1]
+    def __call__(self, x: BlockQKV) -> tuple[Tensor, Tensor]:
+        out, _ = self.attend_with_lse(x)
+        out = out.to(x.latent_q.dtype)
+        joint_len = x.joint_q.shape[1]
         return out[:, :joint_len], out[:, joint_len:]

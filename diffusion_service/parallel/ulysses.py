@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from bagel.attention import BlockQKV
 from diffusion_service.parallel.sharding import LatentSharding, check_group_holds_shards
 
 
@@ -120,24 +121,15 @@ class UlyssesAttention:
         self.group = group
         self.sharding = sharding
 
-    def __call__(
-        self,
-        joint_q: Tensor,
-        joint_k: Tensor,
-        joint_v: Tensor,
-        joint_key_mask: Tensor | None,
-        latent_q: Tensor,
-        latent_k: Tensor,
-        latent_v: Tensor,
-    ) -> tuple[Tensor, Tensor]:
+    def __call__(self, x: BlockQKV) -> tuple[Tensor, Tensor]:
         degree, index = self.sharding.degree, self.sharding.rank
-        fronts = [head_chunk(t, degree, index) for t in (joint_q, joint_k, joint_v)]
-        q, k, v = seq_to_heads(self.group, [latent_q, latent_k, latent_v], fronts)
+        fronts = [head_chunk(t, degree, index) for t in (x.joint_q, x.joint_k, x.joint_v)]
+        q, k, v = seq_to_heads(self.group, [x.latent_q, x.latent_k, x.latent_v], fronts)
         # Pad keys all sit at the end of the gathered sequence: cut them off rather than mask
         # them, so the unmasked case keeps the fastest kernel.
-        num_keys = joint_k.shape[1] + self.sharding.num_tokens
-        out = attend_local(q, k[:, :num_keys], v[:, :num_keys], joint_key_mask)
-        return heads_to_seq(self.group, out, joint_q.shape[1])
+        num_keys = x.joint_k.shape[1] + self.sharding.num_tokens
+        out = attend_local(q, k[:, :num_keys], v[:, :num_keys], x.joint_key_mask)
+        return heads_to_seq(self.group, out, x.joint_q.shape[1])
 
 
 def attend_local(q: Tensor, k: Tensor, v: Tensor, joint_key_mask: Tensor | None) -> Tensor:

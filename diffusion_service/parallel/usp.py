@@ -1,4 +1,4 @@
-"""Ulysses inside Ring (unified sequence parallelism), and the factory that picks an attention.
+"""Ulysses inside Ring (unified sequence parallelism).
 
 Latent layout over an SP group of `ring * ulysses` ranks: SP rank `s = ring_rank * ulysses +
 ulysses_rank` holds the contiguous shard `s` of length S. The Ulysses group of ring rank `j` thus
@@ -13,16 +13,10 @@ from __future__ import annotations
 import torch.distributed as dist
 from torch import Tensor
 
-from bagel.attention import BlockAttention, full_block_attention
-from diffusion_service.parallel.mesh import ParallelMesh
-from diffusion_service.parallel.ring import RingAttention, ring_attention_with_lse
+from bagel.attention import BlockQKV
+from diffusion_service.parallel.ring import ring_attention_with_lse
 from diffusion_service.parallel.sharding import LatentSharding
-from diffusion_service.parallel.ulysses import (
-    UlyssesAttention,
-    head_chunk,
-    heads_to_seq,
-    seq_to_heads,
-)
+from diffusion_service.parallel.ulysses import head_chunk, heads_to_seq, seq_to_heads
 
 
 class UnifiedSequenceAttention:
@@ -55,40 +49,12 @@ class UnifiedSequenceAttention:
             sum(sharding.valid_len(j * ulysses + i) for i in range(ulysses)) for j in range(ring)
         ]
 
-    def __call__(
-        self,
-        joint_q: Tensor,
-        joint_k: Tensor,
-        joint_v: Tensor,
-        joint_key_mask: Tensor | None,
-        latent_q: Tensor,
-        latent_k: Tensor,
-        latent_v: Tensor,
-    ) -> tuple[Tensor, Tensor]:
+    def __call__(self, x: BlockQKV) -> tuple[Tensor, Tensor]:
         jq, jk, jv = (
-            head_chunk(t, self.ulysses, self.ulysses_rank) for t in (joint_q, joint_k, joint_v)
+            head_chunk(t, self.ulysses, self.ulysses_rank)
+            for t in (x.joint_q, x.joint_k, x.joint_v)
         )
-        q, k, v = seq_to_heads(self.ulysses_group, [latent_q, latent_k, latent_v])
-        out, _ = ring_attention_with_lse(
-            self.ring_group, jq, jk, jv, joint_key_mask, q, k, v, self.block_valid
-        )
-        return heads_to_seq(self.ulysses_group, out.to(latent_q.dtype), joint_q.shape[1])
-
-
-def make_block_attention(mesh: ParallelMesh, sharding: LatentSharding) -> BlockAttention:
-    """The `BlockAttention` for this rank's SP group; `sharding` from `mesh.latent_sharding(n)`.
-
-    Degree 1 gets the model's own `full_block_attention`; otherwise Ulysses, Ring or both.
-    """
-    if (sharding.degree, sharding.rank) != (mesh.sp_degree, mesh.sp_rank):
-        raise ValueError(
-            f"sharding (degree {sharding.degree}, rank {sharding.rank}) does not match the mesh "
-            f"(sp degree {mesh.sp_degree}, sp rank {mesh.sp_rank}); use mesh.latent_sharding()"
-        )
-    if mesh.sp_degree == 1:
-        return full_block_attention
-    if mesh.ring == 1:
-        return UlyssesAttention(mesh.ulysses_group, sharding)
-    if mesh.ulysses == 1:
-        return RingAttention(mesh.ring_group, sharding)
-    return UnifiedSequenceAttention(mesh.ulysses_group, mesh.ring_group, sharding)
+        q, k, v = seq_to_heads(self.ulysses_group, [x.latent_q, x.latent_k, x.latent_v])
+        heads = BlockQKV(jq, jk, jv, x.joint_key_mask, q, k, v)
+        out, _ = ring_attention_with_lse(self.ring_group, heads, self.block_valid)
+        return heads_to_seq(self.ulysses_group, out.to(x.latent_q.dtype), x.joint_q.shape[1])

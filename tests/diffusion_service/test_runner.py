@@ -12,6 +12,7 @@ from bagel.generation import ForwardGraphs
 from bagel.kv import Branch
 from bagel.pipeline import Pipeline
 from diffusion_service.job import JobSpec
+from diffusion_service.parallel.config import ParallelConfig
 from diffusion_service.parallel.mesh import ParallelMesh
 from diffusion_service.runner import JobCancelled, RankRuntime, run_job
 from serving.params import GenerationParams
@@ -27,7 +28,9 @@ def _runtime(
     pipeline = Pipeline(model_dir, "cpu")
     llm = pipeline.config.llm
     mesh = ParallelMesh.build(
-        cfg, ring, ulysses, num_heads=llm.num_heads, num_kv_heads=llm.num_kv_heads
+        ParallelConfig(ulysses=ulysses, ring=ring, cfg_parallel=cfg),
+        num_heads=llm.num_heads,
+        num_kv_heads=llm.num_kv_heads,
     )
     runtime = RankRuntime(
         mesh, pipeline.model, pipeline.marker_ids, torch.device("cpu"), dist.group.WORLD, graphs

@@ -1,15 +1,17 @@
 """A plain fp64 attention and deterministic inputs for the sequence-parallel tests.
 
-Written independently of `diffusion_service.parallel` so it can serve as the oracle.
+Written independently of `diffusion_service.parallel` so it can serve as the oracle; only the
+input container, `BlockQKV`, is shared with the code under test.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from bagel.attention import BlockQKV
 
 HEADS, KV_HEADS, HEAD_DIM = 8, 4, 16
 MARKERS = 2
@@ -38,34 +40,25 @@ def relative_error(actual: Tensor, expected: Tensor) -> float:
     return ((actual.double() - expected).abs().max() / expected.abs().max()).item()
 
 
-@dataclass
-class BlockInputs:
-    joint_q: Tensor
-    joint_k: Tensor
-    joint_v: Tensor
-    joint_key_mask: Tensor | None
-    latent_q: Tensor  # the whole latent sequence, num_tokens long
-    latent_k: Tensor
-    latent_v: Tensor
-
-    def reference(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """fp64 (joint_out, latent_out, joint_lse, latent_lse) of the whole block."""
-        q = torch.cat([self.joint_q, self.latent_q], dim=1)
-        k = torch.cat([self.joint_k, self.latent_k], dim=1)
-        v = torch.cat([self.joint_v, self.latent_v], dim=1)
-        mask = None
-        if self.joint_key_mask is not None:
-            ones = torch.ones(k.shape[0], self.latent_k.shape[1], dtype=torch.bool)
-            mask = torch.cat([self.joint_key_mask, ones], dim=1)
-        out, lse = reference_attention(q, k, v, mask)
-        j = self.joint_q.shape[1]
-        return out[:, :j], out[:, j:], lse[:, :j], lse[:, j:]
+def block_reference(x: BlockQKV) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """fp64 (joint_out, latent_out, joint_lse, latent_lse) of a whole block (all latents)."""
+    q = torch.cat([x.joint_q, x.latent_q], dim=1)
+    k = torch.cat([x.joint_k, x.latent_k], dim=1)
+    v = torch.cat([x.joint_v, x.latent_v], dim=1)
+    mask = None
+    if x.joint_key_mask is not None:
+        ones = torch.ones(k.shape[0], x.latent_k.shape[1], dtype=torch.bool)
+        mask = torch.cat([x.joint_key_mask, ones], dim=1)
+    out, lse = reference_attention(q, k, v, mask)
+    j = x.joint_q.shape[1]
+    return out[:, :j], out[:, j:], lse[:, :j], lse[:, j:]
 
 
 def make_block_inputs(
     seed: int, prefix_lens: tuple[int, ...], num_latent: int, dtype: torch.dtype = torch.float32
-) -> BlockInputs:
-    """Inputs of one generation block; batch row b has a prompt prefix of `prefix_lens[b]` keys.
+) -> BlockQKV:
+    """Inputs of one generation block, the whole latent sequence (`num_latent` tokens); batch row
+    b has a prompt prefix of `prefix_lens[b]` keys.
 
     Prefixes are right-padded to the longest and followed by the marker keys, as the model
     lays them out; the mask is None when all prefixes have the same length.
@@ -83,7 +76,7 @@ def make_block_inputs(
         mask = torch.ones(batch, joint_len, dtype=torch.bool)
         for b, n in enumerate(prefix_lens):
             mask[b, n:prefix] = False
-    return BlockInputs(
+    return BlockQKV(
         joint_q=randn(MARKERS, HEADS),
         joint_k=randn(joint_len, KV_HEADS),
         joint_v=randn(joint_len, KV_HEADS),

@@ -10,7 +10,10 @@ from diffusion_service.parallel import lse as lse_module
 from diffusion_service.parallel.lse import attention_with_lse, merge_attention
 from tests.diffusion_service.parallel.reference import reference_attention, relative_error
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
 
 # bf16 operands: the fused kernel rounds P to bf16 before P @ V, so ~1e-2 relative, not 1e-6.
 TOL = 1e-2

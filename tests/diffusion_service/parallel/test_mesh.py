@@ -1,4 +1,4 @@
-"""ParallelMesh groups on real gloo processes, and validate_topology's messages."""
+"""ParallelMesh groups on real gloo processes, built from a ParallelConfig."""
 
 from __future__ import annotations
 
@@ -6,12 +6,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from diffusion_service.parallel.mesh import (
-    ParallelMesh,
-    mesh_rank_groups,
-    valid_topologies,
-    validate_topology,
-)
+from diffusion_service.parallel.config import ParallelConfig
+from diffusion_service.parallel.mesh import ParallelMesh, mesh_rank_groups
 from tests.helpers.ranks import run_ranks
 
 
@@ -23,8 +19,8 @@ def _members(group: dist.ProcessGroup) -> torch.Tensor:
     return torch.cat(found)
 
 
-def _mesh_rank(rank: int, world: int, cfg: int, ring: int, ulysses: int) -> dict:
-    mesh = ParallelMesh.build(cfg, ring, ulysses, num_heads=8, num_kv_heads=4)
+def _mesh_rank(rank: int, world: int, config: ParallelConfig) -> dict:
+    mesh = ParallelMesh.build(config, num_heads=8, num_kv_heads=4)
     return {
         "coords": torch.tensor(
             [
@@ -54,7 +50,7 @@ def _groups_of(results: list[dict], kind: str) -> set[tuple[int, ...]]:
 
 
 def test_ring2_ulysses2_groups_ulysses_contiguous_ring_strided():
-    results = run_ranks(4, _mesh_rank, 1, 2, 2)
+    results = run_ranks(4, _mesh_rank, ParallelConfig(ulysses=2, ring=2))
     assert _groups_of(results, "ulysses") == {(0, 1), (2, 3)}
     assert _groups_of(results, "ring") == {(0, 2), (1, 3)}
     assert _groups_of(results, "sp") == {(0, 1, 2, 3)}
@@ -69,7 +65,7 @@ def test_ring2_ulysses2_groups_ulysses_contiguous_ring_strided():
 
 
 def test_cfg2_ulysses2_groups_cfg_outermost():
-    results = run_ranks(4, _mesh_rank, 2, 1, 2)
+    results = run_ranks(4, _mesh_rank, ParallelConfig(ulysses=2, cfg_parallel=2))
     assert _groups_of(results, "ulysses") == {(0, 1), (2, 3)}
     assert _groups_of(results, "sp") == {(0, 1), (2, 3)}
     assert _groups_of(results, "ring") == {(0,), (1,), (2,), (3,)}
@@ -83,7 +79,7 @@ def test_cfg2_ulysses2_groups_cfg_outermost():
 
 
 def test_rank_groups_for_cfg2_ring2_ulysses2():
-    groups = mesh_rank_groups(2, 2, 2)
+    groups = mesh_rank_groups(ParallelConfig(ulysses=2, ring=2, cfg_parallel=2))
     assert groups["ulysses"] == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert groups["ring"] == [[0, 2], [1, 3], [4, 6], [5, 7]]
     assert groups["sp"] == [[0, 1, 2, 3], [4, 5, 6, 7]]
@@ -91,43 +87,11 @@ def test_rank_groups_for_cfg2_ring2_ulysses2():
 
 
 def test_single_process_mesh_has_degree_one_and_no_groups():
-    mesh = ParallelMesh.build(1, 1, 1, num_heads=28, num_kv_heads=4)
+    mesh = ParallelMesh.build(ParallelConfig(), num_heads=28, num_kv_heads=4)
     assert (mesh.rank, mesh.world, mesh.sp_degree, mesh.sp_rank) == (0, 1, 1, 0)
     assert mesh.sp_group is None and mesh.ring_group is None
 
 
-def test_ulysses_not_dividing_kv_heads_lists_valid_degrees():
-    with pytest.raises(ValueError) as err:
-        validate_topology(1, 1, 3, 3, num_kv_heads=4, num_heads=28)
-    message = str(err.value)
-    assert "ulysses=3 does not divide the 4 KV heads; valid ulysses degrees: 1, 2, 4" in message
-    assert "(cfg_parallel=1, ring=3, ulysses=1)" in message
-
-
-def test_world_not_product_says_product_and_lists_choices():
-    with pytest.raises(ValueError) as err:
-        validate_topology(1, 2, 2, 6, num_kv_heads=4, num_heads=28)
-    message = str(err.value)
-    assert "world size 6 does not equal cfg_parallel x ring x ulysses = 1 x 2 x 2 = 4" in message
-    for c, r, u in ((1, 6, 1), (1, 3, 2), (2, 3, 1), (3, 2, 1), (3, 1, 2)):
-        assert f"(cfg_parallel={c}, ring={r}, ulysses={u})" in message
-
-
-def test_valid_topologies_respect_kv_heads_and_cfg_limit():
-    assert valid_topologies(4, num_kv_heads=4) == [
-        (1, 4, 1),
-        (1, 2, 2),
-        (1, 1, 4),
-        (2, 2, 1),
-        (2, 1, 2),
-    ]
-    assert (1, 1, 3) not in valid_topologies(3, num_kv_heads=4)
-
-
 def test_build_rejects_a_world_that_is_not_the_product():
     with pytest.raises(ValueError, match="world size 1 does not equal"):
-        ParallelMesh.build(1, 2, 1, num_heads=8, num_kv_heads=4)
-
-
-def test_valid_topology_passes():
-    validate_topology(2, 1, 2, 4, num_kv_heads=4, num_heads=28)
+        ParallelMesh.build(ParallelConfig(ring=2), num_heads=8, num_kv_heads=4)

@@ -1,22 +1,28 @@
 """Ulysses, Ring and hybrid attention on real gloo processes equal a plain fp64 attention.
 
 Every rank builds the same full inputs from a seed, keeps its latent shard (pad filled with
-large garbage, which must never be read as a key), runs the factory's attention, and returns
+large garbage, which must never be read as a key), runs the registry's attention, and returns
 its outputs; the parent reassembles the shards and compares with the fp64 reference.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
-from bagel.attention import full_block_attention
+from bagel.attention import BlockQKV, full_block_attention
+from diffusion_service.parallel import registry
+from diffusion_service.parallel.config import ParallelConfig
 from diffusion_service.parallel.mesh import ParallelMesh
+from diffusion_service.parallel.registry import SPAttention, make_block_attention
 from diffusion_service.parallel.ring import RingAttention
-from diffusion_service.parallel.usp import make_block_attention
+from diffusion_service.parallel.sharding import LatentSharding
 from tests.diffusion_service.parallel.reference import (
     HEADS,
     KV_HEADS,
+    block_reference,
     make_block_inputs,
     relative_error,
     with_garbage_pad,
@@ -37,15 +43,14 @@ CASES = [
     ((7, 4), 3),
 ]
 
-# (cfg_parallel, ring, ulysses)
 TOPOLOGIES = {
-    "ulysses2": (1, 1, 2),
-    "ulysses4": (1, 1, 4),
-    "ring2": (1, 2, 1),
-    "ring3": (1, 3, 1),
-    "ring4": (1, 4, 1),
-    "ring2_ulysses2": (1, 2, 2),
-    "cfg2_ulysses2": (2, 1, 2),
+    "ulysses2": ParallelConfig(ulysses=2),
+    "ulysses4": ParallelConfig(ulysses=4),
+    "ring2": ParallelConfig(ring=2),
+    "ring3": ParallelConfig(ring=3),
+    "ring4": ParallelConfig(ring=4),
+    "ring2_ulysses2": ParallelConfig(ring=2, ulysses=2),
+    "cfg2_ulysses2": ParallelConfig(cfg_parallel=2, ulysses=2),
 }
 
 
@@ -54,60 +59,85 @@ def _seed(cfg_rank: int, case: int) -> int:
     return 1000 * cfg_rank + case
 
 
-def _sp_rank(rank: int, world: int, cfg: int, ring: int, ulysses: int) -> dict:
-    mesh = ParallelMesh.build(cfg, ring, ulysses, num_heads=HEADS, num_kv_heads=KV_HEADS)
+def _sp_rank(rank: int, world: int, config: ParallelConfig) -> dict:
+    mesh = ParallelMesh.build(config, num_heads=HEADS, num_kv_heads=KV_HEADS)
     results = {}
     for case, (prefix_lens, num_latent) in enumerate(CASES):
         seed = _seed(mesh.cfg_rank, case)
         x = make_block_inputs(seed, prefix_lens, num_latent)
         sharding = mesh.latent_sharding(num_latent)
-        latent = [
+        latent_q, latent_k, latent_v = (
             sharding.shard(with_garbage_pad(t, sharding.padded_len, seed + i))
             for i, t in enumerate((x.latent_q, x.latent_k, x.latent_v))
-        ]
-        joint = (x.joint_q, x.joint_k, x.joint_v, x.joint_key_mask)
+        )
+        qkv = replace(x, latent_q=latent_q, latent_k=latent_k, latent_v=latent_v)
         attn = make_block_attention(mesh, sharding)
-        results[f"{case}/joint"], results[f"{case}/latent"] = attn(*joint, *latent)
+        results[f"{case}/joint"], results[f"{case}/latent"] = attn(qkv)
         if isinstance(attn, RingAttention):
-            _, results[f"{case}/lse"] = attn.attend_with_lse(*joint, *latent)
+            _, results[f"{case}/lse"] = attn.attend_with_lse(qkv)
     return results
 
 
-@pytest.mark.parametrize("topology", TOPOLOGIES.values(), ids=TOPOLOGIES.keys())
-def test_sp_attention_output_equals_fp64_attention(topology):
-    cfg, ring, ulysses = topology
-    sp = ring * ulysses
-    results = run_ranks(cfg * sp, _sp_rank, cfg, ring, ulysses)
-    for cfg_rank in range(cfg):
+def _check_against_reference(config: ParallelConfig, tol: float) -> None:
+    sp = config.sp_degree
+    results = run_ranks(config.world_size, _sp_rank, config)
+    for cfg_rank in range(config.cfg_parallel):
         group = results[cfg_rank * sp : (cfg_rank + 1) * sp]  # in sp-rank order
         for case, (prefix_lens, num_latent) in enumerate(CASES):
             x = make_block_inputs(_seed(cfg_rank, case), prefix_lens, num_latent)
-            ref_joint, ref_latent, ref_joint_lse, ref_latent_lse = x.reference()
+            ref_joint, ref_latent, ref_joint_lse, ref_latent_lse = block_reference(x)
             where = f"cfg rank {cfg_rank}, prefixes {prefix_lens}, {num_latent} latent tokens"
 
             latent = torch.cat([r[f"{case}/latent"] for r in group], dim=1)[:, :num_latent]
             assert latent.dtype == torch.float32
-            assert relative_error(latent, ref_latent) < TOL, where
+            assert relative_error(latent, ref_latent) < tol, where
             for sp_rank, r in enumerate(group):
-                assert relative_error(r[f"{case}/joint"], ref_joint) < TOL, (where, sp_rank)
+                assert relative_error(r[f"{case}/joint"], ref_joint) < tol, (where, sp_rank)
 
             if f"{case}/lse" in group[0]:
                 joint_len = ref_joint.shape[1]
                 latent_lse = torch.cat([r[f"{case}/lse"][:, joint_len:] for r in group], dim=1)
-                assert relative_error(latent_lse[:, :num_latent], ref_latent_lse) < TOL, where
+                assert relative_error(latent_lse[:, :num_latent], ref_latent_lse) < tol, where
                 for r in group:
                     joint_lse = r[f"{case}/lse"][:, :joint_len]
-                    assert relative_error(joint_lse, ref_joint_lse) < TOL, where
+                    assert relative_error(joint_lse, ref_joint_lse) < tol, where
+
+
+@pytest.mark.parametrize("config", TOPOLOGIES.values(), ids=TOPOLOGIES.keys())
+def test_sp_attention_output_equals_fp64_attention(config):
+    _check_against_reference(config, TOL)
+
+
+def _gather_all(mesh: ParallelMesh, sharding: LatentSharding):
+    """A toy SP attention: all-gather the latent q/k/v shards, attend to everything, keep this
+    rank's shard of the output. Exact, and slow."""
+
+    def attention(x: BlockQKV):
+        q, k, v = (sharding.gather(t, mesh.sp_group) for t in (x.latent_q, x.latent_k, x.latent_v))
+        joint, latent = full_block_attention(replace(x, latent_q=q, latent_k=k, latent_v=v))
+        return joint, sharding.shard(latent)
+
+    return attention
+
+
+def test_a_variant_registered_by_name_runs_without_other_changes():
+    registry.register(
+        "gather_all",
+        SPAttention(build=_gather_all, supports=lambda c: c.sp_degree > 1, requires="sp > 1"),
+    )
+    try:
+        _check_against_reference(ParallelConfig(ring=2, sp_attention="gather_all"), 1e-5)
+    finally:
+        registry.unregister("gather_all")
+    assert "gather_all" not in registry.names()
 
 
 def test_degree_one_uses_the_models_own_attention():
-    mesh = ParallelMesh.build(1, 1, 1, num_heads=HEADS, num_kv_heads=KV_HEADS)
+    mesh = ParallelMesh.build(ParallelConfig(), num_heads=HEADS, num_kv_heads=KV_HEADS)
     assert make_block_attention(mesh, mesh.latent_sharding(37)) is full_block_attention
 
 
 def test_factory_rejects_a_sharding_from_another_topology():
-    mesh = ParallelMesh.build(1, 1, 1, num_heads=HEADS, num_kv_heads=KV_HEADS)
-    from diffusion_service.parallel.sharding import LatentSharding
-
+    mesh = ParallelMesh.build(ParallelConfig(), num_heads=HEADS, num_kv_heads=KV_HEADS)
     with pytest.raises(ValueError, match="use mesh.latent_sharding"):
         make_block_attention(mesh, LatentSharding(37, 2, 0))

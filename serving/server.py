@@ -1,0 +1,92 @@
+"""The server shape both services share: one grpc.aio server with the standard health service
+(NOT_SERVING until the service says otherwise) and reflection, Prometheus metrics on their own
+address, logging, and running until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from protos.options import server_options
+from serving.metrics import ServiceMetrics
+
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
+
+
+class GrpcServer:
+    """A service's gRPC server. `register(server)` adds the service's handlers; `service_name`
+    is the full name health reports under (besides "", the whole server)."""
+
+    def __init__(
+        self,
+        service_name: str,
+        listen: str,
+        register: Callable[[grpc.aio.Server], None],
+        metrics: ServiceMetrics,
+        metrics_host: str,
+        metrics_port: int | None,
+    ) -> None:
+        self.service_name = service_name
+        self.listen = listen
+        self.metrics = metrics
+        self.metrics_host = metrics_host
+        self.metrics_port = metrics_port
+        self.health = health.aio.HealthServicer()
+        self.port: int | None = None
+        self._register = register
+        self._server: grpc.aio.Server | None = None
+
+    async def start(self) -> int:
+        """Bind, serve (health NOT_SERVING) and expose metrics; returns the bound port."""
+        server = grpc.aio.server(options=server_options())
+        self._register(server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (self.service_name, HEALTH_SERVICE, reflection.SERVICE_NAME), server
+        )
+        await self.set_serving(False)
+        self.port = server.add_insecure_port(self.listen)
+        if not self.port:
+            raise RuntimeError(f"cannot listen on {self.listen}")
+        await server.start()
+        self._server = server
+        if self.metrics_port is not None:
+            self.metrics.serve(self.metrics_host, self.metrics_port)
+        return self.port
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", self.service_name):
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float | None) -> None:
+        """NOT_SERVING at once; in-flight calls get `grace` seconds, then are cancelled."""
+        await self.health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace)
+        self.metrics.close()
+
+
+async def wait_for_signal() -> None:
+    """Return on the first SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
