@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -35,7 +36,9 @@ class ForwardGraphs:
     requests (a diffusion rank, a pipeline); at most `max_entries` captures are kept.
     """
 
-    def __init__(self, max_entries: int = 4) -> None:
+    def __init__(self, max_entries: int = 8) -> None:
+        # Two branch sets (with and without CFG) times up to three layer ranges (a step cache's
+        # front, middle and back) make six captures per request shape.
         self.max_entries = max_entries
         self.pool = None
         self._entries: OrderedDict[tuple, _Capture] = OrderedDict()
@@ -45,25 +48,27 @@ class ForwardGraphs:
         branches: tuple[Branch, ...],
         prefix: BranchPrefix,
         pos_ids: Tensor,
-        x: Tensor,
-        t: Tensor,
-        forward_for: Callable[[BranchPrefix, Tensor], Callable[[Tensor, Tensor], Tensor]],
+        inputs: tuple[Tensor, ...],
+        forward_for: Callable[[BranchPrefix, Tensor], Callable[..., Any]],
         capture_key: tuple = (),
-    ) -> Tensor:
+    ) -> Any:
+        """`forward_for(prefix, pos_ids)(*inputs)`, replayed from a capture of the same key and
+        shapes; its output (a tensor or a tuple of them) is overwritten by the next replay of
+        the same capture."""
         key = (
             capture_key,
             branches,
             tuple(k.shape for k in prefix.keys[:1]),
             prefix.lengths,
-            tuple(x.shape),
+            tuple(tuple(x.shape) for x in inputs),
         )
         entry = self._entries.get(key)
         if entry is None:
-            if self.pool is None and x.is_cuda:
+            if self.pool is None and inputs[0].is_cuda:
                 self.pool = torch.cuda.graph_pool_handle()
             static = prefix.clone()
             static_ids = pos_ids.clone()
-            call = graph_or_eager(forward_for(static, static_ids), (x, t), self.pool)
+            call = graph_or_eager(forward_for(static, static_ids), inputs, self.pool)
             entry = self._entries[key] = _Capture(call, static, static_ids, prefix, pos_ids)
             while len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)
@@ -73,7 +78,7 @@ class ForwardGraphs:
             entry.prefix.copy_(prefix)
             entry.pos_ids.copy_(pos_ids)
             entry.loaded = (prefix, pos_ids)
-        return entry.call(x, t)
+        return entry.call(*inputs)
 
     def clear(self) -> None:
         """Drop every capture (before the process group its collectives use goes away).
@@ -173,7 +178,7 @@ class BlockVelocity:
             v = self._forward_fn(prefix, self.pos_ids)(x, t)
         else:
             v = self.graphs.run(
-                branches, prefix, self.pos_ids, x, t, self._forward_fn, self.capture_key
+                branches, prefix, self.pos_ids, (x, t), self._forward_fn, self.capture_key
             )
         return {b: v[i].to(x_t.device, copy=True) for i, b in enumerate(branches)}
 
@@ -181,24 +186,59 @@ class BlockVelocity:
         self, x: Tensor, t: Tensor, prefix: BranchPrefix, branches: tuple[Branch, ...]
     ) -> Tensor:
         """The forward split where the step cache says, its middle reused when it decides so.
-        Runs eagerly: a decision between the ranges cannot sit inside one captured graph."""
-        model, cache = self.model, self.step_cache
-        front, middle, back = cache.layer_ranges(len(model.layers))
-        with torch.no_grad():
-            states = model.embed_block(x, t, self.pos_ids, self.marker_ids, len(branches))
-            front_in = states
-            states = model.forward_layers(*states, prefix, self.attention, front)
-            if cache.reuse_middle(branches, front_in, states):
-                residual = cache.middle_residual(branches)
-                states = (states[0] + residual[0], states[1] + residual[1])
-            else:
-                middle_in = states
-                states = model.forward_layers(*states, prefix, self.attention, middle)
-                cache.store_middle_residual(
-                    branches, (states[0] - middle_in[0], states[1] - middle_in[1])
-                )
-            _, latent = model.forward_layers(*states, prefix, self.attention, back)
+        With graphs, the ranges are three captures; the decision runs between them."""
+        cache = self.step_cache
+        front, middle, back = cache.layer_ranges(len(self.model.layers))
+        ranges = {"front": front, "middle": middle, "back": back}
+
+        def run(name: str, *inputs: Tensor):
+            if self.graphs is None:
+                return self._range_fn(name, ranges[name], prefix, self.pos_ids)(*inputs)
+            return self.graphs.run(
+                branches,
+                prefix,
+                self.pos_ids,
+                inputs,
+                lambda p, ids: self._range_fn(name, ranges[name], p, ids),
+                (*self.capture_key, name, ranges[name]),
+            )
+
+        front_in_joint, front_in_latent, joint, latent = run("front", x, t)
+        if cache.reuse_middle(branches, (front_in_joint, front_in_latent), (joint, latent)):
+            residual = cache.middle_residual(branches)
+            joint, latent = joint + residual[0], latent + residual[1]
+        else:
+            out_joint, out_latent = run("middle", joint, latent)
+            cache.store_middle_residual(branches, (out_joint - joint, out_latent - latent))
+            joint, latent = out_joint, out_latent
+        return run("back", joint, latent)
+
+    def _range_fn(
+        self, name: str, layers: range, prefix: BranchPrefix, pos_ids: Tensor
+    ) -> Callable[..., Any]:
+        """One range of the forward as a function of its tensor inputs. `front` embeds and
+        returns (its input states, its output states); `middle` maps states to states; `back`
+        ends in the velocity. Like `_forward_fn`, it binds only what any request of the same
+        capture key may share."""
+        model, markers, attention = self.model, self.marker_ids, self.attention
+        batch = len(prefix.lengths)
+
+        @torch.no_grad()
+        def front(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+            joint, latent = model.embed_block(x, t, pos_ids, markers, batch)
+            out = model.forward_layers(joint, latent, prefix, attention, layers)
+            return joint, latent, *out
+
+        @torch.no_grad()
+        def middle(joint: Tensor, latent: Tensor) -> tuple[Tensor, Tensor]:
+            return model.forward_layers(joint, latent, prefix, attention, layers)
+
+        @torch.no_grad()
+        def back(joint: Tensor, latent: Tensor) -> Tensor:
+            _, latent = model.forward_layers(joint, latent, prefix, attention, layers)
             return model.velocity(latent)
+
+        return {"front": front, "middle": middle, "back": back}[name]
 
     def __call__(self, x_t: Tensor, t: Tensor, branches: Sequence[Branch]) -> dict[Branch, Tensor]:
         branches = tuple(branches)

@@ -7,6 +7,12 @@ image with the in-process pipeline on the same device.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if not __package__:  # run as a script: the repo root, not benchmarks/, heads the import path
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 import argparse
 import io
 import json
@@ -14,16 +20,17 @@ import os
 import shlex
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 from PIL import Image
 
-from bagel.params import GenerationParams
 from bagel.pipeline import Pipeline
 from client import BagelClient
 from diffusion_service.world import free_port
+from serving.params import GenerationParams
+
+PROMPT = "A cute cat"
 
 
 def start(args: list[str], log_path: str) -> subprocess.Popen:
@@ -69,6 +76,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=3)
     parser.add_argument("--logs", default=".")
     args = parser.parse_args()
+    params = GenerationParams(height=args.size, width=args.size, num_timesteps=args.steps, seed=52)
 
     diffusion, prefill = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     logs = (os.path.join(args.logs, "diffusion.log"), os.path.join(args.logs, "prefill.log"))
@@ -92,7 +100,11 @@ def main() -> None:
         for i in range(args.requests):
             start_t = time.perf_counter()
             result = client.generate(
-                "A cute cat", height=args.size, width=args.size, steps=args.steps, seed=52
+                PROMPT,
+                height=params.height,
+                width=params.width,
+                num_timesteps=params.num_timesteps,
+                seed=params.seed,
             )
             rows.append(
                 {"request": i, "client_ms": (time.perf_counter() - start_t) * 1e3, **result.timings}
@@ -103,8 +115,7 @@ def main() -> None:
             proc.send_signal(signal.SIGTERM)
         for proc in procs:
             proc.wait(60)
-    params = GenerationParams(height=args.size, width=args.size, num_timesteps=args.steps, seed=52)
-    reference = np.asarray(Pipeline(args.model, args.device).generate("A cute cat", params).image)
+    reference = np.asarray(Pipeline(args.model, args.device).generate(PROMPT, params).image)
     served = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
     quality = {
         "psnr_vs_in_process_db": psnr(served, reference),

@@ -10,10 +10,16 @@ the copy; no framing, no contract checks, no digest); then times
 `broadcast_kv` of the large cache over 2 and 4 gloo ranks (and NCCL where there are >= 2 GPUs).
 The last line printed is one JSON object.
 
-    python -m benchmarks.transport [--quick] [--repeats N] [--default-malloc]
+    python -m benchmarks.kv_transport [--quick] [--repeats N] [--default-malloc]
 """
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if not __package__:  # run as a script: the repo root, not benchmarks/, heads the import path
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse
 import asyncio
@@ -29,13 +35,13 @@ import grpc
 import torch
 import torch.distributed as dist
 
+from bagel.kv import Branch, ContextKV
 from protos import GenerateEvent
 from transport import (
     DEFAULT_CHUNK_SIZE,
     BufferPool,
     FrameAssembler,
     KVCache,
-    KVContext,
     KVEncoder,
     KVLayout,
     KVSpec,
@@ -53,30 +59,30 @@ LAYERS, KV_HEADS, HEAD_DIM, DTYPE = 28, 4, 128, torch.bfloat16
 FINGERPRINT = "bench-bagel-7b"
 BARE_METHOD = "/bench.Bare/Stream"
 FLOOR_METHOD = "/bench.Bare/Floor"
-KINDS = ("cond", "uncond_text", "uncond_img")
 SMALL = (32, 28, 30)  # text to image: prompt, empty negative, prompt again
 LARGE = (2500, 2450, 50)  # image editing: prompt + image, image alone, prompt alone
 LARGE_QUICK = (250, 245, 5)
 
 
-def make_cache(tokens: tuple[int, ...], seed: int = 0) -> list[KVContext]:
+def make_cache(tokens: tuple[int, ...], seed: int = 0) -> dict[Branch, ContextKV]:
+    """One context per entry of `tokens`, in `Branch` order (COND, UNCOND_TEXT, UNCOND_IMG)."""
     gen = torch.Generator().manual_seed(seed)
 
     def tensor(n: int) -> torch.Tensor:
         return torch.randn(n, KV_HEADS, HEAD_DIM, generator=gen).to(DTYPE)
 
-    return [
-        KVContext(kind, [tensor(n) for _ in range(LAYERS)], [tensor(n) for _ in range(LAYERS)], n)
-        for kind, n in zip(KINDS, tokens, strict=False)
-    ]
+    return {
+        branch: ContextKV([tensor(n) for _ in range(LAYERS)], [tensor(n) for _ in range(LAYERS)], n)
+        for branch, n in zip(Branch, tokens, strict=False)
+    }
 
 
-def flatten(contexts: list[KVContext]) -> torch.Tensor:
+def flatten(contexts: dict[Branch, ContextKV]) -> torch.Tensor:
     """The payload as one flat uint8 buffer, in wire order."""
     return torch.cat(
         [
             t.reshape(-1).view(torch.uint8)
-            for c in contexts
+            for c in contexts.values()
             for pair in zip(c.keys, c.values, strict=True)
             for t in pair
         ]
@@ -147,7 +153,7 @@ async def _serve_async(conn: Connection) -> None:
 
 
 async def stream_case(
-    port: int, conn: Connection, contexts: list[KVContext], repeats: int
+    port: int, conn: Connection, contexts: dict[Branch, ContextKV], repeats: int
 ) -> dict[str, float]:
     """Alternate codec, bare and floor runs after one warm-up each; return medians."""
     layout = KVLayout.of(contexts)
@@ -168,7 +174,7 @@ async def stream_case(
                 yield encoder.header()
                 for layer in range(layout.num_layers):
                     yield from encoder.layer(
-                        layer, [(c.keys[layer], c.values[layer]) for c in contexts]
+                        layer, [(c.keys[layer], c.values[layer]) for c in contexts.values()]
                     )
                 yield encoder.trailer()
 

@@ -4,10 +4,16 @@ Times a captured forward (CUDA graph replay) with one and with two CFG branches 
 profiles one eager forward with two branches and prints the GPU time per kernel group (matmuls,
 attention, norms, RoPE, elementwise, copies) and the top kernels.
 
-    python benchmarks/profile_forward.py [--size 1024] [--top 25]
+    python -m benchmarks.profile_forward [--size 1024] [--top 25]
 """
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if not __package__:  # run as a script: the repo root, not benchmarks/, heads the import path
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse
 import json
@@ -18,9 +24,10 @@ from torch.profiler import ProfilerActivity, profile
 
 from bagel.config import BAGEL_7B
 from bagel.generation import BlockVelocity, ForwardGraphs, latent_position_ids
-from bagel.params import GenerationParams
-from bagel.sampler import COND, UNCOND_TEXT, initial_noise
+from bagel.kv import Branch
+from bagel.sampler import initial_noise
 from benchmarks.sp_gpu import MARKERS, contexts_for, random_model
+from serving.params import GenerationParams
 
 GROUPS = (
     ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa")),
@@ -61,16 +68,16 @@ def main() -> None:
     device = torch.device("cuda")
     model = random_model(BAGEL_7B, device, torch.bfloat16, 0)
     params = GenerationParams(height=args.size, width=args.size, seed=7)
-    rows, cols = params.latent_grid(model.config)
+    rows, cols = model.config.latent_grid(params.height, params.width)
     contexts = contexts_for(model, 0, 32)
     noise = initial_noise(params, rows * cols, model.config.patch_dim).to(device)
     pos_ids = latent_position_ids(rows, cols, model.config.max_latent_size)
-    both = (COND, UNCOND_TEXT)
+    both = (Branch.COND, Branch.UNCOND_TEXT)
 
     graphed = BlockVelocity(model, contexts, pos_ids, MARKERS, graphs=ForwardGraphs())
     times = {
         "graph, 2 branches (ms)": time_replay(graphed, noise, both),
-        "graph, 1 branch (ms)": time_replay(graphed, noise, (COND,)),
+        "graph, 1 branch (ms)": time_replay(graphed, noise, (Branch.COND,)),
     }
     eager = BlockVelocity(model, contexts, pos_ids, MARKERS)
     times["eager, 2 branches (ms)"] = time_replay(eager, noise, both, repeats=3)

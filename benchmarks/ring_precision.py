@@ -7,10 +7,16 @@ by log-sum-exp in fp32), in several precisions of the per-block kernels, and pri
 variant's max / L2 relative difference from the one-GPU forward and from an fp32-attention
 forward. No communication is involved: this isolates the arithmetic.
 
-    python benchmarks/ring_precision.py [--degree 2] [--size 1024]
+    python -m benchmarks.ring_precision [--degree 2] [--size 1024]
 """
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if not __package__:  # run as a script: the repo root, not benchmarks/, heads the import path
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse
 import json
@@ -18,17 +24,18 @@ import json
 import torch
 from torch import Tensor
 
-from bagel.attention import full_block_attention
+from bagel.attention import BlockQKV, full_block_attention
 from bagel.config import BAGEL_7B
 from bagel.generation import BlockVelocity, latent_position_ids
-from bagel.params import GenerationParams
-from bagel.sampler import COND, UNCOND_TEXT, initial_noise
+from bagel.kv import Branch
+from bagel.sampler import initial_noise
 from benchmarks.sp_gpu import MARKERS, SMOKE, contexts_for, exact_full_attention, random_model
 from diffusion_service.parallel.lse import (
     _explicit_attention_with_lse,
     attention_with_lse,
     merge_attention,
 )
+from serving.params import GenerationParams
 
 
 def split_attention(degree: int, kernel_dtype: torch.dtype | None, exact: bool = False):
@@ -42,8 +49,9 @@ def split_attention(degree: int, kernel_dtype: torch.dtype | None, exact: bool =
             q, k, v = q.to(kernel_dtype), k.to(kernel_dtype), v.to(kernel_dtype)
         return attention_with_lse(q, k, v)
 
-    def attention(jq, jk, jv, mask, lq, lk, lv):
-        assert mask is None
+    def attention(x: BlockQKV) -> tuple[Tensor, Tensor]:
+        assert x.joint_key_mask is None
+        jq, jk, jv, lq, lk, lv = x.joint_q, x.joint_k, x.joint_v, x.latent_q, x.latent_k, x.latent_v
         n = lk.shape[1]
         bounds = [n * i // degree for i in range(degree + 1)]
         blocks = [(lk[:, a:b], lv[:, a:b]) for a, b in zip(bounds, bounds[1:], strict=False)]
@@ -75,14 +83,14 @@ def main() -> None:
     config, dtype = (SMOKE, torch.float32) if args.cpu_smoke else (BAGEL_7B, torch.bfloat16)
     model = random_model(config, device, dtype, args.seed)
     params = GenerationParams(height=args.size, width=args.size, seed=7)
-    rows, cols = params.latent_grid(model.config)
+    rows, cols = model.config.latent_grid(params.height, params.width)
     contexts = contexts_for(model, args.seed, 32)
     noise = initial_noise(params, rows * cols, model.config.patch_dim).to(device)
     pos_ids = latent_position_ids(rows, cols, model.config.max_latent_size)
 
-    def forward(attention) -> dict[str, Tensor]:
+    def forward(attention) -> dict[Branch, Tensor]:
         velocity = BlockVelocity(model, contexts, pos_ids, MARKERS, attention=attention)
-        out = velocity(noise, torch.tensor(1.0), (COND, UNCOND_TEXT))
+        out = velocity(noise, torch.tensor(1.0), (Branch.COND, Branch.UNCOND_TEXT))
         return {b: v.float() for b, v in out.items()}
 
     reference = forward(full_block_attention)

@@ -4,7 +4,7 @@ For each topology of a `--world`-GPU group (Ulysses, Ring, CFG parallel) it comp
 forward and the decoded image against the one-GPU reference path (`bagel` alone) and times the
 whole generation. Prints a table; the last line is one JSON object.
 
-    python benchmarks/sp_gpu.py --world 2 --size 1024 --steps 50
+    python -m benchmarks.sp_gpu --world 2 --size 1024 --steps 50
 
 Needs torch with CUDA and NCCL only (no gRPC). Random weights: the numbers are about speed and
 agreement between paths, not image quality.
@@ -12,7 +12,14 @@ agreement between paths, not image quality.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if not __package__:  # run as a script: the repo root, not benchmarks/, heads the import path
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -26,22 +33,32 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from bagel import fused
+from bagel.attention import BlockQKV
 from bagel.autoencoder import AutoEncoder, AutoEncoderParams
 from bagel.config import BAGEL_7B, BagelConfig, LLMConfig
 from bagel.generation import BlockVelocity, ForwardGraphs, latent_position_ids
+from bagel.kv import Branch, ContextKV
 from bagel.layers import RMSNorm
 from bagel.model import Bagel
-from bagel.params import GenerationParams
 from bagel.pipeline import decode_image
-from bagel.sampler import COND, UNCOND_TEXT, denoise, initial_noise
+from bagel.sampler import denoise, initial_noise
 from diffusion_service.job import JobSpec
+from diffusion_service.parallel.config import ParallelConfig
 from diffusion_service.parallel.lse import _explicit_attention_with_lse
 from diffusion_service.parallel.mesh import ParallelMesh
 from diffusion_service.runner import RankRuntime, run_job
+from diffusion_service.step_cache import make_step_cache
 from diffusion_service.velocity import ShardedVelocity
+from serving.params import CACHE_SPEC, GenerationParams
 
-TOPOLOGIES = {"ulysses2": (1, 1, 2), "ring2": (1, 2, 1), "cfg2": (2, 1, 1), "u2xr2": (1, 2, 2)}
+TOPOLOGIES = {
+    "ulysses2": ParallelConfig(ulysses=2),
+    "ring2": ParallelConfig(ring=2),
+    "cfg2": ParallelConfig(cfg_parallel=2),
+    "u2xr2": ParallelConfig(ulysses=2, ring=2),
+}
 MARKERS = (151652, 151653)
+BOTH = (Branch.COND, Branch.UNCOND_TEXT)  # the CFG branches of a text-to-image step
 
 
 INITS = ("unit", "scaled")
@@ -101,11 +118,11 @@ SMOKE = BagelConfig(
 )
 
 
-def contexts_for(model: Bagel, seed: int, prompt_tokens: int) -> dict:
+def contexts_for(model: Bagel, seed: int, prompt_tokens: int) -> dict[Branch, ContextKV]:
     gen = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, 150000, (prompt_tokens,), generator=gen).tolist()
     cond, uncond = model.prefill([prompt, []])
-    return {COND: cond, UNCOND_TEXT: uncond}
+    return {Branch.COND: cond, Branch.UNCOND_TEXT: uncond}
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -119,12 +136,15 @@ def sync_time() -> float:
     return time.perf_counter()
 
 
-def exact_full_attention(jq, jk, jv, mask, lq, lk, lv):
+def exact_full_attention(x: BlockQKV):
     """One-GPU block attention computed in fp32 (no bf16 rounding inside the kernel)."""
-    q = torch.cat([jq, lq], 1)
-    out, _ = _explicit_attention_with_lse(q, torch.cat([jk, lk], 1), torch.cat([jv, lv], 1), mask)
-    out = out.to(lq.dtype)
-    return out[:, : jq.shape[1]], out[:, jq.shape[1] :]
+    q = torch.cat([x.joint_q, x.latent_q], 1)
+    k = torch.cat([x.joint_k, x.latent_k], 1)
+    v = torch.cat([x.joint_v, x.latent_v], 1)
+    out, _ = _explicit_attention_with_lse(q, k, v, x.joint_key_mask)
+    out = out.to(x.latent_q.dtype)
+    joint = x.joint_q.shape[1]
+    return out[:, :joint], out[:, joint:]
 
 
 def relative(a: dict, b: dict) -> dict:
@@ -139,17 +159,17 @@ def relative(a: dict, b: dict) -> dict:
 
 def forward_ms(velocity, x: torch.Tensor, repeats: int = 10) -> float:
     """Mean wall time of one forward of both CFG branches, outside the sampler."""
-    t, both = torch.tensor(0.9), (COND, UNCOND_TEXT)
-    velocity(x, t, both)
+    t = torch.tensor(0.9)
+    velocity(x, t, BOTH)
     start = sync_time()
     for _ in range(repeats):
-        velocity(x, t, both)
+        velocity(x, t, BOTH)
     return 1e3 * (sync_time() - start) / repeats
 
 
 def first_forward(velocity, noise: torch.Tensor, device) -> dict:
     t = torch.tensor(1.0)
-    return {b: v.float() for b, v in velocity(noise.to(device), t, (COND, UNCOND_TEXT)).items()}
+    return {b: v.float() for b, v in velocity(noise.to(device), t, BOTH).items()}
 
 
 def rank_main(
@@ -169,7 +189,8 @@ def rank_main(
     control = dist.new_group(backend="gloo", timeout=timedelta(minutes=10))
     model = random_model(config, device, dtype, args.seed, args.init)
     params = GenerationParams(height=args.size, width=args.size, num_timesteps=args.steps, seed=7)
-    rows, cols = params.latent_grid(model.config)
+    warmup = dataclasses.replace(params, num_timesteps=10)
+    rows, cols = model.config.latent_grid(params.height, params.width)
     contexts = contexts_for(model, args.seed, args.prompt_tokens)
     noise = initial_noise(params, rows * cols, model.config.patch_dim)
     ae = random_autoencoder(config.vae, device, dtype, args.seed) if rank == 0 else None
@@ -197,16 +218,12 @@ def rank_main(
         print(f"noise floor: {out['1gpu_fp32_attention']}", flush=True)
         del exact, floor
         for _ in range(args.warmup):
-            warm = denoise(
-                noise.to(device),
-                velocity,
-                GenerationParams(**{**params.__dict__, "num_timesteps": 10}),
-            )
-            decode_image(ae, model.config, warm, params)
+            warm = denoise(noise.to(device), velocity, warmup)
+            decode_image(ae, model.config, warm, params.height, params.width)
         start = sync_time()
         latents = denoise(noise.to(device), velocity, params)
         denoised = sync_time()
-        image = decode_image(ae, model.config, latents, params)
+        image = decode_image(ae, model.config, latents, params.height, params.width)
         done = sync_time()
         reference_image = torch.tensor(list(image.getdata()), dtype=torch.float32)
         out["1gpu"] = {
@@ -216,14 +233,46 @@ def rank_main(
             "total_s": done - start,
         }
         print(f"1gpu: {out['1gpu']}", flush=True)
+        for spec in args.caches:
+            cached_params = dataclasses.replace(params, cache=CACHE_SPEC.parse(spec))
+            pos_ids = latent_position_ids(rows, cols, config.max_latent_size)
+
+            def run_cached(p, pos_ids=pos_ids, graphs=velocity.graphs):
+                step_cache = make_step_cache(p.cache, rows * cols, lambda x: x)
+                one_gpu = BlockVelocity(
+                    model, contexts, pos_ids, MARKERS, graphs=graphs, step_cache=step_cache
+                )
+                hits: list[int] = []
+                latents = denoise(
+                    noise.to(device), one_gpu, p, step_cache=step_cache,
+                    on_step=lambda n, total, cached, hits=hits: hits.append(n) if cached else None,
+                )  # fmt: skip
+                return latents, hits
+
+            for _ in range(args.warmup):
+                run_cached(cached_params)
+            start = sync_time()
+            latents, hits = run_cached(cached_params)
+            denoised = sync_time()
+            image = decode_image(ae, model.config, latents, params.height, params.width)
+            done = sync_time()
+            pixels = torch.tensor(list(image.getdata()), dtype=torch.float32)
+            out[f"1gpu {spec}"] = {
+                "denoise_s": denoised - start,
+                "decode_s": done - denoised,
+                "total_s": done - start,
+                "psnr_db": psnr(pixels, reference_image),
+                "cached_steps": len(hits),
+            }
+            print(f"1gpu {spec}: {out[f'1gpu {spec}']}", flush=True)
     dist.barrier()
 
     for name in args.topologies:
-        cfg, ring, ulysses = TOPOLOGIES[name]
-        if cfg * ring * ulysses != world:
+        layout = TOPOLOGIES[name]
+        if layout.world_size != world:
             continue
         mesh = ParallelMesh.build(
-            cfg, ring, ulysses, num_heads=config.llm.num_heads, num_kv_heads=config.llm.num_kv_heads
+            layout, num_heads=config.llm.num_heads, num_kv_heads=config.llm.num_kv_heads
         )
         runtime = RankRuntime(
             mesh, model, MARKERS, device, control, graphs=None if args.eager else ForwardGraphs()
@@ -234,15 +283,14 @@ def rank_main(
         )
         first = first_forward(velocity, sharding.shard(noise, dim=0), device)
         full_first = {b: sharding.gather(v, mesh.sp_group, dim=0) for b, v in first.items()}
-        warm = GenerationParams(**{**params.__dict__, "num_timesteps": 10})
         for _ in range(args.warmup):
-            run_job(runtime, JobSpec(0, warm), contexts)
+            run_job(runtime, JobSpec(0, warmup), contexts)
         dist.barrier()
         start = sync_time()
         latents = run_job(runtime, JobSpec(1, params), contexts)
         denoised = sync_time()
         if rank == 0:
-            image = decode_image(ae, model.config, latents.to(device), params)
+            image = decode_image(ae, model.config, latents.to(device), params.height, params.width)
             done = sync_time()
         dist.barrier()
         step_ms = forward_ms(velocity, sharding.shard(noise, dim=0).to(device))
@@ -257,6 +305,34 @@ def rank_main(
                 "psnr_db": psnr(pixels, reference_image),
             }
             print(f"{name}: {out[name]}", flush=True)
+        for spec in args.caches:
+            cached_params = dataclasses.replace(params, cache=CACHE_SPEC.parse(spec))
+            hits: list[int] = []
+            for _ in range(args.warmup):
+                run_job(runtime, JobSpec(0, cached_params), contexts)
+            hit = hits.append
+            dist.barrier()
+            start = sync_time()
+            latents = run_job(
+                runtime, JobSpec(1, cached_params), contexts,
+                on_progress=lambda n, total, cached, hit=hit: hit(n) if cached else None,
+            )  # fmt: skip
+            denoised = sync_time()
+            if rank == 0:
+                image = decode_image(
+                    ae, model.config, latents.to(device), params.height, params.width
+                )
+                done = sync_time()
+                pixels = torch.tensor(list(image.getdata()), dtype=torch.float32)
+                out[f"{name} {spec}"] = {
+                    "denoise_s": denoised - start,
+                    "decode_s": done - denoised,
+                    "total_s": done - start,
+                    "psnr_db": psnr(pixels, reference_image),
+                    "cached_steps": len(hits),
+                }
+                print(f"{name} {spec}: {out[f'{name} {spec}']}", flush=True)
+            dist.barrier()
         if runtime.graphs is not None:
             # Captures hold NCCL work of this layout's groups; drop them before the groups go
             # (a 4-GPU run hung at exit when they were kept).
@@ -282,8 +358,18 @@ def main() -> None:
     parser.add_argument("--cpu-smoke", action="store_true", help="a tiny model on CPU/gloo")
     parser.add_argument("--eager", action="store_true", help="no CUDA graphs")
     parser.add_argument("--init", choices=INITS, default="unit", help="random weights' scale")
+    parser.add_argument(
+        "--caches",
+        default="",
+        help="step-cache specs to time as well, separated by ';' "
+        "(e.g. 'dbcache:fn=4,warmup=8,threshold=0.2;dbcache:fn=4,warmup=8,max_continuous=1,"
+        "threshold=10' for the forced compute-one-reuse-one schedule)",
+    )
     args = parser.parse_args()
     args.topologies = args.topologies.split(",")
+    args.caches = [spec for spec in args.caches.split(";") if spec]
+    for spec in args.caches:
+        CACHE_SPEC.parse(spec)  # a bad spec fails here, before any GPU work
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -302,19 +388,20 @@ def main() -> None:
         f"{args.init} init, {kernels}"
     )
     print(
-        f"{'config':<10} {'total s':>8} {'denoise s':>10} {'decode s':>9} {'1st fwd max':>12} {'1st fwd L2':>11} {'PSNR dB':>8} {'fwd ms':>7}"
+        f"{'config':<28} {'total s':>8} {'denoise s':>10} {'decode s':>9} {'1st fwd max':>12} {'1st fwd L2':>11} {'PSNR dB':>8} {'fwd ms':>7} {'cached':>6}"
     )
     for key, r in results.items():
         if "total_s" not in r:  # the noise-floor row: errors only
             print(
-                f"{key:<10} {'':>8} {'':>10} {'':>9} {r['first_forward_rel_err']:>12.2e} "
+                f"{key:<28} {'':>8} {'':>10} {'':>9} {r['first_forward_rel_err']:>12.2e} "
                 f"{r['first_forward_rel_l2']:>11.2e}"
             )
             continue
         print(
-            f"{key:<10} {r['total_s']:>8.2f} {r['denoise_s']:>10.2f} {r['decode_s']:>9.3f} "
+            f"{key:<28} {r['total_s']:>8.2f} {r['denoise_s']:>10.2f} {r['decode_s']:>9.3f} "
             f"{r.get('first_forward_rel_err', 0.0):>12.2e} {r.get('first_forward_rel_l2', 0.0):>11.2e} "
-            f"{r.get('psnr_db', float('inf')):>8.1f} {r['forward_ms']:>7.1f}"
+            f"{r.get('psnr_db', float('inf')):>8.1f} {r.get('forward_ms', float('nan')):>7.1f} "
+            f"{r.get('cached_steps', 0):>6}"
         )
     summary = {
         "device": name,

@@ -10,9 +10,12 @@ import torch.nn.functional as F
 from bagel import fused
 from bagel.layers import apply_rope, rope_cos_sin
 
-pytestmark = pytest.mark.skipif(
-    not (torch.cuda.is_available() and fused.enabled()), reason="needs CUDA and Triton"
-)
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not (torch.cuda.is_available() and fused.enabled()), reason="needs CUDA and Triton"
+    ),
+]
 
 
 def assert_within_one_rounding(got: torch.Tensor, want: torch.Tensor) -> None:

@@ -10,8 +10,14 @@ import torch
 
 from bagel.checkpoint import load_bagel
 from bagel.generation import BlockVelocity, ForwardGraphs, latent_position_ids
+from bagel.kv import Branch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+BOTH = (Branch.COND, Branch.UNCOND_TEXT)
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
 
 
 def test_a_capture_outlives_the_request_that_made_it(tiny_model_dir):
@@ -38,3 +44,41 @@ def test_a_capture_outlives_the_request_that_made_it(tiny_model_dir):
     del junk
     for b in ("c", "u"):
         assert torch.equal(replayed[b], eager[b]), b
+
+
+def test_step_cache_ranges_replayed_from_captures_equal_eager(tiny_model_dir):
+    """The front, middle and back ranges are three captures with the decision between them; a
+    forced compute-one-reuse-one schedule replays both paths and matches eager bit for bit."""
+    from diffusion_service.step_cache import make_step_cache
+    from serving.params import DBCache
+
+    model = load_bagel(tiny_model_dir, "diffusion", dtype=torch.bfloat16, device="cuda")
+    noise = torch.randn(64, model.config.patch_dim, generator=torch.Generator().manual_seed(1))
+    pos_ids = latent_position_ids(8, 8, model.config.max_latent_size)
+    cond, uncond = model.prefill([[5, 17, 29], []])
+    policy = DBCache(
+        fn_compute_blocks=1, max_warmup_steps=1, max_continuous_cached_steps=1,
+        residual_diff_threshold=10.0, taylorseer_order=1,
+    )  # fmt: skip
+
+    def run(graphs: ForwardGraphs | None) -> list[torch.Tensor]:
+        cache = make_step_cache(policy, 64, lambda x: x)
+        velocity = BlockVelocity(
+            model,
+            {Branch.COND: cond, Branch.UNCOND_TEXT: uncond},
+            pos_ids,
+            (1, 2),
+            graphs=graphs,
+            step_cache=cache,
+        )
+        outs = []
+        for step in range(6):
+            cache.begin_step(step, 6)
+            v = velocity(noise, torch.tensor(1.0 - step / 6), BOTH)
+            outs.append(torch.stack([v[b] for b in BOTH]))
+        assert cache.cached_steps == [1, 3, 5]
+        return outs
+
+    replayed, eager = run(ForwardGraphs()), run(None)
+    for step, (a, b) in enumerate(zip(replayed, eager, strict=True)):
+        assert torch.equal(a, b), step

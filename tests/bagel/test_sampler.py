@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from bagel.sampler import (
     StepPlan,
     combine_guidance,
     denoise,
+    in_cfg_window,
     plan_step,
     schedule,
 )
@@ -125,3 +128,127 @@ def test_denoise_calls_back_every_step_and_can_be_stopped():
     assert seen == [(1, 5), (2, 5), (3, 5)]
     x = denoise(torch.zeros(2, 64), velocity, params)
     assert torch.allclose(x, -torch.ones(2, 64))  # integrates v=1 over t from 1 to 0
+
+
+# ---- boundaries, and the whole loop against the written formula -------------------------------
+
+
+@pytest.mark.parametrize(
+    ("t", "active"),
+    [
+        (0.4, False),  # the lower end is open: lo < t
+        (math.nextafter(0.4, 1.0), True),
+        (0.7, True),
+        (1.0, True),  # the upper end is closed: t <= hi
+    ],
+)
+def test_cfg_window_is_open_at_its_lower_end_and_closed_at_its_upper_end(t, active):
+    t = torch.tensor(t, dtype=torch.float64)
+    assert in_cfg_window(t, (0.4, 1.0)) is active
+    branches = plan_step(t, GenerationParams(), has_img_context=True).branches
+    assert branches == ((COND, UNCOND_TEXT, UNCOND_IMG) if active else (COND,))
+
+
+def test_cfg_window_just_above_its_upper_end_is_inactive():
+    assert not in_cfg_window(
+        torch.tensor(math.nextafter(0.8, 1.0), dtype=torch.float64), (0.2, 0.8)
+    )
+    assert in_cfg_window(torch.tensor(0.8, dtype=torch.float64), (0.2, 0.8))
+
+
+@pytest.mark.parametrize(("text", "img"), [(1.0, 2.0), (4.0, 1.0), (4.0, 1.5)])
+def test_scales_at_exactly_one_mean_no_guidance_of_that_kind(text, img):
+    params = GenerationParams(cfg_text_scale=text, cfg_img_scale=img)
+    branches = plan_step(torch.tensor(0.9), params, has_img_context=True).branches
+    assert (UNCOND_TEXT in branches) is (text > 1.0)
+    assert (UNCOND_IMG in branches) is (text > 1.0 and img > 1.0)
+
+
+def test_the_step_count_is_one_less_than_the_timesteps_at_every_size():
+    for n in (2, 3, 50):
+        totals = []
+        denoise(
+            torch.zeros(1, 4),
+            lambda x, t, branches: {b: torch.ones_like(x) for b in branches},
+            GenerationParams(num_timesteps=n, cfg_text_scale=1.0),
+            on_step=lambda done, total, cached, seen=totals: seen.append((done, total)),
+        )
+        assert totals == [(i, n - 1) for i in range(1, n)]
+
+
+class BranchVelocities:
+    """A velocity model whose three branches differ: `v_b = a_b * x + t * c_b`."""
+
+    def __init__(self, shape: tuple[int, int]) -> None:
+        g = torch.Generator().manual_seed(5)
+        self.a = {b: 0.1 * (i + 1) for i, b in enumerate(Branch)}
+        self.c = {b: torch.randn(shape, generator=g, dtype=torch.float64) for b in Branch}
+        self.calls: list[tuple[Branch, ...]] = []
+
+    def of(self, branch: Branch, x: torch.Tensor, t: float) -> torch.Tensor:
+        return self.a[branch] * x + t * self.c[branch]
+
+    def __call__(self, x, t, branches):
+        self.calls.append(tuple(branches))
+        return {b: self.of(b, x, float(t)) for b in branches}
+
+
+def written_cfg_loop(x, model, params, has_img_context):
+    """DESIGN.md section 8's CFG, written out: `v = v_u + s_t (v_c - v_u)`; if `s_i > 1`
+    `v = v_i + s_i (v - v_i)`; renorm `clamp(|v_c| / |v|, min, 1)` (text_channel: per token,
+    before the image guidance; channel: per token; global: whole tensor); inside lo < t <= hi."""
+    n, s = params.num_timesteps, params.timestep_shift
+    ts = [s * (1 - i / (n - 1)) / (1 + (s - 1) * (1 - i / (n - 1))) for i in range(n)]
+    lo, hi = params.cfg_interval
+    st, si = params.cfg_text_scale, params.cfg_img_scale
+    for t, t_next in zip(ts[:-1], ts[1:], strict=True):
+        v_c = model.of(COND, x, t)
+        if lo < t <= hi and st > 1.0:
+            v_u = model.of(UNCOND_TEXT, x, t)
+            v_i = model.of(UNCOND_IMG, x, t) if has_img_context and si > 1.0 else v_c
+            v = v_u + st * (v_c - v_u)
+
+            def renorm(v, per_token, v_c=v_c):
+                if per_token:
+                    ratio = v_c.norm(dim=-1, keepdim=True) / (v.norm(dim=-1, keepdim=True) + 1e-8)
+                else:
+                    ratio = v_c.norm() / (v.norm() + 1e-8)
+                return v * ratio.clamp(params.cfg_renorm_min, 1.0)
+
+            if params.cfg_renorm_type == "text_channel":
+                v = renorm(v, True)
+                if si > 1.0:
+                    v = v_i + si * (v - v_i)
+            else:
+                if si > 1.0:
+                    v = v_i + si * (v - v_i)
+                v = renorm(v, params.cfg_renorm_type == "channel")
+        else:
+            v = v_c
+        x = x - v * (t - t_next)
+    return x
+
+
+@pytest.mark.parametrize("renorm", ["global", "channel", "text_channel"])
+@pytest.mark.parametrize("has_img_context", [True, False], ids=["editing", "text_to_image"])
+def test_denoise_with_distinct_branch_velocities_follows_the_written_cfg_formula(
+    renorm, has_img_context
+):
+    params = GenerationParams(
+        num_timesteps=9,
+        timestep_shift=2.0,
+        cfg_text_scale=3.0,
+        cfg_img_scale=2.0,
+        cfg_interval=(0.3, 0.9),
+        cfg_renorm_type=renorm,
+        cfg_renorm_min=0.5,
+    )
+    x0 = torch.randn(6, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    model = BranchVelocities(tuple(x0.shape))
+    got = denoise(x0, model, params, has_img_context=has_img_context)
+    expected = written_cfg_loop(x0, BranchVelocities(tuple(x0.shape)), params, has_img_context)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
+    # the image branch runs where (and only where) the image context differs from cond
+    assert any(UNCOND_IMG in call for call in model.calls) is has_img_context
+    without_img = written_cfg_loop(x0, BranchVelocities(tuple(x0.shape)), params, False)
+    assert (not has_img_context) or (without_img - got).abs().max() > 1e-3  # the test can tell

@@ -13,9 +13,11 @@ import pytest
 from client import BagelClient
 from client.cli import ProgressDisplay, generation_params, main, parse_args, timing_summary
 from protos import GenerateEvent, Progress
+from serving.params import GenerationParams
 from tests.client.fake_prefill import FakePrefillServer
 from tests.helpers.processes import ROOT
 from tests.helpers.ranks import free_port
+from tests.serving.examples import EVERY_FIELD, EVERY_FIELD_FLAGS, fields_left_at_default
 
 
 @pytest.fixture
@@ -97,6 +99,21 @@ def test_cli_parses_size_and_maps_flags_to_params():
     assert params["cfg_text_scale"] == 4.0 and params["cfg_img_scale"] == 1.5
     assert params["negative_prompt"] == "blurry" and params["cfg_interval"] == (0.4, 1.0)
     assert params["cfg_renorm_type"] == "channel" and params["timestep_shift"] is None
+
+
+def test_cli_sends_every_field_and_the_request_id_unchanged(fake, tmp_path, capsys):
+    assert fields_left_at_default(EVERY_FIELD) == []
+    argv = ["generate", "A cat", "-o", str(tmp_path / "x.png"), *EVERY_FIELD_FLAGS]
+    assert main([*argv, "--server", fake.address, "--timeout", "10"]) == 0, capsys.readouterr()
+    [request] = fake.servicer.requests
+    assert request.prompt == "A cat" and request.request_id == "every-field-1"
+    assert GenerationParams.from_proto(request.params) == EVERY_FIELD
+
+
+def test_cli_leaves_every_field_unset_unless_given():
+    params = generation_params(parse_args(["generate", "A cat", "-o", "x.png"]))
+    assert params == dict.fromkeys(params) and "request_id" in params
+    assert set(params) == {f for f in GenerationParams.__dataclass_fields__} | {"request_id"}
 
 
 def test_cli_width_and_height_separately_and_unset_by_default():

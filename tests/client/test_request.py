@@ -6,6 +6,8 @@ import pytest
 
 from client import PARAM_NAMES, build_request
 from protos import CfgRenormType
+from serving.params import DBCache, GenerationParams
+from tests.serving.examples import EVERY_FIELD, fields_left_at_default
 
 
 def test_every_keyword_maps_to_its_proto_field():
@@ -75,3 +77,20 @@ def test_unknown_keyword_is_a_type_error(name):
 def test_values_the_wire_cannot_carry_are_rejected(params, error):
     with pytest.raises(error):
         build_request("A cat", **params)
+
+
+def test_every_schema_field_given_as_a_keyword_arrives_unchanged():
+    assert fields_left_at_default(EVERY_FIELD) == []
+    request = build_request("A cat", request_id="r-2", **EVERY_FIELD.__dict__)
+    assert request.request_id == "r-2"
+    assert GenerationParams.from_proto(request.params) == EVERY_FIELD
+    assert set(EVERY_FIELD.__dict__) <= PARAM_NAMES
+
+
+def test_cache_keyword_takes_a_policy_or_a_spec_string():
+    policy = DBCache(fn_compute_blocks=2, max_cached_steps=0)
+    assert GenerationParams.from_proto(build_request("A cat", cache=policy).params).cache == policy
+    from_spec = build_request("A cat", cache="dbcache:fn=2,max_cached=-1").params
+    assert GenerationParams.from_proto(from_spec).cache == policy
+    with pytest.raises(TypeError):
+        build_request("A cat", cache=3)

@@ -16,6 +16,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
@@ -58,9 +59,8 @@ def test_png_through_the_service_equals_the_in_process_reference(ulysses2, pipel
     events = generate(ulysses2.address, kv_frames(contexts, pipeline.config.fingerprint(), PARAMS))
     kinds = [e.WhichOneof("event") for e in events]
     assert kinds[0] == "accepted" and kinds[-2:] == ["timings", "image"]
-    assert [e.progress.step for e in events if e.WhichOneof("event") == "progress"] == list(
-        range(1, 8)
-    )
+    progress = [e.progress for e in events if e.WhichOneof("event") == "progress"]
+    assert [(p.step, p.total_steps) for p in progress] == [(i, 7) for i in range(1, 8)]
     image = np.asarray(Image.open(io.BytesIO(events[-1].image.png)).convert("RGB"), dtype=int)
     reference = np.asarray(
         pipeline.decode(pipeline.denoise(contexts, PARAMS), PARAMS.height, PARAMS.width), dtype=int
@@ -163,27 +163,56 @@ def test_cancel_and_deadline_mid_denoising_end_the_call_and_the_next_request_is_
     assert time.monotonic() - start < 30  # the stopped jobs did not keep the ranks busy
 
 
-def test_full_queue_answers_resource_exhausted(ulysses2, pipeline, contexts):
+def test_a_queue_of_2_takes_exactly_2_behind_the_running_job_and_refuses_the_rest(
+    ulysses2, pipeline, contexts
+):
+    """`--max-queue 2`: with one job running, 4 more requests give queue positions 1 and 2 and
+    exactly 2 RESOURCE_EXHAUSTED."""
     fp = pipeline.config.fingerprint()
-    errors: list = []
+    running = threading.Event()
+    channel = grpc.insecure_channel(ulysses2.address)
+    first = diffusion_generate(channel)(kv_frames(contexts, fp, SLOW), timeout=60)
 
-    def slow_request():
-        errors.append(
-            _stream_until_step(ulysses2.address, kv_frames(contexts, fp, SLOW), 0, 4.0, False)
-        )
+    def follow_first() -> None:
+        try:
+            for event in first:
+                if event.WhichOneof("event") == "progress":
+                    running.set()
+        except grpc.RpcError:
+            pass
 
-    threads = [
-        threading.Thread(target=slow_request) for _ in range(5)
-    ]  # 1 running + 2 queued + 2 over
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    codes = sorted(e.code().name for e in errors if e is not None)
-    assert codes.count("RESOURCE_EXHAUSTED") >= 1, codes
-    assert "queue is full" in next(
-        e.details() for e in errors if e.code().name == "RESOURCE_EXHAUSTED"
-    )
+    follower = threading.Thread(target=follow_first)
+    follower.start()
+    outcomes: list = []
+
+    def queued_request() -> None:
+        positions = []
+        with grpc.insecure_channel(ulysses2.address) as ch:
+            try:
+                for event in diffusion_generate(ch)(kv_frames(contexts, fp, SLOW), timeout=4.0):
+                    if event.WhichOneof("event") == "accepted":
+                        positions.append(event.accepted.queue_position)
+                outcomes.append(("finished", positions))
+            except grpc.RpcError as e:
+                outcomes.append((e.code().name, positions, e.details()))
+
+    try:
+        assert running.wait(30), "the first job did not start"
+        threads = [threading.Thread(target=queued_request) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    finally:
+        first.cancel()
+        follower.join(10)
+        channel.close()
+    refused = [o for o in outcomes if o[0] == "RESOURCE_EXHAUSTED"]
+    queued = [o for o in outcomes if o[0] != "RESOURCE_EXHAUSTED"]
+    assert len(refused) == 2, outcomes
+    assert all(o[1] == [] and "the queue is full (2 requests waiting)" in o[2] for o in refused)
+    assert sorted(p for o in queued for p in o[1]) == [1, 2], outcomes
+    assert {o[0] for o in queued} == {"DEADLINE_EXCEEDED"}, outcomes
 
 
 def test_reflection_lists_the_services(ulysses2):
@@ -220,6 +249,23 @@ def test_a_dead_rank_fails_the_request_with_unavailable_and_the_group_restarts(
                 except grpc.RpcError as e:
                     outcome.append(e)
 
+        statuses: list[str] = []
+        watch_channel = grpc.insecure_channel(svc.address)
+        watch = health_pb2_grpc.HealthStub(watch_channel).Watch(
+            health_pb2.HealthCheckRequest(service=""), timeout=90
+        )
+
+        def watch_health() -> None:
+            try:
+                for reply in watch:
+                    statuses.append(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+                    if statuses[-2:] == ["NOT_SERVING", "SERVING"]:
+                        return
+            except grpc.RpcError:
+                pass
+
+        watcher = threading.Thread(target=watch_health)
+        watcher.start()
         thread = threading.Thread(target=follow)
         thread.start()
         deadline = time.monotonic() + 30
@@ -227,6 +273,10 @@ def test_a_dead_rank_fails_the_request_with_unavailable_and_the_group_restarts(
             time.sleep(0.05)
         os.kill(worker, signal.SIGKILL)
         thread.join(60)
+        watcher.join(60)
+        watch.cancel()
+        watch_channel.close()
+        assert statuses[0] == "SERVING" and statuses[-2:] == ["NOT_SERVING", "SERVING"], statuses
         assert outcome and isinstance(outcome[0], grpc.RpcError), outcome
         assert outcome[0].code() == grpc.StatusCode.UNAVAILABLE, outcome[0].details()
         assert steps[-1] < 1000
@@ -283,11 +333,12 @@ def test_metrics_count_requests_steps_kv_bytes_and_phases(tiny_model_dir, pipeli
         generate(svc.address, kv_frames(contexts, pipeline.config.fingerprint(), PARAMS))
         with pytest.raises(grpc.RpcError):
             generate(svc.address, kv_frames(contexts, "0" * 32, PARAMS))
-        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as reply:
-            text = reply.read().decode()
-    assert 'bagel_diffusion_requests_total{status="OK"} 1.0' in text
-    assert 'bagel_diffusion_requests_total{status="INVALID_ARGUMENT"} 1.0' in text
-    assert 'bagel_diffusion_steps_total{cached="false"} 7.0' in text
+        # The servicer counts a failed request after `context.abort` has sent its status, so the
+        # client can see the status first: wait (bounded) for the count instead of racing it.
+        text = metrics_when(metrics_port, 'requests_total{code="INVALID_ARGUMENT"}')
+    assert 'bagel_diffusion_requests_total{code="OK"} 1.0' in text
+    assert 'bagel_diffusion_requests_total{code="INVALID_ARGUMENT"} 1.0' in text
+    assert 'bagel_diffusion_steps_total{cached="false",policy="none"} 7.0' in text
     kv_bytes = float(
         next(
             line.split()[1]
@@ -297,3 +348,14 @@ def test_metrics_count_requests_steps_kv_bytes_and_phases(tiny_model_dir, pipeli
     )
     assert kv_bytes > 0
     assert 'bagel_diffusion_phase_seconds_count{phase="denoise"} 1.0' in text
+
+
+def metrics_when(port: int, needle: str, timeout: float = 10.0) -> str:
+    """The metrics page once it contains `needle` (or, after `timeout`, as it is)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+            text = reply.read().decode()
+        if needle in text or time.monotonic() > deadline:
+            return text
+        time.sleep(0.05)

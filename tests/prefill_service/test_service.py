@@ -22,12 +22,16 @@ from bagel.kv import Branch
 from bagel.prompts import cfg_prompts
 from bagel.tokenizer import load_tokenizer
 from client import BagelClient
+from client.cli import parse_args
 from prefill_service.settings import PrefillSettings
 from protos import PREFILL_SERVICE, kv_pb2
+from serving.params import DBCache, GenerationParams
+from tests.diffusion_service.test_job import params_on_every_rank_in_a_fresh_process
 from tests.helpers.processes import ServiceProcess
 from tests.helpers.ranks import free_port
 from tests.prefill_service.conftest import RunningPrefill
 from tests.prefill_service.fake_diffusion import FakeDiffusion
+from tests.serving.examples import EVERY_FIELD, EVERY_FIELD_FLAGS, fields_left_at_default
 
 SMALL = {"height": 64, "width": 64}
 
@@ -321,7 +325,7 @@ def test_metrics_count_requests_and_kv_bytes(prefill, fake_diffusion, metrics_po
     sent = re.search(r"^bagel_prefill_kv_bytes_sent_total (\S+)$", text, re.M)
     assert ok and float(ok.group(1)) >= 1
     assert sent and float(sent.group(1)) > 0
-    assert "bagel_prefill_compute_seconds_count" in text
+    assert 'bagel_prefill_phase_seconds_count{phase="prefill"}' in text
 
 
 def test_prefill_service_process_serves_and_stops_on_sigterm(tiny_model_dir, fake_diffusion):
@@ -341,3 +345,113 @@ def test_prefill_service_process_serves_and_stops_on_sigterm(tiny_model_dir, fak
         assert service.stop() == 0
         log = service.log()
     assert "[proc-1]" in log and "stopped" in log
+
+
+# ---- every field end to end, and the limits --------------------------------------------------
+
+
+def test_every_field_from_the_cli_arrives_unchanged_at_every_diffusion_rank(
+    prefill, fake_diffusion
+):
+    """CLI flags -> client -> prefill service -> KV header -> rank message on 4 ranks."""
+    assert fields_left_at_default(EVERY_FIELD) == []
+    args = parse_args(["generate", "A cute cat", "-o", "unused.png", *EVERY_FIELD_FLAGS])
+    with BagelClient(prefill.address, timeout=30) as client:
+        result = client.generate(args.prompt, **args.params)
+    assert result.request_id == "every-field-1" and result.seed == EVERY_FIELD.seed
+
+    [call] = fake_diffusion.calls
+    assert call.received.request_id == "every-field-1"
+    arrived = GenerationParams.from_proto(call.received.params)
+    assert arrived == EVERY_FIELD
+    assert [c.kind for c in call.received.cache.contexts] == [Branch.COND, Branch.UNCOND_TEXT]
+    assert call.received.cache.contexts[1].num_tokens > 0  # the negative prompt was prefilled
+
+    # This process runs gRPC threads and must not fork: the 4 ranks start from a new interpreter.
+    on_ranks = params_on_every_rank_in_a_fresh_process(arrived.to_bytes(), world=4)
+    assert [GenerationParams.from_bytes(data) for data in on_ranks] == [EVERY_FIELD] * 4
+
+
+def _prompt_of_tokens(tokenizer, tokens: int) -> str:
+    """A prompt whose framed encoding is exactly `tokens` tokens long."""
+    for n in range(tokens):
+        prompt = "dog " * n
+        if len(cfg_prompts(tokenizer, prompt)[Branch.COND]) == tokens:
+            return prompt
+    raise AssertionError(f"no prompt of {tokens} tokens")
+
+
+@pytest.mark.parametrize("which", ["prompt", "negative_prompt"])
+def test_prompt_of_exactly_the_token_limit_passes_and_one_more_token_is_invalid(
+    prefill, fake_diffusion, lm_source, tiny_model_dir, which
+):
+    limit = 256  # the prefill_server fixture's max_prompt_tokens
+    tokenizer = load_tokenizer(tiny_model_dir)
+    at_limit, over = _prompt_of_tokens(tokenizer, limit), _prompt_of_tokens(tokenizer, limit + 1)
+
+    def ask(text: str):
+        prompt, negative = ("A cat", text) if which == "negative_prompt" else (text, "")
+        return client.generate(prompt, negative_prompt=negative, seed=1, **SMALL)
+
+    with BagelClient(prefill.address, timeout=30) as client:
+        ask(at_limit)
+        [call] = fake_diffusion.calls
+        index = 1 if which == "negative_prompt" else 0
+        assert call.received.cache.contexts[index].num_tokens == limit
+        with pytest.raises(grpc.RpcError) as info:
+            ask(over)
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() == (
+        f"{which} is {limit + 1} tokens long with its framing; the limit is {limit}"
+    )
+    assert len(fake_diffusion.calls) == 1
+
+
+@pytest.mark.parametrize(("fn", "bn", "fits"), [(2, 1, True), (3, 0, True), (3, 1, False)])
+def test_db_cache_must_leave_a_block_of_the_model_to_cache(prefill, fake_diffusion, fn, bn, fits):
+    cache = DBCache(fn_compute_blocks=fn, bn_compute_blocks=bn)  # the tiny model has 4 layers
+    with BagelClient(prefill.address, timeout=30) as client:
+        if fits:
+            client.generate("A cat", cache=cache, seed=1, **SMALL)
+            [call] = fake_diffusion.calls
+            assert GenerationParams.from_proto(call.received.params).cache == cache
+            return
+        with pytest.raises(grpc.RpcError) as info:
+            client.generate("A cat", cache=cache, seed=1, **SMALL)
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "leaves none of the model's 4 blocks" in info.value.details()
+    assert fake_diffusion.calls == []
+
+
+class DeadlineRecordingDiffusion(FakeDiffusion):
+    """Records the deadline each Diffusion.Generate call arrives with."""
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.time_remaining: list[float | None] = []
+
+    async def generate(self, frames, context):
+        self.time_remaining.append(context.time_remaining())
+        async for event in super().generate(frames, context):
+            yield event
+
+
+def test_the_callers_deadline_is_passed_on_to_the_diffusion_call(
+    loop_thread, tiny_model_dir, tiny_config, lm_source
+):
+    recorder = DeadlineRecordingDiffusion(tiny_config)
+    loop_thread.run(recorder.start())
+    settings = PrefillSettings(
+        model_dir=str(tiny_model_dir), listen="127.0.0.1:0", diffusion=recorder.address
+    )
+    running = RunningPrefill(loop_thread, settings, lm_source)
+    try:
+        with BagelClient(running.address) as client:
+            client.generate("A cute cat", seed=1, timeout=20, **SMALL)
+            client.generate("A cute cat", seed=1, **SMALL)
+    finally:
+        running.stop()
+        loop_thread.run(recorder.stop())
+    with_deadline, without = recorder.time_remaining
+    assert with_deadline is not None and 10 < with_deadline < 21  # gRPC rounds deadlines up
+    assert without is None

@@ -80,6 +80,12 @@ def move_to(offset: int) -> Callable[[kv_pb2.KVChunk], None]:
     return change
 
 
+def grow_by_one(c: kv_pb2.KVChunk) -> None:
+    """One more payload byte: the chunk now reaches into the next tensor."""
+    c.data = PAYLOAD[c.offset : c.offset + len(c.data) + 1]
+    c.crc32c = crc32c(c.data)
+
+
 def set_kind(i: int, kind: int) -> Callable[[kv_pb2.KVHeader], None]:
     def change(h: kv_pb2.KVHeader) -> None:
         h.contexts[i].kind = kind
@@ -153,6 +159,11 @@ CASES: dict[str, tuple[Callable[[Frames], Frames], Fault, str]] = {
         CONTRACT,
         r"chunk bytes \[10000, 10064\) lie outside context 0 \(cond\) layer 0 K, "
         r"which is \[0, 320\)",
+    ),
+    "chunk one byte past its tensor": (
+        lambda fs: chunk(5, grow_by_one)(header(setter("chunk_size", CHUNK + 1))(fs)),
+        CONTRACT,
+        r"chunk bytes \[256, 321\) lie outside context 0 \(cond\) layer 0 K, which is \[0, 320\)",
     ),
     "context out of range": (
         chunk(1, setter("context", 7)),
@@ -265,6 +276,22 @@ def test_tampered_stream_fails_with_its_status_and_message_and_holds_no_buffer(n
     assert re.search(message, error.message), error.message
     assert not assembler.holds_buffer
     assert buffers.outstanding == {}
+
+
+def test_a_chunk_that_ends_exactly_at_its_tensors_end_is_accepted():
+    fs = header(setter("chunk_size", CHUNK + 1))(frames())
+    assert DiffusionFrame.FromString(fs[5]).chunk.offset + CHUNK == 320  # the end of cond L0 K
+    assembler = FrameAssembler(SPEC)
+    for frame in fs:
+        assembler.feed(frame)
+    assert assembler.finish().cache.layout.total_bytes == len(PAYLOAD)
+
+
+def test_payload_of_exactly_the_limit_is_accepted():
+    assembler = FrameAssembler(SPEC, max_bytes=len(PAYLOAD))
+    for frame in frames():
+        assembler.feed(frame)
+    assert assembler.finish().cache.layout.total_bytes == len(PAYLOAD)
 
 
 def test_payload_over_the_limit_is_resource_exhausted_before_any_allocation():

@@ -1,0 +1,180 @@
+"""The package layering of DESIGN.md section 2, read from the source: which product package may
+import which, no import cycle between product modules, and `transport` loading without `bagel`.
+
+Imports are parsed with `ast`, function-level ones included, so a lazy import cannot hide a
+forbidden edge or a cycle.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PACKAGES = (
+    "bagel",
+    "protos",
+    "serving",
+    "transport",
+    "diffusion_service",
+    "prefill_service",
+    "client",
+)
+SERVICES = {"diffusion_service", "prefill_service"}
+# package -> top-level names it must never import (DESIGN.md section 2).
+FORBIDDEN = {
+    "bagel": {"serving", "transport", "diffusion_service", "prefill_service", "client", "protos"},
+    "transport": {"bagel", "serving", *SERVICES, "client"},
+    "serving": {"torch", "bagel", "transport", *SERVICES, "client"},
+    "client": {"torch", "bagel", "transport", *SERVICES},
+    "protos": {"torch", "bagel", "serving", "transport", *SERVICES, "client"},
+    "diffusion_service": {"prefill_service", "client"},
+    "prefill_service": {"diffusion_service", "client"},
+}
+
+
+def product_modules() -> dict[str, Path]:
+    """Module name -> file, for every product module except the generated protobuf stubs."""
+    modules = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if "_pb2" in path.name:
+                continue
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            modules[".".join(parts)] = path
+    return modules
+
+
+MODULES = product_modules()
+
+
+def imported_names(module: str, path: Path) -> set[str]:
+    """Every module `module` imports, at any depth of its code. `from X import y` imports the
+    submodule `X.y` where there is one (Python loads it even while `X/__init__` is still
+    running, so that is no cycle through `X`), otherwise `X`."""
+    is_package = path.name == "__init__.py"
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = module.split(".")
+                base = base if is_package else base[:-1]
+                base = base[: len(base) - (node.level - 1)]
+                source = ".".join([*base, *([node.module] if node.module else [])])
+            else:
+                source = node.module or ""
+            for alias in node.names:
+                submodule = f"{source}.{alias.name}"
+                names.add(submodule if submodule in MODULES else source)
+    return names
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Product module -> the product modules it imports."""
+    return {
+        module: {name for name in imported_names(module, path) if name in MODULES} - {module}
+        for module, path in MODULES.items()
+    }
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of `graph` as a list of modules (first == last), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt) :] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_the_product_packages_are_all_found_and_parsed():
+    assert {m.split(".")[0] for m in MODULES} == set(PACKAGES)
+    assert "serving.params" in MODULES and "protos.bagel.v1.params_pb2" not in MODULES
+    assert "diffusion_service.parallel.config" in MODULES
+    graph = import_graph()
+    assert "serving.codecs" in graph["serving.params"]
+
+
+def test_no_import_cycle_between_product_modules():
+    assert find_cycle(import_graph()) is None, " -> ".join(find_cycle(import_graph()) or [])
+
+
+def test_the_cycle_finder_finds_a_cycle_through_a_function_level_import():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert find_cycle(graph) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+    source = "def late():\n    from serving.params import GenerationParams\n"
+    tree_names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom):
+            tree_names.add(node.module)
+    assert tree_names == {"serving.params"}  # ast.walk reaches inside function bodies
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_each_package_imports_only_what_its_layer_allows(package):
+    offending = sorted(
+        f"{module} imports {name}"
+        for module, path in MODULES.items()
+        if module.split(".")[0] == package
+        for name in imported_names(module, path)
+        if name.split(".")[0] in FORBIDDEN[package]
+    )
+    assert offending == []
+
+
+def test_importing_transport_loads_no_bagel_module():
+    code = (
+        "import sys, transport; "
+        "bad = [m for m in sys.modules if m.split('.')[0] == 'bagel']; "
+        "assert not bad, bad"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+
+
+def test_importing_serving_and_client_loads_neither_torch_nor_bagel():
+    code = (
+        "import sys, serving, client, client.cli; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'bagel', 'transport')]; "
+        "assert not bad, sorted(bad)[:5]"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
