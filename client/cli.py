@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import grpc
+import numpy as np
 from tqdm import tqdm
 
 from client.client import BagelClient, GenerationResult, IncompleteGeneration
@@ -30,7 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = commands.add_parser("generate", help="text to image; writes a PNG")
     gen.add_argument("prompt")
-    gen.add_argument("-o", "--output", required=True, type=Path, help="PNG file to write")
+    gen.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        type=Path,
+        help="PNG file to write (with --output-format latents: a .npy file of the fp32 latents)",
+    )
     gen.add_argument("--size", type=int, help="square image side in pixels (multiple of 16)")
     add_param_arguments(gen)
     gen.add_argument("--request-id", help="unset: the server assigns one")
@@ -166,14 +173,20 @@ def run_generate(args: argparse.Namespace) -> int:
     wall_s = time.perf_counter() - started
     try:
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_bytes(result.png)
+        if result.latents is not None:  # --output-format latents: a .npy file
+            with args.output.open("wb") as f:
+                np.save(f, result.latents)
+        else:
+            args.output.write_bytes(result.png)
     except OSError as e:
         _error(f"cannot write {args.output}: {e}")
         return 1
-    print(
-        f"wrote {args.output} ({result.width}x{result.height}, seed {result.seed}, "
-        f"request {result.request_id})"
+    what = (
+        f"latents {'x'.join(map(str, result.latents.shape))}"
+        if result.latents is not None
+        else f"{result.width}x{result.height}"
     )
+    print(f"wrote {args.output} ({what}, seed {result.seed}, request {result.request_id})")
     print(timing_summary(result.timings, wall_s))
     if args.summary_json is not None:
         try:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
@@ -20,12 +21,15 @@ HEALTH_TIMEOUT_S = 10.0
 
 
 class IncompleteGeneration(RuntimeError):
-    """The server ended the stream successfully but sent no image."""
+    """The server ended the stream successfully but sent no image (nor latents)."""
 
 
 @dataclass
 class GenerationResult:
-    image: Image.Image
+    """A finished generation: the decoded image and its PNG, or, for `output_format="latents"`,
+    the raw fp32 latents (then `image` is None and `png` empty)."""
+
+    image: Image.Image | None
     png: bytes
     width: int
     height: int
@@ -34,6 +38,7 @@ class GenerationResult:
     request_id: str = ""
     steps: int = 0  # Euler steps denoised
     cached_steps: list[int] = field(default_factory=list)  # 0-based steps the step cache served
+    latents: np.ndarray | None = None  # final latent tokens [h*w/256, 64], fp32
 
 
 class EventStream:
@@ -107,7 +112,7 @@ class BagelClient:
         (e.g. to show progress). Raises grpc.RpcError on failure; cancels the call if interrupted."""
         request_id = str(params.get("request_id") or "")
         timings: dict[str, float] = {}
-        image = None
+        image = latents = None
         steps, cached_steps = 0, []
         with self.stream(prompt, timeout=timeout, **params) as events:
             for event in events:  # to the end, so a status after the image still raises
@@ -124,21 +129,26 @@ class BagelClient:
                     timings.update((f.name, value) for f, value in event.timings.ListFields())
                 elif kind == "image":
                     image = event.image
+                elif kind == "latents":
+                    latents = event.latents
+        common = {
+            "timings": timings,
+            "request_id": request_id,
+            "steps": steps,
+            "cached_steps": cached_steps,
+        }
+        if latents is not None:
+            array = np.frombuffer(latents.data, dtype="<f4").reshape(tuple(latents.shape))
+            height = params.get("height") or 0
+            width = params.get("width") or 0
+            return GenerationResult(
+                None, b"", width, height, latents.seed, latents=array.copy(), **common
+            )
         if image is None:
             raise IncompleteGeneration(f"request {request_id or '?'} ended without an image")
         decoded = Image.open(io.BytesIO(image.png))
         decoded.load()
-        return GenerationResult(
-            image=decoded,
-            png=image.png,
-            width=image.width,
-            height=image.height,
-            seed=image.seed,
-            timings=timings,
-            request_id=request_id,
-            steps=steps,
-            cached_steps=cached_steps,
-        )
+        return GenerationResult(decoded, image.png, image.width, image.height, image.seed, **common)
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The server's grpc.health.v1 status name (SERVING, NOT_SERVING, ...) for `service`

@@ -9,6 +9,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from PIL import Image as PILImage
 
@@ -17,6 +18,8 @@ from protos import (
     GenerateEvent,
     GenerateRequest,
     Image,
+    Latents,
+    OutputFormat,
     PrefillServicer,
     Progress,
     Timings,
@@ -34,6 +37,7 @@ class FakePrefill(PrefillServicer):
     def __init__(self) -> None:
         self.requests: list[GenerateRequest] = []
         self.steps = 3
+        self.cached_steps: set[int] = set()  # 1-based steps reported as served from the cache
         self.step_delay_s = 0.0
         self.fail_with: tuple[grpc.StatusCode, str] | None = None
         self.cancelled = threading.Event()
@@ -55,11 +59,17 @@ class FakePrefill(PrefillServicer):
         yield GenerateEvent(accepted=Accepted(request_id=request.request_id or "srv-1"))
         for step in range(1, self.steps + 1):
             time.sleep(self.step_delay_s)
-            yield GenerateEvent(progress=Progress(step=step, total_steps=self.steps))
+            cached = step in self.cached_steps
+            yield GenerateEvent(progress=Progress(step=step, total_steps=self.steps, cached=cached))
         yield GenerateEvent(timings=Timings(prefill_ms=12.5, kv_send_ms=3.0, denoise_ms=100.0))
-        yield GenerateEvent(
-            image=Image(png=png_bytes(width, height), width=width, height=height, seed=seed)
-        )
+        if p.output_format == OutputFormat.OUTPUT_FORMAT_LATENTS:
+            tokens = (width // 16) * (height // 16)
+            data = np.arange(tokens * 64, dtype="<f4").tobytes()
+            yield GenerateEvent(latents=Latents(data=data, shape=[tokens, 64], seed=seed))
+        else:
+            yield GenerateEvent(
+                image=Image(png=png_bytes(width, height), width=width, height=height, seed=seed)
+            )
         finished = True
 
 

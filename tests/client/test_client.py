@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 
 from client import BagelClient
@@ -206,3 +208,39 @@ def test_timing_summary_lists_phases_in_protocol_order():
     text = timing_summary({"decode_ms": 3.0, "prefill_ms": 10.0, "receive_ms": 2.0}, 1.5)
     names = [line.split()[0] for line in text.splitlines()[1:]]
     assert names == ["prefill", "receive", "decode", "client"]
+
+
+def test_cli_summary_json_lists_the_cached_steps_zero_based(fake, tmp_path, capsys):
+    fake.servicer.cached_steps = {2, 3}
+    summary = tmp_path / "out" / "summary.json"
+    code = main(
+        ["generate", "A cat", "-o", str(tmp_path / "cat.png"), "--seed", "9", "--steps", "4"]
+        + ["--request-id", "r-7", "--summary-json", str(summary), "--server", fake.address]
+    )
+    fake.servicer.cached_steps = set()
+    assert code == 0, capsys.readouterr().err
+    data = json.loads(summary.read_text())
+    assert data["request_id"] == "r-7" and data["seed"] == 9
+    assert data["steps"] == 3 and data["cached_steps"] == [1, 2]
+    assert data["timings_ms"]["prefill_ms"] == 12.5 and data["timings_ms"]["client_ms"] > 0
+
+
+def test_cli_bad_cache_spec_fails_before_any_call(fake, tmp_path, capsys):
+    before = len(fake.servicer.requests)
+    with pytest.raises(SystemExit) as info:
+        main(["generate", "A cat", "-o", str(tmp_path / "x.png"), "--cache", "dbcache:fx=1"])
+    assert info.value.code == 2
+    assert "unknown option 'fx'" in capsys.readouterr().err
+    assert len(fake.servicer.requests) == before
+
+
+def test_cli_latents_output_writes_the_fp32_array(fake, tmp_path, capsys):
+    out = tmp_path / "latents.npy"
+    code = main(
+        ["generate", "A cat", "-o", str(out), "--size", "32", "--output-format", "latents"]
+        + ["--server", fake.address]
+    )
+    assert code == 0, capsys.readouterr().err
+    array = np.load(out)
+    assert array.dtype == np.float32 and array.shape == (4, 64)
+    assert np.array_equal(array.ravel(), np.arange(256, dtype=np.float32))

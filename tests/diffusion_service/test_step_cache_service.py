@@ -15,8 +15,8 @@ from PIL import Image
 from client import BagelClient
 from tests.helpers.processes import ServiceProcess
 
-TOPOLOGIES = {
-    "1 rank": [],
+TOPOLOGIES = {  # the 1-rank service also shows --default-cache: requests that set none get it
+    "1 rank": ["--default-cache", "dbcache:fn=1,warmup=2,threshold=0.3"],
     "ulysses 2": ["--ulysses", "2"],
     "ring 2": ["--ring", "2"],
     "cfg 2": ["--cfg-parallel", "2"],
@@ -41,7 +41,7 @@ def _generate(client: BagelClient, cache: str | None):
 
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir: Path) -> dict[str, dict[str, tuple[bytes, list[int]]]]:
-    """Every topology's PNG and cached steps, per cache spec (None: no cache)."""
+    """Every topology's PNG and cached steps, per cache spec ("unset": the service default)."""
     out: dict[str, dict[str, tuple[bytes, list[int]]]] = {}
     model = ["--model", str(tiny_model_dir)]
     for name, topology in TOPOLOGIES.items():
@@ -51,8 +51,9 @@ def runs(tiny_model_dir: Path) -> dict[str, dict[str, tuple[bytes, list[int]]]]:
             with ServiceProcess("prefill_service", prefill_args) as prefill:
                 prefill.wait_serving()
                 with BagelClient(prefill.address, timeout=120) as client:
-                    specs = [None, *ZERO.values(), *POSITIVE.values()]
-                    out[name] = {str(spec): _generate(client, spec) for spec in specs}
+                    specs = ["none", *ZERO.values(), *POSITIVE.values()]
+                    out[name] = {spec: _generate(client, spec) for spec in specs}
+                    out[name]["unset"] = _generate(client, None)
     return out
 
 
@@ -62,7 +63,7 @@ def runs(tiny_model_dir: Path) -> dict[str, dict[str, tuple[bytes, list[int]]]]:
 def test_threshold_zero_png_is_byte_identical_to_no_cache(runs, topology, policy):
     png, cached = runs[topology][ZERO[policy]]
     assert cached == []
-    assert png == runs[topology]["None"][0]
+    assert png == runs[topology]["none"][0]
 
 
 @pytest.mark.slow
@@ -71,7 +72,7 @@ def test_a_positive_threshold_caches_the_same_steps_and_png_on_every_topology(ru
     spec = POSITIVE[policy]
     png, cached = runs["1 rank"][spec]
     assert cached, "no step was served from the cache"
-    assert png != runs["1 rank"]["None"][0]
+    assert png != runs["1 rank"]["none"][0]
     for topology in TOPOLOGIES:
         assert runs[topology][spec][1] == cached, topology
         assert np.abs(pixels(runs[topology][spec][0]) - pixels(png)).max() <= 1, topology
@@ -79,3 +80,9 @@ def test_a_positive_threshold_caches_the_same_steps_and_png_on_every_topology(ru
 
 def pixels(png: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=int)
+
+
+@pytest.mark.slow
+def test_a_request_without_a_policy_gets_the_default_cache_of_the_service(runs):
+    assert runs["1 rank"]["unset"] == runs["1 rank"][POSITIVE["dbcache"]]
+    assert runs["ulysses 2"]["unset"][1] == []  # that service's default is none
