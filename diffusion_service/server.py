@@ -5,7 +5,6 @@ in the background (health NOT_SERVING until they are), and a graceful stop on SI
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -21,7 +20,7 @@ from diffusion_service.servicer import DiffusionServicer
 from diffusion_service.settings import ServiceSettings
 from diffusion_service.world import RankWorld
 from protos import DIFFUSION_SERVICE, GenerateEvent
-from serving.server import GrpcServer, wait_for_signal
+from serving.server import GrpcServer, serve_until_signal
 from transport.buffers import tune_malloc
 from transport.rpc import diffusion_handler
 
@@ -108,31 +107,7 @@ def run(settings: ServiceSettings) -> int:
     tune_malloc()  # ~1 MiB frames otherwise make glibc return and re-fault pages all the time
     server = DiffusionServer(settings, config)  # forks: before any thread exists
     try:
-        return asyncio.run(_serve(server))
+        loading = f"starting {settings.world_size} ranks"
+        return asyncio.run(serve_until_signal(server, settings.listen, settings.drain_s, loading))
     finally:
         server.close()
-
-
-async def _serve(server: DiffusionServer) -> int:
-    settings = server.settings
-    port = await server.start()
-    log.info(
-        "listening on %s (port %d); starting %d ranks", settings.listen, port, settings.world_size
-    )
-    stopping = asyncio.ensure_future(wait_for_signal())
-    assert server.loaded is not None
-    await asyncio.wait({stopping, server.loaded}, return_when=asyncio.FIRST_COMPLETED)
-    status = 0
-    if server.loaded.done() and not server.loaded.cancelled() and server.loaded.exception():
-        error = server.loaded.exception()
-        log.error("starting the ranks failed: %s: %s", type(error).__name__, error)
-        status = 1
-    else:
-        await stopping
-    log.info("shutting down: draining for up to %.0f s", settings.drain_s)
-    await server.stop(settings.drain_s)
-    stopping.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await stopping
-    log.info("stopped")
-    return status

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 
@@ -15,7 +14,7 @@ from prefill_service.relay import DiffusionLink
 from prefill_service.servicer import PrefillServicer
 from prefill_service.settings import PrefillSettings
 from protos import PREFILL_SERVICE, add_PrefillServicer_to_server
-from serving.server import GrpcServer, wait_for_signal
+from serving.server import GrpcServer, serve_until_signal
 
 log = logging.getLogger(__name__)
 
@@ -77,22 +76,4 @@ class PrefillServer:
 async def serve(settings: PrefillSettings, load_source: Callable[[], KVSource]) -> int:
     """Run a server until SIGTERM/SIGINT (or a failed model load); returns the exit status."""
     server = PrefillServer(settings, load_source)
-    port = await server.start()
-    log.info("listening on %s (port %d); loading the model", settings.listen, port)
-    stopping = asyncio.ensure_future(wait_for_signal())
-    assert server.loaded is not None
-    await asyncio.wait({stopping, server.loaded}, return_when=asyncio.FIRST_COMPLETED)
-    status = 0
-    if server.loaded.done() and not server.loaded.cancelled() and server.loaded.exception():
-        error = server.loaded.exception()
-        log.error("loading the model failed: %s: %s", type(error).__name__, error)
-        status = 1
-    else:
-        await stopping
-    log.info("stopping: draining in-flight requests for up to %.1f s", settings.drain_s)
-    await server.stop(settings.drain_s)
-    stopping.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await stopping
-    log.info("stopped")
-    return status
+    return await serve_until_signal(server, settings.listen, settings.drain_s, "loading the model")

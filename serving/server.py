@@ -5,10 +5,12 @@ address, logging, and running until SIGTERM/SIGINT."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
 from collections.abc import Callable
+from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -19,6 +21,7 @@ from serving.metrics import ServiceMetrics
 
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+log = logging.getLogger(__name__)
 
 
 def configure_logging() -> None:
@@ -81,6 +84,43 @@ class GrpcServer:
         if self._server is not None:
             await self._server.stop(grace)
         self.metrics.close()
+
+
+class StartedService(Protocol):
+    """What `serve_until_signal` drives: a server that serves from `start()` and finishes
+    `loaded` (its model, its ranks) in the background."""
+
+    loaded: asyncio.Future | None
+
+    async def start(self) -> int: ...
+
+    async def stop(self, drain_s: float) -> None: ...
+
+
+async def serve_until_signal(
+    server: StartedService, listen: str, drain_s: float, loading: str
+) -> int:
+    """Start `server` and serve until SIGTERM/SIGINT or a failed load; drain for up to `drain_s`
+    and stop. Returns the exit status (1 when loading failed). `loading` says what loads."""
+    port = await server.start()
+    log.info("listening on %s (port %d); %s", listen, port, loading)
+    stopping = asyncio.ensure_future(wait_for_signal())
+    assert server.loaded is not None
+    await asyncio.wait({stopping, server.loaded}, return_when=asyncio.FIRST_COMPLETED)
+    status = 0
+    if server.loaded.done() and not server.loaded.cancelled() and server.loaded.exception():
+        error = server.loaded.exception()
+        log.error("%s failed: %s: %s", loading, type(error).__name__, error)
+        status = 1
+    else:
+        await stopping
+    log.info("stopping: draining in-flight requests for up to %.1f s", drain_s)
+    await server.stop(drain_s)
+    stopping.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await stopping
+    log.info("stopped")
+    return status
 
 
 async def wait_for_signal() -> None:
