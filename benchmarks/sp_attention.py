@@ -36,7 +36,7 @@ PROMPT = 30  # prompt-prefix keys in front of the two markers
 # (batch, latent tokens, joint key mask): 1024^2 and 2048^2 images; B=2 is the CFG-batched
 # forward, whose prefixes differ in length and so need a mask.
 CASES = [(1, 4096, False), (2, 4096, True), (1, 16384, False), (2, 16384, True)]
-TOPOLOGIES = [ParallelConfig(ring=2), ParallelConfig(ulysses=2)]  # on 2 GPUs
+TOPOLOGIES = [ParallelConfig(ring=2), ParallelConfig(ulysses=2), ParallelConfig(kv_gather=2)]
 
 
 def block_inputs(batch: int, num_latent: int, masked: bool, device: torch.device) -> BlockQKV:

@@ -56,6 +56,8 @@ TOPOLOGIES = {
     "ring2": ParallelConfig(ring=2),
     "cfg2": ParallelConfig(cfg_parallel=2),
     "u2xr2": ParallelConfig(ulysses=2, ring=2),
+    "kvgather2": ParallelConfig(kv_gather=2),
+    "kvg2xr2": ParallelConfig(kv_gather=2, ring=2),
 }
 MARKERS = (151652, 151653)
 BOTH = (Branch.COND, Branch.UNCOND_TEXT)  # the CFG branches of a text-to-image step

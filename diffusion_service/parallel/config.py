@@ -18,21 +18,29 @@ def _divisors(n: int) -> list[int]:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """`world = cfg_parallel x ring x ulysses`. `sp_attention` names an entry of the SP attention
-    registry; None picks the default for the degrees."""
+    """`world = cfg_parallel x ring x inner`, the inner (contiguous) ranks splitting the latents
+    by Ulysses (`ulysses`) or by KV all-gather (`kv_gather`), at most one of them above 1.
+    `sp_attention` names an entry of the SP attention registry; None picks the default for the
+    degrees."""
 
     ulysses: int = 1
     ring: int = 1
     cfg_parallel: int = 1
     sp_attention: str | None = None
+    kv_gather: int = 1
+
+    @property
+    def inner_degree(self) -> int:
+        """Ranks of the inner group: the Ulysses or the KV-gather degree."""
+        return self.ulysses * self.kv_gather
 
     @property
     def world_size(self) -> int:
-        return self.ulysses * self.ring * self.cfg_parallel
+        return self.inner_degree * self.ring * self.cfg_parallel
 
     @property
     def sp_degree(self) -> int:
-        return self.ulysses * self.ring
+        return self.inner_degree * self.ring
 
     @property
     def sp_attention_name(self) -> str:
@@ -68,6 +76,7 @@ class ParallelConfig:
                 ("cfg_parallel", self.cfg_parallel),
                 ("ring", self.ring),
                 ("ulysses", self.ulysses),
+                ("kv_gather", self.kv_gather),
             )
             if not isinstance(value, int) or value < 1
         ]
@@ -77,6 +86,11 @@ class ParallelConfig:
             raise ValueError(
                 f"the model's {num_heads} query heads are not a multiple of its "
                 f"{num_kv_heads} KV heads"
+            )
+        if self.ulysses > 1 and self.kv_gather > 1:
+            problems.append(
+                f"ulysses={self.ulysses} and kv_gather={self.kv_gather} both split the inner "
+                "group; set one of them"
             )
         if self.cfg_parallel > MAX_CFG_PARALLEL:
             problems.append(
@@ -89,9 +103,10 @@ class ParallelConfig:
                 f"valid ulysses degrees: {', '.join(map(str, _divisors(num_kv_heads)))}"
             )
         if self.world_size != world:
+            inner = "kv_gather" if self.kv_gather > 1 else "ulysses"
             problems.append(
-                f"world size {world} does not equal cfg_parallel x ring x ulysses = "
-                f"{self.cfg_parallel} x {self.ring} x {self.ulysses} = {self.world_size}"
+                f"world size {world} does not equal cfg_parallel x ring x {inner} = "
+                f"{self.cfg_parallel} x {self.ring} x {self.inner_degree} = {self.world_size}"
             )
         message = "; ".join(problems)
         if problems:
@@ -119,12 +134,13 @@ class ParallelConfig:
         fitting = [n for n in registry.names() if registry.lookup(n).supports(self)]
         return (
             f"sp_attention {name!r} needs {variant.requires}, not ulysses={self.ulysses}, "
-            f"ring={self.ring}; valid sp_attention for these degrees: "
-            + (", ".join(fitting) or "(no registered variant)")
+            f"kv_gather={self.kv_gather}, ring={self.ring}; valid sp_attention for these "
+            "degrees: " + (", ".join(fitting) or "(no registered variant)")
         )
 
     def describe(self) -> str:
+        inner = f"kv_gather {self.kv_gather}" if self.kv_gather > 1 else f"ulysses {self.ulysses}"
         return (
-            f"ulysses {self.ulysses}, ring {self.ring}, cfg {self.cfg_parallel}, "
+            f"{inner}, ring {self.ring}, cfg {self.cfg_parallel}, "
             f"sp attention {self.sp_attention_name}"
         )

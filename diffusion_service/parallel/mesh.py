@@ -25,7 +25,8 @@ def mesh_rank_groups(config: ParallelConfig) -> dict[str, list[list[int]]]:
     Kinds: `ulysses`, `ring` (ordered by ring rank), `sp` (one per CFG branch, ordered by
     sp rank = `ring_rank * ulysses + ulysses_rank`), `cfg` (the ranks with the same sp rank).
     """
-    cfg_parallel, ring, ulysses = config.cfg_parallel, config.ring, config.ulysses
+    # The inner kind holds the Ulysses or the KV-gather ranks, whichever splits the group.
+    cfg_parallel, ring, ulysses = config.cfg_parallel, config.ring, config.inner_degree
     sp = config.sp_degree
 
     def rank(c: int, r: int, u: int) -> int:
@@ -130,7 +131,8 @@ class ParallelMesh:
 
     @property
     def ulysses(self) -> int:
-        return self.config.ulysses
+        """The inner degree: Ulysses' or KV gather's (the same contiguous-rank arithmetic)."""
+        return self.config.inner_degree
 
     @property
     def sp_degree(self) -> int:

@@ -15,6 +15,7 @@ from typing import Protocol
 import torch.distributed as dist
 
 from bagel.attention import BlockAttention, full_block_attention
+from diffusion_service.parallel.kv_gather import KVGatherAttention, KVGatherRingAttention
 from diffusion_service.parallel.ring import RingAttention
 from diffusion_service.parallel.sharding import LatentSharding
 from diffusion_service.parallel.ulysses import UlyssesAttention
@@ -29,6 +30,8 @@ class Degrees(Protocol):
     @property
     def ring(self) -> int: ...
     @property
+    def kv_gather(self) -> int: ...
+    @property
     def sp_degree(self) -> int: ...
     @property
     def sp_attention_name(self) -> str: ...
@@ -40,7 +43,10 @@ class SPMesh(Protocol):
     @property
     def config(self) -> Degrees: ...
     @property
-    def ulysses_group(self) -> dist.ProcessGroup | None: ...
+    def ulysses_group(self) -> dist.ProcessGroup | None:
+        """The inner (contiguous) group: the Ulysses or the KV-gather ranks."""
+        ...
+
     @property
     def ring_group(self) -> dist.ProcessGroup | None: ...
     @property
@@ -93,9 +99,12 @@ def lookup(name: str) -> SPAttention:
 
 
 def default_sp_attention(config: Degrees) -> str:
-    """The variant the degrees imply: none at SP degree 1, else Ulysses, Ring, or both."""
+    """The variant the degrees imply: none at SP degree 1; KV gather (inside a Ring, if any) when
+    its degree is set; else Ulysses, Ring, or both."""
     if config.sp_degree == 1:
         return "none"
+    if config.kv_gather > 1:
+        return "kv_gather" if config.ring == 1 else "kv_gather_ring"
     if config.ring == 1:
         return "ulysses"
     if config.ulysses == 1:
@@ -127,16 +136,16 @@ register(
     "ulysses",
     SPAttention(
         build=lambda mesh, sharding: UlyssesAttention(mesh.ulysses_group, sharding),
-        supports=lambda c: c.ring == 1 < c.ulysses,
-        requires="ring == 1 < ulysses",
+        supports=lambda c: c.ring == 1 < c.ulysses and c.kv_gather == 1,
+        requires="ring == 1 < ulysses, no kv_gather",
     ),
 )
 register(
     "ring",
     SPAttention(
         build=lambda mesh, sharding: RingAttention(mesh.ring_group, sharding),
-        supports=lambda c: c.ulysses == 1 < c.ring,
-        requires="ulysses == 1 < ring",
+        supports=lambda c: c.ulysses == c.kv_gather == 1 < c.ring,
+        requires="ulysses == kv_gather == 1 < ring",
     ),
 )
 register(
@@ -147,5 +156,23 @@ register(
         ),
         supports=lambda c: c.ring > 1 and c.ulysses > 1,
         requires="ring > 1 and ulysses > 1",
+    ),
+)
+register(
+    "kv_gather",
+    SPAttention(
+        build=lambda mesh, sharding: KVGatherAttention(mesh.ulysses_group, sharding),
+        supports=lambda c: c.ring == 1 < c.kv_gather and c.ulysses == 1,
+        requires="ring == ulysses == 1 < kv_gather",
+    ),
+)
+register(
+    "kv_gather_ring",
+    SPAttention(
+        build=lambda mesh, sharding: KVGatherRingAttention(
+            mesh.ulysses_group, mesh.ring_group, sharding
+        ),
+        supports=lambda c: c.ring > 1 and c.kv_gather > 1 and c.ulysses == 1,
+        requires="ring > 1 and kv_gather > 1, no ulysses",
     ),
 )

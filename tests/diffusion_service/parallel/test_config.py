@@ -73,7 +73,10 @@ def test_sp_attention_on_degrees_it_does_not_support_lists_the_ones_that_fit():
     with pytest.raises(ValueError) as err:
         ParallelConfig(ulysses=2, sp_attention="ring").validate(num_heads=28, num_kv_heads=4)
     message = str(err.value)
-    assert "sp_attention 'ring' needs ulysses == 1 < ring, not ulysses=2, ring=1" in message
+    assert (
+        "sp_attention 'ring' needs ulysses == kv_gather == 1 < ring, not ulysses=2, kv_gather=1, "
+        "ring=1" in message
+    )
     assert "valid sp_attention for these degrees: ulysses" in message
 
 

@@ -51,6 +51,10 @@ TOPOLOGIES = {
     "ring4": ParallelConfig(ring=4),
     "ring2_ulysses2": ParallelConfig(ring=2, ulysses=2),
     "cfg2_ulysses2": ParallelConfig(cfg_parallel=2, ulysses=2),
+    "kv_gather2": ParallelConfig(kv_gather=2),
+    "kv_gather3": ParallelConfig(kv_gather=3),
+    "ring2_kv_gather2": ParallelConfig(ring=2, kv_gather=2),
+    "cfg2_kv_gather2": ParallelConfig(cfg_parallel=2, kv_gather=2),
 }
 
 

@@ -1,0 +1,88 @@
+"""KV all-gather sequence parallelism: queries stay sharded, only K and V travel.
+
+Each rank keeps its latent query shard and all-gathers the latent K/V shards of its group, then
+runs one attention call of `[joint; local latents]` against `[joint; all latents]`. With GQA the
+K/V shards are `Hkv` heads against `H` query heads (4 against 28 for BAGEL), so the gather moves
+far fewer bytes than Ulysses' all-to-all of Q, K, V and the output, and it needs no head split.
+Inside a Ring, the gathered keys of the group are the group's ring block.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from bagel.attention import BlockQKV
+from diffusion_service.parallel.collectives import all_gather_single
+from diffusion_service.parallel.ring import ring_attention_with_lse
+from diffusion_service.parallel.sharding import LatentSharding, check_group_holds_shards
+from diffusion_service.parallel.ulysses import attend_local
+
+
+def gather_kv(group: dist.ProcessGroup, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """All-gather `[B, S, Hkv, D]` shards of K and V over `group` (group rank `i` holds shard
+    `i`) in one collective; returns `[B, degree * S, Hkv, D]` each, pad included."""
+    degree = dist.get_world_size(group)
+    local = torch.stack([k, v])  # [2, B, S, Hkv, D]: one collective for both
+    gathered = local.new_empty((degree * 2, *local.shape[1:]))
+    all_gather_single(gathered, local, group=group)
+    # [degree * 2, B, S, ...] -> [2, B, degree * S, ...]
+    joined = gathered.unflatten(0, (degree, 2)).permute(1, 2, 0, 3, 4, 5).flatten(2, 3)
+    return joined[0], joined[1]
+
+
+class KVGatherAttention:
+    """`BlockAttention` over a KV-gather group; `sharding` is this rank's shard of the latents."""
+
+    def __init__(self, group: dist.ProcessGroup, sharding: LatentSharding) -> None:
+        check_group_holds_shards(group, sharding, "KV gather")
+        self.group = group
+        self.sharding = sharding
+
+    def __call__(self, x: BlockQKV) -> tuple[Tensor, Tensor]:
+        keys, values = gather_kv(self.group, x.latent_k, x.latent_v)
+        # Pad keys all sit at the end of the gathered sequence: cut them off rather than mask.
+        n = self.sharding.num_tokens
+        q = torch.cat([x.joint_q, x.latent_q], dim=1)
+        k = torch.cat([x.joint_k, keys[:, :n]], dim=1)
+        v = torch.cat([x.joint_v, values[:, :n]], dim=1)
+        out = attend_local(q, k, v, x.joint_key_mask)
+        joint_len = x.joint_q.shape[1]
+        return out[:, :joint_len], out[:, joint_len:]
+
+
+class KVGatherRingAttention:
+    """`BlockAttention` for KV gather (inner, contiguous ranks) inside Ring (outer, strided): the
+    inner group gathers its K/V shards into its ring block, which then travels the ring while
+    every rank's queries stay its own shard."""
+
+    def __init__(
+        self,
+        inner_group: dist.ProcessGroup,
+        ring_group: dist.ProcessGroup,
+        sharding: LatentSharding,
+    ) -> None:
+        inner, ring = dist.get_world_size(inner_group), dist.get_world_size(ring_group)
+        inner_rank, ring_rank = dist.get_rank(inner_group), dist.get_rank(ring_group)
+        if sharding.degree != ring * inner or sharding.rank != ring_rank * inner + inner_rank:
+            raise ValueError(
+                f"shard {sharding.rank} of {sharding.degree} is not held by ring rank "
+                f"{ring_rank} x inner rank {inner_rank} of ring {ring} x inner {inner}"
+            )
+        self.inner_group = inner_group
+        self.ring_group = ring_group
+        # Real tokens in each ring block: the sum over the inner shards it is made of.
+        self.block_valid = [
+            sum(sharding.valid_len(j * inner + i) for i in range(inner)) for j in range(ring)
+        ]
+
+    def __call__(self, x: BlockQKV) -> tuple[Tensor, Tensor]:
+        keys, values = gather_kv(self.inner_group, x.latent_k, x.latent_v)
+        block = BlockQKV(
+            x.joint_q, x.joint_k, x.joint_v, x.joint_key_mask, x.latent_q, keys, values
+        )
+        out, _ = ring_attention_with_lse(self.ring_group, block, self.block_valid)
+        out = out.to(x.latent_q.dtype)
+        joint_len = x.joint_q.shape[1]
+        return out[:, :joint_len], out[:, joint_len:]
