@@ -7,7 +7,7 @@ TINY := out/tiny-bagel
 # A CPU torch from local disk on the dev/CI machines; GPU users: see README.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test lint fmt venv clean
+.PHONY: demo test lint fmt venv clean mutation
 
 venv: $(STAMP)
 
@@ -34,6 +34,17 @@ fmt: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest -q -x
+
+# Mutation run over the sampler, the request schema, transport/ and client/ ([tool.mutmut] in
+# pyproject.toml); a fresh run each time, so the printed counts are the current score.
+MUTATION_JOBS ?= 2
+mutation: $(STAMP)
+	test -x $(BIN)/mutmut || $(BIN)/pip install -q "mutmut>=3.8,<4"
+	rm -rf mutants
+	$(BIN)/mutmut run --max-children $(MUTATION_JOBS)
+	$(BIN)/mutmut results
+	$(BIN)/mutmut export-cicd-stats
+	cat mutants/mutmut-cicd-stats.json
 
 clean:
 	rm -rf out

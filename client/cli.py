@@ -18,6 +18,7 @@ from tqdm import tqdm
 from client.client import BagelClient, GenerationResult, IncompleteGeneration
 from protos import GenerateEvent, Timings
 from serving.params import GenerationParams
+from serving.security import SecurityError, read_token_file
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 
@@ -57,11 +58,39 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_connection_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server", default=DEFAULT_SERVER, help=f"HOST:PORT ({DEFAULT_SERVER})")
     parser.add_argument("--timeout", type=float, help="deadline of the call in seconds")
+    parser.add_argument(
+        "--tls-ca", metavar="PEM", help="use TLS, verifying the server with this CA certificate"
+    )
+    parser.add_argument(
+        "--tls-cert", metavar="PEM", help="use TLS with this client certificate (mTLS)"
+    )
+    parser.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+    parser.add_argument(
+        "--auth-token-file",
+        type=Path,
+        metavar="FILE",
+        help="send the bearer token in FILE (health needs none)",
+    )
+
+
+def connect(args: argparse.Namespace) -> BagelClient:
+    """The client the connection flags ask for; raises SecurityError for an unusable file."""
+    token = read_token_file(args.auth_token_file) if args.auth_token_file else None
+    return BagelClient(
+        args.server,
+        timeout=args.timeout,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        auth_token=token,
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
     if args.command == "generate":
         if args.size is not None:
             if args.width is not None or args.height is not None:
@@ -151,12 +180,16 @@ def run_generate(args: argparse.Namespace) -> int:
     display = ProgressDisplay(sys.stderr)
     started = time.perf_counter()
     try:
-        with BagelClient(args.server, timeout=args.timeout) as client:
+        with connect(args) as client:
             result = client.generate(args.prompt, on_event=display, **args.params)
     except grpc.RpcError as e:
         display.finish()
         _error(f"{e.code().name}: {e.details()}")
         return 1
+    except SecurityError as e:
+        display.finish()
+        _error(str(e))
+        return 2
     except (TypeError, ValueError) as e:  # a value the wire cannot carry (e.g. a negative size)
         display.finish()
         _error(f"INVALID_ARGUMENT: {e}")
@@ -213,11 +246,14 @@ def write_summary(path: Path, result: GenerationResult, wall_s: float) -> None:
 
 def run_health(args: argparse.Namespace) -> int:
     try:
-        with BagelClient(args.server, timeout=args.timeout) as client:
+        with connect(args) as client:
             status = client.health()
     except grpc.RpcError as e:
         _error(f"{e.code().name}: {e.details()}")
         return 1
+    except SecurityError as e:
+        _error(str(e))
+        return 2
     print(status)
     return 0 if status == "SERVING" else 1
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -16,6 +17,7 @@ from PIL import Image
 from client.request import build_request
 from protos import GenerateEvent, PrefillStub
 from protos.options import channel_options
+from serving.security import open_channel
 
 HEALTH_TIMEOUT_S = 10.0
 
@@ -75,12 +77,31 @@ class BagelClient:
     """A connection to a BAGEL prefill service (or anything serving `bagel.v1.Prefill`).
 
     `timeout` is the default deadline in seconds of every call; a per-call `timeout` overrides it.
+    TLS when `tls_ca` (PEM file verifying the server; else the system roots) or `tls_cert` is
+    given; `tls_cert` + `tls_key`: a client certificate for mTLS. `auth_token`: the bearer token
+    of every call but health (over plaintext only for loopback or a private network).
     """
 
-    def __init__(self, address: str, timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        timeout: float | None = None,
+        *,
+        tls_ca: str | Path | None = None,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
+        auth_token: str | None = None,
+    ) -> None:
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(address, options=channel_options())
+        self._channel = open_channel(
+            address,
+            channel_options(),
+            tls_ca=tls_ca,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            auth_token=auth_token,
+        )
         self._stub = PrefillStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 

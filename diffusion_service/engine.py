@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
+import torch
 import torch.distributed as dist
 
 from bagel.autoencoder import AutoEncoder
@@ -35,6 +36,7 @@ from transport.layout import KVCache
 log = logging.getLogger(__name__)
 
 DONE = object()
+LOST_MESSAGE = "the diffusion ranks are gone and cannot be restarted; restart the diffusion service"
 
 
 @dataclass
@@ -91,18 +93,26 @@ class Engine:
         self._queue: queue.Queue[JobHandle] = queue.Queue(maxsize=settings.max_queue)
         self._accepting = True
         self._stop = threading.Event()
+        self._lost = False  # the ranks are gone for good (their launcher exited)
         self._running: JobHandle | None = None
         self._thread = threading.Thread(target=self._main, name="engine", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
+    @property
+    def stopping(self) -> bool:
+        return not self._accepting or self._stop.is_set()
+
     def submit(self, handle: JobHandle) -> int:
-        """Queue a job; returns how many jobs are ahead of it."""
+        """Queue a job; returns how many jobs are ahead of it. While the group restarts, the
+        job waits in the queue (within its deadline)."""
         if not self._accepting:
             raise ServiceError(
                 grpc.StatusCode.UNAVAILABLE, "the diffusion service is shutting down"
             )
+        if self._lost:
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, LOST_MESSAGE)
         ahead = self._queue.qsize() + (1 if self._running is not None else 0)
         try:
             self._queue.put_nowait(handle)
@@ -136,7 +146,8 @@ class Engine:
             try:
                 handle = self._queue.get(timeout=self.settings.heartbeat_s)
             except queue.Empty:
-                self._heartbeat()
+                if not self._lost:
+                    self._heartbeat()
                 continue
             self.metrics.queue_depth.set(self._queue.qsize())
             self._running = handle
@@ -163,18 +174,27 @@ class Engine:
 
     def _restart(self) -> None:
         self.on_health(False)
+        if self.stopping:  # e.g. SIGTERM to the whole process group reached the workers too
+            log.warning("a rank failed while the service is stopping: not restarting the group")
+            return
         self.metrics.restarts.inc()
         if not self.world.can_restart:
             log.critical(
                 "the rank group failed under torchrun: exiting so that torchrun restarts it"
             )
             os._exit(1)
-        while not self._stop.is_set():
+        while not self.stopping:
+            if not self.world.launcher_alive:
+                log.error("the rank launcher has exited: %s", LOST_MESSAGE)
+                self._lost = True
+                return
             try:
                 self.world.restart()
                 self.on_health(True)
                 return
             except Exception as e:  # noqa: BLE001
+                if self.stopping or not self.world.launcher_alive:
+                    continue  # said once, above or by the caller
                 log.error("restarting the rank group failed, retrying: %s", e)
                 time.sleep(1.0)
 
@@ -185,6 +205,9 @@ class Engine:
     def _run(self, handle: JobHandle) -> None:
         if not handle.keep_going() or self._stop.is_set():
             self._fail(handle, handle.stop_reason())
+            return
+        if self._lost:
+            self._fail(handle, ServiceError(grpc.StatusCode.UNAVAILABLE, LOST_MESSAGE))
             return
         log.info("request %s: job %d starts", handle.request_id, handle.spec.job_id)
         cache = handle.cache
@@ -231,6 +254,10 @@ class Engine:
             handle.emit(ServiceError(grpc.StatusCode.UNAVAILABLE, f"a diffusion rank failed: {e}"))
             self._restart()
             return
+        except ServiceError as e:  # the job's result is unusable: said with its own status
+            log.warning("request %s: %s: %s", handle.request_id, e.code.name, e.message)
+            handle.emit(e)
+            return
         except Exception as e:  # noqa: BLE001 - reported to the caller as INTERNAL
             log.exception("request %s failed", handle.request_id)
             handle.emit(e)
@@ -252,7 +279,15 @@ class Engine:
         handle.emit(DONE)
         log.info("request %s: done in %.0f ms", handle.request_id, (decode_done - started) * 1e3)
 
-    def _output(self, spec: JobSpec, latents) -> GenerateEvent:
+    def _output(self, spec: JobSpec, latents: torch.Tensor) -> GenerateEvent:
+        """The job's result event; DATA_LOSS instead of an image made of NaN or Inf latents."""
+        if not torch.isfinite(latents).all():
+            raise ServiceError(
+                grpc.StatusCode.DATA_LOSS,
+                f"job {spec.job_id}: the denoised latents hold NaN or Inf values "
+                f"({int((~torch.isfinite(latents)).sum())} of {latents.numel()}); no image was "
+                f"made",
+            )
         params = spec.params
         if params.latents_only:
             data = latents.float().contiguous().numpy().tobytes()

@@ -4,6 +4,8 @@ The launcher is forked at start-up, before rank 0 starts any thread (gRPC, engin
 CUDA, so it can fork clean worker processes later too, e.g. to restart the group after a rank
 died. Rank 0 talks to it over a pipe in plain text lines ("start PORT", "stop"); nothing is
 pickled. If rank 0 dies, the pipe closes and the launcher kills the workers: no orphans.
+The launcher ignores SIGTERM and SIGINT: a signal to the whole process group is rank 0's to
+handle, which drains its work and then stops the workers through the launcher in order.
 """
 
 from __future__ import annotations
@@ -41,6 +43,18 @@ class RankLauncher:
         os.close(from_child_w)
         self._writer = os.fdopen(self._to_child, "w")
         self._reader = os.fdopen(self._from_child, "r")
+        self._exited = False
+
+    @property
+    def alive(self) -> bool:
+        """Whether the launcher process still runs (reaps it once it has exited)."""
+        if not self._exited:
+            try:
+                pid, _ = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                pid = self.pid
+            self._exited = pid != 0
+        return not self._exited
 
     def _ask(self, line: str) -> str:
         self._writer.write(line + "\n")
@@ -70,8 +84,10 @@ class RankLauncher:
         for f in (self._writer, self._reader):
             with contextlib.suppress(OSError):
                 f.close()
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(self.pid, 0)
+        if not self._exited:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.pid, 0)
+            self._exited = True
 
 
 def _kill_all(pids: list[int], grace_s: float = 2.0) -> None:
@@ -98,12 +114,10 @@ def _kill_all(pids: list[int], grace_s: float = 2.0) -> None:
 
 
 def _launcher_loop(commands, answers, world: int, worker_main: WorkerMain) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle
-
-    def terminate(signum, frame):  # reached by `kill` of the whole group: take the workers along
-        raise SystemExit(0)
-
-    signal.signal(signal.SIGTERM, terminate)
+    # Ctrl-C or `kill` of the whole group is rank 0's to handle: it drains, then says "stop"
+    # and "exit". Dying here would kill the workers under a job that rank 0 is still finishing.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     pids: list[int] = []
     try:
         for line in commands:
@@ -134,6 +148,7 @@ def _fork_worker(rank: int, world: int, port: int, worker_main: WorkerMain) -> i
     code = 0
     try:
         os.setpgid(0, 0)  # Ctrl-C on the terminal reaches rank 0, which stops us in order
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the launcher's SIGTERM ends a worker
         worker_main(rank, world, port)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1

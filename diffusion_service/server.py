@@ -35,6 +35,7 @@ class DiffusionServer:
     def __init__(self, settings: ServiceSettings, config: BagelConfig) -> None:
         self.settings = settings
         self.config = config
+        secrets = settings.security.load()  # a bad file fails before any process starts
         self.world = RankWorld(settings)  # forks the rank launcher
         self.metrics = DiffusionMetrics()
         self.engine: Engine | None = None
@@ -46,6 +47,8 @@ class DiffusionServer:
             self.metrics,
             settings.metrics_host,
             settings.metrics_port,
+            credentials=secrets.credentials(),  # gRPC objects only after the fork
+            interceptors=secrets.interceptors(),
         )
         self.loaded: asyncio.Future | None = None
 
@@ -83,7 +86,10 @@ class DiffusionServer:
         self, frames: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[GenerateEvent]:
         if self.servicer is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the diffusion ranks are starting")
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                "the diffusion service is loading (its ranks are starting); retry shortly",
+            )
         async for event in self.servicer.generate(frames, context):
             yield event
 

@@ -1,5 +1,7 @@
-"""The Diffusion.Generate servicer on rank 0: verify and assemble the KV stream, check the
-parameters, queue the job, and stream its events; every failure leaves through `status_of`."""
+"""The Diffusion.Generate servicer on rank 0: verify and assemble the KV stream (bounded: an idle
+timeout between frames, a byte budget for all uploads in flight), check the request id, the
+parameters and that the KV is finite, queue the job, and stream its events; every failure leaves
+through `status_of`."""
 
 from __future__ import annotations
 
@@ -7,7 +9,6 @@ import asyncio
 import itertools
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 
 import grpc
@@ -21,11 +22,15 @@ from diffusion_service.step_cache import check_step_cache
 from protos import Accepted, GenerateEvent
 from serving.errors import status_of
 from serving.params import GenerationParams, check_cache_fits
-from transport.assembler import FrameAssembler, KVSpec
-from transport.buffers import BufferPool
+from serving.requests import check_request_id, loggable
+from transport.assembler import FrameAssembler, KVSpec, check_finite
+from transport.buffers import BufferPool, UploadBudget
 from transport.rpc import receive_kv
 
 log = logging.getLogger(__name__)
+LOGGED_MESSAGE_CHARS = 300  # a status message may quote what the sender put in its header
+IDLE_POOL_RELEASE_S = 10.0
+DEADLINE_SLACK_S = 0.05  # a caller's deadline fires a little before ours (it travels rounded up)
 
 
 class DiffusionServicer:
@@ -44,10 +49,15 @@ class DiffusionServicer:
         self.expect = KVSpec(config.fingerprint(), llm.num_layers, llm.num_kv_heads, llm.head_dim)
         self._job_ids = itertools.count(1)
         # Flat KV buffers stay allocated (and their pages warm) from one request to the next;
-        # pinned on a GPU host so the one host-to-device copy runs at full speed.
+        # pinned on a GPU host so the one host-to-device copy runs at full speed. Once no upload
+        # or job has held one for a while, only one largest cache's worth stays.
         self.buffers = BufferPool(
-            max_idle_bytes=2 * settings.max_kv_bytes, pin_memory=settings.device == "cuda"
+            max_idle_bytes=2 * settings.max_kv_bytes,
+            keep_idle_bytes=settings.max_kv_bytes,
+            release_after_s=IDLE_POOL_RELEASE_S,
+            pin_memory=settings.device == "cuda",
         )
+        self.uploads = UploadBudget(settings.max_inflight_kv_bytes)
 
     def checked_params(self, msg) -> GenerationParams:
         """The request's parameters with defaults filled in, or InvalidParams naming the fault."""
@@ -68,11 +78,17 @@ class DiffusionServicer:
         try:
             started = time.perf_counter()
             assembler = FrameAssembler(
-                self.expect, max_bytes=self.settings.max_kv_bytes, buffers=self.buffers
+                self.expect,
+                max_bytes=self.settings.max_kv_bytes,
+                buffers=self.buffers,
+                budget=self.uploads,
             )
-            received = await receive_kv(frames, assembler)
-            request_id = received.request_id or uuid.uuid4().hex[:16]
+            received = await receive_kv(
+                frames, assembler, idle_timeout_s=self.settings.kv_idle_timeout_s
+            )
+            request_id = check_request_id(received.request_id)
             self.metrics.kv_bytes.inc(received.cache.layout.total_bytes)
+            await asyncio.to_thread(check_finite, received.cache)  # ~0.1 ms per MB
             params = self.checked_params(received.params)
             remaining = context.time_remaining()
             handle = JobHandle(
@@ -91,12 +107,19 @@ class DiffusionServicer:
                     raise item
                 yield item
         except asyncio.CancelledError:
-            status = grpc.StatusCode.CANCELLED
-            log.info("request %s: cancelled by the client", request_id)
+            remaining = context.time_remaining()
+            expired = remaining is not None and remaining <= DEADLINE_SLACK_S
+            status = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            log.info("request %s: ended by the client: %s", request_id, status.name)
             raise
         except Exception as e:  # noqa: BLE001 - mapped to a status in one place
             status, message = status_of(e)
-            log.info("request %s: %s: %s", request_id, status.name, message)
+            log.info(
+                "request %s: %s: %s",
+                request_id,  # "-" or checked: printable ASCII
+                status.name,
+                loggable(message, LOGGED_MESSAGE_CHARS),
+            )
             # Counted before the status leaves: a caller that reads the metrics once it has
             # the status must find this call in them.
             self.metrics.requests.labels(code=status.name).inc()

@@ -9,7 +9,13 @@ from datetime import timedelta
 
 from diffusion_service.parallel.config import ParallelConfig
 from serving.params import CACHE_SPEC, CachePolicy, NoCache
-from serving.settings import DEFAULT_METRICS_HOST, default
+from serving.security import ServerSecurity
+from serving.settings import (
+    DEFAULT_METRICS_HOST,
+    add_server_security_arguments,
+    default,
+    server_security_from_args,
+)
 
 
 @dataclass(frozen=True)
@@ -20,6 +26,8 @@ class ServiceSettings:
     device: str = "cpu"
     max_queue: int = 8
     max_kv_bytes: int = 1 << 30
+    max_inflight_kv_bytes: int = 2 << 30  # held by all uploads in flight together
+    kv_idle_timeout_s: float = 30.0  # longest wait for the next frame of an upload
     default_cache: CachePolicy = NoCache()  # for requests that leave the cache policy unset
     metrics_host: str = DEFAULT_METRICS_HOST
     metrics_port: int | None = None
@@ -27,6 +35,7 @@ class ServiceSettings:
     heartbeat_s: float = 2.0
     drain_s: float = 10.0
     torchrun: bool = False  # ranks started by torchrun (env:// rendezvous) instead of by us
+    security: ServerSecurity = field(default_factory=ServerSecurity)  # TLS/mTLS, bearer token
 
     @property
     def world_size(self) -> int:
@@ -56,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--cfg-parallel", type=int, default=default(p, "cfg_parallel"), help="CFG-parallel degree"
     )
     parser.add_argument(
+        "--kv-gather",
+        type=int,
+        default=default(p, "kv_gather"),
+        help="KV all-gather degree: the inner group splits the latents and gathers only K and V "
+        "(instead of --ulysses; composes with --ring and --cfg-parallel)",
+    )
+    parser.add_argument(
         "--sp-attention",
         default=default(p, "sp_attention"),
         help="SP attention variant by name (default: the one the degrees imply)",
@@ -72,6 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=default(s, "max_kv_bytes"),
         help="largest KV cache accepted",
+    )
+    parser.add_argument(
+        "--max-inflight-kv-bytes",
+        type=int,
+        default=default(s, "max_inflight_kv_bytes"),
+        help="bytes all KV uploads in flight may hold together; beyond: RESOURCE_EXHAUSTED",
+    )
+    parser.add_argument(
+        "--kv-idle-timeout",
+        type=float,
+        default=default(s, "kv_idle_timeout_s"),
+        help="seconds an upload may go without sending a frame; then DEADLINE_EXCEEDED",
     )
     parser.add_argument(
         "--default-cache",
@@ -97,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=default(s, "drain_s"),
         help="seconds to finish work on SIGTERM",
     )
+    add_server_security_arguments(parser)
     return parser
 
 
@@ -110,16 +139,20 @@ def parse_settings(argv: list[str] | None = None) -> ServiceSettings:
             ring=args.ring,
             cfg_parallel=args.cfg_parallel,
             sp_attention=args.sp_attention,
+            kv_gather=args.kv_gather,
         ),
         device=args.device,
         max_queue=args.max_queue,
         max_kv_bytes=args.max_kv_bytes,
+        max_inflight_kv_bytes=args.max_inflight_kv_bytes,
+        kv_idle_timeout_s=args.kv_idle_timeout,
         default_cache=args.default_cache,
         metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,
         collective_timeout_s=args.collective_timeout,
         drain_s=args.drain_timeout,
         torchrun=started_by_torchrun(),
+        security=server_security_from_args(args),
     )
 
 

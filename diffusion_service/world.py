@@ -66,6 +66,11 @@ class RankWorld:
         """torchrun owns its ranks: after a failure the whole group must exit for it to restart."""
         return not self.settings.torchrun
 
+    @property
+    def launcher_alive(self) -> bool:
+        """False once the launcher has exited (killed on its own): no worker can start again."""
+        return self.launcher is None or self.launcher.alive
+
     def restart(self) -> RankRuntime:
         log.warning("restarting the rank group")
         self._tear_down()

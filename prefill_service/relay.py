@@ -13,17 +13,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from prefill_service.prefill import PrefillStats
-from protos import GenerateEvent, Timings
+from protos import DIFFUSION_SERVICE, GenerateEvent, Timings
 from protos.options import channel_options
 from serving.errors import ServiceError
+from serving.security import ClientSecurity
 from transport import diffusion_generate
 
 # gRPC's own reconnect backoff (1 s initial by default) would waste most of a short deadline.
@@ -34,26 +37,109 @@ RECONNECT_OPTIONS = [
 ]
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 DEADLINE_MARGIN_S = 0.2  # answer UNAVAILABLE this long before the caller's deadline fires
+HEALTH_POLL_S = 1.0  # how often the background check asks the diffusion service's health
+HEALTH_CHECK_TIMEOUT_S = 0.5
+HEALTH_RETRY_S = 0.1  # how often a request waiting for the diffusion service asks again
+SERVING = health_pb2.HealthCheckResponse.SERVING
+log = logging.getLogger(__name__)
 
 
 class DiffusionLink:
     """The channel to the diffusion service: waits for a connection (gRPC retries with backoff,
-    0.1 s growing to 1 s) inside a budget, and opens `Diffusion.Generate` calls whose requests are
-    serialized frames."""
+    0.1 s growing to 1 s) and for the service's health to say SERVING, inside a budget, and opens
+    `Diffusion.Generate` calls whose requests are serialized frames. `watch` polls the service's
+    health in the background; `serving` is the last answer (None before the first)."""
 
     def __init__(
-        self, address: str, *, connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
+        self,
+        address: str,
+        *,
+        connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+        security: ClientSecurity | None = None,  # TLS/mTLS and token of the hop; files read here
     ) -> None:
         self.address = address
         self.connect_timeout_s = connect_timeout_s
-        self.channel = grpc.insecure_channel(address, options=channel_options() + RECONNECT_OPTIONS)
+        self.channel = (security or ClientSecurity()).open_channel(
+            address, channel_options() + RECONNECT_OPTIONS
+        )
+        self.serving: bool | None = None
+        self._on_change: Callable[[bool], Awaitable[None]] | None = None
+        self._poller: asyncio.Task | None = None
+
+    def watch(self, on_change: Callable[[bool], Awaitable[None]]) -> None:
+        """Ask the diffusion service's health every `HEALTH_POLL_S` from now on, and await
+        `on_change(serving)` whenever the answer changes."""
+        self._on_change = on_change
+        self._poller = asyncio.ensure_future(self._poll())
+
+    async def _poll(self) -> None:
+        while True:
+            await self.check_health()
+            await asyncio.sleep(HEALTH_POLL_S)
+
+    async def check_health(self, timeout: float = HEALTH_CHECK_TIMEOUT_S) -> bool:
+        """Ask the diffusion service's health once; records and returns whether it is SERVING
+        (no answer within `timeout` counts as not serving)."""
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[bool] = loop.create_future()
+        call = health_pb2_grpc.HealthStub(self.channel).Check.future(
+            health_pb2.HealthCheckRequest(service=DIFFUSION_SERVICE), timeout=max(timeout, 0.01)
+        )
+
+        def done(call: grpc.Future) -> None:  # on a gRPC thread
+            try:
+                serving = call.result().status == SERVING
+            except (grpc.RpcError, grpc.FutureCancelledError):
+                serving = False
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening
+                loop.call_soon_threadsafe(lambda: answer.done() or answer.set_result(serving))
+
+        call.add_done_callback(done)
+        try:
+            serving = await answer
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
+        if serving != self.serving:
+            self.serving = serving
+            log.info(
+                "diffusion service at %s is %s",
+                self.address,
+                "SERVING" if serving else "NOT_SERVING",
+            )
+            if self._on_change is not None:
+                await self._on_change(serving)
+        return serving
 
     async def connect(self, deadline_s: float | None) -> None:
-        """Return once the channel is READY; wait at most the caller's remaining time (less a
-        margin) or `connect_timeout_s`, then raise UNAVAILABLE naming the address."""
-        budget = self.connect_timeout_s
+        """Return once the channel is READY and the diffusion service is SERVING; wait at most
+        the caller's remaining time (less a margin, unless that leaves too little) or
+        `connect_timeout_s`. A service that cannot be reached, or is not serving, is UNAVAILABLE
+        naming the address; a deadline that ran out while the connection was still being set up,
+        with no attempt failed, is DEADLINE_EXCEEDED."""
+        started = time.monotonic()
+        budget, deadline_bound = self.connect_timeout_s, False
         if deadline_s is not None:
-            budget = min(budget, deadline_s - DEADLINE_MARGIN_S)
+            room = (
+                deadline_s - DEADLINE_MARGIN_S if deadline_s > 2 * DEADLINE_MARGIN_S else deadline_s
+            )
+            if room < budget:
+                budget, deadline_bound = max(room, 0.0), True
+        await self._wait_ready(budget, deadline_bound)
+        if self.serving:
+            return
+        # Not serving at the last look (loading, restarting) or not asked yet: ask until it is.
+        end = started + budget
+        while not await self.check_health(min(HEALTH_CHECK_TIMEOUT_S, end - time.monotonic())):
+            left = end - time.monotonic()
+            if left <= 0:
+                raise ServiceError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"diffusion service at {self.address} is not serving (loading or restarting)",
+                )
+            await asyncio.sleep(min(HEALTH_RETRY_S, left))
+
+    async def _wait_ready(self, budget: float, deadline_bound: bool) -> None:
         loop = asyncio.get_running_loop()
         ready = asyncio.Event()
         failures = 0
@@ -70,13 +156,19 @@ class DiffusionLink:
         started = time.monotonic()
         self.channel.subscribe(on_change, try_to_connect=True)
         try:
-            await asyncio.wait_for(ready.wait(), max(budget, 0.0))
+            await asyncio.wait_for(ready.wait(), budget)
         except TimeoutError:
+            waited = time.monotonic() - started
+            if deadline_bound and failures == 0:
+                raise ServiceError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"deadline exceeded while connecting to the diffusion service at "
+                    f"{self.address} ({waited:.2f} s, channel {last.name})",
+                ) from None
             raise ServiceError(
                 grpc.StatusCode.UNAVAILABLE,
                 f"diffusion service at {self.address} is unavailable: not connected after "
-                f"{time.monotonic() - started:.1f} s ({failures} failed attempts, "
-                f"channel {last.name})",
+                f"{waited:.1f} s ({failures} failed attempts, channel {last.name})",
             ) from None
         finally:
             self.channel.unsubscribe(on_change)
@@ -86,6 +178,8 @@ class DiffusionLink:
         return diffusion_generate(self.channel)(frames, timeout=timeout)
 
     def close(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
         self.channel.close()
 
 

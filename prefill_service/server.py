@@ -1,6 +1,7 @@
 """The prefill service's server: `bagel.v1.Prefill` on the shared server shape
-(`serving.server.GrpcServer`: health, reflection, metrics), the KV source loaded in the background
-(health NOT_SERVING until it is), and a graceful stop on SIGTERM/SIGINT."""
+(`serving.server.GrpcServer`: health, reflection, metrics), the KV source loaded in the background,
+health SERVING only while the source is loaded and the diffusion service is SERVING, and a graceful
+stop on SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from collections.abc import Callable
 from prefill_service.metrics import PrefillMetrics
 from prefill_service.prefill import KVSource
 from prefill_service.relay import DiffusionLink
-from prefill_service.servicer import PrefillServicer
+from prefill_service.servicer import PrefillServicer, prefill_handler
 from prefill_service.settings import PrefillSettings
-from protos import PREFILL_SERVICE, add_PrefillServicer_to_server
+from protos import PREFILL_SERVICE
+from serving.security import SecurityError
 from serving.server import GrpcServer, serve_until_signal
 
 log = logging.getLogger(__name__)
@@ -21,13 +23,18 @@ log = logging.getLogger(__name__)
 
 class PrefillServer:
     """One prefill server. `start()` binds and serves at once; `loaded` finishes when the source
-    is loaded and health says SERVING. `load_source` runs on a worker thread."""
+    is loaded (health says SERVING once the diffusion service does too). `load_source` runs on a worker thread."""
 
     def __init__(self, settings: PrefillSettings, load_source: Callable[[], KVSource]) -> None:
         self.settings = settings
         self._load_source = load_source
         self.metrics = PrefillMetrics()
-        self.link = DiffusionLink(settings.diffusion, connect_timeout_s=settings.connect_timeout_s)
+        secrets = settings.security.load()  # a bad file or an empty token fails here, at start-up
+        self.link = DiffusionLink(
+            settings.diffusion,
+            connect_timeout_s=settings.connect_timeout_s,
+            security=settings.diffusion_security,
+        )
         self.servicer = PrefillServicer(
             self.link,
             self.metrics,
@@ -37,10 +44,12 @@ class PrefillServer:
         self.grpc = GrpcServer(
             PREFILL_SERVICE,
             settings.listen,
-            lambda server: add_PrefillServicer_to_server(self.servicer, server),
+            lambda server: server.add_generic_rpc_handlers((prefill_handler(self.servicer),)),
             self.metrics,
             settings.metrics_host,
             settings.metrics_port,
+            credentials=secrets.credentials(),
+            interceptors=secrets.interceptors(),
         )
         self.loaded: asyncio.Future | None = None
 
@@ -51,13 +60,20 @@ class PrefillServer:
     async def start(self) -> int:
         """Serve on `settings.listen`; returns the bound port (useful with port 0)."""
         port = await self.grpc.start()
+        self.link.watch(lambda serving: self._publish_health())
         self.loaded = asyncio.ensure_future(self._load())
         return port
+
+    async def _publish_health(self) -> None:
+        """SERVING only while the model is loaded and the diffusion service's health, asked
+        every second, says SERVING."""
+        await self.grpc.set_serving(self.servicer.source is not None and bool(self.link.serving))
 
     async def _load(self) -> None:
         source = await asyncio.get_running_loop().run_in_executor(None, self._load_source)
         self.servicer.source = source
-        await self.grpc.set_serving(True)
+        await self.link.check_health()
+        await self._publish_health()
         log.info(
             "serving: model %s, KV dtype %s, diffusion service at %s",
             source.config.fingerprint(),
@@ -75,5 +91,9 @@ class PrefillServer:
 
 async def serve(settings: PrefillSettings, load_source: Callable[[], KVSource]) -> int:
     """Run a server until SIGTERM/SIGINT (or a failed model load); returns the exit status."""
-    server = PrefillServer(settings, load_source)
+    try:
+        server = PrefillServer(settings, load_source)
+    except SecurityError as e:
+        log.error("%s", e)
+        return 2
     return await serve_until_signal(server, settings.listen, settings.drain_s, "loading the model")

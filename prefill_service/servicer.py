@@ -1,16 +1,17 @@
 """The `bagel.v1.Prefill` servicer: validates a request before any compute, hands it to
 `prefill.request_frames` and `relay.relay`, and maps failures to a status through
-`transport.status` (the one place that does)."""
+`serving.errors.status_of` (the one place that does). Its handler decodes requests itself, so
+bytes that are no `GenerateRequest` end as INVALID_ARGUMENT with one log line."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from bagel.kv import Branch
 from prefill_service.metrics import PrefillMetrics
@@ -23,13 +24,47 @@ from prefill_service.prefill import (
     token_limit,
 )
 from prefill_service.relay import DiffusionLink, SendStats, relay
-from protos import GenerateEvent, GenerateRequest, service_pb2_grpc
+from protos import PREFILL_SERVICE, GenerateEvent, GenerateRequest, service_pb2_grpc
 from serving.errors import InvalidParams, ServiceError, status_of
 from serving.params import GenerationParams, check_cache_fits
+from serving.requests import (
+    MAX_REQUEST_ID_CHARS,
+    check_request_id,
+    loggable,
+    new_request_id,
+)
 from transport import DEFAULT_CHUNK_SIZE
 
 log = logging.getLogger(__name__)
-MAX_REQUEST_ID_CHARS = 128
+LOGGED_MESSAGE_CHARS = 300  # a status message may quote what the client sent
+DEADLINE_SLACK_S = 0.05
+
+
+class UndecodableRequest:
+    """What the handler gets instead of a request whose bytes protobuf cannot decode."""
+
+    def __init__(self, size: int, error: DecodeError) -> None:
+        self.size = size
+        self.error = error
+
+
+def decode_request(data: bytes) -> GenerateRequest | UndecodableRequest:
+    """The request deserializer: a decode failure is the caller's fault, so it reaches the
+    handler as a value instead of as gRPC's own traceback and UNKNOWN status."""
+    try:
+        return GenerateRequest.FromString(data)
+    except DecodeError as e:
+        return UndecodableRequest(len(data), e)
+
+
+def prefill_handler(servicer: PrefillServicer) -> grpc.GenericRpcHandler:
+    """`bagel.v1.Prefill` with `decode_request` as the request deserializer."""
+    method = grpc.unary_stream_rpc_method_handler(
+        servicer.Generate,
+        request_deserializer=decode_request,
+        response_serializer=GenerateEvent.SerializeToString,
+    )
+    return grpc.method_handlers_generic_handler(PREFILL_SERVICE, {"Generate": method})
 
 
 class RequestLog(logging.LoggerAdapter):
@@ -37,10 +72,6 @@ class RequestLog(logging.LoggerAdapter):
 
     def process(self, msg, kwargs):
         return f"[{self.extra['request_id']}] {msg}", kwargs
-
-
-def new_request_id() -> str:
-    return uuid.uuid4().hex[:16]
 
 
 class PrefillServicer(service_pb2_grpc.PrefillServicer):
@@ -61,16 +92,22 @@ class PrefillServicer(service_pb2_grpc.PrefillServicer):
         self.chunk_size = chunk_size
 
     async def Generate(
-        self, request: GenerateRequest, context: grpc.aio.ServicerContext
+        self, request: GenerateRequest | UndecodableRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[GenerateEvent]:
-        request_id = request.request_id or new_request_id()
-        request_log = RequestLog(log, {"request_id": request_id})
+        raw_id = "" if isinstance(request, UndecodableRequest) else request.request_id
+        request_id = raw_id or new_request_id()
+        request_log = RequestLog(log, {"request_id": loggable(request_id, MAX_REQUEST_ID_CHARS)})
         started = time.perf_counter()
         prefill, sent = PrefillStats(), SendStats()
-        code = grpc.StatusCode.OK
+        code: grpc.StatusCode | None = None  # None until the call has ended one way or another
         recorded = False
         self.metrics.in_flight.inc()
         try:
+            if isinstance(request, UndecodableRequest):
+                raise InvalidParams(
+                    f"the request ({request.size} bytes) is not a valid GenerateRequest: "
+                    f"{request.error}"
+                )
             batches = await self._prepare(request, request_id, prefill, request_log)
             async for event in relay(
                 self.link,
@@ -80,17 +117,22 @@ class PrefillServicer(service_pb2_grpc.PrefillServicer):
                 sent=sent,
             ):
                 yield event
-        except asyncio.CancelledError:
-            remaining = context.time_remaining()
-            expired = remaining is not None and remaining <= 0
-            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            code = grpc.StatusCode.OK
+        except (asyncio.CancelledError, GeneratorExit):
+            # The caller went away (cancel, disconnect) or its deadline passed: gRPC cancels the
+            # handler or closes this generator at a `yield`.
+            code = self._ended_by_caller(context)
             request_log.info("ended by the caller: %s", code.name)
             raise
         except Exception as e:  # noqa: BLE001 - every failure becomes a status, in one place
             code, message = status_of(e)
             level = logging.ERROR if code is grpc.StatusCode.INTERNAL else logging.WARNING
             request_log.log(
-                level, "failed: %s: %s", code.name, message, exc_info=level >= logging.ERROR
+                level,
+                "failed: %s: %s",
+                code.name,
+                loggable(message, LOGGED_MESSAGE_CHARS),
+                exc_info=level >= logging.ERROR,
             )
             # Counted before the status leaves: a caller that reads the metrics once it has
             # the status must find this call in them.
@@ -98,6 +140,9 @@ class PrefillServicer(service_pb2_grpc.PrefillServicer):
             recorded = True
             await context.abort(code, message)
         finally:
+            if code is None:  # left some other way: only the caller can have ended it
+                code = self._ended_by_caller(context)
+                request_log.info("ended by the caller: %s", code.name)
             if not recorded:
                 self._record(code, started, prefill, sent)
             if code is grpc.StatusCode.OK:
@@ -108,6 +153,16 @@ class PrefillServicer(service_pb2_grpc.PrefillServicer):
                     sent.bytes_sent,
                     (sent.send_s or 0.0) * 1000,
                 )
+
+    @staticmethod
+    def _ended_by_caller(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+        """DEADLINE_EXCEEDED if the caller's deadline has (all but) passed, else CANCELLED. The
+        caller's own timer fires a little before ours (the deadline travels rounded up), so its
+        cancel can arrive with a few milliseconds still left here."""
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= DEADLINE_SLACK_S:
+            return grpc.StatusCode.DEADLINE_EXCEEDED
+        return grpc.StatusCode.CANCELLED
 
     def _record(
         self, code: grpc.StatusCode, started: float, prefill: PrefillStats, sent: SendStats
@@ -132,10 +187,7 @@ class PrefillServicer(service_pb2_grpc.PrefillServicer):
         source = self.source
         if source is None:
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
-        if len(request_id) > MAX_REQUEST_ID_CHARS or not request_id.isprintable():
-            raise InvalidParams(
-                f"request_id must be printable and at most {MAX_REQUEST_ID_CHARS} characters"
-            )
+        check_request_id(request_id)
         config = source.config
         params = GenerationParams.from_proto(request.params)
         params.validate(config.pixels_per_token, config.max_image_size)

@@ -4,11 +4,17 @@ and `prefill_service.mock`); argparse takes every default from the dataclass."""
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prefill_service.prefill import DEFAULT_MAX_PROMPT_TOKENS
 from prefill_service.relay import DEFAULT_CONNECT_TIMEOUT_S
-from serving.settings import DEFAULT_METRICS_HOST, default
+from serving.security import ClientSecurity, SecurityError, ServerSecurity
+from serving.settings import (
+    DEFAULT_METRICS_HOST,
+    add_server_security_arguments,
+    default,
+    server_security_from_args,
+)
 from transport import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE
 
 
@@ -25,6 +31,8 @@ class PrefillSettings:
     drain_s: float = 10.0
     chunk_size: int = DEFAULT_CHUNK_SIZE
     dtype: str | None = None  # mock only: "fp32" or "bf16"; the real service follows the device
+    security: ServerSecurity = field(default_factory=ServerSecurity)  # TLS/mTLS, bearer token
+    diffusion_security: ClientSecurity = field(default_factory=ClientSecurity)  # the hop's
 
 
 def build_parser(prog: str, description: str, *, device: bool = True) -> argparse.ArgumentParser:
@@ -66,6 +74,32 @@ def build_parser(prog: str, description: str, *, device: bool = True) -> argpars
         default=default(s, "chunk_size"),
         help="largest KV chunk in bytes",
     )
+    add_server_security_arguments(parser)
+    c = ClientSecurity
+    parser.add_argument(
+        "--diffusion-tls-ca",
+        default=default(c, "tls_ca"),
+        metavar="PEM",
+        help="reach the diffusion service over TLS, verifying it with this CA",
+    )
+    parser.add_argument(
+        "--diffusion-tls-cert",
+        default=default(c, "tls_cert"),
+        metavar="PEM",
+        help="client certificate for a diffusion service that requires mTLS",
+    )
+    parser.add_argument(
+        "--diffusion-tls-key",
+        default=default(c, "tls_key"),
+        metavar="PEM",
+        help="private key of --diffusion-tls-cert",
+    )
+    parser.add_argument(
+        "--diffusion-auth-token-file",
+        default=default(c, "auth_token_file"),
+        metavar="FILE",
+        help="bearer token to send to the diffusion service",
+    )
     return parser
 
 
@@ -74,6 +108,15 @@ def settings_from_args(args: argparse.Namespace) -> PrefillSettings:
         raise SystemExit(f"--chunk-size must be in 1..{MAX_CHUNK_SIZE}")
     if args.max_prompt_tokens < 1:
         raise SystemExit("--max-prompt-tokens must be positive")
+    try:
+        diffusion_security = ClientSecurity(
+            tls_ca=args.diffusion_tls_ca,
+            tls_cert=args.diffusion_tls_cert,
+            tls_key=args.diffusion_tls_key,
+            auth_token_file=args.diffusion_auth_token_file,
+        )
+    except SecurityError:
+        raise SystemExit("--diffusion-tls-cert and --diffusion-tls-key go together") from None
     return PrefillSettings(
         model_dir=args.model,
         listen=args.listen,
@@ -86,4 +129,6 @@ def settings_from_args(args: argparse.Namespace) -> PrefillSettings:
         drain_s=args.drain_timeout,
         chunk_size=args.chunk_size,
         dtype=getattr(args, "dtype", None),
+        security=server_security_from_args(args),
+        diffusion_security=diffusion_security,
     )

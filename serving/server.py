@@ -9,7 +9,7 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import grpc
@@ -30,7 +30,8 @@ def configure_logging() -> None:
 
 class GrpcServer:
     """A service's gRPC server. `register(server)` adds the service's handlers; `service_name`
-    is the full name health reports under (besides "", the whole server)."""
+    is the full name health reports under (besides "", the whole server). `credentials`: serve
+    TLS (else plaintext); `interceptors`: e.g. the bearer-token check (`serving.security`)."""
 
     def __init__(
         self,
@@ -40,6 +41,9 @@ class GrpcServer:
         metrics: ServiceMetrics,
         metrics_host: str,
         metrics_port: int | None,
+        *,
+        credentials: grpc.ServerCredentials | None = None,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     ) -> None:
         self.service_name = service_name
         self.listen = listen
@@ -49,18 +53,23 @@ class GrpcServer:
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self._register = register
+        self._credentials = credentials
+        self._interceptors = tuple(interceptors)
         self._server: grpc.aio.Server | None = None
 
     async def start(self) -> int:
         """Bind, serve (health NOT_SERVING) and expose metrics; returns the bound port."""
-        server = grpc.aio.server(options=server_options())
+        server = grpc.aio.server(options=server_options(), interceptors=self._interceptors)
         self._register(server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (self.service_name, HEALTH_SERVICE, reflection.SERVICE_NAME), server
         )
         await self.set_serving(False)
-        self.port = server.add_insecure_port(self.listen)
+        if self._credentials is None:
+            self.port = server.add_insecure_port(self.listen)
+        else:
+            self.port = server.add_secure_port(self.listen, self._credentials)
         if not self.port:
             raise RuntimeError(f"cannot listen on {self.listen}")
         await server.start()

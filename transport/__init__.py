@@ -4,9 +4,15 @@ only; never the model.
 """
 
 from protos.options import channel_options, server_options
-from transport.assembler import DEFAULT_MAX_KV_BYTES, FrameAssembler, KVSpec, ReceivedKV
+from transport.assembler import (
+    DEFAULT_MAX_KV_BYTES,
+    FrameAssembler,
+    KVSpec,
+    ReceivedKV,
+    check_finite,
+)
 from transport.broadcast import broadcast_kv
-from transport.buffers import BufferPool, Buffers, FreshBuffers, tune_malloc
+from transport.buffers import BufferPool, Buffers, FreshBuffers, UploadBudget, tune_malloc
 from transport.encoder import KVEncoder, encode_kv, encode_layers
 from transport.errors import Fault, TransportError, status_code
 from transport.layout import ContextSpec, ContextTensors, ContextViews, KVCache, KVLayout
@@ -32,8 +38,10 @@ __all__ = [
     "KVSpec",
     "ReceivedKV",
     "TransportError",
+    "UploadBudget",
     "abort",
     "broadcast_kv",
+    "check_finite",
     "channel_options",
     "diffusion_generate",
     "diffusion_handler",

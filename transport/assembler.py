@@ -3,7 +3,7 @@
 `FrameAssembler` checks every frame against the header and the receiver's model (`KVSpec`),
 copies each chunk's bytes once, straight from the received frame to its offset in a buffer of the
 declared size, and hands out views of that buffer. Any violation raises `TransportError`, after
-which the assembler holds no buffer.
+which the assembler holds no buffer. `check_finite` then refuses a cache with NaN or Inf in it.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 
 from protos import GenerationParams, kv_pb2
 from transport import crc, wire
-from transport.buffers import Buffers, FreshBuffers
+from transport.buffers import Buffers, FreshBuffers, UploadBudget
 from transport.errors import Fault, TransportError
 from transport.layout import (
     CONTEXT_KINDS,
@@ -84,10 +84,13 @@ class FrameAssembler:
         *,
         max_bytes: int = DEFAULT_MAX_KV_BYTES,
         buffers: Buffers | None = None,
+        budget: UploadBudget | None = None,
     ) -> None:
         self.expect = expect
         self.max_bytes = max_bytes
         self.buffers: Buffers = buffers if buffers is not None else FreshBuffers()
+        self.budget = budget  # shared by every upload in flight; held from header to end
+        self._reserved = 0
         self._state = _State.HEADER
         self._error: TransportError | None = None
         self._header: kv_pb2.KVHeader | None = None
@@ -159,6 +162,7 @@ class FrameAssembler:
         assert self._header is not None and self._layout is not None and self._flat is not None
         cache = KVCache.wrap(self._layout, self._flat, on_release=self.buffers.give_back)
         self._flat, self._dest, self._flat_bytes = None, None, None
+        self._unreserve()
         self._state = _State.FINISHED
         return ReceivedKV(self._header.request_id, self._header.params, cache)
 
@@ -176,6 +180,12 @@ class FrameAssembler:
         flat, self._flat, self._dest, self._flat_bytes = self._flat, None, None, None
         if flat is not None:
             self.buffers.give_back(flat)
+        self._unreserve()
+
+    def _unreserve(self) -> None:
+        reserved, self._reserved = self._reserved, 0
+        if reserved and self.budget is not None:
+            self.budget.release(reserved)
 
     def _on_header(self, header: kv_pb2.KVHeader) -> None:
         if self._state is _State.CHUNKS:
@@ -205,6 +215,9 @@ class FrameAssembler:
         self._next = [start for start, _ in self._segments]
         self._num_contexts, self._num_layers = len(layout.contexts), layout.num_layers
         self._chunk_size = header.chunk_size
+        if self.budget is not None:
+            self.budget.reserve(layout.total_bytes)
+            self._reserved = layout.total_bytes
         self._flat = self.buffers.take(layout.total_bytes)
         self._flat_bytes = self._flat.numpy()
         self._dest = memoryview(self._flat_bytes)
@@ -373,6 +386,32 @@ class FrameAssembler:
                 f"trailer says {trailer.payload_crc32c:#010x}",
             )
         self._state = _State.DONE
+
+
+def check_finite(cache: KVCache) -> None:
+    """Raise TransportError (NOT_FINITE: INVALID_ARGUMENT) naming the first K or V tensor that
+    holds NaN or Inf. One `aminmax` pass over the whole buffer finds either (NaN propagates to
+    both ends, an Inf becomes one): 28 ms for the 287 MB bf16 editing cache on the 2-core CI VM
+    (2026-12-02), where `isfinite(...).all()` takes 1.2 s. Only a failed pass looks per tensor."""
+    layout = cache.layout
+    if cache.flat.numel() == 0 or _finite(cache.flat.view(layout.dtype)):
+        return
+    for ci, context in enumerate(cache.contexts):
+        for kv, tensors in ((KEY, context.keys), (VALUE, context.values)):
+            for layer, tensor in enumerate(tensors):
+                if tensor.numel() and not _finite(tensor):
+                    kind = _kind_name(layout.contexts[ci].kind)
+                    raise TransportError(
+                        Fault.NOT_FINITE,
+                        f"the KV cache holds NaN or Inf values (first in context {ci} ({kind}) "
+                        f"layer {layer} {'KV'[kv]}); its checksums match, so the sender "
+                        f"computed them",
+                    )
+
+
+def _finite(values: torch.Tensor) -> bool:
+    low, high = torch.aminmax(values)
+    return bool(torch.isfinite(low) and torch.isfinite(high))
 
 
 def _kind_name(kind: int) -> str:

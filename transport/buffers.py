@@ -2,8 +2,10 @@
 
 Touching fresh memory costs more than copying into it on the CI VM (first-touch page faults run at
 0.4-2 GB/s against ~18 GB/s for a warm memcpy), and pinned memory is slow to allocate, so a
-service keeps released buffers in a `BufferPool` instead of allocating one per request, and
-calls `tune_malloc` once so gRPC's own message buffers stay warm too.
+service keeps released buffers in a `BufferPool` instead of allocating one per request (and gives
+memory above a bound back once the pool has been idle a while), and calls `tune_malloc` once so
+gRPC's own message buffers stay warm too. `UploadBudget` bounds the bytes that all uploads in
+flight hold together.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Protocol
 
 import torch
 from torch import Tensor
+
+from transport.errors import Fault, TransportError
 
 
 class Buffers(Protocol):
@@ -39,17 +43,35 @@ class FreshBuffers:
 
 
 class BufferPool:
-    """Reuses buffers given back, best fit first, keeping at most `max_idle_bytes` idle.
+    """Reuses buffers given back, best fit first, keeping at most `max_idle_bytes` idle; once
+    nothing has been lent for `release_after_s`, it keeps at most `keep_idle_bytes` (default: all
+    it may keep), dropping the largest buffers first.
 
     A buffer must be given back only once nothing uses its views any more.
     """
 
-    def __init__(self, max_idle_bytes: int = 2 << 30, *, pin_memory: bool = False) -> None:
+    def __init__(
+        self,
+        max_idle_bytes: int = 2 << 30,
+        *,
+        pin_memory: bool = False,
+        keep_idle_bytes: int | None = None,
+        release_after_s: float = 10.0,
+    ) -> None:
         self.max_idle_bytes = max_idle_bytes
+        self.keep_idle_bytes = max_idle_bytes if keep_idle_bytes is None else keep_idle_bytes
+        self.release_after_s = release_after_s
         self.pin_memory = pin_memory
         self._idle: list[Tensor] = []  # whole base buffers, oldest first
         self._lent: dict[int, Tensor] = {}  # data_ptr -> base buffer of each lent view
         self._lock = threading.Lock()
+        self._uses = 0  # counts `take` calls: a release timer from before a take does nothing
+        self._timer: threading.Timer | None = None
+
+    @property
+    def lent_bytes(self) -> int:
+        with self._lock:
+            return sum(b.numel() for b in self._lent.values())
 
     @property
     def idle_bytes(self) -> int:
@@ -58,6 +80,7 @@ class BufferPool:
 
     def take(self, nbytes: int) -> Tensor:
         with self._lock:
+            self._uses += 1
             fits = [b for b in self._idle if b.numel() >= nbytes]
             base = min(fits, key=lambda b: b.numel()) if fits else None
             if base is not None:
@@ -77,6 +100,66 @@ class BufferPool:
             self._idle.append(base)
             while sum(b.numel() for b in self._idle) > self.max_idle_bytes:
                 self._idle.pop(0)
+            if not self._lent and sum(b.numel() for b in self._idle) > self.keep_idle_bytes:
+                self._schedule_release()
+
+    def release_idle(self, keep_bytes: int | None = None) -> int:
+        """Drop idle buffers, largest first, until at most `keep_bytes` (default
+        `keep_idle_bytes`) stay; returns the bytes dropped."""
+        keep = self.keep_idle_bytes if keep_bytes is None else keep_bytes
+        dropped = 0
+        with self._lock:
+            self._idle.sort(key=lambda b: b.numel())
+            while self._idle and sum(b.numel() for b in self._idle) > keep:
+                dropped += self._idle.pop().numel()
+        return dropped
+
+    def _schedule_release(self) -> None:  # with the lock held
+        if self._timer is not None:
+            self._timer.cancel()
+        uses = self._uses
+
+        def release() -> None:
+            with self._lock:
+                quiet = self._uses == uses and not self._lent
+            if quiet:
+                self.release_idle()
+
+        self._timer = threading.Timer(self.release_after_s, release)
+        self._timer.daemon = True
+        self._timer.start()
+
+
+class UploadBudget:
+    """The bytes that all uploads in flight may hold together. An upload reserves its declared
+    size when its header arrives (before any allocation) and releases it when it ends, however it
+    ends; a reservation beyond the budget is refused with RESOURCE_EXHAUSTED."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._held = 0
+        self._lock = threading.Lock()
+
+    @property
+    def held_bytes(self) -> int:
+        with self._lock:
+            return self._held
+
+    def reserve(self, nbytes: int) -> None:
+        with self._lock:
+            held = self._held
+            if held + nbytes <= self.max_bytes:
+                self._held = held + nbytes
+                return
+        raise TransportError(
+            Fault.BUSY,
+            f"uploads in flight already hold {held} bytes; {nbytes} more would exceed the "
+            f"limit of {self.max_bytes} bytes for all uploads in flight: retry later",
+        )
+
+    def release(self, nbytes: int) -> None:
+        with self._lock:
+            self._held = max(self._held - nbytes, 0)
 
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3

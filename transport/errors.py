@@ -14,6 +14,9 @@ class Fault(enum.Enum):
     CONTRACT = "contract"  # the sender broke the wire contract: version, shapes, order, ...
     TOO_LARGE = "too_large"  # the declared payload exceeds the receiver's limit
     UNAVAILABLE = "unavailable"  # a peer rank did not take part in a collective in time
+    IDLE = "idle"  # the sender stopped sending frames and left the stream open
+    BUSY = "busy"  # uploads in flight already hold the receiver's byte budget
+    NOT_FINITE = "not_finite"  # the payload holds NaN or Inf (its checksums were fine)
 
 
 _STATUS = {
@@ -21,6 +24,9 @@ _STATUS = {
     Fault.CONTRACT: grpc.StatusCode.INVALID_ARGUMENT,
     Fault.TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Fault.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    Fault.IDLE: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Fault.BUSY: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Fault.NOT_FINITE: grpc.StatusCode.INVALID_ARGUMENT,
 }
 
 

@@ -15,7 +15,7 @@ import grpc
 
 from protos import DIFFUSION_SERVICE, GenerateEvent
 from transport.assembler import FrameAssembler, ReceivedKV
-from transport.errors import TransportError, status_code
+from transport.errors import Fault, TransportError, status_code
 from transport.wire import MAX_CHUNK_SIZE
 
 DIFFUSION_GENERATE = f"/{DIFFUSION_SERVICE}/Generate"
@@ -50,12 +50,17 @@ def diffusion_handler(generate: GenerateBehavior) -> grpc.GenericRpcHandler:
 
 
 async def receive_kv(
-    frames: AsyncIterable[bytes], assembler: FrameAssembler, *, drain_seconds: float = 10.0
+    frames: AsyncIterable[bytes],
+    assembler: FrameAssembler,
+    *,
+    drain_seconds: float = 10.0,
+    idle_timeout_s: float | None = None,
 ) -> ReceivedKV:
     """Feed a whole request stream to `assembler` and return the verified cache.
 
     Raises TransportError; on any exit other than success (cancellation too) the assembler's
-    buffer is released. After a fault, the rest of the stream is read and dropped before raising
+    buffer is released. A sender that sends no frame for `idle_timeout_s` (None: wait forever)
+    gets IDLE (DEADLINE_EXCEEDED), so a stalled upload cannot hold its buffer. After a fault, the rest of the stream is read and dropped before raising
     (at most the larger of the declared size and `max_bytes`, for at most `drain_seconds`): an
     asyncio client whose write fails because the call has already ended reports INTERNAL instead
     of our status (grpc/grpc#36066), so the status goes out once the client has stopped writing.
@@ -63,13 +68,32 @@ async def receive_kv(
     with assembler:
         stream = aiter(frames)
         try:
-            async for frame in stream:
+            while (frame := await _next_frame(stream, idle_timeout_s, assembler)) is not None:
                 assembler.feed(frame)
             return assembler.finish()
-        except TransportError:
+        except TransportError as e:
+            if e.fault is Fault.IDLE:
+                raise  # nothing is coming to drain
             limit = max(assembler.max_bytes, assembler.declared_bytes) + MAX_CHUNK_SIZE
             await _drain(stream, limit, drain_seconds)
             raise
+
+
+async def _next_frame(
+    stream: AsyncIterator[bytes], timeout_s: float | None, assembler: FrameAssembler
+) -> bytes | None:
+    """The next frame, None at the end of the stream, or IDLE after `timeout_s` without one."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await anext(stream)
+    except StopAsyncIteration:
+        return None
+    except TimeoutError:
+        raise TransportError(
+            Fault.IDLE,
+            f"no KV frame for {timeout_s:g} s after {assembler.received_bytes} of "
+            f"{assembler.declared_bytes} payload bytes: the upload was abandoned",
+        ) from None
 
 
 async def _drain(stream: AsyncIterator[bytes], max_bytes: int, seconds: float) -> None:

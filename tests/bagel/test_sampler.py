@@ -13,6 +13,7 @@ from bagel.sampler import (
     combine_guidance,
     denoise,
     in_cfg_window,
+    initial_noise,
     plan_step,
     schedule,
 )
@@ -252,3 +253,113 @@ def test_denoise_with_distinct_branch_velocities_follows_the_written_cfg_formula
     assert any(UNCOND_IMG in call for call in model.calls) is has_img_context
     without_img = written_cfg_loop(x0, BranchVelocities(tuple(x0.shape)), params, False)
     assert (not has_img_context) or (without_img - got).abs().max() > 1e-3  # the test can tell
+
+
+# ---- guidance at the edges of its scales and its clamp -----------------------------------------
+
+
+def plan(text: float, img: float) -> StepPlan:
+    return StepPlan((COND, UNCOND_TEXT, UNCOND_IMG), text, img)
+
+
+def test_a_text_scale_just_above_one_runs_the_text_branch_and_guides():
+    params = GenerationParams(cfg_text_scale=1.5, cfg_img_scale=0.5)
+    step = plan_step(torch.tensor(0.9), params, has_img_context=True)
+    assert step == StepPlan((COND, UNCOND_TEXT), 1.5, 0.5)
+    v_c, v_u = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    guided = combine_guidance(v_c, v_u, v_c, plan(1.5, 1.0), "global", 0.0)
+    assert not torch.equal(guided, v_c)
+
+
+def test_without_text_guidance_the_plan_keeps_both_requested_scales():
+    params = GenerationParams(cfg_text_scale=1.0, cfg_img_scale=2.0)
+    assert plan_step(torch.tensor(0.9), params, True) == StepPlan((COND,), 1.0, 2.0)
+
+
+@pytest.mark.parametrize("renorm", ["global", "channel", "text_channel"])
+def test_a_text_scale_of_exactly_one_returns_the_cond_velocity_even_with_image_scale(renorm):
+    v_c, v_u, v_i = (torch.tensor([[1.0, 2.0]]), torch.tensor([[5.0, -1.0]]), torch.zeros(1, 2))
+    assert combine_guidance(v_c, v_u, v_i, plan(1.0, 3.0), renorm, 0.0) is v_c
+
+
+@pytest.mark.parametrize("renorm", ["global", "channel", "text_channel"])
+def test_the_renorm_never_scales_a_velocity_up(renorm):
+    """Guidance that shrinks the velocity (|v| = |v_c| / 2) keeps it: the ratio clamps at 1."""
+    v_c = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
+    v_u = 1.5 * v_c  # v = 2 v_c - 1.5 v_c = v_c / 2
+    guided = combine_guidance(v_c, v_u, v_c, plan(2.0, 1.0), renorm, 0.0)
+    assert torch.equal(guided, v_c / 2)
+
+
+@pytest.mark.parametrize("renorm", ["global", "channel", "text_channel"])
+def test_a_velocity_far_below_the_epsilon_is_kept_not_flipped_to_the_floor(renorm):
+    """|v| + 1e-8 in the renorm's denominator: a tiny guided velocity gets ratio 1, not the floor."""
+    v_c = torch.tensor([[1.0, 1e-9]])
+    v_u = torch.tensor([[2.0, 2e-9]])  # v = 2 v_c - v_u = [0, 0]: renorm sees |v| = 0
+    v_u[0, 1] = 3e-9  # v = [0, -1e-9]
+    guided = combine_guidance(v_c, v_u, v_c, plan(2.0, 1.0), renorm, 0.5)
+    expected = v_u + 2.0 * (v_c - v_u)
+    assert torch.equal(guided, expected) and guided[0, 1] != 0
+
+
+@pytest.mark.parametrize("renorm", ["global", "text_channel"])
+def test_an_image_scale_of_exactly_one_adds_no_image_guidance(renorm):
+    """With s_i = 1 the image step is skipped, not computed as v_i + 1 * (v - v_i), which a far
+    away v_i would round."""
+    v_c, v_u = torch.tensor([[1e-3, 0.0]]), torch.tensor([[0.0, 1e-3]])
+    v_i = torch.tensor([[1e8, 1e8]])
+    expected = combine_guidance(v_c, v_u, v_c, plan(2.0, 1.0), renorm, 0.0)
+    assert torch.equal(combine_guidance(v_c, v_u, v_i, plan(2.0, 1.0), renorm, 0.0), expected)
+
+
+class RecordingStepCache:
+    """A step cache that records the steps begun and reports every odd step as cached."""
+
+    def __init__(self) -> None:
+        self.begun: list[tuple[int, int]] = []
+        self.step_was_cached = False
+
+    def begin_step(self, step: int, total: int) -> None:
+        self.begun.append((step, total))
+        self.step_was_cached = step % 2 == 1
+
+
+def test_denoise_begins_each_step_on_the_given_cache_and_reports_what_it_served():
+    cache, seen = RecordingStepCache(), []
+    denoise(
+        torch.zeros(1, 4),
+        lambda x, t, branches: {b: torch.ones_like(x) for b in branches},
+        GenerationParams(num_timesteps=5, cfg_text_scale=1.0),
+        on_step=lambda done, total, cached: seen.append(cached),
+        step_cache=cache,
+    )
+    assert cache.begun == [(0, 4), (1, 4), (2, 4), (3, 4)]
+    assert seen == [False, True, False, True]
+
+
+def test_denoise_runs_no_image_branch_unless_told_the_context_differs():
+    model = BranchVelocities((2, 4))
+    denoise(torch.zeros(2, 4, dtype=torch.float64), model, GenerationParams(num_timesteps=4))
+    assert model.calls and all(UNCOND_IMG not in call for call in model.calls)
+
+
+def test_denoise_passes_the_renorm_type_and_floor_to_the_guidance():
+    """Same velocities, three renorm settings, three different results."""
+    x0 = torch.randn(4, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    runs = []
+    for renorm, floor in (("global", 0.0), ("global", 0.9), ("channel", 0.0)):
+        params = GenerationParams(
+            num_timesteps=5, cfg_interval=(0.0, 1.0), cfg_renorm_type=renorm, cfg_renorm_min=floor
+        )
+        runs.append(denoise(x0, BranchVelocities((4, 8)), params))
+    assert not torch.allclose(runs[0], runs[1])
+    assert not torch.allclose(runs[0], runs[2])
+
+
+def test_initial_noise_is_fp32_randn_of_the_request_seed_shaped_tokens_by_patch_dim():
+    noise = initial_noise(GenerationParams(seed=7), 6, 64)
+    assert noise.shape == (6, 64) and noise.dtype == torch.float32
+    expected = torch.randn(6, 64, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(noise, expected)
+    assert torch.equal(initial_noise(GenerationParams(seed=7), 6, 64), noise)
+    assert not torch.equal(initial_noise(GenerationParams(seed=8), 6, 64), noise)

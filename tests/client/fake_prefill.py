@@ -89,3 +89,12 @@ class FakePrefillServer:
 
     def stop(self) -> None:
         self.server.stop(None)
+
+
+class NoImagePrefill(FakePrefill):
+    """Ends the stream successfully with neither an image nor an Accepted event."""
+
+    def Generate(self, request: GenerateRequest, context: grpc.ServicerContext):
+        for event in super().Generate(request, context):
+            if event.WhichOneof("event") not in ("image", "accepted"):
+                yield event

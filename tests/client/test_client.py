@@ -11,8 +11,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2
 
-from client import BagelClient
+from client import BagelClient, IncompleteGeneration
 from client.cli import ProgressDisplay, generation_params, main, parse_args, timing_summary
 from protos import GenerateEvent, Progress
 from serving.params import GenerationParams
@@ -244,3 +245,82 @@ def test_cli_latents_output_writes_the_fp32_array(fake, tmp_path, capsys):
     array = np.load(out)
     assert array.dtype == np.float32 and array.shape == (4, 64)
     assert np.array_equal(array.ravel(), np.arange(256, dtype=np.float32))
+
+
+def test_generate_reports_every_event_the_step_count_and_cached_steps_zero_based(fake):
+    fake.servicer.steps, fake.servicer.cached_steps = 4, {2, 4}
+    kinds = []
+    with BagelClient(fake.address, timeout=10) as client:
+        assert client.address == fake.address
+        result = client.generate(
+            "A cat", on_event=lambda event: kinds.append(event.WhichOneof("event"))
+        )
+    assert kinds == ["accepted", *["progress"] * 4, "timings", "image"]
+    assert (result.steps, result.cached_steps, result.request_id) == (4, [1, 3], "srv-1")
+
+
+def test_latents_without_a_requested_size_report_zero_sides(fake):
+    with BagelClient(fake.address, timeout=10) as client:
+        result = client.generate("A cat", output_format="latents", seed=3)
+    assert (result.width, result.height, result.seed) == (0, 0, 3)
+    assert result.image is None and result.png == b""
+    assert result.latents.dtype == np.float32 and result.latents.shape == (4, 64)
+    assert np.array_equal(result.latents.ravel(), np.arange(256, dtype=np.float32))
+
+
+def test_a_per_call_timeout_overrides_the_clients_default(fake):
+    fake.servicer.steps, fake.servicer.step_delay_s = 100, 0.05
+    with BagelClient(fake.address, timeout=60) as client:
+        with pytest.raises(grpc.RpcError) as info:
+            list(client.stream("A cat", timeout=0.3))
+        assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        with pytest.raises(grpc.RpcError) as info:
+            client.generate("A cat", timeout=0.3)
+        assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_a_stream_that_ends_without_an_image_names_the_request_it_was(no_image):
+    with BagelClient(no_image.address, timeout=10) as client:
+        with pytest.raises(IncompleteGeneration, match="^request r-5 ended without an image$"):
+            client.generate("A cat", request_id="r-5")
+        with pytest.raises(IncompleteGeneration, match=r"^request \? ended without an image$"):
+            client.generate("A cat")
+        latents = client.generate("A cat", output_format="latents", request_id="r-6")
+    assert latents.request_id == "r-6"
+
+
+class RecordingHealthStub:
+    """Stands in for the health stub: records each Check's service and deadline."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, float | None]] = []
+
+    def Check(self, request, timeout=None):
+        self.calls.append((request.service, timeout))
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+
+def test_health_asks_for_the_service_within_the_call_client_or_default_deadline(fake):
+    for client_timeout, call_timeout, deadline in (
+        (None, None, 10.0),
+        (3.0, None, 3.0),
+        (3.0, 0.5, 0.5),
+    ):
+        with BagelClient(fake.address, timeout=client_timeout) as client:
+            client._health = stub = RecordingHealthStub()
+            assert client.health("bagel.v1.Prefill", timeout=call_timeout) == "SERVING"
+        assert stub.calls == [("bagel.v1.Prefill", deadline)]
+
+
+def test_a_stream_has_no_code_until_it_ends_then_its_status(fake):
+    fake.servicer.steps, fake.servicer.step_delay_s = 100, 0.05
+    with BagelClient(fake.address, timeout=30) as client:
+        events = client.stream("A cat")
+        next(events)
+        assert events.code() is None
+        events.cancel()
+        assert events.code() is grpc.StatusCode.CANCELLED
+        fake.servicer.steps, fake.servicer.step_delay_s = 2, 0.0
+        with client.stream("A cat") as done:
+            list(done)
+            assert done.code() is grpc.StatusCode.OK

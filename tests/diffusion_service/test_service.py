@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 import numpy as np
@@ -21,6 +24,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
 from bagel.pipeline import Pipeline
+from diffusion_service.engine import Engine
+from diffusion_service.job import JobSpec
+from serving.errors import ServiceError
 from serving.params import GenerationParams
 from tests.diffusion_service.kv_stream import generate, kv_frames, latents_of
 from tests.helpers.processes import ROOT, ServiceProcess, children_of, health_status, pids_with_arg
@@ -359,3 +365,191 @@ def metrics_when(port: int, needle: str, timeout: float = 10.0) -> str:
         if needle in text or time.monotonic() > deadline:
             return text
         time.sleep(0.05)
+
+
+# ---- hostile senders, bounded uploads, non-finite values, start and stop -------------------
+
+
+@pytest.mark.parametrize(
+    "request_id",
+    ["forged\n2026-12-01 INFO diffusion_service: request admin: done", "z\x1b[2J" * 25_000],
+    ids=["newline", "100k"],
+)
+def test_a_bad_request_id_in_the_header_is_rejected_and_never_logged_raw(
+    ulysses2, pipeline, contexts, request_id
+):
+    fp = pipeline.config.fingerprint()
+    with pytest.raises(grpc.RpcError) as err:
+        generate(ulysses2.address, kv_frames(contexts, fp, PARAMS, request_id=request_id))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "request_id must be 1 to 128 printable ASCII characters" in err.value.details()
+    assert request_id[:20] not in err.value.details()
+    log = ulysses2.log()
+    assert request_id[:20] not in log and "\x1b" not in log
+    events = generate(ulysses2.address, kv_frames(contexts, fp, PARAMS, request_id="ok-2"))
+    assert events[0].accepted.request_id == "ok-2" and events[-1].WhichOneof("event") == "image"
+
+
+def _with_value(contexts, value: float):
+    """`contexts` with one value of the cond context's layer-1 V replaced by `value`."""
+    out = dict(contexts)
+    kind, cond = next(iter(contexts.items()))
+    values = [v.clone() for v in cond.values]
+    values[1].view(-1)[7] = value
+    out[kind] = dataclasses.replace(cond, values=values)
+    return out
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_kv_cache_with_nan_or_inf_is_invalid_argument_and_makes_no_image(
+    ulysses2, pipeline, contexts, value
+):
+    fp = pipeline.config.fingerprint()
+    with pytest.raises(grpc.RpcError) as err:
+        generate(ulysses2.address, kv_frames(_with_value(contexts, value), fp, PARAMS))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "the KV cache holds NaN or Inf values (first in context 0 (cond) layer 1 V)" in (
+        err.value.details()
+    )
+    events = generate(ulysses2.address, kv_frames(contexts, fp, PARAMS))
+    assert events[-1].WhichOneof("event") == "image"
+
+
+@pytest.mark.parametrize("output_format", ["png", "latents"])
+def test_non_finite_latents_at_the_end_are_data_loss_not_an_image(output_format):
+    spec = JobSpec(7, dataclasses.replace(PARAMS, output_format=output_format))
+    latents = torch.zeros(1, 16, 3, 5)
+    latents[0, 3, 1, 2] = float("nan")
+    with pytest.raises(ServiceError) as err:
+        Engine._output(SimpleNamespace(autoencoder=None, config=None), spec, latents)
+    assert err.value.code == grpc.StatusCode.DATA_LOSS
+    assert err.value.message == (
+        "job 7: the denoised latents hold NaN or Inf values (1 of 240); no image was made"
+    )
+
+
+def _kv_bytes(contexts) -> int:
+    return sum(t.numel() * t.element_size() for c in contexts.values() for t in c.keys + c.values)
+
+
+@pytest.fixture(scope="module")
+def limited(tiny_model_dir, contexts):
+    """One rank, a 1.5 s idle timeout, and room for one upload of `contexts` in flight."""
+    room = str(_kv_bytes(contexts) * 3 // 2)
+    args = ("--kv-idle-timeout", "1.5", "--max-inflight-kv-bytes", room)
+    with service(tiny_model_dir, *args) as svc:
+        yield svc.wait_serving()
+
+
+class ParkedUpload:
+    """Sends the header and two chunks, then keeps the stream open and silent until `release`."""
+
+    def __init__(self, address: str, frames) -> None:
+        self.channel = grpc.insecure_channel(address)
+        self.sent = threading.Event()
+        self._release = threading.Event()
+        self.outcome: list = []
+        frames = list(frames)
+
+        def requests():
+            yield from frames[:3]
+            self.sent.set()
+            self._release.wait(30)
+
+        def run() -> None:
+            try:
+                self.outcome.append(list(diffusion_generate(self.channel)(requests(), timeout=30)))
+            except grpc.RpcError as e:
+                self.outcome.append(e)
+
+        self.started = time.monotonic()
+        self.thread = threading.Thread(target=run)
+        self.thread.start()
+        assert self.sent.wait(10)
+
+    def result(self):
+        self.thread.join(20)
+        self._release.set()
+        self.channel.close()
+        return self.outcome[0]
+
+    def release(self) -> None:
+        self._release.set()
+
+
+def test_an_upload_that_stops_sending_is_deadline_exceeded_after_the_idle_timeout(
+    limited, pipeline, contexts
+):
+    fp = pipeline.config.fingerprint()
+    parked = ParkedUpload(limited.address, kv_frames(contexts, fp, PARAMS))
+    err = parked.result()
+    assert isinstance(err, grpc.RpcError) and err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "no KV frame for 1.5 s after" in err.details() and "abandoned" in err.details()
+    assert 1.4 < time.monotonic() - parked.started < 5
+    events = generate(limited.address, kv_frames(contexts, fp, PARAMS))
+    assert events[-1].WhichOneof("event") == "image"
+
+
+def test_uploads_beyond_the_in_flight_budget_are_resource_exhausted(limited, pipeline, contexts):
+    fp = pipeline.config.fingerprint()
+    parked = ParkedUpload(limited.address, kv_frames(contexts, fp, PARAMS))
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            generate(limited.address, kv_frames(contexts, fp, PARAMS))
+    finally:
+        parked.release()
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "would exceed the limit of" in err.value.details()
+    assert "bytes for all uploads in flight: retry later" in err.value.details()
+    parked.result()  # the parked upload ends (its stream was closed short: INVALID_ARGUMENT)
+    events = generate(limited.address, kv_frames(contexts, fp, PARAMS))
+    assert events[-1].WhichOneof("event") == "image"
+
+
+def test_requests_while_loading_are_unavailable_and_sigterm_to_the_group_stops_quietly(
+    tiny_model_dir, pipeline, contexts
+):
+    """Started in a session of its own, so that `killpg` reaches rank 0 and the launcher (the
+    workers sit in groups of their own)."""
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    log_file = tempfile.NamedTemporaryFile(prefix="diffusion-", suffix=".log")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "diffusion_service", "--model", str(tiny_model_dir),
+         "--ulysses", "2", "--listen", address],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"},
+        stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    fp = pipeline.config.fingerprint()
+    try:
+        early: grpc.RpcError | None = None
+        deadline = time.monotonic() + 60
+        while early is None and time.monotonic() < deadline:
+            try:
+                generate(address, kv_frames(contexts, fp, PARAMS), timeout=5)
+                break  # loaded before we got through: nothing to see
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.UNAVAILABLE and "loading" in e.details():
+                    early = e
+                else:
+                    assert e.code() == grpc.StatusCode.UNAVAILABLE, e.details()
+                    time.sleep(0.01)  # not listening yet
+        assert early is not None and early.details() == (
+            "the diffusion service is loading (its ranks are starting); retry shortly"
+        )
+        while health_status(address, "bagel.v1.Diffusion") != "SERVING":
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.1)
+        assert generate(address, kv_frames(contexts, fp, PARAMS))[-1].WhichOneof("event") == "image"
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert pids_with_arg(f"--listen {address}") == []
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log = Path(log_file.name).read_text(errors="replace")
+        log_file.close()
+    assert "stopped" in log
+    assert "restarting the rank group failed" not in log
+    assert "Traceback" not in log and "SystemExit" not in log, log

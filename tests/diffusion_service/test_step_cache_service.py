@@ -21,6 +21,7 @@ TOPOLOGIES = {  # the 1-rank service also shows --default-cache: requests that s
     "ring 2": ["--ring", "2"],
     "cfg 2": ["--cfg-parallel", "2"],
     "cfg 2 x ulysses 2": ["--cfg-parallel", "2", "--ulysses", "2"],
+    "kv gather 2": ["--kv-gather", "2"],
 }
 REQUEST = {"height": 48, "width": 80, "num_timesteps": 13, "seed": 7, "cfg_interval": (0.0, 1.0)}
 ZERO = {
@@ -86,3 +87,4 @@ def pixels(png: bytes) -> np.ndarray:
 def test_a_request_without_a_policy_gets_the_default_cache_of_the_service(runs):
     assert runs["1 rank"]["unset"] == runs["1 rank"][POSITIVE["dbcache"]]
     assert runs["ulysses 2"]["unset"][1] == []  # that service's default is none
+    assert runs["kv gather 2"]["unset"][0] == runs["kv gather 2"]["none"][0]

@@ -13,13 +13,17 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from serving.security import ClientSecurity
 from tests.helpers.ranks import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def health_status(address: str, service: str = "", timeout: float = 2.0) -> str:
-    with grpc.insecure_channel(address) as channel:
+def health_status(
+    address: str, service: str = "", timeout: float = 2.0, tls: ClientSecurity | None = None
+) -> str:
+    """The health status name, or `error:CODE`; `tls` for a service that serves TLS or mTLS."""
+    with (tls or ClientSecurity()).open_channel(address, []) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
@@ -60,9 +64,18 @@ def children_of(pid: int) -> list[int]:
 
 
 class ServiceProcess:
-    """`python -m MODULE ARGS --listen 127.0.0.1:PORT` with its log in a temporary file."""
+    """`python -m MODULE ARGS --listen 127.0.0.1:PORT` with its log in a temporary file. `tls`: how
+    to reach its health service when it serves TLS or mTLS (health needs no token)."""
 
-    def __init__(self, module: str, args: list[str], port: int | None = None) -> None:
+    def __init__(
+        self,
+        module: str,
+        args: list[str],
+        port: int | None = None,
+        *,
+        tls: ClientSecurity | None = None,
+    ) -> None:
+        self.tls = tls
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
         self._log = tempfile.NamedTemporaryFile(prefix=f"{module}-", suffix=".log", delete=False)  # noqa: SIM115 - lives as long as the process
@@ -83,7 +96,7 @@ class ServiceProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"service exited with {self.proc.returncode}:\n{self.log()}")
-            if health_status(self.address, timeout=1.0) == "SERVING":
+            if health_status(self.address, timeout=1.0, tls=self.tls) == "SERVING":
                 return self
             time.sleep(0.2)
         raise TimeoutError(f"service not SERVING after {timeout} s:\n{self.log()}")

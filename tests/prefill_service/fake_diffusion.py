@@ -12,10 +12,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from PIL import Image as PILImage
 
 from bagel.config import BagelConfig
-from protos import Accepted, GenerateEvent, Image, KVHeader, Progress, Timings
+from protos import DIFFUSION_SERVICE, Accepted, GenerateEvent, Image, KVHeader, Progress, Timings
 from protos.options import server_options
 from transport import FrameAssembler, KVSpec, ReceivedKV, TransportError, diffusion_handler
 from transport import abort as abort_with
@@ -51,6 +52,15 @@ class FakeDiffusion:
         self.send_timings = True
         self.address = ""
         self._server: grpc.aio.Server | None = None
+        self.health = health.aio.HealthServicer()
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        await self.health.set(DIFFUSION_SERVICE, status)
 
     def reset(
         self,
@@ -70,6 +80,8 @@ class FakeDiffusion:
     async def start(self, port: int = 0) -> str:
         self._server = grpc.aio.server(options=server_options())
         self._server.add_generic_rpc_handlers((diffusion_handler(self.generate),))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        await self.set_serving(True)
         port = self._server.add_insecure_port(f"127.0.0.1:{port}")
         await self._server.start()
         self.address = f"127.0.0.1:{port}"

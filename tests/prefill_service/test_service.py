@@ -3,6 +3,7 @@ the KV stream with transport's FrameAssembler."""
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import time
@@ -24,7 +25,7 @@ from bagel.tokenizer import load_tokenizer
 from client import BagelClient
 from client.cli import parse_args
 from prefill_service.settings import PrefillSettings
-from protos import PREFILL_SERVICE, kv_pb2
+from protos import PREFILL_SERVICE, GenerateEvent, GenerateRequest, kv_pb2
 from serving.params import DBCache, GenerationParams
 from tests.diffusion_service.test_job import params_on_every_rank_in_a_fresh_process
 from tests.helpers.processes import ServiceProcess
@@ -455,3 +456,174 @@ def test_the_callers_deadline_is_passed_on_to_the_diffusion_call(
     with_deadline, without = recorder.time_remaining
     assert with_deadline is not None and 10 < with_deadline < 21  # gRPC rounds deadlines up
     assert without is None
+
+
+# ---- hostile input, deadlines, logs and health ----------------------------------------------
+
+
+def _prefill_log(caplog) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name.startswith(("prefill_service", "grpc"))]
+
+
+@pytest.mark.parametrize(
+    ("data", "fault"),
+    [
+        (b"\x0a\x02\xff\xfe", "String field had bad UTF-8"),
+        (GenerateRequest(prompt="A cute cat").SerializeToString()[:-3], "corrupt"),
+        (b"\xff\xff\xff\xff", "corrupt"),
+    ],
+    ids=["bad-utf8", "truncated", "garbage"],
+)
+def test_undecodable_request_is_invalid_argument_with_one_log_line_and_no_traceback(
+    prefill, fake_diffusion, caplog, data, fault
+):
+    caplog.set_level(logging.INFO)
+    with grpc.insecure_channel(prefill.address) as channel:
+        call = channel.unary_stream(
+            f"/{PREFILL_SERVICE}/Generate",
+            request_serializer=None,
+            response_deserializer=GenerateEvent.FromString,
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            list(call(data, timeout=10))
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert f"the request ({len(data)} bytes) is not a valid GenerateRequest" in info.value.details()
+    assert fault in info.value.details()
+    [record] = _prefill_log(caplog)
+    assert record.levelno == logging.WARNING and not record.exc_info
+    assert "failed: INVALID_ARGUMENT: the request" in record.getMessage()
+    assert fake_diffusion.calls == []
+    with BagelClient(prefill.address, timeout=30) as client:
+        assert client.generate("A cute cat", seed=2, **SMALL).seed == 2
+
+
+@pytest.mark.parametrize("timeout", [0.05, 0.2])
+def test_a_deadline_shorter_than_the_work_is_deadline_exceeded_not_unavailable(
+    prefill, fake_diffusion, caplog, metrics_port, timeout
+):
+    caplog.set_level(logging.INFO, logger="prefill_service")
+    fake_diffusion.reset(step_delay_s=0.2)  # the whole call takes longer than either deadline
+    with BagelClient(prefill.address) as client, pytest.raises(grpc.RpcError) as info:
+        client.generate("A cute cat", seed=3, timeout=timeout, **SMALL)
+    assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED, info.value.details()
+    text = metrics_when(metrics_port, 'requests_total{code="DEADLINE_EXCEEDED"}')
+    assert 'bagel_prefill_requests_total{code="DEADLINE_EXCEEDED"}' in text
+    deadline = time.monotonic() + 5
+    while "DEADLINE_EXCEEDED" not in caplog.text and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "DEADLINE_EXCEEDED" in caplog.text
+    assert "UNAVAILABLE" not in caplog.text and "CANCELLED" not in caplog.text
+    assert "done in" not in caplog.text
+    fake_diffusion.reset()
+    with BagelClient(prefill.address, timeout=30) as client:
+        assert client.generate("A cute cat", seed=4, **SMALL).seed == 4
+
+
+def test_cancel_and_deadline_are_logged_and_counted_as_themselves_never_as_ok(
+    prefill, fake_diffusion, caplog, metrics_port
+):
+    caplog.set_level(logging.INFO, logger="prefill_service")
+    before = _count(metrics_port, "OK")
+    fake_diffusion.reset(steps=100, step_delay_s=0.05)
+    with BagelClient(prefill.address) as client:
+        events = client.stream("A cute cat", seed=3, timeout=30, **SMALL)
+        with pytest.raises(grpc.RpcError):
+            for event in events:
+                if event.WhichOneof("event") == "progress":
+                    events.cancel()
+        with pytest.raises(grpc.RpcError) as info:
+            list(client.stream("A cute cat", seed=3, timeout=1.0, **SMALL))
+    assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 5
+    while caplog.text.count("ended by the caller") < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ended = [r.getMessage() for r in caplog.records if "ended by the caller" in r.getMessage()]
+    assert [m.split(": ")[-1] for m in ended] == ["CANCELLED", "DEADLINE_EXCEEDED"]
+    assert "done in" not in caplog.text
+    assert _count(metrics_port, "OK") == before
+
+
+def _count(metrics_port: int, code: str) -> float:
+    text = metrics_when(metrics_port, "bagel_prefill_requests_total")
+    found = re.search(rf'^bagel_prefill_requests_total\{{code="{code}"\}} (\S+)$', text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def metrics_when(port: int, needle: str, timeout: float = 5.0) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+            text = reply.read().decode()
+        if needle in text or time.monotonic() > deadline:
+            return text
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize(
+    "request_id",
+    ["forged\n2026-12-01 INFO prefill_service: [admin] done", "x\x1b[2J" + "y" * 100_000],
+    ids=["newline", "100k"],
+)
+def test_a_bad_request_id_is_rejected_without_reaching_the_log_raw(
+    prefill, fake_diffusion, caplog, request_id
+):
+    caplog.set_level(logging.INFO)
+    with BagelClient(prefill.address, timeout=30) as client, pytest.raises(grpc.RpcError) as info:
+        client.generate("A cute cat", request_id=request_id, **SMALL)
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "request_id must be 1 to 128 printable ASCII characters" in info.value.details()
+    assert request_id not in info.value.details()
+    messages = [r.getMessage() for r in _prefill_log(caplog)]
+    assert messages and all("\n" not in m and "\x1b" not in m and len(m) < 600 for m in messages)
+    assert fake_diffusion.calls == []
+    with BagelClient(prefill.address, timeout=30) as client:
+        assert client.generate("A cute cat", seed=5, request_id="ok-1", **SMALL).seed == 5
+
+
+def _health(address: str) -> str:
+    with BagelClient(address) as client:
+        return client.health()
+
+
+def _health_becomes(address: str, status: str, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while _health(address) != status:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_prefill_health_follows_the_diffusion_service_and_requests_wait_for_it(
+    loop_thread, tiny_model_dir, tiny_config, lm_source
+):
+    fake = FakeDiffusion(tiny_config)
+    loop_thread.run(fake.start())
+    loop_thread.run(fake.set_serving(False))  # loading, as far as anyone can tell
+    settings = PrefillSettings(
+        model_dir=str(tiny_model_dir), listen="127.0.0.1:0", diffusion=fake.address
+    )
+    running = RunningPrefill(loop_thread, settings, lm_source)
+    try:
+        assert _health(running.address) == "NOT_SERVING"
+        with BagelClient(running.address) as client:
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as info:
+                client.generate("A cute cat", timeout=1.0, **SMALL)
+            elapsed = time.monotonic() - started
+            assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+            assert info.value.details() == (
+                f"diffusion service at {fake.address} is not serving (loading or restarting)"
+            )
+            assert 0.6 < elapsed < 1.0 and fake.calls == []
+            # one that the diffusion service becomes ready for within its deadline goes through
+            threading.Timer(0.5, lambda: loop_thread.run(fake.set_serving(True))).start()
+            assert client.generate("A cute cat", seed=6, timeout=10, **SMALL).seed == 6
+        assert _health_becomes(running.address, "SERVING")
+        loop_thread.run(fake.set_serving(False))
+        assert _health_becomes(running.address, "NOT_SERVING")
+        loop_thread.run(fake.stop())
+        assert _health(running.address) == "NOT_SERVING"
+    finally:
+        running.stop()
+        loop_thread.run(fake.stop())

@@ -26,8 +26,10 @@ from serving.params import (
     GenerationParams,
     NoCache,
     TeaCache,
+    cache_policy_name,
     check_cache_fits,
     spec,
+    walk,
 )
 from tests.serving.examples import EVERY_FIELD, fields_left_at_default
 
@@ -295,3 +297,42 @@ def test_an_enum_number_no_name_has_is_invalid_params():
     msg = params_pb2.GenerationParams(cfg_renorm_type=9)
     with pytest.raises(InvalidParams, match="cfg_renorm_type=9 is not a known value"):
         GenerationParams.from_proto(msg)
+
+
+@pytest.mark.parametrize(
+    ("policy", "name"),
+    [
+        (None, "none"),
+        (NoCache(), "none"),
+        (TeaCache(), "teacache"),
+        (TeaCache(taylorseer_order=1), "teacache+taylorseer"),
+        (DBCache(), "dbcache"),
+        (DBCache(taylorseer_order=2), "dbcache+taylorseer"),
+    ],
+)
+def test_a_policy_is_named_as_its_cache_spec_starts(policy, name):
+    assert cache_policy_name(policy) == name
+
+
+def test_the_cache_default_applies_only_where_the_request_left_the_policy_unset():
+    unset = GenerationParams(seed=5)
+    assert unset.with_cache_default(TeaCache()) == GenerationParams(seed=5, cache=TeaCache())
+    chosen = GenerationParams(seed=5, cache=NoCache())
+    assert chosen.with_cache_default(TeaCache()) is chosen
+
+
+def test_walk_names_top_level_fields_plainly_and_policy_fields_under_cache():
+    names = [name for name, _, _ in walk(GenerationParams(cache=TeaCache()))]
+    assert names[0] == "height"
+    assert "cache" in names and "cache.rel_l1_threshold" in names
+
+
+def test_a_side_of_one_pixel_is_valid_where_the_step_is_one():
+    GenerationParams(height=1, width=1).validate(pixel_step=1, max_side=16)
+
+
+def test_an_unset_seed_is_drawn_from_the_whole_31_bit_range():
+    msg = GenerationParams().to_proto()
+    msg.ClearField("seed")
+    seeds = [GenerationParams.from_proto(msg).seed for _ in range(8)]
+    assert max(seeds) >= 2**16

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import time
 
 import pytest
 
@@ -63,3 +64,26 @@ def test_zero_byte_buffers_work():
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_tune_malloc_succeeds_on_glibc():
     assert tune_malloc() is True
+
+
+def test_once_idle_for_a_while_the_pool_keeps_only_its_bound_largest_dropped_first():
+    pool = BufferPool(max_idle_bytes=10_000, keep_idle_bytes=1_500, release_after_s=0.1)
+    lent = [pool.take(n) for n in (1000, 3000, 500)]
+    for buffer in lent:
+        pool.give_back(buffer)
+    assert pool.idle_bytes == 4500  # kept while the pool may still be busy
+    deadline = time.monotonic() + 5
+    while pool.idle_bytes > 1500 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert pool.idle_bytes == 1500  # the 3000-byte buffer went first
+    assert pool.take(900).numel() == 900 and pool.lent_bytes == 1000
+
+
+def test_a_pool_in_use_gives_nothing_back():
+    pool = BufferPool(max_idle_bytes=10_000, keep_idle_bytes=0, release_after_s=0.1)
+    pool.give_back(pool.take(1000))
+    held = pool.take(2000)  # in use again before the quiet time ran out
+    time.sleep(0.3)
+    assert pool.idle_bytes == 1000 and pool.lent_bytes == 2000
+    pool.give_back(held)
+    assert pool.release_idle() == 3000 and pool.idle_bytes == 0

@@ -3,15 +3,28 @@ message, and no buffer left behind."""
 
 from __future__ import annotations
 
+import asyncio
 import re
-from collections.abc import Callable
+import time
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 import pytest
 import torch
 
+from bagel.kv import ContextKV
 from protos import DiffusionFrame, kv_pb2
-from transport import Fault, FrameAssembler, KVSpec, TransportError, encode_kv, status_code
+from transport import (
+    Fault,
+    FrameAssembler,
+    KVSpec,
+    TransportError,
+    UploadBudget,
+    check_finite,
+    encode_kv,
+    receive_kv,
+    status_code,
+)
 from transport.crc import crc32c
 
 from .factory import FINGERPRINT, RecordingBuffers, make_contexts, raw, spec_for
@@ -359,7 +372,93 @@ def test_closing_mid_stream_gives_the_buffer_back():
         (Fault.CONTRACT, grpc.StatusCode.INVALID_ARGUMENT),
         (Fault.TOO_LARGE, grpc.StatusCode.RESOURCE_EXHAUSTED),
         (Fault.UNAVAILABLE, grpc.StatusCode.UNAVAILABLE),
+        (Fault.IDLE, grpc.StatusCode.DEADLINE_EXCEEDED),
+        (Fault.BUSY, grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (Fault.NOT_FINITE, grpc.StatusCode.INVALID_ARGUMENT),
     ],
 )
 def test_each_fault_maps_to_one_status(fault, code):
     assert status_code(TransportError(fault, "x")) is code
+
+
+# ---- bounded uploads: idle timeout, byte budget; finite values ---------------------------------
+
+
+async def _stalling(fs: Frames, stop_after: int) -> AsyncIterator[bytes]:
+    """A sender that sends `stop_after` frames and then keeps its stream open, silent."""
+    for frame in fs[:stop_after]:
+        yield frame
+    await asyncio.sleep(3600)
+
+
+async def _sending(fs: Frames) -> AsyncIterator[bytes]:
+    for frame in fs:
+        yield frame
+
+
+def test_an_upload_that_stops_sending_is_deadline_exceeded_and_gives_its_buffer_back():
+    buffers, budget = RecordingBuffers(), UploadBudget(1 << 20)
+    assembler = FrameAssembler(SPEC, buffers=buffers, budget=budget)
+    started = time.monotonic()
+    with pytest.raises(TransportError) as info:
+        asyncio.run(receive_kv(_stalling(frames(), 5), assembler, idle_timeout_s=0.2))
+    assert 0.2 <= time.monotonic() - started < 2.0
+    assert status_code(info.value) is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert info.value.message == (
+        "no KV frame for 0.2 s after 256 of 2048 payload bytes: the upload was abandoned"
+    )
+    assert buffers.outstanding == {} and budget.held_bytes == 0
+    # a complete upload with the same timeout is unaffected
+    again = FrameAssembler(SPEC, buffers=buffers, budget=budget)
+    received = asyncio.run(receive_kv(_sending(frames()), again, idle_timeout_s=0.2))
+    assert received.cache.layout.total_bytes == 2048 and budget.held_bytes == 0
+
+
+def test_uploads_beyond_the_in_flight_budget_are_resource_exhausted_before_any_allocation():
+    budget = UploadBudget(3000)  # room for one 2048-byte upload, not two
+    first = FrameAssembler(SPEC, budget=budget)
+    for frame in frames()[:3]:
+        first.feed(frame)
+    assert budget.held_bytes == 2048
+    buffers = RecordingBuffers()
+    second = FrameAssembler(SPEC, buffers=buffers, budget=budget)
+    with pytest.raises(TransportError) as info:
+        second.feed(frames()[0])
+    assert status_code(info.value) is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert info.value.message == (
+        "uploads in flight already hold 2048 bytes; 2048 more would exceed the limit of 3000 "
+        "bytes for all uploads in flight: retry later"
+    )
+    assert buffers.requested == [] and budget.held_bytes == 2048
+    first.close()  # the first upload ends (here: cancelled); its bytes are free again
+    assert budget.held_bytes == 0
+    third = FrameAssembler(SPEC, budget=budget)
+    for frame in frames():
+        third.feed(frame)
+    received = third.finish()  # handed to the job: no longer an upload in flight
+    assert budget.held_bytes == 0 and received.cache.layout.total_bytes == 2048
+
+
+def _received(contexts: dict) -> object:
+    assembler = FrameAssembler(spec_for(contexts))
+    for frame in encode_kv(contexts, request_id="t", fingerprint=FINGERPRINT, chunk_size=CHUNK):
+        assembler.feed(frame)
+    return assembler.finish().cache
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_kv_cache_with_nan_or_inf_is_invalid_argument_naming_the_first_tensor(dtype, bad):
+    contexts = make_contexts([5, 0, 3], dtype=dtype, layers=2)
+    check_finite(_received(contexts))  # finite: passes
+    c = contexts[list(contexts)[2]]
+    values = list(c.values)
+    values[1] = values[1].clone()
+    values[1][2, 1, 3] = bad
+    contexts[list(contexts)[2]] = ContextKV(list(c.keys), values, c.next_rope_position)
+    with pytest.raises(TransportError) as info:
+        check_finite(_received(contexts))
+    assert status_code(info.value) is grpc.StatusCode.INVALID_ARGUMENT
+    assert "the KV cache holds NaN or Inf values (first in context 2 (uncond_img) layer 1 V)" in (
+        info.value.message
+    )

@@ -8,7 +8,7 @@ import torch
 
 from protos import DiffusionFrame
 from transport import Fault, FrameAssembler, TransportError, encode_kv
-from transport.wire import ChunkFrame, _parse_any, _parse_chunk_as_written, parse_frame
+from transport.wire import ChunkFrame, _parse_any, _parse_chunk_as_written, _tag, parse_frame
 
 from .factory import FINGERPRINT, RecordingBuffers, make_contexts, spec_for
 
@@ -65,3 +65,9 @@ def test_a_flipped_byte_anywhere_in_a_chunk_is_data_loss_and_frees_the_buffer(wh
     assert info.value.fault is Fault.CORRUPT
     assert "CRC mismatch in the chunk at offset 0 (context 0 (cond) layer 0 K)" in str(info.value)
     assert not assembler.holds_buffer and not buffers.outstanding
+
+
+def test_a_field_key_is_the_varint_of_number_shifted_by_3_or_wire_type():
+    assert _tag(6, 2) == b"\x32"
+    assert _tag(5, 5) == b"\x2d"
+    assert _tag(16, 0) == b"\x80\x01"  # 16 << 3 = 128 takes two varint bytes

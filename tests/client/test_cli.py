@@ -1,0 +1,204 @@
+"""`python -m client`: its help says what each flag does, each way a generation can fail ends with
+its own message and exit code, and the progress display and the summary show what happened."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+
+import numpy as np
+import pytest
+
+from client import BagelClient
+from client.cli import ProgressDisplay, build_parser, main, parse_args, timing_summary
+from protos import Accepted, GenerateEvent, Progress
+from tests.client.fake_prefill import FakePrefillServer
+
+
+@pytest.fixture
+def fake():
+    server = FakePrefillServer()
+    yield server
+    server.stop()
+
+
+def help_of(parser) -> dict[str, tuple]:
+    return {a.dest: (a.help, a.metavar) for a in parser._actions}
+
+
+def test_the_help_names_the_program_its_commands_and_what_each_flag_does():
+    parser = build_parser()
+    assert parser.prog == "python -m client"
+    assert parser.description == (
+        "Generate images through a BAGEL prefill service, or check a service's health."
+    )
+    [commands] = parser._subparsers._group_actions
+    assert {c.dest: c.help for c in commands._choices_actions} == {
+        "generate": "text to image; writes a PNG",
+        "health": "print the server's health; exit 0 iff SERVING",
+    }
+    generate = help_of(commands.choices["generate"])
+    assert generate["output"] == (
+        "PNG file to write (with --output-format latents: a .npy file of the fp32 latents)",
+        None,
+    )
+    assert generate["size"] == ("square image side in pixels (multiple of 16)", None)
+    assert generate["request_id"] == ("unset: the server assigns one", None)
+    assert generate["summary_json"] == (
+        "write request_id, seed, steps, cached_steps (0-based) and timings as JSON",
+        "FILE",
+    )
+    health = help_of(commands.choices["health"])
+    assert health["server"] == ("HOST:PORT (127.0.0.1:50051)", None)
+    assert health["timeout"] == ("deadline of the call in seconds", None)
+
+
+def test_a_command_is_required():
+    with pytest.raises(SystemExit) as info:
+        parse_args([])
+    assert info.value.code == 2
+
+
+def test_the_summary_path_is_a_path():
+    args = parse_args(["generate", "A cat", "-o", "x.png", "--summary-json", "s.json"])
+    assert args.summary_json.suffix == ".json"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--size", "64", "--height", "64"], "--size cannot be combined with --width/--height"),
+        (["--cache", "lru"], "unknown cache policy 'lru'; known: none, teacache, dbcache"),
+    ],
+)
+def test_a_bad_command_line_says_why(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["generate", "A cat", "-o", "x.png", *argv])
+    assert capsys.readouterr().err.rstrip().endswith(f"error: {message}")
+
+
+def test_latents_are_written_as_npy_with_their_shape_in_the_report(fake, tmp_path, capsys):
+    out, summary = tmp_path / "a" / "b" / "x.npy", tmp_path / "s" / "summary.json"
+    fake.servicer.cached_steps = {3}
+    code = main(
+        ["generate", "A cat", "-o", str(out), "--width", "32", "--height", "48", "--seed", "5"]
+        + ["--output-format", "latents", "--summary-json", str(summary), "--server", fake.address]
+    )
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert f"wrote {out} (latents 6x64, seed 5, request srv-1)" in captured.out
+    array = np.load(out)
+    assert array.dtype == np.float32 and array.shape == (6, 64)
+    data = json.loads(summary.read_text())
+    client_ms = data["timings_ms"].pop("client_ms")
+    assert 0 < client_ms < 60_000
+    assert data == {
+        "request_id": "srv-1",
+        "seed": 5,
+        "width": 32,
+        "height": 48,
+        "steps": 3,
+        "cached_steps": [2],
+        "timings_ms": {"prefill_ms": 12.5, "kv_send_ms": 3.0, "denoise_ms": 100.0},
+    }
+    assert summary.read_text().endswith("}\n") and '\n  "seed": 5' in summary.read_text()
+
+
+def test_an_output_that_cannot_be_written_is_exit_1_naming_the_file(fake, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    out = blocker / "x.png"
+    assert main(["generate", "A cat", "-o", str(out), "--server", fake.address]) == 1
+    assert capsys.readouterr().err.splitlines()[-1].startswith(f"error: cannot write {out}: ")
+
+
+def test_a_summary_that_cannot_be_written_is_exit_1_naming_the_file(fake, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    summary = blocker / "s.json"
+    argv = ["generate", "A cat", "-o", str(tmp_path / "x.png"), "--summary-json", str(summary)]
+    assert main([*argv, "--server", fake.address]) == 1
+    assert capsys.readouterr().err.splitlines()[-1].startswith(f"error: cannot write {summary}: ")
+
+
+def test_a_value_the_wire_cannot_carry_is_exit_2_invalid_argument(fake, tmp_path, capsys):
+    code = main(["generate", "A cat", "-o", str(tmp_path / "x.png"), "--width", "-16"])
+    assert code == 2
+    assert capsys.readouterr().err.startswith("error: INVALID_ARGUMENT: ")
+
+
+def test_a_stream_without_an_image_is_exit_1_internal(no_image, tmp_path, capsys):
+    argv = ["generate", "A cat", "-o", str(tmp_path / "x.png"), "--request-id", "r-9"]
+    assert main([*argv, "--server", no_image.address]) == 1
+    assert capsys.readouterr().err.endswith("error: INTERNAL: request r-9 ended without an image\n")
+
+
+def test_an_interrupt_is_exit_130_cancelled(monkeypatch, tmp_path, capsys):
+    def interrupted(self, prompt, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(BagelClient, "generate", interrupted)
+    assert main(["generate", "A cat", "-o", str(tmp_path / "x.png")]) == 130
+    assert capsys.readouterr().err == "error: CANCELLED: interrupted\n"
+
+
+def test_the_timeout_flag_is_the_deadline_of_generate_and_of_health(
+    fake, tmp_path, capsys, monkeypatch
+):
+    fake.servicer.steps, fake.servicer.step_delay_s = 100, 0.05
+    argv = ["generate", "A cat", "-o", str(tmp_path / "x.png"), "--server", fake.address]
+    assert main([*argv, "--timeout", "0.3"]) == 1
+    assert capsys.readouterr().err.splitlines()[-1].startswith("error: DEADLINE_EXCEEDED: ")
+    seen = []
+    original = BagelClient.health
+
+    def health(self, service="", *, timeout=None):
+        seen.append(self.timeout)
+        return original(self, service, timeout=timeout)
+
+    monkeypatch.setattr(BagelClient, "health", health)
+    fake.set_health("SERVING")
+    assert main(["health", "--server", fake.address, "--timeout", "3"]) == 0
+    assert seen == [3.0]
+
+
+def test_a_tty_bar_counts_cached_steps_and_keeps_lines_above_it():
+    out = io.StringIO()
+    display = ProgressDisplay(out, tty=True)
+    for step in (1, 2, 3):
+        display(GenerateEvent(progress=Progress(step=step, total_steps=4, cached=step > 1)))
+    display(GenerateEvent(accepted=Accepted(request_id="r-1", queue_position=2)))
+    display.finish()
+    text = out.getvalue()
+    assert re.search(r"[^-]2 cached", text) and "denoise" in text and "step/s" in text
+    assert "accepted request r-1 (queue position 2)\n" in text
+    display(GenerateEvent(accepted=Accepted(request_id="r-2")))  # after finish: a plain line
+    assert out.getvalue().endswith("accepted request r-2 (running)\n")
+
+
+def test_a_display_asks_its_output_whether_it_is_a_tty():
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert ProgressDisplay(Terminal()).tty is True
+    assert ProgressDisplay(io.StringIO()).tty is False
+
+
+def test_without_a_tty_cached_steps_are_marked_per_line():
+    out = io.StringIO()
+    display = ProgressDisplay(out, tty=False)
+    display(GenerateEvent(progress=Progress(step=1, total_steps=2, cached=False)))
+    display(GenerateEvent(progress=Progress(step=2, total_steps=2, cached=True)))
+    assert out.getvalue() == "step 1/2\nstep 2/2 (cached)\n"
+
+
+def test_the_timing_summary_puts_unknown_phases_last_and_the_client_in_ms():
+    text = timing_summary({"zeta_ms": 1.0, "prefill_ms": 2.0}, 0.0125)
+    assert text.splitlines() == [
+        "timings:",
+        "  prefill           2.0 ms",
+        "  zeta              1.0 ms",
+        "  client           12.5 ms",
+    ]

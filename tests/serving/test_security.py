@@ -1,0 +1,330 @@
+"""TLS, mTLS and bearer tokens on the shared server shape (`serving.server.GrpcServer`) with a small
+echo service, reached through `serving.security.open_channel` (what the client and the prefill
+service's link use); certificates are made per session by `tests.helpers.certs`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from client import BagelClient, cli
+from serving import security
+from serving.metrics import ServiceMetrics
+from serving.security import (
+    INVALID_TOKEN,
+    MISSING_TOKEN,
+    ClientSecurity,
+    SecurityError,
+    ServerSecurity,
+    open_channel,
+    read_token_file,
+)
+from serving.server import GrpcServer
+from tests.helpers.certs import TestCertificates, make_certificates
+from tests.helpers.event_loop import EventLoopThread
+from tests.helpers.processes import health_status
+
+TOKEN = "s3cret-token-0123456789"
+ECHO = "test.Echo"
+CALL_TIMEOUT_S = 5.0
+
+
+async def _echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    return request
+
+
+async def _echo_stream(requests, context: grpc.aio.ServicerContext):
+    async for request in requests:
+        yield request
+
+
+def _register(server: grpc.aio.Server) -> None:
+    methods = {
+        "Echo": grpc.unary_unary_rpc_method_handler(_echo),
+        "EchoStream": grpc.stream_stream_rpc_method_handler(_echo_stream),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(ECHO, methods),))
+
+
+class EchoServer:
+    """A GrpcServer serving the echo service (SERVING) with the given security."""
+
+    def __init__(self, loop_thread: EventLoopThread, options: ServerSecurity) -> None:
+        self.loop_thread = loop_thread
+        secrets = options.load()
+        self.server = GrpcServer(
+            ECHO,
+            "127.0.0.1:0",
+            _register,
+            ServiceMetrics("echo_test"),
+            "127.0.0.1",
+            None,
+            credentials=secrets.credentials(),
+            interceptors=secrets.interceptors(),
+        )
+        port = loop_thread.run(self.server.start())
+        loop_thread.run(self.server.set_serving(True))
+        self.address = f"127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        self.loop_thread.run(self.server.stop(None))
+
+
+def echo(channel: grpc.Channel, payload: bytes = b"ping", metadata=None) -> bytes:
+    return channel.unary_unary(f"/{ECHO}/Echo")(payload, timeout=CALL_TIMEOUT_S, metadata=metadata)
+
+
+def echo_stream(channel: grpc.Channel, payloads: list[bytes]) -> list[bytes]:
+    call = channel.stream_stream(f"/{ECHO}/EchoStream")
+    return list(call(iter(payloads), timeout=CALL_TIMEOUT_S))
+
+
+def rpc_error(fn, *args, **kwargs) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as caught:
+        fn(*args, **kwargs)
+    return caught.value
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> TestCertificates:
+    return make_certificates(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture(scope="module")
+def token_file(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("token") / "token"
+    path.write_text(f"  {TOKEN}\n\n")  # surrounding whitespace is not part of the token
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def loop_thread() -> Iterator[EventLoopThread]:
+    thread = EventLoopThread()
+    yield thread
+    thread.close()
+
+
+def _server(loop_thread: EventLoopThread, options: ServerSecurity) -> Iterator[EchoServer]:
+    server = EchoServer(loop_thread, options)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def tls_server(loop_thread, certs) -> Iterator[EchoServer]:
+    yield from _server(loop_thread, ServerSecurity(certs.server_cert, certs.server_key))
+
+
+@pytest.fixture(scope="module")
+def mtls_server(loop_thread, certs) -> Iterator[EchoServer]:
+    options = ServerSecurity(certs.server_cert, certs.server_key, tls_ca=certs.ca)
+    yield from _server(loop_thread, options)
+
+
+@pytest.fixture(scope="module")
+def tls_token_server(loop_thread, certs, token_file) -> Iterator[EchoServer]:
+    options = ServerSecurity(certs.server_cert, certs.server_key, auth_token_file=token_file)
+    yield from _server(loop_thread, options)
+
+
+@pytest.fixture(scope="module")
+def plaintext_token_server(loop_thread, token_file) -> Iterator[EchoServer]:
+    yield from _server(loop_thread, ServerSecurity(auth_token_file=token_file))
+
+
+# TLS and mTLS
+
+
+def test_tls_client_verifying_the_ca_reaches_a_tls_server(tls_server, certs):
+    with open_channel(tls_server.address, [], tls_ca=certs.ca) as channel:
+        assert echo(channel, b"hello") == b"hello"
+        assert echo_stream(channel, [b"a", b"b"]) == [b"a", b"b"]
+
+
+def test_tls_server_answers_for_localhost_as_well(tls_server, certs):
+    address = tls_server.address.replace("127.0.0.1", "localhost")
+    with open_channel(address, [], tls_ca=certs.ca) as channel:
+        assert echo(channel) == b"ping"
+
+
+def test_plaintext_client_against_a_tls_server_fails_unavailable(tls_server):
+    with grpc.insecure_channel(tls_server.address) as channel:
+        assert rpc_error(echo, channel).code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_tls_client_rejects_a_server_signed_by_a_ca_it_does_not_trust(tls_server, certs):
+    with open_channel(tls_server.address, [], tls_ca=certs.other_ca) as channel:
+        assert rpc_error(echo, channel).code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_mtls_server_admits_a_client_certificate_from_its_ca(mtls_server, certs):
+    tls = {"tls_ca": certs.ca, "tls_cert": certs.client_cert, "tls_key": certs.client_key}
+    with open_channel(mtls_server.address, [], **tls) as channel:
+        assert echo(channel) == b"ping"
+
+
+def test_mtls_server_rejects_a_client_without_a_certificate(mtls_server, certs):
+    with open_channel(mtls_server.address, [], tls_ca=certs.ca) as channel:
+        assert rpc_error(echo, channel).code() == grpc.StatusCode.UNAVAILABLE
+    assert health_status(mtls_server.address, tls=ClientSecurity(tls_ca=certs.ca)).startswith(
+        "error:"
+    )
+
+
+def test_mtls_server_rejects_a_client_certificate_from_another_ca(mtls_server, certs):
+    tls = {
+        "tls_ca": certs.ca,
+        "tls_cert": certs.rogue_client_cert,
+        "tls_key": certs.rogue_client_key,
+    }
+    with open_channel(mtls_server.address, [], **tls) as channel:
+        assert rpc_error(echo, channel).code() == grpc.StatusCode.UNAVAILABLE
+
+
+# Bearer tokens
+
+
+def test_call_without_a_token_is_unauthenticated(tls_token_server, certs):
+    with open_channel(tls_token_server.address, [], tls_ca=certs.ca) as channel:
+        error = rpc_error(echo, channel)
+        assert (error.code(), error.details()) == (grpc.StatusCode.UNAUTHENTICATED, MISSING_TOKEN)
+        streamed = rpc_error(echo_stream, channel, [b"a"])
+        assert streamed.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_call_with_a_wrong_token_is_unauthenticated_and_the_token_is_not_echoed(
+    tls_token_server, certs
+):
+    wrong = "wrong-token-ABCDEF"
+    with open_channel(tls_token_server.address, [], tls_ca=certs.ca, auth_token=wrong) as ch:
+        error = rpc_error(echo, ch)
+        streamed = rpc_error(echo_stream, ch, [b"a"])
+    assert (error.code(), error.details()) == (grpc.StatusCode.UNAUTHENTICATED, INVALID_TOKEN)
+    assert streamed.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert wrong not in error.details() and TOKEN not in error.details()
+
+
+def test_a_prefix_of_the_token_or_another_scheme_is_refused(plaintext_token_server):
+    with grpc.insecure_channel(plaintext_token_server.address) as channel:
+        for value, details in (
+            (f"Bearer {TOKEN[:-1]}", INVALID_TOKEN),
+            (f"Bearer {TOKEN}x", INVALID_TOKEN),
+            (f"Basic {TOKEN}", MISSING_TOKEN),
+            ("Bearer ", MISSING_TOKEN),
+        ):
+            error = rpc_error(echo, channel, metadata=[("authorization", value)])
+            assert (error.code(), error.details()) == (grpc.StatusCode.UNAUTHENTICATED, details)
+
+
+def test_right_token_over_tls_as_call_credentials_is_served(tls_token_server, certs):
+    with open_channel(tls_token_server.address, [], tls_ca=certs.ca, auth_token=TOKEN) as ch:
+        assert echo(ch, b"ok") == b"ok"
+        assert echo_stream(ch, [b"x", b"y"]) == [b"x", b"y"]
+
+
+def test_right_token_over_plaintext_as_metadata_is_served(plaintext_token_server):
+    with open_channel(plaintext_token_server.address, [], auth_token=TOKEN) as channel:
+        assert echo(channel, b"ok") == b"ok"
+        assert echo_stream(channel, [b"x"]) == [b"x"]
+    with grpc.insecure_channel(plaintext_token_server.address) as channel:
+        assert echo(channel, metadata=[("authorization", f"bearer {TOKEN}")]) == b"ping"
+
+
+def test_health_and_reflection_stay_open_without_a_token(tls_token_server, certs):
+    assert health_status(tls_token_server.address, tls=ClientSecurity(tls_ca=certs.ca)) == (
+        "SERVING"
+    )
+    with BagelClient(tls_token_server.address, timeout=CALL_TIMEOUT_S, tls_ca=certs.ca) as client:
+        assert client.health() == "SERVING"
+    with open_channel(tls_token_server.address, [], tls_ca=certs.ca) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        [reply] = list(stub.ServerReflectionInfo(iter([request]), timeout=CALL_TIMEOUT_S))
+    assert ECHO in {s.name for s in reply.list_services_response.service}
+
+
+def test_the_token_is_compared_with_hmac_compare_digest(plaintext_token_server, monkeypatch):
+    compared = []
+    real = security.hmac.compare_digest
+
+    def spy(a, b):
+        compared.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(security.hmac, "compare_digest", spy)
+    with open_channel(plaintext_token_server.address, [], auth_token=TOKEN) as channel:
+        assert echo(channel) == b"ping"
+    assert compared == [(TOKEN.encode(), TOKEN.encode())]
+
+
+# Start-up checks
+
+
+def test_token_file_is_stripped_and_an_empty_one_is_refused(tmp_path: Path, token_file):
+    assert read_token_file(token_file) == TOKEN
+    empty = tmp_path / "empty"
+    empty.write_text(" \n\t\n")
+    with pytest.raises(SecurityError, match="is empty"):
+        read_token_file(empty)
+    with pytest.raises(SecurityError, match="is empty"):
+        ServerSecurity(auth_token_file=str(empty)).load()
+    with pytest.raises(SecurityError, match="cannot read"):
+        read_token_file(tmp_path / "missing")
+    spaced = tmp_path / "spaced"
+    spaced.write_text("two words")
+    with pytest.raises(SecurityError, match="printable ASCII"):
+        read_token_file(spaced)
+
+
+def test_inconsistent_tls_options_are_refused(certs, tmp_path: Path):
+    with pytest.raises(SecurityError, match="--tls-cert and --tls-key"):
+        ServerSecurity(tls_cert=certs.server_cert)
+    with pytest.raises(SecurityError, match="--tls-ca"):
+        ServerSecurity(tls_ca=certs.ca)
+    with pytest.raises(SecurityError, match="certificate and its key"):
+        ClientSecurity(tls_cert=certs.client_cert)
+    not_pem = tmp_path / "not.pem"
+    not_pem.write_text("hello")
+    with pytest.raises(SecurityError, match="not a PEM file"):
+        ServerSecurity(str(not_pem), certs.server_key).load()
+
+
+def test_loaded_secrets_do_not_show_in_repr(certs, token_file):
+    secrets = ServerSecurity(certs.server_cert, certs.server_key, auth_token_file=token_file)
+    assert TOKEN not in repr(secrets.load()) and "PRIVATE KEY" not in repr(secrets.load())
+
+
+# The command line client
+
+
+def test_cli_health_over_tls_needs_no_token(tls_token_server, certs, capsys):
+    argv = ["health", "--server", tls_token_server.address, "--tls-ca", certs.ca]
+    assert cli.main([*argv, "--timeout", "5"]) == 0
+    assert capsys.readouterr().out.strip() == "SERVING"
+
+
+def test_cli_refuses_a_certificate_without_its_key_and_an_empty_token_file(
+    certs, tmp_path: Path, capsys
+):
+    with pytest.raises(SystemExit) as exited:
+        cli.parse_args(["health", "--tls-cert", certs.client_cert])
+    assert exited.value.code == 2
+    empty = tmp_path / "empty"
+    empty.write_text("")
+    assert cli.main(["health", "--server", "127.0.0.1:1", "--auth-token-file", str(empty)]) == 2
+    assert "is empty" in capsys.readouterr().err
+
+
+def test_cli_health_presents_its_client_certificate_to_an_mtls_server(
+    mtls_server, certs, token_file, capsys
+):
+    argv = ["health", "--server", mtls_server.address, "--tls-ca", certs.ca]
+    client_cert = ["--tls-cert", certs.client_cert, "--tls-key", certs.client_key]
+    assert cli.main([*argv, "--timeout", "5"]) == 1  # no certificate: the handshake fails
+    assert "UNAVAILABLE" in capsys.readouterr().err
+    assert cli.main([*argv, *client_cert, "--auth-token-file", token_file]) == 0
+    assert capsys.readouterr().out.strip() == "SERVING"
