@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TINY := out/tiny-bagel
+# The trained tiny checkpoint (examples/tiny_shapes): the demo draws what it is asked.
+TRAINED := examples/tiny_shapes/checkpoint
 # A CPU torch from local disk on the dev/CI machines; GPU users: see README.
 TORCH_SPEC ?= torch==2.13.0
 
@@ -21,8 +23,9 @@ $(STAMP): pyproject.toml
 $(TINY)/ema.safetensors: | $(STAMP)
 	$(BIN)/python -m bagel.tiny $(TINY)
 
-demo: $(STAMP) $(TINY)/ema.safetensors
-	PY=$(BIN)/python MODEL=$(TINY) scripts/demo.sh
+demo: $(STAMP)
+	PY=$(BIN)/python MODEL=$(TRAINED) SIZE=128 PROMPT="a red circle on a white background" \
+		scripts/demo.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# make demo: tiny checkpoint -> diffusion service -> prefill service -> client -> out/demo.png.
+# make demo: the trained tiny checkpoint -> diffusion service -> prefill service -> client -> out/demo.png.
 # Both services are stopped on success, failure or Ctrl-C.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-MODEL=${MODEL:-out/tiny-bagel}
+MODEL=${MODEL:-examples/tiny_shapes/checkpoint}
+PROMPT=${PROMPT:-a red circle on a white background}
+SIZE=${SIZE:-128}
 DIFFUSION=${DIFFUSION:-127.0.0.1:50062}
 PREFILL=${PREFILL:-127.0.0.1:50061}
 TOPOLOGY=${TOPOLOGY:---ulysses 2}
@@ -33,6 +35,6 @@ pids+=($!)
 pids+=($!)
 wait_serving "$DIFFUSION" out/diffusion.log
 wait_serving "$PREFILL" out/prefill.log
-"$PY" -m client generate "A cute cat sitting on a wooden table" -o out/demo.png \
-  --size 256 --steps 50 --seed 52 --server "$PREFILL"
+"$PY" -m client generate "$PROMPT" -o out/demo.png \
+  --size "$SIZE" --steps 50 --seed 52 --server "$PREFILL"
 echo "service logs: out/diffusion.log out/prefill.log"

@@ -10,7 +10,7 @@ import re
 import numpy as np
 import pytest
 
-from client import BagelClient
+from client import BagelClient, cli
 from client.cli import ProgressDisplay, build_parser, main, parse_args, timing_summary
 from protos import Accepted, GenerateEvent, Progress
 from tests.client.fake_prefill import FakePrefillServer
@@ -70,6 +70,7 @@ def test_the_summary_path_is_a_path():
     [
         (["--size", "64", "--height", "64"], "--size cannot be combined with --width/--height"),
         (["--cache", "lru"], "unknown cache policy 'lru'; known: none, teacache, dbcache"),
+        (["--tls-cert", "c.pem"], "--tls-cert and --tls-key go together"),
     ],
 )
 def test_a_bad_command_line_says_why(argv, message, capsys):
@@ -201,4 +202,38 @@ def test_the_timing_summary_puts_unknown_phases_last_and_the_client_in_ms():
         "  prefill           2.0 ms",
         "  zeta              1.0 ms",
         "  client           12.5 ms",
+    ]
+
+
+@pytest.mark.parametrize("command", [["health"], ["generate", "A cat", "-o", "x.png"]])
+def test_both_commands_take_the_connection_flags_with_their_help(command):
+    [commands] = build_parser()._subparsers._group_actions
+    flags = help_of(commands.choices[command[0]])
+    assert flags["tls_ca"] == ("use TLS, verifying the server with this CA certificate", "PEM")
+    assert flags["tls_cert"] == ("use TLS with this client certificate (mTLS)", "PEM")
+    assert flags["tls_key"] == ("private key of --tls-cert", "PEM")
+    assert flags["auth_token_file"] == ("send the bearer token in FILE (health needs none)", "FILE")
+    args = parse_args([*command, "--auth-token-file", "t.txt"])
+    assert args.auth_token_file.name == "t.txt"
+
+
+def test_connect_builds_the_client_from_every_connection_flag(monkeypatch, tmp_path):
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    made = []
+    monkeypatch.setattr(cli, "BagelClient", lambda *a, **kw: made.append((a, kw)))
+    argv = ["health", "--server", "h:1", "--timeout", "2", "--tls-ca", "ca.pem"]
+    argv += ["--tls-cert", "c.pem", "--tls-key", "k.pem", "--auth-token-file", str(token)]
+    cli.connect(parse_args(argv))
+    assert made == [
+        (
+            ("h:1",),
+            {
+                "timeout": 2.0,
+                "tls_ca": "ca.pem",
+                "tls_cert": "c.pem",
+                "tls_key": "k.pem",
+                "auth_token": "s3cret",
+            },
+        )
     ]

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from transport import BufferPool, tune_malloc
+from transport import BufferPool, TransportError, UploadBudget, tune_malloc
 
 
 def test_a_buffer_given_back_is_reused_for_a_smaller_or_equal_request():
@@ -87,3 +87,51 @@ def test_a_pool_in_use_gives_nothing_back():
     assert pool.idle_bytes == 1000 and pool.lent_bytes == 2000
     pool.give_back(held)
     assert pool.release_idle() == 3000 and pool.idle_bytes == 0
+
+
+def test_idle_bytes_may_reach_the_cap_exactly_and_the_oldest_go_first():
+    pool = BufferPool(max_idle_bytes=200)
+    for b in [pool.take(100), pool.take(100)]:
+        pool.give_back(b)
+    assert pool.idle_bytes == 200
+    pool = BufferPool(max_idle_bytes=120)
+    for b in [pool.take(100), pool.take(60), pool.take(50)]:
+        pool.give_back(b)
+    assert pool.idle_bytes == 110  # the 100-byte buffer, given back first, was dropped
+
+
+def test_a_zero_byte_request_holds_a_one_byte_buffer():
+    pool = BufferPool()
+    pool.give_back(pool.take(0))
+    assert pool.idle_bytes == 1
+
+
+def test_a_pool_remembers_whether_it_pins_memory():
+    assert BufferPool(pin_memory=True).pin_memory is True
+    assert BufferPool().pin_memory is False
+
+
+def test_a_single_buffer_given_back_is_released_once_the_pool_is_quiet():
+    pool = BufferPool(max_idle_bytes=10_000, keep_idle_bytes=0, release_after_s=0.05)
+    pool.give_back(pool.take(3000))
+    deadline = time.monotonic() + 5
+    while pool.idle_bytes and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert pool.idle_bytes == 0
+
+
+def test_release_idle_keeps_what_it_is_told_to_keep():
+    pool = BufferPool()
+    for b in [pool.take(100), pool.take(300)]:
+        pool.give_back(b)
+    assert pool.release_idle(keep_bytes=100) == 300 and pool.idle_bytes == 100
+    assert pool.release_idle(keep_bytes=0) == 100 and pool.idle_bytes == 0
+
+
+def test_an_upload_budget_takes_a_reservation_of_exactly_what_is_left():
+    budget = UploadBudget(100)
+    budget.reserve(60)
+    budget.reserve(40)
+    assert budget.held_bytes == 100
+    with pytest.raises(TransportError, match="already hold 100 bytes; 1 more"):
+        budget.reserve(1)

@@ -462,3 +462,34 @@ def test_a_kv_cache_with_nan_or_inf_is_invalid_argument_naming_the_first_tensor(
     assert "the KV cache holds NaN or Inf values (first in context 2 (uncond_img) layer 1 V)" in (
         info.value.message
     )
+
+
+@pytest.mark.parametrize(
+    ("tamper", "message"),
+    [
+        (chunk(1, setter("context", 3)), "^chunk context 3 out of range \\(3\\)$"),
+        (
+            chunk(22, move_to(0)),
+            r"^chunk bytes \[0, 64\) lie outside context 0 \(cond\) layer 1 V, which is "
+            r"\[960, 1280\)$",
+        ),
+        (
+            lambda fs: fs[:27] + [fs[26]] + fs[27:],
+            r"^duplicate chunk at offset 1216 \(context 0 \(cond\) layer 1 V\)$",
+        ),
+    ],
+    ids=["context-one-past-the-last", "outside-its-tensor", "duplicate-last-chunk"],
+)
+def test_a_chunk_violation_names_the_tensor_it_belongs_to(tamper, message):
+    fs = frames()
+    assert DiffusionFrame.FromString(fs[22]).chunk.offset == 960  # cond layer 1 V starts here
+    error, _, buffers = run(tamper(fs))
+    assert error.fault is CONTRACT and re.search(message, error.message), error.message
+    assert buffers.outstanding == {}
+
+
+def test_an_empty_cache_is_finite():
+    contexts = make_contexts([0], dtype=torch.float32, layers=2)
+    cache = _received(contexts)
+    assert cache.flat.numel() == 0
+    check_finite(cache)

@@ -219,3 +219,12 @@ def test_layout_of_rejects_ragged_layers():
     contexts[Branch.UNCOND_TEXT] = ContextKV(text.keys[:1], text.values[:1], 0)
     with pytest.raises(ValueError, match="does not have 2 layers"):
         KVLayout.of(contexts)
+
+
+def test_the_encoder_counts_every_payload_byte_it_copies_once():
+    contexts = make_contexts([5, 0, 3], dtype=torch.float32, layers=2)
+    layout = KVLayout.of(contexts)
+    encoder = KVEncoder(layout, request_id="r", fingerprint=FINGERPRINT, chunk_size=64)
+    for layer in range(layout.num_layers):
+        list(encoder.layer(layer, [(c.keys[layer], c.values[layer]) for c in contexts.values()]))
+    assert encoder.bytes_copied == layout.total_bytes == 2048

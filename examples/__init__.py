@@ -1,0 +1,1 @@
+"""Worked examples built on the product packages; run from the repository root as modules."""

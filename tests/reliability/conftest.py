@@ -1,0 +1,167 @@
+"""Shared pieces of the reliability suite: the tally every test reports into (printed as one
+summary line per category at the end of the run), the in-process reference pipeline, and the
+service pairs (a 2-rank diffusion service with the real prefill service in front of it)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bagel.kv import Branch, ContextKV
+from bagel.pipeline import Pipeline
+from serving.params import GenerationParams
+from tests.helpers.processes import ServiceProcess, pids_with_arg
+from tests.helpers.ranks import free_port
+
+PROMPT = "a yellow submarine"
+NEGATIVE = "grey"
+SMALL = GenerationParams(height=32, width=32, num_timesteps=4, negative_prompt=NEGATIVE)
+
+
+@dataclass
+class LoadFigures:
+    clients: int
+    seconds: float
+    served: int
+    lost: int
+    resource_exhausted: int
+    max_queue: int
+    rss_mb: dict[str, tuple[float, float]]  # process group -> (mean of first 10 s, of last 10 s)
+
+
+@dataclass
+class Tally:
+    """What the suite tried and what held, per category."""
+
+    hostile_tried: int = 0
+    hostile_passed: int = 0
+    faults_tried: list[str] = field(default_factory=list)
+    faults_survived: list[str] = field(default_factory=list)
+    load: LoadFigures | None = None
+
+    @contextmanager
+    def hostile_input(self) -> Iterator[None]:
+        self.hostile_tried += 1
+        yield
+        self.hostile_passed += 1
+
+    @contextmanager
+    def fault(self, name: str) -> Iterator[None]:
+        self.faults_tried.append(name)
+        yield
+        self.faults_survived.append(name)
+
+    def lines(self) -> list[str]:
+        lines = []
+        if self.hostile_tried:
+            lines.append(
+                f"reliability: hostile inputs {self.hostile_tried} tried, {self.hostile_passed} "
+                "passed (right status and message, then a correct request served)"
+            )
+        if self.faults_tried:
+            lines.append(
+                f"reliability: faults {len(self.faults_survived)} of {len(self.faults_tried)} "
+                f"survived ({', '.join(self.faults_tried)})"
+            )
+        if self.load is not None:
+            f = self.load
+            rss = ", ".join(
+                f"{name} {first:.0f} -> {last:.0f} MB ({(last / first - 1) * 100:+.1f}%)"
+                for name, (first, last) in f.rss_mb.items()
+            )
+            lines.append(
+                f"reliability: load {f.clients} clients x {f.seconds:.0f} s: {f.served} served, "
+                f"{f.lost} lost, {f.resource_exhausted} RESOURCE_EXHAUSTED (queue "
+                f"{f.max_queue}); RSS first -> last 10 s: {rss}"
+            )
+        return lines
+
+
+TALLY = pytest.StashKey[Tally]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[TALLY] = Tally()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    tally = config.stash.get(TALLY, None)
+    for line in tally.lines() if tally is not None else []:
+        terminalreporter.write_line(line)
+
+
+@pytest.fixture(scope="session")
+def tally(request: pytest.FixtureRequest) -> Tally:
+    return request.config.stash[TALLY]
+
+
+@pytest.fixture(scope="session")
+def pipeline(tiny_model_dir: Path) -> Pipeline:
+    return Pipeline(tiny_model_dir, "cpu")
+
+
+@pytest.fixture(scope="session")
+def contexts(pipeline: Pipeline) -> dict[Branch, ContextKV]:
+    return pipeline.prefill(PROMPT, negative_prompt=NEGATIVE)
+
+
+def kv_bytes(contexts: dict[Branch, ContextKV]) -> int:
+    return sum(t.numel() * t.element_size() for c in contexts.values() for t in c.keys + c.values)
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=int)
+
+
+@dataclass
+class ServicePair:
+    """A diffusion service (2 ranks, Ulysses 2) and the real prefill service in front of it. The
+    diffusion service keeps its port when a test restarts it."""
+
+    model_dir: Path
+    diffusion_args: list[str]
+    prefill_args: list[str] = field(default_factory=list)
+    diffusion_port: int = field(default_factory=free_port)
+    diffusion: ServiceProcess | None = None
+    prefill: ServiceProcess | None = None
+
+    def start(self) -> ServicePair:
+        self.start_diffusion()
+        args = ["--model", str(self.model_dir), "--diffusion", self.diffusion_address]
+        self.prefill = ServiceProcess("prefill_service", [*args, *self.prefill_args])
+        return self
+
+    def start_diffusion(self) -> ServiceProcess:
+        args = ["--model", str(self.model_dir), "--ulysses", "2", *self.diffusion_args]
+        self.diffusion = ServiceProcess("diffusion_service", args, port=self.diffusion_port)
+        return self.diffusion
+
+    def wait_serving(self, timeout: float = 120.0) -> ServicePair:
+        self.diffusion.wait_serving(timeout)
+        self.prefill.wait_serving(timeout)
+        return self
+
+    @property
+    def diffusion_address(self) -> str:
+        return f"127.0.0.1:{self.diffusion_port}"
+
+    def close(self) -> None:
+        for service in (self.prefill, self.diffusion):
+            if service is not None:
+                service.__exit__()
+        assert pids_with_arg(f"--listen {self.diffusion_address}") == []
+
+
+def wait_for(condition, timeout: float, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True
