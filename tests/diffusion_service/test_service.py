@@ -11,7 +11,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -29,6 +28,7 @@ from diffusion_service.job import JobSpec
 from serving.errors import ServiceError
 from serving.params import GenerationParams
 from tests.diffusion_service.kv_stream import generate, kv_frames, latents_of
+from tests.helpers.metrics import metrics_when
 from tests.helpers.processes import ROOT, ServiceProcess, children_of, health_status, pids_with_arg
 from tests.helpers.ranks import free_port
 from transport.rpc import diffusion_generate
@@ -354,17 +354,6 @@ def test_metrics_count_requests_steps_kv_bytes_and_phases(tiny_model_dir, pipeli
     )
     assert kv_bytes > 0
     assert 'bagel_diffusion_phase_seconds_count{phase="denoise"} 1.0' in text
-
-
-def metrics_when(port: int, needle: str, timeout: float = 10.0) -> str:
-    """The metrics page once it contains `needle` (or, after `timeout`, as it is)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
-            text = reply.read().decode()
-        if needle in text or time.monotonic() > deadline:
-            return text
-        time.sleep(0.05)
 
 
 # ---- hostile senders, bounded uploads, non-finite values, start and stop -------------------

@@ -28,6 +28,7 @@ from prefill_service.settings import PrefillSettings
 from protos import PREFILL_SERVICE, GenerateEvent, GenerateRequest, kv_pb2
 from serving.params import DBCache, GenerationParams
 from tests.diffusion_service.test_job import params_on_every_rank_in_a_fresh_process
+from tests.helpers.metrics import metrics_when
 from tests.helpers.processes import ServiceProcess
 from tests.helpers.ranks import free_port
 from tests.prefill_service.conftest import RunningPrefill
@@ -547,16 +548,6 @@ def _count(metrics_port: int, code: str) -> float:
     text = metrics_when(metrics_port, "bagel_prefill_requests_total")
     found = re.search(rf'^bagel_prefill_requests_total\{{code="{code}"\}} (\S+)$', text, re.M)
     return float(found.group(1)) if found else 0.0
-
-
-def metrics_when(port: int, needle: str, timeout: float = 5.0) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
-            text = reply.read().decode()
-        if needle in text or time.monotonic() > deadline:
-            return text
-        time.sleep(0.05)
 
 
 @pytest.mark.parametrize(
