@@ -7,6 +7,7 @@ tensors a role needs are read; every missing, unexpected or mis-shaped key is re
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -16,8 +17,9 @@ from safetensors import safe_open
 from torch import nn
 
 from bagel.autoencoder import AutoEncoder, AutoEncoderParams
-from bagel.config import AE_FILE, BagelConfig, CheckpointError, read_autoencoder_params
+from bagel.config import AE_FILE, BagelConfig, CheckpointError, LLMConfig, read_autoencoder_params
 from bagel.model import Bagel
+from bagel.vit import ImageContextEncoder, ViTConfig
 
 Role = Literal["prefill", "diffusion"]
 
@@ -25,6 +27,8 @@ EMA_FILE = "ema.safetensors"
 
 # In the file, never needed for text-to-image.
 UNUSED_PREFIXES = ("vit_model.", "connector.", "vit_pos_embed.", "language_model.lm_head.")
+# The image-context encoder (image editing, prefill only).
+VIT_PREFIXES = ("vit_model.", "connector.", "vit_pos_embed.")
 # Needed only by the generation path.
 GEN_ONLY_PREFIXES = ("time_embedder.", "vae2llm.", "llm2vae.", "latent_pos_embed.")
 
@@ -105,3 +109,24 @@ def load_autoencoder(
         ae = AutoEncoder(params)
     load_state(ae, model_dir / AE_FILE, lambda key: True, dtype, device)
     return ae
+
+
+def load_vit(
+    model_dir: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    config: ViTConfig | None = None,
+) -> ImageContextEncoder:
+    """The SigLIP-NaViT tower, `connector` and `vit_pos_embed` from `ema.safetensors`."""
+    model_dir = Path(model_dir)
+    config = config or ViTConfig.from_dir(model_dir)
+    llm_path = model_dir / "llm_config.json"
+    if not llm_path.is_file():
+        raise FileNotFoundError(f"{llm_path} not found: is {model_dir} a BAGEL checkpoint?")
+    llm = LLMConfig.from_qwen2_json(json.loads(llm_path.read_text()))
+    with torch.device("meta"):
+        encoder = ImageContextEncoder(config, llm.hidden_size)
+    load_state(
+        encoder, model_dir / EMA_FILE, lambda key: key.startswith(VIT_PREFIXES), dtype, device
+    )
+    return encoder

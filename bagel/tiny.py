@@ -3,7 +3,7 @@
 Same file names, key names and dtypes as BAGEL-7B-MoT (`llm_config.json`, `vit_config.json`,
 `ema.safetensors`, `ae.safetensors`, Qwen2 tokenizer files), random but deterministic weights, a
 few MB. The ViT, connector and LM head are written (as in the real file) though text-to-image
-never reads them.
+never reads them; `bagel.vit.load_vit` reads the ViT and connector for image editing.
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ def _randomise_norms(module: torch.nn.Module, generator: torch.Generator) -> Non
 
 
 def _unused_tensors(config: BagelConfig, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """LM head, SigLIP ViT, connector and ViT position table: present in the file, never read."""
+    """LM head, SigLIP ViT, connector and ViT position table: present in the file, not read by
+    text-to-image."""
     hidden, vit = config.llm.hidden_size, TINY_VIT["hidden_size"]
     shapes: dict[str, tuple[int, ...]] = {
         "language_model.lm_head.weight": (config.llm.vocab_size, hidden),
@@ -92,7 +93,15 @@ def _unused_tensors(config: BagelConfig, generator: torch.Generator) -> dict[str
         shapes[f"{prefix}mlp.fc1.bias"] = (TINY_VIT["intermediate_size"],)
         shapes[f"{prefix}mlp.fc2.weight"] = (vit, TINY_VIT["intermediate_size"])
         shapes[f"{prefix}mlp.fc2.bias"] = (vit,)
-    return {k: 0.02 * torch.randn(s, generator=generator) for k, s in shapes.items()}
+    tensors = {k: 0.02 * torch.randn(s, generator=generator) for k, s in shapes.items()}
+    # Drawn above and replaced here, so the generator stream (and every later tensor) is unchanged:
+    # LayerNorm weights near 1 (near 0 would flatten every activation) and, as in the real file,
+    # the frozen sincos table for vit_pos_embed.
+    for key, tensor in tensors.items():
+        if key.startswith("vit_model.") and "norm" in key and key.endswith(".weight"):
+            tensors[key] = 1.0 + 5.0 * tensor
+    tensors["vit_pos_embed.pos_embed"] = sincos_position_table(70, hidden)
+    return tensors
 
 
 def _vit_config_json() -> dict:
