@@ -178,3 +178,17 @@ def test_importing_serving_and_client_loads_neither_torch_nor_bagel():
         timeout=60,
     )
     assert run.returncode == 0, run.stderr
+
+
+def test_the_branch_enum_is_numbered_as_the_wire_context_kind():
+    """`bagel.kv.Branch` and `bagel.v1.ContextKind` name the same CFG contexts with the same
+    numbers, so the transport's context kinds convert with `Branch(kind)` and back with `int`."""
+    from bagel.kv import Branch
+    from protos import kv_pb2
+
+    wire = {
+        name.removeprefix("CONTEXT_KIND_"): number
+        for name, number in kv_pb2.ContextKind.items()
+        if number != kv_pb2.CONTEXT_KIND_UNSPECIFIED
+    }
+    assert {b.name: int(b) for b in Branch} == wire
