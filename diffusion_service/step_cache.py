@@ -93,16 +93,19 @@ class ResidualStepCache:
     def reuse_middle(
         self, branches: Sequence[Branch], front_in: BlockStates, front_out: BlockStates
     ) -> bool:
-        probe = self.probe(front_in, front_out)[:, : self.valid_rows].double()
+        probe = self.probe(front_in, front_out)[:, : self.valid_rows]
         sums = torch.zeros(_SLOTS + 1, 2, dtype=torch.float64, device=probe.device)
         for b, branch in enumerate(branches):
             state = self.states.setdefault(branch, _BranchState())
-            current = probe[b]
+            # A copy in the model's dtype: the probe may be a captured graph's output buffer,
+            # which the next replay overwrites. The sums are taken in fp32, accumulated in fp64.
+            current = probe[b].clone()
             if state.reference is None or not state.residuals:
                 sums[_SLOTS, 0] += 1  # no state for this branch: the step must compute
             else:
-                sums[branch - 1, 0] += (current - state.reference).abs().sum()
-                sums[branch - 1, 1] += state.reference.abs().sum()
+                reference = state.reference.float()
+                sums[branch - 1, 0] += (current.float() - reference).abs().sum(dtype=torch.float64)
+                sums[branch - 1, 1] += reference.abs().sum(dtype=torch.float64)
             state.pending = current
         reuse = self._decide_together(sums)
         for branch in branches:
@@ -121,6 +124,8 @@ class ResidualStepCache:
             for i in range(_SLOTS)
             if sums[i, 1].item() > 0
         }
+        if missing:
+            self.restart()
         reuse = not missing and self.decide(changes)
         self._step_decisions.append(reuse)
         if reuse:
@@ -175,6 +180,9 @@ class ResidualStepCache:
         """Reuse, given every branch's relative change summed over all ranks."""
         raise NotImplementedError
 
+    def restart(self) -> None:
+        """A branch had no state, so the step computes: forget what was accumulated."""
+
     def after_decision(self, state: _BranchState, reused: bool) -> None:
         raise NotImplementedError
 
@@ -204,6 +212,9 @@ class TeaCacheStepCache(ResidualStepCache):
             return False
         self._accumulated += change
         return True
+
+    def restart(self) -> None:
+        self._accumulated = 0.0
 
     def after_decision(self, state: _BranchState, reused: bool) -> None:
         # The input is compared with the previous step's, computed or not.

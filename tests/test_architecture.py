@@ -146,36 +146,31 @@ def test_each_package_imports_only_what_its_layer_allows(package):
     assert offending == []
 
 
-def test_importing_transport_loads_no_bagel_module():
-    code = (
-        "import sys, transport; "
-        "bad = [m for m in sys.modules if m.split('.')[0] == 'bagel']; "
-        "assert not bad, bad"
-    )
-    run = subprocess.run(
+def _in_fresh_interpreter(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
         [sys.executable, "-c", code],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         capture_output=True,
         text=True,
         timeout=60,
+    )
+
+
+def test_importing_transport_loads_no_bagel_module():
+    run = _in_fresh_interpreter(
+        "import sys, transport; "
+        "bad = [m for m in sys.modules if m.split('.')[0] == 'bagel']; "
+        "assert not bad, bad"
     )
     assert run.returncode == 0, run.stderr
 
 
 def test_importing_serving_and_client_loads_neither_torch_nor_bagel():
-    code = (
+    run = _in_fresh_interpreter(
         "import sys, serving, client, client.cli; "
         "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'bagel', 'transport')]; "
         "assert not bad, sorted(bad)[:5]"
-    )
-    run = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=60,
     )
     assert run.returncode == 0, run.stderr
 
