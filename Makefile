@@ -9,7 +9,7 @@ TRAINED := examples/tiny_shapes/checkpoint
 # A CPU torch from local disk on the dev/CI machines; GPU users: see README.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test lint fmt venv clean mutation
+.PHONY: demo test lint fmt venv clean mutation compose-test
 
 venv: $(STAMP)
 
@@ -48,6 +48,12 @@ mutation: $(STAMP)
 	$(BIN)/mutmut results
 	$(BIN)/mutmut export-cicd-stats
 	cat mutants/mutmut-cicd-stats.json
+
+# Both containers of docker-compose.yml built and started on a real Docker engine, one image drawn
+# through them and checked against the in-process reference (docs/deploy.md). CI runs it after
+# `make test`; it installs docker.io, debootstrap and Compose and starts dockerd where missing.
+compose-test: $(STAMP)
+	scripts/compose_test.sh
 
 clean:
 	rm -rf out

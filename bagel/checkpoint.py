@@ -8,6 +8,7 @@ tensors a role needs are read; every missing, unexpected or mis-shaped key is re
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -18,6 +19,13 @@ from torch import nn
 
 from bagel.autoencoder import AutoEncoder, AutoEncoderParams
 from bagel.config import AE_FILE, BagelConfig, CheckpointError, LLMConfig, read_autoencoder_params
+from bagel.fp8 import (
+    LINEAR_PRECISIONS,
+    LinearPrecision,
+    quantized_weight_names,
+    state_quantizer,
+    use_fp8_linears,
+)
 from bagel.model import Bagel
 from bagel.vit import ImageContextEncoder, ViTConfig
 
@@ -54,11 +62,20 @@ def load_state(
     wanted: Callable[[str], bool],
     dtype: torch.dtype,
     device: torch.device | str,
+    convert: Callable[[str, torch.Tensor], dict[str, torch.Tensor]] | None = None,
+    restructure: Callable[[nn.Module], object] | None = None,
 ) -> None:
-    """Fill `module` (typically built on the meta device) from the wanted keys of `path`."""
+    """Fill `module` (typically built on the meta device) from the wanted keys of `path`.
+
+    Keys are checked against `module` as built. With `convert`, each tensor becomes, as soon as
+    it is read, the tensors `restructure(module)` holds in its place (FP8 weights and their
+    scales: `bagel.fp8`), so no full-precision copy of the whole state is ever held.
+    """
     expected = {name: tuple(t.shape) for name, t in module.state_dict().items()}
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file {path} not found")
+    if not os.access(path, os.R_OK):  # safetensors would say "No such file or directory"
+        raise PermissionError(f"checkpoint file {path} is not readable by this user")
     with safe_open(str(path), framework="pt") as f:
         file_keys = {k for k in f.keys() if wanted(k)}  # noqa: SIM118 - safe_open is not a dict
         missing = sorted(expected.keys() - file_keys)
@@ -74,7 +91,12 @@ def load_state(
             lines += [f"  unexpected key: {k}" for k in unexpected]
             lines += [f"  wrong shape: {s}" for s in misshaped]
             raise CheckpointError("\n".join(lines))
-        state = {name: f.get_tensor(name).to(device=device, dtype=dtype) for name in expected}
+        state: dict[str, torch.Tensor] = {}
+        for name in expected:
+            tensor = f.get_tensor(name).to(device=device, dtype=dtype)
+            state.update(convert(name, tensor) if convert else {name: tensor})
+    if restructure is not None:
+        restructure(module)
     module.load_state_dict(state, strict=True, assign=True)
     module.requires_grad_(False)
     module.eval()
@@ -86,13 +108,25 @@ def load_bagel(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     config: BagelConfig | None = None,
+    linear_precision: LinearPrecision = "bf16",
 ) -> Bagel:
-    """The language model and generation heads a role needs, from `ema.safetensors`."""
+    """The language model and generation heads a role needs, from `ema.safetensors`.
+
+    `linear_precision="fp8"` (diffusion role only) quantizes the decoder's linear weights to
+    e4m3 as they are read (`bagel.fp8`); "bf16" keeps every weight in `dtype`.
+    """
+    if linear_precision not in LINEAR_PRECISIONS:
+        raise ValueError(f"linear precision {linear_precision!r}: one of {LINEAR_PRECISIONS}")
     model_dir = Path(model_dir)
     config = config or BagelConfig.from_dir(model_dir)
     with torch.device("meta"):
         model = Bagel(config, with_gen=role == "diffusion")
-    load_state(model, model_dir / EMA_FILE, ema_keys_for(role), dtype, device)
+    convert = restructure = None
+    if linear_precision == "fp8":
+        if role != "diffusion":
+            raise ValueError("FP8 linear layers are for the diffusion role")
+        convert, restructure = state_quantizer(quantized_weight_names(model)), use_fp8_linears
+    load_state(model, model_dir / EMA_FILE, ema_keys_for(role), dtype, device, convert, restructure)
     return model
 
 

@@ -82,6 +82,19 @@ class BranchPrefix:
         self.positions.copy_(other.positions, non_blocking=True)
 
 
+@dataclass
+class MixedSequence:
+    """One context as the prefill's input when its tokens are not all text (image editing):
+    token embeddings, which expert each token takes, its RoPE position, and who attends to whom.
+    `bagel.contexts` builds them."""
+
+    embeddings: Tensor  # [L, hidden]
+    gen_index: Tensor  # [n_gen] int64: tokens of the gen expert (VAE latents)
+    und_index: Tensor  # [L - n_gen] int64: every other token
+    positions: Tensor  # [L] int64 RoPE positions
+    mask: Tensor  # [L, L] bool, True = the row's token attends to the column's
+
+
 class MoTAttention(nn.Module):
     """Self-attention projections of both experts: q/k/v with bias, o without, per-head QK-norm."""
 
@@ -112,19 +125,23 @@ class MoTAttention(nn.Module):
     def qkv(
         self, x: Tensor, cos: Tensor, sin: Tensor, expert: str
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """`x` `[B, L, hidden]` -> q `[B, L, H, D]`, k/v `[B, L, Hkv, D]`; QK-norm, then RoPE, in fp32."""
+        """`x` `[B, L, hidden]` -> q `[B, L, H, D]`, k/v `[B, L, Hkv, D]`; QK-norm, then RoPE, in fp32.
+
+        `x` may also come quantized from an FP8 norm (`bagel.fp8.QuantizedRows`): only the
+        projections read it, so dtypes below follow their output.
+        """
         shape = x.shape[:-1]
         q = getattr(self, f"q_proj{expert}")(x).view(*shape, self.num_heads, self.head_dim)
         k = getattr(self, f"k_proj{expert}")(x).view(*shape, self.num_kv_heads, self.head_dim)
         v = getattr(self, f"v_proj{expert}")(x).view(*shape, self.num_kv_heads, self.head_dim)
         q_norm, k_norm = getattr(self, f"q_norm{expert}"), getattr(self, f"k_norm{expert}")
-        if fused.applies(x):  # the same arithmetic in one pass over q and one over k
+        if fused.applies(q):  # the same arithmetic in one pass over q and one over k
             q = fused.qk_norm_rope(q, q_norm.weight, cos, sin, q_norm.eps)
             k = fused.qk_norm_rope(k, k_norm.weight, cos, sin, k_norm.eps)
             return q, k, v
-        wide = compute_dtype(x)
-        q = apply_rope(q_norm(q.to(wide)), cos, sin).to(x.dtype)
-        k = apply_rope(k_norm(k.to(wide)), cos, sin).to(x.dtype)
+        wide = compute_dtype(q)
+        q = apply_rope(q_norm(q.to(wide)), cos, sin).to(v.dtype)
+        k = apply_rope(k_norm(k.to(wide)), cos, sin).to(v.dtype)
         return q, k, v
 
     def out(self, attn: Tensor, expert: str) -> Tensor:
@@ -160,6 +177,30 @@ class MoTDecoderLayer(nn.Module):
         mask = causal if key_mask is None else causal & key_mask[:, None, :]
         attn = masked_sdpa(q, k, v, mask if mask.dim() == 3 else mask[None])
         return (self._finish(x, attn, UND) if need_output else None), k, v
+
+    def forward_mixed(
+        self, x: Tensor, seq: MixedSequence, cos: Tensor, sin: Tensor, need_output: bool
+    ) -> tuple[Tensor | None, Tensor, Tensor]:
+        """One layer over a context whose tokens belong to either expert (`seq.gen_index`: the
+        gen expert's, the rest the und expert's), attending as `seq.mask` allows; `x`
+        `[1, L, hidden]`, `cos`/`sin` `[L, 1, D]`. Returns (output, k, v)."""
+        parts = [(e, i) for e, i in ((UND, seq.und_index), (GEN, seq.gen_index)) if i.numel()]
+        length = x.shape[1]
+        att = self.self_attn
+        q = x.new_empty(1, length, att.num_heads, att.head_dim)
+        k = x.new_empty(1, length, att.num_kv_heads, att.head_dim)
+        v = torch.empty_like(k)
+        for expert, index in parts:
+            q[:, index], k[:, index], v[:, index] = self._norm_qkv(
+                x[:, index], cos[index], sin[index], expert
+            )
+        attn = masked_sdpa(q, k, v, seq.mask[None])
+        if not need_output:
+            return None, k, v
+        out = torch.empty_like(x)
+        for expert, index in parts:
+            out[:, index] = self._finish(x[:, index], attn[:, index], expert)
+        return out, k, v
 
     def forward_block(
         self,
@@ -277,6 +318,18 @@ class Bagel(nn.Module):
                 [k[b, :n].contiguous() for b, n in enumerate(lengths)],
                 [v[b, :n].contiguous() for b, n in enumerate(lengths)],
             )
+
+    @torch.no_grad()
+    def prefill_mixed_layers(self, seq: MixedSequence) -> Iterator[tuple[Tensor, Tensor]]:
+        """Run one mixed context (`MixedSequence`); yield each layer's K and V
+        `[tokens, kv_heads, head_dim]` as soon as that layer has produced them."""
+        cos, sin = self._rope(seq.positions)
+        cos, sin = cos[:, None, :], sin[:, None, :]
+        x = seq.embeddings[None]
+        last = len(self.layers) - 1
+        for index, layer in enumerate(self.layers):
+            x, k, v = layer.forward_mixed(x, seq, cos, sin, need_output=index < last)
+            yield k[0], v[0]
 
     def prefill(self, prompts: Sequence[Sequence[int]]) -> list[ContextKV]:
         keys: list[list[Tensor]] = [[] for _ in prompts]

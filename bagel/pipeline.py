@@ -1,5 +1,5 @@
-"""The whole text-to-image generation in one process: the reference every other path is
-compared against. fp32 on CPU, bf16 on CUDA."""
+"""The whole generation in one process, text-to-image and image editing: the reference every
+other path is compared against. fp32 on CPU, bf16 on CUDA."""
 
 from __future__ import annotations
 
@@ -12,8 +12,16 @@ from PIL import Image
 from torch import Tensor
 
 from bagel.autoencoder import AutoEncoder, to_pil
-from bagel.checkpoint import load_autoencoder, load_bagel
+from bagel.checkpoint import load_autoencoder, load_bagel, load_vit
 from bagel.config import BagelConfig
+from bagel.contexts import (
+    ContextEncoder,
+    EditImage,
+    EditResize,
+    edit_segments,
+    prepare_edit_image,
+)
+from bagel.fp8 import LinearPrecision
 from bagel.generation import BlockVelocity, ForwardGraphs, latent_position_ids
 from bagel.kv import Branch, ContextKV
 from bagel.latents import unpatchify
@@ -23,6 +31,7 @@ from bagel.prompts import cfg_prompts
 from bagel.sampler import StepCallback, denoise, initial_noise
 from bagel.step_cache import StepCache
 from bagel.tokenizer import PromptTokenizer, load_tokenizer
+from bagel.vit import ViTConfig
 
 
 def default_dtype(device: str | torch.device) -> torch.dtype:
@@ -52,15 +61,40 @@ class Pipeline:
     """Loads a checkpoint directory once; generates images from prompts or from prefilled KV."""
 
     def __init__(
-        self, model_dir: str | Path, device: str = "cpu", dtype: torch.dtype | None = None
+        self,
+        model_dir: str | Path,
+        device: str = "cpu",
+        dtype: torch.dtype | None = None,
+        linear_precision: LinearPrecision = "bf16",
     ) -> None:
+        """`linear_precision="fp8"`: the decoder's linear layers in e4m3 (`bagel.fp8`)."""
         self.device = torch.device(device)
         self.dtype = dtype or default_dtype(device)
         self.config = BagelConfig.from_dir(model_dir)
         self.tokenizer: PromptTokenizer = load_tokenizer(model_dir)
-        self.model: Bagel = load_bagel(model_dir, "diffusion", self.dtype, self.device, self.config)
+        self.model: Bagel = load_bagel(
+            model_dir, "diffusion", self.dtype, self.device, self.config, linear_precision
+        )
         self.autoencoder: AutoEncoder = load_autoencoder(model_dir, self.dtype, self.device)
         self.graphs = ForwardGraphs() if self.device.type == "cuda" else None
+        self.model_dir = Path(model_dir)
+        self._context_encoder: ContextEncoder | None = None
+
+    @property
+    def context_encoder(self) -> ContextEncoder:
+        """Image-edit contexts; the ViT is loaded on first use."""
+        if self._context_encoder is None:
+            vit = load_vit(self.model_dir, self.dtype, self.device)
+            self._context_encoder = ContextEncoder(
+                self.model, vit, self.autoencoder, self.tokenizer
+            )
+        return self._context_encoder
+
+    def edit_image(self, image: Image.Image, rules: EditResize | None = None) -> EditImage:
+        """`image` resized for an edit (the reference's rules unless `rules` says otherwise)."""
+        if rules is None:
+            rules = EditResize.reference(self.config, ViTConfig.from_dir(self.model_dir))
+        return prepare_edit_image(image, rules)
 
     @property
     def marker_ids(self) -> tuple[int, int]:
@@ -69,6 +103,16 @@ class Pipeline:
     def prefill(self, prompt: str, negative_prompt: str = "") -> dict[Branch, ContextKV]:
         prompts = cfg_prompts(self.tokenizer, prompt, negative_prompt)
         return dict(zip(prompts, self.model.prefill(list(prompts.values())), strict=True))
+
+    def edit_contexts(
+        self, image: EditImage, prompt: str, negative_prompt: str = ""
+    ) -> dict[Branch, ContextKV]:
+        """An edit's three contexts (`bagel.contexts.edit_segments`), prefilled."""
+        negative = self.tokenizer.encode_prompt(negative_prompt) if negative_prompt else []
+        segments = edit_segments(
+            image.segments(self.config), self.tokenizer.encode_prompt(prompt), negative
+        )
+        return self.context_encoder.prefill(segments, image)
 
     def denoise(
         self,
@@ -104,6 +148,20 @@ class Pipeline:
 
     def generate(self, prompt: str, params: ImageParams) -> Generated:
         latents = self.denoise(self.prefill(prompt, params.negative_prompt), params)
+        return Generated(image=self.decode(latents, params.height, params.width), latents=latents)
+
+    def edit(
+        self,
+        image: Image.Image,
+        prompt: str,
+        params: ImageParams,
+        rules: EditResize | None = None,
+    ) -> Generated:
+        """Edit `image` as `prompt` says. `params` gives the output size: callers default it to
+        the input's resized size (`edit_image(image).width/height`)."""
+        edit_image = self.edit_image(image, rules)
+        contexts = self.edit_contexts(edit_image, prompt, params.negative_prompt)
+        latents = self.denoise(contexts, params)
         return Generated(image=self.decode(latents, params.height, params.width), latents=latents)
 
 

@@ -1,4 +1,5 @@
-"""`python -m bagel.tiny DIR [--seed S]`: write a tiny BAGEL checkpoint in the published format.
+"""`python -m bagel.tiny DIR [--seed S] [--preset tiny|7b]`: write a random BAGEL checkpoint in the
+published format (`--preset 7b`: full size, see `bagel.presets`).
 
 Same file names, key names and dtypes as BAGEL-7B-MoT (`llm_config.json`, `vit_config.json`,
 `ema.safetensors`, `ae.safetensors`, Qwen2 tokenizer files), random but deterministic weights, a
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import resource
 from pathlib import Path
 
 import torch
@@ -20,6 +22,7 @@ from bagel.autoencoder import AutoEncoder, AutoEncoderParams
 from bagel.config import BagelConfig, LLMConfig
 from bagel.layers import RMSNorm
 from bagel.model import Bagel
+from bagel.presets import CheckpointShape, sincos_position_table, write_random_checkpoint
 from bagel.tokenizer import write_tiny_tokenizer
 
 TINY_VIT = {
@@ -41,20 +44,6 @@ def tiny_config(vocab_size: int) -> BagelConfig:
         num_kv_heads=4,
     )
     return BagelConfig(llm=llm, vae=AutoEncoderParams(ch=32))
-
-
-def sincos_position_table(grid: int, dim: int) -> torch.Tensor:
-    """MAE-style 2-D sincos table, `[grid*grid, dim]`: first half encodes the column, second the
-    row, each half [sin, cos] with omega = 1/10000^(k/(dim/4))."""
-    quarter = dim // 4
-    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
-    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
-
-    def encode(pos: torch.Tensor) -> torch.Tensor:
-        angles = pos.flatten().double()[:, None] * omega
-        return torch.cat([angles.sin(), angles.cos()], dim=1)
-
-    return torch.cat([encode(cols), encode(rows)], dim=1).float()
 
 
 def _randomise_norms(module: torch.nn.Module, generator: torch.Generator) -> None:
@@ -152,9 +141,43 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("directory")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--preset",
+        choices=("tiny", "7b"),
+        default="tiny",
+        help="tiny: a few MB for tests (default); 7b: BAGEL-7B-MoT's full shapes, ~29 GB",
+    )
+    parser.add_argument(
+        "--layers", type=int, default=None, help="7b only: fewer decoder layers, same widths"
+    )
+    parser.add_argument(
+        "--device", default="cpu", help="7b only: draw the weights on this device (e.g. cuda)"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=None, help="7b only: threads drawing tensors"
+    )
     args = parser.parse_args()
-    config = write_tiny_checkpoint(args.directory, args.seed)
-    print(f"wrote tiny BAGEL checkpoint to {args.directory} (fingerprint {config.fingerprint()})")
+    if args.preset == "tiny":
+        if args.layers is not None or args.device != "cpu" or args.workers is not None:
+            parser.error("--layers, --device and --workers apply to --preset 7b only")
+        config = write_tiny_checkpoint(args.directory, args.seed)
+    else:
+        if args.layers is not None and args.layers < 1:
+            parser.error("--layers must be positive")
+        config = write_random_checkpoint(
+            args.directory,
+            CheckpointShape.bagel_7b(args.layers),
+            seed=args.seed,
+            device=args.device,
+            workers=args.workers,
+            log=lambda line: print(line, flush=True),
+        )
+        peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux: KiB
+        print(f"peak host memory (max RSS) {peak_gib:.1f} GiB")
+    print(
+        f"wrote {args.preset} BAGEL checkpoint to {args.directory} "
+        f"(fingerprint {config.fingerprint()})"
+    )
 
 
 if __name__ == "__main__":

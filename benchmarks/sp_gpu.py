@@ -36,6 +36,7 @@ from bagel import fused
 from bagel.attention import BlockQKV
 from bagel.autoencoder import AutoEncoder, AutoEncoderParams
 from bagel.config import BAGEL_7B, BagelConfig, LLMConfig
+from bagel.fp8 import LINEAR_PRECISIONS, use_fp8_linears
 from bagel.generation import BlockVelocity, ForwardGraphs, latent_position_ids
 from bagel.kv import Branch, ContextKV
 from bagel.layers import RMSNorm
@@ -138,6 +139,27 @@ def sync_time() -> float:
     return time.perf_counter()
 
 
+def memory_gib() -> dict:
+    """Peak GPU memory since the last `reset_peak_memory_stats` (GiB); {} on a CPU."""
+    if not torch.cuda.is_initialized():
+        return {}
+    gib = 1024**3
+    return {
+        "peak_allocated_gib": torch.cuda.max_memory_allocated() / gib,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / gib,
+    }
+
+
+def start_memory_phase() -> dict:
+    """Forget earlier peaks; returns what is allocated now (the weights, mostly), in GiB."""
+    if not torch.cuda.is_initialized():
+        return {}
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return {"weights_gib": torch.cuda.memory_allocated() / 1024**3}
+
+
 def exact_full_attention(x: BlockQKV):
     """One-GPU block attention computed in fp32 (no bf16 rounding inside the kernel)."""
     q = torch.cat([x.joint_q, x.latent_q], 1)
@@ -167,6 +189,25 @@ def forward_ms(velocity, x: torch.Tensor, repeats: int = 10) -> float:
     for _ in range(repeats):
         velocity(x, t, BOTH)
     return 1e3 * (sync_time() - start) / repeats
+
+
+def one_gpu_generation(velocity, noise, ae, params, warmup_params, warmups: int):
+    """Warm up, then one timed generation and decode on this GPU: (latents, pixels, timings)."""
+    for _ in range(warmups):
+        warm = denoise(noise, velocity, warmup_params)
+        decode_image(ae, velocity.model.config, warm, params.height, params.width)
+    start = sync_time()
+    latents = denoise(noise, velocity, params)
+    denoised = sync_time()
+    image = decode_image(ae, velocity.model.config, latents, params.height, params.width)
+    done = sync_time()
+    timing = {
+        "forward_ms": forward_ms(velocity, noise),
+        "denoise_s": denoised - start,
+        "decode_s": done - denoised,
+        "total_s": done - start,
+    }
+    return latents.float(), torch.tensor(list(image.getdata()), dtype=torch.float32), timing
 
 
 def first_forward(velocity, noise: torch.Tensor, device) -> dict:
@@ -219,21 +260,11 @@ def rank_main(
         out["1gpu_fp32_attention"] = relative(floor, reference_first)
         print(f"noise floor: {out['1gpu_fp32_attention']}", flush=True)
         del exact, floor
-        for _ in range(args.warmup):
-            warm = denoise(noise.to(device), velocity, warmup)
-            decode_image(ae, model.config, warm, params.height, params.width)
-        start = sync_time()
-        latents = denoise(noise.to(device), velocity, params)
-        denoised = sync_time()
-        image = decode_image(ae, model.config, latents, params.height, params.width)
-        done = sync_time()
-        reference_image = torch.tensor(list(image.getdata()), dtype=torch.float32)
-        out["1gpu"] = {
-            "forward_ms": forward_ms(velocity, noise.to(device)),
-            "denoise_s": denoised - start,
-            "decode_s": done - denoised,
-            "total_s": done - start,
-        }
+        memory = start_memory_phase()
+        reference_latents, reference_image, timing = one_gpu_generation(
+            velocity, noise.to(device), ae, params, warmup, args.warmup
+        )
+        out["1gpu"] = {**timing, **memory, **memory_gib()}
         print(f"1gpu: {out['1gpu']}", flush=True)
         for spec in args.caches:
             cached_params = dataclasses.replace(params, cache=CACHE_SPEC.parse(spec))
@@ -267,6 +298,36 @@ def rank_main(
                 "cached_steps": len(hits),
             }
             print(f"1gpu {spec}: {out[f'1gpu {spec}']}", flush=True)
+    if args.linear_precision == "fp8":
+        # Every rank swaps its weights for e4m3 ones; rank 0 then runs the one-GPU path again,
+        # against the bf16 run above, and the layouts below are compared with that FP8 run.
+        if rank == 0 and velocity.graphs is not None:
+            velocity.graphs.clear()  # its captures read the bf16 weights
+        velocity = None
+        use_fp8_linears(model)
+        if rank == 0:
+            memory = start_memory_phase()
+            fp8_velocity = BlockVelocity(
+                model, contexts, latent_position_ids(rows, cols, config.max_latent_size),
+                MARKERS, graphs=None if args.eager else ForwardGraphs(),
+            )  # fmt: skip
+            fp8_first = first_forward(fp8_velocity, noise, device)
+            latents, image, timing = one_gpu_generation(
+                fp8_velocity, noise.to(device), ae, params, warmup, args.warmup
+            )
+            agreement = {
+                **relative(fp8_first, reference_first),
+                "latents_rel_l2": (
+                    (latents - reference_latents).norm() / reference_latents.norm()
+                ).item(),
+                "psnr_db": psnr(image, reference_image),
+            }
+            out["1gpu fp8"] = {**timing, **agreement, **memory, **memory_gib()}
+            print(f"1gpu fp8: {out['1gpu fp8']}", flush=True)
+            reference_first, reference_image = fp8_first, image
+            if fp8_velocity.graphs is not None:
+                fp8_velocity.graphs.clear()
+            del fp8_velocity
     dist.barrier()
 
     for name in args.topologies:
@@ -276,6 +337,7 @@ def rank_main(
         mesh = ParallelMesh.build(
             layout, num_heads=config.llm.num_heads, num_kv_heads=config.llm.num_kv_heads
         )
+        memory = start_memory_phase()
         runtime = RankRuntime(
             mesh, model, MARKERS, device, control, graphs=None if args.eager else ForwardGraphs()
         )
@@ -305,6 +367,8 @@ def rank_main(
                 "decode_s": done - denoised,
                 "total_s": done - start,
                 "psnr_db": psnr(pixels, reference_image),
+                **memory,
+                **memory_gib(),
             }
             print(f"{name}: {out[name]}", flush=True)
         for spec in args.caches:
@@ -361,6 +425,13 @@ def main() -> None:
     parser.add_argument("--eager", action="store_true", help="no CUDA graphs")
     parser.add_argument("--init", choices=INITS, default="unit", help="random weights' scale")
     parser.add_argument(
+        "--linear-precision",
+        choices=LINEAR_PRECISIONS,
+        default="bf16",
+        help="fp8: after the bf16 one-GPU run, quantize the decoder's linear layers (bagel.fp8), "
+        "run one GPU again and compare with bf16; the layouts then run in FP8",
+    )
+    parser.add_argument(
         "--caches",
         default="",
         help="step-cache specs to time as well, separated by ';' "
@@ -384,14 +455,19 @@ def main() -> None:
             results = json.load(f)
     name = "CPU (smoke)" if args.cpu_smoke else torch.cuda.get_device_name(0)
     kernels = "fused kernels" if fused.enabled() else "eager elementwise"
+    precision = "fp32" if args.cpu_smoke else "bf16"
+    if args.linear_precision == "fp8":
+        precision += " (fp8 linear layers in the 'fp8' row and the layouts)"
     print(
-        f"\n{args.size}x{args.size}, {args.steps} timesteps, CFG 4.0/1.5, "
-        f"{'fp32' if args.cpu_smoke else 'bf16'}, {name}, "
+        f"\n{args.size}x{args.size}, {args.steps} timesteps, CFG 4.0/1.5, {precision}, {name}, "
         f"{args.init} init, {kernels}"
     )
     print(
-        f"{'config':<28} {'total s':>8} {'denoise s':>10} {'decode s':>9} {'1st fwd max':>12} {'1st fwd L2':>11} {'PSNR dB':>8} {'fwd ms':>7} {'cached':>6}"
+        f"{'config':<28} {'total s':>8} {'denoise s':>10} {'decode s':>9} {'1st fwd max':>12} "
+        f"{'1st fwd L2':>11} {'PSNR dB':>8} {'fwd ms':>7} {'cached':>6} {'weights GiB':>12} "
+        f"{'peak alloc GiB':>15} {'peak resv GiB':>14} {'latents L2':>11}"
     )
+    nan = float("nan")
     for key, r in results.items():
         if "total_s" not in r:  # the noise-floor row: errors only
             print(
@@ -402,14 +478,17 @@ def main() -> None:
         print(
             f"{key:<28} {r['total_s']:>8.2f} {r['denoise_s']:>10.2f} {r['decode_s']:>9.3f} "
             f"{r.get('first_forward_rel_err', 0.0):>12.2e} {r.get('first_forward_rel_l2', 0.0):>11.2e} "
-            f"{r.get('psnr_db', float('inf')):>8.1f} {r.get('forward_ms', float('nan')):>7.1f} "
-            f"{r.get('cached_steps', 0):>6}"
+            f"{r.get('psnr_db', float('inf')):>8.1f} {r.get('forward_ms', nan):>7.1f} "
+            f"{r.get('cached_steps', 0):>6} {r.get('weights_gib', nan):>12.2f} "
+            f"{r.get('peak_allocated_gib', nan):>15.2f} {r.get('peak_reserved_gib', nan):>14.2f} "
+            f"{r.get('latents_rel_l2', nan):>11.2e}"
         )
     summary = {
         "device": name,
         "size": args.size,
         "steps": args.steps,
         "init": args.init,
+        "linear_precision": args.linear_precision,
         "fused_kernels": fused.enabled(),
         "results": results,
     }

@@ -32,27 +32,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = commands.add_parser("generate", help="text to image; writes a PNG")
     gen.add_argument("prompt")
-    gen.add_argument(
+    _add_image_request_args(gen)
+    edit = commands.add_parser(
+        "edit",
+        help="image editing: INPUT (PNG or JPEG) changed as PROMPT says; writes a PNG",
+        description="Unset --width/--height give the input's resized size; unset CFG flags "
+        "give BAGEL's editing settings (--cfg-img 2.0 on (0, 1], text-channel renorm).",
+    )
+    edit.add_argument("input", type=Path, help="the image to edit (PNG or JPEG)")
+    edit.add_argument("prompt")
+    _add_image_request_args(edit)
+
+    health = commands.add_parser("health", help="print the server's health; exit 0 iff SERVING")
+    _add_connection_args(health)
+    return parser
+
+
+def _add_image_request_args(parser: argparse.ArgumentParser) -> None:
+    """The flags `generate` and `edit` share: output, request schema, connection."""
+    parser.add_argument(
         "-o",
         "--output",
         required=True,
         type=Path,
         help="PNG file to write (with --output-format latents: a .npy file of the fp32 latents)",
     )
-    gen.add_argument("--size", type=int, help="square image side in pixels (multiple of 16)")
-    add_param_arguments(gen)
-    gen.add_argument("--request-id", help="unset: the server assigns one")
-    gen.add_argument(
+    parser.add_argument("--size", type=int, help="square image side in pixels (multiple of 16)")
+    add_param_arguments(parser)
+    parser.add_argument("--request-id", help="unset: the server assigns one")
+    parser.add_argument(
         "--summary-json",
         type=Path,
         metavar="FILE",
         help="write request_id, seed, steps, cached_steps (0-based) and timings as JSON",
     )
-    _add_connection_args(gen)
-
-    health = commands.add_parser("health", help="print the server's health; exit 0 iff SERVING")
-    _add_connection_args(health)
-    return parser
+    _add_connection_args(parser)
 
 
 def _add_connection_args(parser: argparse.ArgumentParser) -> None:
@@ -91,7 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if (args.tls_cert is None) != (args.tls_key is None):
         parser.error("--tls-cert and --tls-key go together")
-    if args.command == "generate":
+    if args.command in ("generate", "edit"):
         if args.size is not None:
             if args.width is not None or args.height is not None:
                 parser.error("--size cannot be combined with --width/--height")
@@ -181,7 +195,15 @@ def run_generate(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     try:
         with connect(args) as client:
-            result = client.generate(args.prompt, on_event=display, **args.params)
+            if args.command == "edit":
+                image = args.input.read_bytes()
+                result = client.edit(image, args.prompt, on_event=display, **args.params)
+            else:
+                result = client.generate(args.prompt, on_event=display, **args.params)
+    except OSError as e:  # the input image cannot be read
+        display.finish()
+        _error(f"cannot read {args.input}: {e.strerror or e}")
+        return 2
     except grpc.RpcError as e:
         display.finish()
         _error(f"{e.code().name}: {e.details()}")
@@ -260,6 +282,6 @@ def run_health(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.command == "generate":
+    if args.command in ("generate", "edit"):
         return run_generate(args)
     return run_health(args)

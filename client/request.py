@@ -1,6 +1,6 @@
 """Keyword arguments -> `GenerateRequest`, derived from the request schema
 (`serving.params.GenerationParams`): every field of the schema is a keyword argument of the same
-name, plus `steps` (alias of `num_timesteps`) and `request_id`.
+name, plus `steps` (alias of `num_timesteps`) and `request_id`; an edit adds its input images.
 
 Only what a caller passes is set, so every unset field keeps the server's default.
 """
@@ -8,7 +8,12 @@ Only what a caller passes is set, so every unset field keeps the server's defaul
 from __future__ import annotations
 
 import dataclasses
+import io
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
+
+from PIL import Image
 
 from protos import GenerateRequest
 from serving.params import GenerationParams
@@ -18,10 +23,13 @@ ALIASES = {"steps": "num_timesteps"}
 PARAM_NAMES = frozenset((*_FIELDS, *ALIASES, "request_id"))
 
 
-def build_request(prompt: str, **params: Any) -> GenerateRequest:
-    """A request for `prompt`; `params` are the names in `PARAM_NAMES`. A value of None leaves
-    the field unset. Unknown names raise TypeError, values of the wrong type or out of the wire's
-    range raise TypeError or ValueError."""
+def build_request(
+    prompt: str, *, input_images: Sequence[bytes] = (), **params: Any
+) -> GenerateRequest:
+    """A request for `prompt` (an edit of `input_images`, PNG or JPEG bytes, if any); `params`
+    are the names in `PARAM_NAMES`. A value of None leaves the field unset. Unknown names raise
+    TypeError, values of the wrong type or out of the wire's range raise TypeError or
+    ValueError."""
     unknown = sorted(set(params) - PARAM_NAMES)
     if unknown:
         raise TypeError(f"unexpected keyword argument(s): {', '.join(unknown)}")
@@ -30,7 +38,7 @@ def build_request(prompt: str, **params: Any) -> GenerateRequest:
             if params.get(name) is not None:
                 raise TypeError(f"pass {name} or its alias {alias}, not both")
             params[name] = params[alias]
-    request = GenerateRequest(prompt=prompt)
+    request = GenerateRequest(prompt=prompt, input_images=list(input_images))
     request_id = params.get("request_id")
     if request_id is not None:
         if not isinstance(request_id, str):
@@ -43,3 +51,20 @@ def build_request(prompt: str, **params: Any) -> GenerateRequest:
         codec = f.metadata["codec"]
         codec.to_proto(request.params, name, codec.from_user(name, value))
     return request
+
+
+ImageInput = bytes | str | Path | Image.Image
+
+
+def image_bytes(image: ImageInput) -> bytes:
+    """An input image as the wire carries it: PNG or JPEG bytes are sent as they are, a path is
+    read, a PIL image is encoded as PNG. The server checks the bytes."""
+    if isinstance(image, bytes):
+        return image
+    if isinstance(image, (str, Path)):
+        return Path(image).read_bytes()
+    if isinstance(image, Image.Image):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return buffer.getvalue()
+    raise TypeError(f"an input image must be bytes, a path or a PIL image, got {type(image)!r}")

@@ -19,9 +19,11 @@ from bagel.model import Bagel
 from bagel.pipeline import default_dtype
 from bagel.tokenizer import load_tokenizer
 from diffusion_service.job import Command, receive_message
+from diffusion_service.memory import gather_peaks
 from diffusion_service.parallel.mesh import ParallelMesh
 from diffusion_service.runner import JobCancelled, RankRuntime, run_job
 from diffusion_service.settings import ServiceSettings
+from diffusion_service.torchrun import TorchrunWorld, group_store
 from transport.broadcast import broadcast_kv
 from transport.layout import KVCache
 
@@ -39,7 +41,13 @@ def load_rank_model(settings: ServiceSettings, rank: int) -> tuple[Bagel, tuple[
     device = rank_device(settings, rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    model = load_bagel(settings.model_dir, "diffusion", default_dtype(device), device)
+    model = load_bagel(
+        settings.model_dir,
+        "diffusion",
+        default_dtype(device),
+        device,
+        linear_precision=settings.linear_precision,
+    )
     tokenizer = load_tokenizer(settings.model_dir)
     return model, (tokenizer.start_of_image, tokenizer.end_of_image)
 
@@ -55,9 +63,13 @@ def join_group(
     build the mesh; every rank calls this alike."""
     device = rank_device(settings, rank)
     backend = "nccl" if device.type == "cuda" else "gloo"
+    if settings.torchrun:  # env://'s store, with each restart's keys kept apart
+        meet = {"store": group_store(TorchrunWorld.from_env(), settings.collective_timeout)}
+    else:
+        meet = {"init_method": init_method}
     dist.init_process_group(
         backend,
-        init_method=init_method,
+        **meet,
         rank=rank,
         world_size=settings.world_size,
         timeout=settings.collective_timeout,
@@ -72,7 +84,9 @@ def join_group(
         timeout=settings.collective_timeout,
     )
     graphs = ForwardGraphs() if device.type == "cuda" else None
-    return RankRuntime(mesh, model, marker_ids, device, control, graphs)
+    runtime = RankRuntime(mesh, model, marker_ids, device, control, graphs)
+    runtime.peak_memory = gather_peaks(device, control)  # the weights' footprint, every rank
+    return runtime
 
 
 LEAVE_TIMEOUT_S = 30.0
@@ -124,8 +138,12 @@ def validate_settings(settings: ServiceSettings) -> BagelConfig:
     that does not fit the world torchrun started)."""
     config = BagelConfig.from_dir(settings.model_dir)
     llm = config.llm
-    world = int(os.environ["WORLD_SIZE"]) if settings.torchrun else settings.world_size
-    settings.parallel.validate(llm.num_heads, llm.num_kv_heads, world)
+    if settings.torchrun:
+        world = TorchrunWorld.from_env()
+        world.check(settings.parallel, llm.num_heads, llm.num_kv_heads)
+        world.check_devices(settings.device)
+    else:
+        settings.parallel.validate(llm.num_heads, llm.num_kv_heads)
     return config
 
 

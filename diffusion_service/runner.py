@@ -1,10 +1,11 @@
 """One job on one rank: shard the noise, denoise with this rank's velocity model, check rank 0's
-continue flag after every step, and gather the latents once at the end."""
+continue flag after every step, and gather the latents (and every rank's peak GPU memory) once at
+the end."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -15,6 +16,7 @@ from bagel.kv import Branch, ContextKV
 from bagel.model import Bagel
 from bagel.sampler import denoise, initial_noise
 from diffusion_service.job import JobSpec
+from diffusion_service.memory import PeakMemory, gather_peaks
 from diffusion_service.parallel.mesh import ParallelMesh
 from diffusion_service.step_cache import make_step_cache, world_sum
 from diffusion_service.velocity import ShardedVelocity, shard_sum
@@ -34,6 +36,8 @@ class RankRuntime:
     device: torch.device
     control_group: dist.ProcessGroup | None  # gloo group for commands and per-step flags
     graphs: ForwardGraphs | None = None  # CUDA-graph captures kept across jobs (GPU only)
+    # Every rank's peak GPU memory at the last gather (after joining, after each job); () on CPU.
+    peak_memory: tuple[PeakMemory, ...] = field(default_factory=tuple)
 
     @property
     def is_leader(self) -> bool:
@@ -92,4 +96,5 @@ def run_job(
         step_cache=step_cache,
     )
     full = sharding.gather(x, runtime.mesh.sp_group, dim=0)
+    runtime.peak_memory = gather_peaks(runtime.device, runtime.control_group)
     return full.float().cpu() if runtime.is_leader else None

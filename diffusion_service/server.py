@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -14,6 +15,7 @@ from bagel.checkpoint import load_autoencoder
 from bagel.config import BagelConfig
 from bagel.pipeline import default_dtype
 from diffusion_service.engine import Engine
+from diffusion_service.memory import peaks_note, publish_peaks
 from diffusion_service.metrics import DiffusionMetrics
 from diffusion_service.ranks import rank_device, validate_settings
 from diffusion_service.servicer import DiffusionServicer
@@ -60,7 +62,8 @@ class DiffusionServer:
     async def _load(self) -> None:
         loop = asyncio.get_running_loop()
         settings = self.settings
-        await asyncio.to_thread(self.world.start)
+        started = time.perf_counter()
+        runtime = await asyncio.to_thread(self.world.start)
         device = rank_device(settings, 0)
         autoencoder = await asyncio.to_thread(
             load_autoencoder, settings.model_dir, default_dtype(device), device
@@ -73,13 +76,18 @@ class DiffusionServer:
         self.servicer = DiffusionServicer(settings, self.config, engine, self.metrics)
         self.engine = engine
         engine.start()
+        load_s = time.perf_counter() - started
+        self.metrics.model_load_seconds.set(load_s)
+        publish_peaks(self.metrics, runtime.peak_memory, device)
         await self.grpc.set_serving(True)
         log.info(
-            "serving on %s (port %d): %s, %s",
+            "serving on %s (port %d): %s, %s; loaded in %.1f s%s",
             settings.listen,
             self.grpc.port,
             settings.parallel.describe(),
             settings.device,
+            load_s,
+            peaks_note(runtime.peak_memory, device),
         )
 
     async def _generate(

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+from bagel.fp8 import LINEAR_PRECISIONS, LinearPrecision
 from diffusion_service.parallel.config import ParallelConfig
+from diffusion_service.torchrun import started_by_torchrun
 from serving.params import CACHE_SPEC, CachePolicy, NoCache
 from serving.security import ServerSecurity
 from serving.settings import (
@@ -24,9 +25,11 @@ class ServiceSettings:
     listen: str = "127.0.0.1:50052"
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     device: str = "cpu"
+    linear_precision: LinearPrecision = "bf16"  # "fp8": e4m3 linear layers (bagel.fp8)
     max_queue: int = 8
-    max_kv_bytes: int = 1 << 30
-    max_inflight_kv_bytes: int = 2 << 30  # held by all uploads in flight together
+    # An edit of a 1024x1024 image with two 2048-token prompts sends 1.38 GB (docs/editing.md).
+    max_kv_bytes: int = 2 << 30
+    max_inflight_kv_bytes: int = 4 << 30  # held by all uploads in flight together
     kv_idle_timeout_s: float = 30.0  # longest wait for the next frame of an upload
     default_cache: CachePolicy = NoCache()  # for requests that leave the cache policy unset
     metrics_host: str = DEFAULT_METRICS_HOST
@@ -77,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="SP attention variant by name (default: the one the degrees imply)",
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), default=default(s, "device"))
+    parser.add_argument(
+        "--linear-precision",
+        choices=LINEAR_PRECISIONS,
+        default=default(s, "linear_precision"),
+        help="weights of the decoder's linear layers: bf16 (exact default) or fp8 (e4m3, "
+        "quantized at load; activations quantized per token inside the fused kernels)",
+    )
     parser.add_argument(
         "--max-queue",
         type=int,
@@ -142,6 +152,7 @@ def parse_settings(argv: list[str] | None = None) -> ServiceSettings:
             kv_gather=args.kv_gather,
         ),
         device=args.device,
+        linear_precision=args.linear_precision,
         max_queue=args.max_queue,
         max_kv_bytes=args.max_kv_bytes,
         max_inflight_kv_bytes=args.max_inflight_kv_bytes,
@@ -153,10 +164,4 @@ def parse_settings(argv: list[str] | None = None) -> ServiceSettings:
         drain_s=args.drain_timeout,
         torchrun=started_by_torchrun(),
         security=server_security_from_args(args),
-    )
-
-
-def started_by_torchrun() -> bool:
-    return "TORCHELASTIC_RUN_ID" in os.environ or (
-        "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
     )

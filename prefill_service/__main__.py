@@ -6,10 +6,23 @@ from __future__ import annotations
 import asyncio
 import sys
 
+from bagel.contexts import EditResize
+from bagel.image_transforms import ResizeRule
 from prefill_service.prefill import LanguageModelKV
 from prefill_service.server import serve
-from prefill_service.settings import build_parser, settings_from_args
+from prefill_service.settings import PrefillSettings, build_parser, settings_from_args
 from serving.server import configure_logging
+
+
+def edit_resize(settings: PrefillSettings) -> EditResize | None:
+    """The input-image resize rules the flags ask for (None: the reference's)."""
+    vae, vit = settings.edit_vae_resize, settings.edit_vit_resize
+    if vae is None and vit is None:
+        return None
+    return EditResize(
+        vae=ResizeRule(*(vae or (1024, 512)), stride=16),
+        vit=ResizeRule(*(vit or (980, 224)), stride=14),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,7 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
 
     def load() -> LanguageModelKV:
-        return LanguageModelKV(settings.model_dir, settings.device)
+        return LanguageModelKV(
+            settings.model_dir,
+            settings.device,
+            image_input=settings.image_input,
+            edit_resize=edit_resize(settings),
+        )
 
     return asyncio.run(serve(settings, load))
 

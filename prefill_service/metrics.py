@@ -1,5 +1,6 @@
 """Prometheus metrics of the prefill service: the shared request and phase metrics (phases
-`prefill`, `kv_send`, `total`), plus calls in flight and KV bytes sent."""
+`prefill`, `kv_send`, `total`), plus calls in flight, KV bytes sent, and per diffusion service
+(`--diffusion A,B,...`) the requests routed to it and whether it is serving."""
 
 from __future__ import annotations
 
@@ -19,5 +20,17 @@ class PrefillMetrics(ServiceMetrics):
         self.kv_bytes = Counter(
             "bagel_prefill_kv_bytes_sent",
             "Bytes of KV frames written to the diffusion service",
+            registry=self.registry,
+        )
+        self.routed = Counter(
+            "bagel_prefill_routed_requests",
+            "Requests sent to each diffusion service",
+            ["diffusion"],
+            registry=self.registry,
+        )
+        self.diffusion_serving = Gauge(
+            "bagel_prefill_diffusion_serving",
+            "1 while a diffusion service's last health check said SERVING, else 0",
+            ["diffusion"],
             registry=self.registry,
         )

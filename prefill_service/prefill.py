@@ -12,21 +12,34 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
+from PIL import Image
 from torch import Tensor
 
-from bagel.checkpoint import load_bagel
+from bagel.checkpoint import load_autoencoder, load_bagel, load_vit
 from bagel.config import BagelConfig
+from bagel.contexts import (
+    ContextEncoder,
+    EditResize,
+    SegmentKind,
+    edit_segments,
+    next_rope_position,
+    num_tokens,
+    prepare_edit_image,
+)
+from bagel.image_transforms import resized_size
 from bagel.kv import Branch
 from bagel.pipeline import default_dtype
 from bagel.prompts import cfg_prompts
 from bagel.tokenizer import load_tokenizer
+from bagel.vit import ViTConfig
 from serving.errors import InvalidParams
 from serving.params import GenerationParams
 from transport import DEFAULT_CHUNK_SIZE, ContextSpec, KVEncoder, KVLayout
 
+NO_IMAGE_INPUT = "this prefill service takes no input images (it was started with --no-image-input)"
 MAX_PROMPT_CHARS = 16_384  # checked before tokenizing, so a huge prompt costs nothing
 DEFAULT_MAX_PROMPT_TOKENS = 2048  # per context, framing tokens included
 
@@ -39,6 +52,9 @@ class PlannedKV:
 
     contexts: tuple[ContextSpec, ...]
     compute: Callable[[], Iterator[LayerKV]]  # yields each layer as soon as it is produced
+    # Per context, its prompt tokens (framing included), where an image adds tokens of its own;
+    # None: all of a context's tokens are prompt tokens.
+    text_tokens: tuple[int, ...] | None = None
 
 
 class KVSource(Protocol):
@@ -50,6 +66,19 @@ class KVSource(Protocol):
     def plan(self, prompt: str, params: GenerationParams) -> PlannedKV:
         """Check the prompt text (raise InvalidParams) and tokenize it into the contexts it makes;
         no model compute."""
+        ...
+
+
+@runtime_checkable
+class EditKVSource(KVSource, Protocol):
+    """A source that also prefills image edits (an input image and a prompt)."""
+
+    def edit_size(self, image: Image.Image) -> tuple[int, int]:
+        """(width, height) the input is resized to: an edit's default output size."""
+        ...
+
+    def plan_edit(self, prompt: str, params: GenerationParams, image: Image.Image) -> PlannedKV:
+        """As `plan`, for an edit's three contexts (`bagel.contexts.edit_segments`)."""
         ...
 
 
@@ -67,17 +96,20 @@ def token_limit(config: BagelConfig, max_prompt_tokens: int) -> int:
     return min(max_prompt_tokens, config.llm.max_position_embeddings - 1)
 
 
-def check_token_counts(contexts: Sequence[ContextSpec], limit: int) -> None:
-    for c in contexts:
-        if c.num_tokens > limit:
-            what = "prompt" if c.kind == Branch.COND else "negative_prompt"
+def check_token_counts(planned: PlannedKV, limit: int) -> None:
+    counts = planned.text_tokens or tuple(c.num_tokens for c in planned.contexts)
+    for c, count in zip(planned.contexts, counts, strict=True):
+        if count > limit:
+            what = "negative_prompt" if c.kind == Branch.UNCOND_TEXT else "prompt"
             raise InvalidParams(
-                f"{what} is {c.num_tokens} tokens long with its framing; the limit is {limit}"
+                f"{what} is {count} tokens long with its framing; the limit is {limit}"
             )
 
 
 class LanguageModelKV:
-    """The real source: BAGEL's tokenizer and its und expert (`load_bagel(..., "prefill")`)."""
+    """The real source: BAGEL's tokenizer and language model. Text-to-image needs only the und
+    expert (`load_bagel(..., "prefill")`); with `image_input` (image editing) it also loads the
+    gen expert (the input's VAE tokens use it), the ViT and the VAE encoder."""
 
     def __init__(
         self,
@@ -85,13 +117,61 @@ class LanguageModelKV:
         device: str = "cpu",
         *,
         dtype: torch.dtype | None = None,
+        image_input: bool = True,
+        edit_resize: EditResize | None = None,
     ) -> None:
         self.config = BagelConfig.from_dir(model_dir)
         self.dtype = dtype or default_dtype(device)
         self.tokenizer = load_tokenizer(model_dir)
         # HF fast tokenizers may reconfigure themselves inside encode; calls must not overlap.
         self._tokenizer_lock = threading.Lock()
-        self.model = load_bagel(model_dir, "prefill", self.dtype, device, self.config)
+        role = "diffusion" if image_input else "prefill"  # "diffusion": both experts
+        self.model = load_bagel(model_dir, role, self.dtype, device, self.config)
+        self.contexts: ContextEncoder | None = None
+        self.edit_resize = edit_resize
+        if image_input:
+            vit = ViTConfig.from_dir(model_dir)
+            self.edit_resize = edit_resize or EditResize.reference(self.config, vit)
+            self.edit_resize.check(self.config, vit)
+            self.contexts = ContextEncoder(
+                self.model,
+                load_vit(model_dir, self.dtype, device, vit),
+                load_autoencoder(model_dir, self.dtype, device),
+                self.tokenizer,
+            )
+
+    @property
+    def supports_edits(self) -> bool:
+        return self.contexts is not None
+
+    def edit_size(self, image: Image.Image) -> tuple[int, int]:
+        if self.edit_resize is None:
+            raise InvalidParams(NO_IMAGE_INPUT)
+        return resized_size(*image.size, self.edit_resize.vae)
+
+    def plan_edit(self, prompt: str, params: GenerationParams, image: Image.Image) -> PlannedKV:
+        check_prompt_text(prompt)
+        if self.contexts is None or self.edit_resize is None:
+            raise InvalidParams(NO_IMAGE_INPUT)
+        edit_image = prepare_edit_image(image, self.edit_resize)
+        with self._tokenizer_lock:
+            prompts = cfg_prompts(self.tokenizer, prompt, params.negative_prompt)
+        segments = edit_segments(
+            edit_image.segments(self.config), prompts[Branch.COND], prompts[Branch.UNCOND_TEXT]
+        )
+        contexts = tuple(
+            ContextSpec(int(kind), num_tokens(s), next_rope_position(s))
+            for kind, s in segments.items()
+        )
+        text_tokens = tuple(
+            sum(x.num_tokens for x in s if x.kind is SegmentKind.TEXT) for s in segments.values()
+        )
+        encoder = self.contexts
+        return PlannedKV(
+            contexts,
+            lambda: encoder.layers(list(segments.values()), edit_image),
+            text_tokens=text_tokens,
+        )
 
     def plan(self, prompt: str, params: GenerationParams) -> PlannedKV:
         check_prompt_text(prompt)

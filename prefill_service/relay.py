@@ -44,6 +44,17 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 log = logging.getLogger(__name__)
 
 
+def connect_budget(deadline_s: float | None, connect_timeout_s: float) -> tuple[float, bool]:
+    """Seconds to wait for a diffusion service: the caller's remaining time less a margin (unless
+    that leaves too little) or `connect_timeout_s`, whichever is less; and whether the deadline
+    set it."""
+    if deadline_s is not None:
+        room = deadline_s - DEADLINE_MARGIN_S if deadline_s > 2 * DEADLINE_MARGIN_S else deadline_s
+        if room < connect_timeout_s:
+            return max(room, 0.0), True
+    return connect_timeout_s, False
+
+
 class DiffusionLink:
     """The channel to the diffusion service: waits for a connection (gRPC retries with backoff,
     0.1 s growing to 1 s) and for the service's health to say SERVING, inside a budget, and opens
@@ -100,6 +111,10 @@ class DiffusionLink:
         except asyncio.CancelledError:
             call.cancel()
             raise
+        await self._record(serving)
+        return serving
+
+    async def _record(self, serving: bool) -> None:
         if serving != self.serving:
             self.serving = serving
             log.info(
@@ -109,7 +124,6 @@ class DiffusionLink:
             )
             if self._on_change is not None:
                 await self._on_change(serving)
-        return serving
 
     async def connect(self, deadline_s: float | None) -> None:
         """Return once the channel is READY and the diffusion service is SERVING; wait at most
@@ -118,13 +132,7 @@ class DiffusionLink:
         naming the address; a deadline that ran out while the connection was still being set up,
         with no attempt failed, is DEADLINE_EXCEEDED."""
         started = time.monotonic()
-        budget, deadline_bound = self.connect_timeout_s, False
-        if deadline_s is not None:
-            room = (
-                deadline_s - DEADLINE_MARGIN_S if deadline_s > 2 * DEADLINE_MARGIN_S else deadline_s
-            )
-            if room < budget:
-                budget, deadline_bound = max(room, 0.0), True
+        budget, deadline_bound = connect_budget(deadline_s, self.connect_timeout_s)
         await self._wait_ready(budget, deadline_bound)
         if self.serving:
             return
@@ -138,6 +146,34 @@ class DiffusionLink:
                     f"diffusion service at {self.address} is not serving (loading or restarting)",
                 )
             await asyncio.sleep(min(HEALTH_RETRY_S, left))
+
+    async def probe(self, timeout: float) -> bool:
+        """Whether a call can start here now: the last health check said SERVING and the channel
+        is connected, or connects within `timeout`. A failed connection attempt (the service
+        went away since the last check) records it as not serving at once."""
+        if not self.serving:
+            return False
+        loop = asyncio.get_running_loop()
+        settled: asyncio.Future[grpc.ChannelConnectivity] = loop.create_future()
+
+        def on_change(state: grpc.ChannelConnectivity) -> None:  # on a gRPC thread
+            if state in (
+                grpc.ChannelConnectivity.READY,
+                grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+            ):
+                with contextlib.suppress(RuntimeError):  # the loop is closed
+                    loop.call_soon_threadsafe(lambda: settled.done() or settled.set_result(state))
+
+        self.channel.subscribe(on_change, try_to_connect=True)
+        try:
+            state = await asyncio.wait_for(settled, timeout)
+        except TimeoutError:
+            return False
+        finally:
+            self.channel.unsubscribe(on_change)
+        if state is not grpc.ChannelConnectivity.READY:
+            await self._record(False)
+        return bool(self.serving) and state is grpc.ChannelConnectivity.READY
 
     async def _wait_ready(self, budget: float, deadline_bound: bool) -> None:
         loop = asyncio.get_running_loop()

@@ -1,17 +1,21 @@
 """The prefill service's server: `bagel.v1.Prefill` on the shared server shape
 (`serving.server.GrpcServer`: health, reflection, metrics), the KV source loaded in the background,
-health SERVING only while the source is loaded and the diffusion service is SERVING, and a graceful
-stop on SIGTERM/SIGINT."""
+health SERVING only while the source is loaded and the diffusion service (one of them, with several:
+`routing.DiffusionRouter`) is SERVING, and a graceful stop on SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
+
+import torch
 
 from prefill_service.metrics import PrefillMetrics
 from prefill_service.prefill import KVSource
 from prefill_service.relay import DiffusionLink
+from prefill_service.routing import DiffusionRouter
 from prefill_service.servicer import PrefillServicer, prefill_handler
 from prefill_service.settings import PrefillSettings
 from protos import PREFILL_SERVICE
@@ -30,13 +34,19 @@ class PrefillServer:
         self._load_source = load_source
         self.metrics = PrefillMetrics()
         secrets = settings.security.load()  # a bad file or an empty token fails here, at start-up
-        self.link = DiffusionLink(
-            settings.diffusion,
-            connect_timeout_s=settings.connect_timeout_s,
-            security=settings.diffusion_security,
+        self.router = DiffusionRouter(
+            [
+                DiffusionLink(
+                    address,
+                    connect_timeout_s=settings.connect_timeout_s,
+                    security=settings.diffusion_security,
+                )
+                for address in settings.diffusion_addresses
+            ],
+            self.metrics,
         )
         self.servicer = PrefillServicer(
-            self.link,
+            self.router,
             self.metrics,
             chunk_size=settings.chunk_size,
             max_prompt_tokens=settings.max_prompt_tokens,
@@ -60,25 +70,28 @@ class PrefillServer:
     async def start(self) -> int:
         """Serve on `settings.listen`; returns the bound port (useful with port 0)."""
         port = await self.grpc.start()
-        self.link.watch(lambda serving: self._publish_health())
+        self.router.watch(lambda serving: self._publish_health())
         self.loaded = asyncio.ensure_future(self._load())
         return port
 
     async def _publish_health(self) -> None:
-        """SERVING only while the model is loaded and the diffusion service's health, asked
-        every second, says SERVING."""
-        await self.grpc.set_serving(self.servicer.source is not None and bool(self.link.serving))
+        """SERVING only while the model is loaded and the health of the diffusion service (of at
+        least one, with several), asked every second, says SERVING."""
+        await self.grpc.set_serving(self.servicer.source is not None and self.router.serving)
 
     async def _load(self) -> None:
+        started = time.perf_counter()
         source = await asyncio.get_running_loop().run_in_executor(None, self._load_source)
+        self.metrics.model_load_seconds.set(time.perf_counter() - started)
+        watch_peak_memory(self.metrics)
         self.servicer.source = source
-        await self.link.check_health()
+        await self.router.check_health()
         await self._publish_health()
         log.info(
             "serving: model %s, KV dtype %s, diffusion service at %s",
             source.config.fingerprint(),
             source.dtype,
-            self.settings.diffusion,
+            ", ".join(self.router.addresses),
         )
 
     async def stop(self, grace: float | None = None) -> None:
@@ -86,7 +99,22 @@ class PrefillServer:
         if self.loaded is not None and not self.loaded.done():
             self.loaded.cancel()
         await self.grpc.stop(grace)
-        self.link.close()
+        self.router.close()
+
+
+def watch_peak_memory(metrics: PrefillMetrics) -> None:
+    """Once the model is on a GPU: `bagel_prefill_peak_memory_bytes{rank="0"}` reads the
+    allocator's peaks at each scrape."""
+    if not torch.cuda.is_initialized():
+        return
+    device = torch.cuda.current_device()
+    gauge = metrics.peak_memory_bytes
+    gauge.labels(rank="0", kind="reserved").set_function(
+        lambda: torch.cuda.max_memory_reserved(device)
+    )
+    gauge.labels(rank="0", kind="allocated").set_function(
+        lambda: torch.cuda.max_memory_allocated(device)
+    )
 
 
 async def serve(settings: PrefillSettings, load_source: Callable[[], KVSource]) -> int:

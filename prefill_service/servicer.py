@@ -1,7 +1,7 @@
 """The `bagel.v1.Prefill` servicer: validates a request before any compute, hands it to
-`prefill.request_frames` and `relay.relay`, and maps failures to a status through
-`serving.errors.status_of` (the one place that does). Its handler decodes requests itself, so
-bytes that are no `GenerateRequest` end as INVALID_ARGUMENT with one log line."""
+`prefill.request_frames` and `relay.relay` (to the group `routing` picks), and maps failures to a
+status through `serving.errors.status_of` (the one place that does). Its handler decodes requests
+itself, so bytes that are no `GenerateRequest` end as INVALID_ARGUMENT with one log line."""
 
 from __future__ import annotations
 
@@ -17,15 +17,19 @@ from bagel.kv import Branch
 from prefill_service.metrics import PrefillMetrics
 from prefill_service.prefill import (
     DEFAULT_MAX_PROMPT_TOKENS,
+    NO_IMAGE_INPUT,
+    EditKVSource,
     KVSource,
     PrefillStats,
     check_token_counts,
     request_frames,
     token_limit,
 )
-from prefill_service.relay import DiffusionLink, SendStats, relay
+from prefill_service.relay import SendStats, relay
+from prefill_service.routing import DiffusionRouter
 from protos import PREFILL_SERVICE, GenerateEvent, GenerateRequest, service_pb2_grpc
 from serving.errors import InvalidParams, ServiceError, status_of
+from serving.images import EDIT_DEFAULTS, decode_input_images
 from serving.params import GenerationParams, check_cache_fits
 from serving.requests import (
     MAX_REQUEST_ID_CHARS,
@@ -79,7 +83,7 @@ class PrefillServicer(service_pb2_grpc.PrefillServicer):
 
     def __init__(
         self,
-        link: DiffusionLink,
+        router: DiffusionRouter,
         metrics: PrefillMetrics,
         *,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -87,7 +91,7 @@ class PrefillServicer(service_pb2_grpc.PrefillServicer):
     ) -> None:
         self.source: KVSource | None = None
         self.max_prompt_tokens = max_prompt_tokens
-        self.link = link
+        self.router = router
         self.metrics = metrics
         self.chunk_size = chunk_size
 
@@ -109,14 +113,17 @@ class PrefillServicer(service_pb2_grpc.PrefillServicer):
                     f"{request.error}"
                 )
             batches = await self._prepare(request, request_id, prefill, request_log)
-            async for event in relay(
-                self.link,
-                batches,
-                time_remaining=context.time_remaining,
-                prefill=prefill,
-                sent=sent,
-            ):
-                yield event
+            with await self.router.lease(context.time_remaining()) as lease:
+                if len(self.router.groups) > 1:
+                    request_log.info("to the diffusion service at %s", lease.link.address)
+                async for event in relay(
+                    lease.link,
+                    batches,
+                    time_remaining=context.time_remaining,
+                    prefill=prefill,
+                    sent=sent,
+                ):
+                    yield event
             code = grpc.StatusCode.OK
         except (asyncio.CancelledError, GeneratorExit):
             # The caller went away (cancel, disconnect) or its deadline passed: gRPC cancels the
@@ -189,15 +196,29 @@ class PrefillServicer(service_pb2_grpc.PrefillServicer):
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
         check_request_id(request_id)
         config = source.config
-        params = GenerationParams.from_proto(request.params)
+        loop = asyncio.get_running_loop()
+        images = []
+        defaults = None
+        if request.input_images:
+            if not (isinstance(source, EditKVSource) and source.supports_edits):
+                raise InvalidParams(NO_IMAGE_INPUT)
+            images = await loop.run_in_executor(None, decode_input_images, request.input_images)
+            width, height = source.edit_size(images[0])
+            defaults = {**EDIT_DEFAULTS, "width": width, "height": height}
+        params = GenerationParams.from_proto(request.params, defaults)
         params.validate(config.pixels_per_token, config.max_image_size)
         check_cache_fits(params.cache, config.llm.num_layers)
-        loop = asyncio.get_running_loop()
-        planned = await loop.run_in_executor(None, source.plan, request.prompt, params)
-        check_token_counts(planned.contexts, token_limit(config, self.max_prompt_tokens))
+        if images:
+            planned = await loop.run_in_executor(
+                None, source.plan_edit, request.prompt, params, images[0]
+            )
+        else:
+            planned = await loop.run_in_executor(None, source.plan, request.prompt, params)
+        check_token_counts(planned, token_limit(config, self.max_prompt_tokens))
         p = params
         request_log.info(
-            "accepted: %dx%d, %d timesteps, seed %d, contexts %s",
+            "accepted: %s%dx%d, %d timesteps, seed %d, contexts %s",
+            f"edit of a {images[0].width}x{images[0].height} image, " if images else "",
             p.width,
             p.height,
             p.num_timesteps,

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from prefill_service.prefill import DEFAULT_MAX_PROMPT_TOKENS
 from prefill_service.relay import DEFAULT_CONNECT_TIMEOUT_S
+from prefill_service.routing import split_addresses
 from serving.security import ClientSecurity, SecurityError, ServerSecurity
 from serving.settings import (
     DEFAULT_METRICS_HOST,
@@ -22,7 +23,7 @@ from transport import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE
 class PrefillSettings:
     model_dir: str
     listen: str = "127.0.0.1:50051"
-    diffusion: str = "127.0.0.1:50052"
+    diffusion: str = "127.0.0.1:50052"  # one address, or several comma-separated
     device: str = "cpu"
     metrics_host: str = DEFAULT_METRICS_HOST
     metrics_port: int | None = None
@@ -31,8 +32,16 @@ class PrefillSettings:
     drain_s: float = 10.0
     chunk_size: int = DEFAULT_CHUNK_SIZE
     dtype: str | None = None  # mock only: "fp32" or "bf16"; the real service follows the device
+    image_input: bool = True  # real only: load the ViT, VAE encoder and gen expert for edits
+    edit_vae_resize: tuple[int, int] | None = None  # (longest, shortest); None: the reference's
+    edit_vit_resize: tuple[int, int] | None = None
     security: ServerSecurity = field(default_factory=ServerSecurity)  # TLS/mTLS, bearer token
     diffusion_security: ClientSecurity = field(default_factory=ClientSecurity)  # the hop's
+
+    @property
+    def diffusion_addresses(self) -> tuple[str, ...]:
+        """`diffusion` split: one address per diffusion service (rank group)."""
+        return split_addresses(self.diffusion)
 
 
 def build_parser(prog: str, description: str, *, device: bool = True) -> argparse.ArgumentParser:
@@ -42,10 +51,36 @@ def build_parser(prog: str, description: str, *, device: bool = True) -> argpars
     parser.add_argument("--model", required=True, help="checkpoint directory")
     parser.add_argument("--listen", default=default(s, "listen"), help="HOST:PORT to serve on")
     parser.add_argument(
-        "--diffusion", default=default(s, "diffusion"), help="HOST:PORT of the diffusion service"
+        "--diffusion",
+        default=default(s, "diffusion"),
+        metavar="HOST:PORT[,HOST:PORT...]",
+        help="the diffusion service; several, comma-separated: each request goes to the serving "
+        "one with the fewest of this service's requests in flight",
     )
     if device:
         parser.add_argument("--device", choices=("cpu", "cuda"), default=default(s, "device"))
+        parser.add_argument(
+            "--no-image-input",
+            dest="image_input",
+            action="store_false",
+            help="text-to-image only: do not load the ViT, the VAE encoder and the gen expert "
+            "(about half the memory); requests with an input image get INVALID_ARGUMENT",
+        )
+        parser.add_argument(
+            "--edit-vae-resize",
+            type=size_pair,
+            default=None,
+            metavar="LONGEST,SHORTEST",
+            help="resize an input image for the VAE to these sides, stride 16 (default: the "
+            "reference's 1024,512)",
+        )
+        parser.add_argument(
+            "--edit-vit-resize",
+            type=size_pair,
+            default=None,
+            metavar="LONGEST,SHORTEST",
+            help="then for the ViT, stride 14 (default: the reference's 980,224)",
+        )
     parser.add_argument(
         "--metrics-host", default=default(s, "metrics_host"), help="address metrics bind to"
     )
@@ -103,7 +138,21 @@ def build_parser(prog: str, description: str, *, device: bool = True) -> argpars
     return parser
 
 
+def size_pair(text: str) -> tuple[int, int]:
+    try:
+        longest, shortest = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not LONGEST,SHORTEST") from None
+    if not 0 < shortest <= longest:
+        raise argparse.ArgumentTypeError(f"{text!r}: need 0 < SHORTEST <= LONGEST")
+    return longest, shortest
+
+
 def settings_from_args(args: argparse.Namespace) -> PrefillSettings:
+    try:
+        split_addresses(args.diffusion)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     if not 0 < args.chunk_size <= MAX_CHUNK_SIZE:
         raise SystemExit(f"--chunk-size must be in 1..{MAX_CHUNK_SIZE}")
     if args.max_prompt_tokens < 1:
@@ -129,6 +178,9 @@ def settings_from_args(args: argparse.Namespace) -> PrefillSettings:
         drain_s=args.drain_timeout,
         chunk_size=args.chunk_size,
         dtype=getattr(args, "dtype", None),
+        image_input=getattr(args, "image_input", True),
+        edit_vae_resize=getattr(args, "edit_vae_resize", None),
+        edit_vit_resize=getattr(args, "edit_vit_resize", None),
         security=server_security_from_args(args),
         diffusion_security=diffusion_security,
     )

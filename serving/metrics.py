@@ -1,10 +1,11 @@
 """The metrics every service exposes, on a registry of its own (no process-global state), with
 the same names and labels in both services: `bagel_<service>_requests_total{code=...}` by final
-gRPC status code, and `bagel_<service>_phase_seconds{phase=...}`."""
+gRPC status code, `bagel_<service>_phase_seconds{phase=...}`, `bagel_<service>_model_load_seconds`
+and, on GPUs, `bagel_<service>_peak_memory_bytes{rank=...,kind="reserved"|"allocated"}`."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -23,6 +24,19 @@ class ServiceMetrics:
             "Wall time per phase of a request",
             ["phase"],
             buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.model_load_seconds = Gauge(
+            f"bagel_{service}_model_load_seconds",
+            "Seconds from the start of loading to serving (weights, and the diffusion ranks)",
+            registry=self.registry,
+        )
+        # Set by the service from torch.cuda's peak statistics (serving/ does not import torch).
+        self.peak_memory_bytes = Gauge(
+            f"bagel_{service}_peak_memory_bytes",
+            "Peak GPU memory of a rank since it started: reserved by the caching allocator, or "
+            "allocated to tensors",
+            ["rank", "kind"],
             registry=self.registry,
         )
         self._http = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -247,10 +248,13 @@ class GenerationParams:
             raise InvalidParams(f"cfg_interval={self.cfg_interval!r} must satisfy lo <= hi")
 
     @classmethod
-    def from_proto(cls, msg: params_pb2.GenerationParams) -> GenerationParams:
-        """Unset fields take the defaults above; an unset seed becomes a random one. Raises
-        InvalidParams for a value no field can hold (call `validate` for the model's limits)."""
-        values = fields_from_message(cls, msg)
+    def from_proto(
+        cls, msg: params_pb2.GenerationParams, defaults: Mapping[str, Any] | None = None
+    ) -> GenerationParams:
+        """Unset fields take `defaults` where given (e.g. an edit's), else the defaults above; an
+        unset seed becomes a random one. Raises InvalidParams for a value no field can hold (call
+        `validate` for the model's limits)."""
+        values = {**(defaults or {}), **fields_from_message(cls, msg)}
         if not msg.HasField("seed"):
             values["seed"] = secrets.randbelow(2**31)
         return cls(**values)

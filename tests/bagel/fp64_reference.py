@@ -120,3 +120,60 @@ def block_velocity(
         x = torch.where(is_gen[:, None], xg, xu)
     h = rms(x[1:-1], sd["language_model.model.norm_moe_gen.weight"])
     return h @ sd["llm2vae.weight"].T + sd["llm2vae.bias"]
+
+
+def context_prefill(
+    sd: dict,
+    pieces: list[tuple[str, Tensor]],
+    markers: tuple[int, int],
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    theta: float,
+):
+    """An edit context, appended piece by piece as the reference's `update_context_*` calls do:
+    ("text", token ids [n]) causal at one position per token; ("vae", latent tokens [n, 64] with
+    their table rows) and ("vit", connector outputs [n, hidden]) between the image markers, at one
+    position, non-causal. Returns per-layer (K, V) of the whole context."""
+    emb = sd["language_model.model.embed_tokens.weight"]
+    cache: list[tuple[Tensor, Tensor]] = []
+    position = 0
+    for kind, data in pieces:
+        if kind == "text":
+            x = emb[data]
+            n = x.shape[0]
+            pos = torch.arange(position, position + n)
+            own = torch.ones(n, n, dtype=torch.bool).tril()
+            is_gen = torch.zeros(n, dtype=torch.bool)
+            position += n
+        else:
+            if kind == "vae":
+                tokens, rows = data
+                body = tokens @ sd["vae2llm.weight"].T + sd["vae2llm.bias"]
+                body = body + timestep_embedding(sd, 0.0) + sd["latent_pos_embed.pos_embed"][rows]
+            else:
+                body = data
+            x = torch.cat([emb[markers[0]][None], body, emb[markers[1]][None]])
+            n = x.shape[0]
+            pos = torch.full((n,), position)
+            own = torch.ones(n, n, dtype=torch.bool)
+            is_gen = torch.zeros(n, dtype=torch.bool)
+            is_gen[1:-1] = kind == "vae"
+            position += 1
+        past = cache[0][0].shape[0] if cache else 0
+        allowed = torch.cat([torch.ones(n, past, dtype=torch.bool), own], dim=1)
+        new_cache = []
+        for i in range(layers):
+            qu, ku, vu = expert_qkv(sd, i, x, "", heads, kv_heads, pos, theta)
+            qg, kg, vg = expert_qkv(sd, i, x, "_moe_gen", heads, kv_heads, pos, theta)
+            sel = is_gen[:, None, None]
+            q, k, v = torch.where(sel, qg, qu), torch.where(sel, kg, ku), torch.where(sel, vg, vu)
+            pk, pv = cache[i] if cache else (k[:0], v[:0])
+            keys, values = torch.cat([pk, k]), torch.cat([pv, v])
+            new_cache.append((keys, values))
+            a = attend(q, keys, values, allowed)
+            xu = expert_out(sd, i, x, a, "")
+            xg = expert_out(sd, i, x, a, "_moe_gen")
+            x = torch.where(is_gen[:, None], xg, xu)
+        cache = new_cache
+    return cache

@@ -151,3 +151,11 @@ def test_fingerprint_is_stable_and_shape_sensitive(tiny_model_dir: Path):
     b = BagelConfig.from_dir(tiny_model_dir)
     assert a.fingerprint() == b.fingerprint()
     assert a.fingerprint() != BAGEL_7B.fingerprint()
+
+
+def test_an_unreadable_checkpoint_says_so_not_file_not_found(tiny_model_dir: Path, monkeypatch):
+    import bagel.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint.os, "access", lambda path, mode: False)
+    with pytest.raises(PermissionError, match="ema.safetensors is not readable by this user"):
+        load_bagel(tiny_model_dir, "prefill")

@@ -36,8 +36,10 @@ def test_the_help_names_the_program_its_commands_and_what_each_flag_does():
     [commands] = parser._subparsers._group_actions
     assert {c.dest: c.help for c in commands._choices_actions} == {
         "generate": "text to image; writes a PNG",
+        "edit": "image editing: INPUT (PNG or JPEG) changed as PROMPT says; writes a PNG",
         "health": "print the server's health; exit 0 iff SERVING",
     }
+    assert help_of(commands.choices["edit"])["input"] == ("the image to edit (PNG or JPEG)", None)
     generate = help_of(commands.choices["generate"])
     assert generate["output"] == (
         "PNG file to write (with --output-format latents: a .npy file of the fp32 latents)",
@@ -205,7 +207,10 @@ def test_the_timing_summary_puts_unknown_phases_last_and_the_client_in_ms():
     ]
 
 
-@pytest.mark.parametrize("command", [["health"], ["generate", "A cat", "-o", "x.png"]])
+@pytest.mark.parametrize(
+    "command",
+    [["health"], ["generate", "A cat", "-o", "x.png"], ["edit", "in.png", "A cat", "-o", "x.png"]],
+)
 def test_both_commands_take_the_connection_flags_with_their_help(command):
     [commands] = build_parser()._subparsers._group_actions
     flags = help_of(commands.choices[command[0]])
@@ -237,3 +242,27 @@ def test_connect_builds_the_client_from_every_connection_flag(monkeypatch, tmp_p
             },
         )
     ]
+
+
+def test_edit_sends_the_input_file_with_the_prompt_and_every_flag(fake, tmp_path, capsys):
+    image, out = tmp_path / "in.png", tmp_path / "out.png"
+    image.write_bytes(b"\x89PNG any bytes: the server checks them")
+    code = main(
+        ["edit", str(image), "make it blue", "-o", str(out), "--steps", "7", "--cfg-img", "1.75"]
+        + ["--server", fake.address]
+    )
+    assert code == 0, capsys.readouterr().err
+    [request] = fake.servicer.requests
+    assert request.prompt == "make it blue"
+    assert list(request.input_images) == [image.read_bytes()]
+    assert request.params.num_timesteps == 7 and request.params.cfg_img_scale == 1.75
+    assert not request.params.HasField("width")  # unset: the input's size
+    assert out.read_bytes().startswith(b"\x89PNG")
+
+
+def test_an_input_that_cannot_be_read_is_exit_2_naming_the_file(fake, tmp_path, capsys):
+    missing = tmp_path / "nope.png"
+    code = main(["edit", str(missing), "make it blue", "-o", str(tmp_path / "o.png")])
+    assert code == 2
+    assert f"cannot read {missing}" in capsys.readouterr().err
+    assert fake.servicer.requests == []

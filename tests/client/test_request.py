@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
+from PIL import Image
 
 from client import PARAM_NAMES, build_request
+from client.request import image_bytes
 from protos import CfgRenormType
 from serving.params import DBCache, GenerationParams
 from tests.serving.examples import EVERY_FIELD, fields_left_at_default
@@ -94,3 +98,17 @@ def test_cache_keyword_takes_a_policy_or_a_spec_string():
     assert GenerationParams.from_proto(from_spec).cache == policy
     with pytest.raises(TypeError):
         build_request("A cat", cache=3)
+
+
+def test_an_input_image_travels_as_bytes_from_bytes_a_path_or_a_pil_image(tmp_path):
+    raw = b"\x89PNG not checked here"
+    path = tmp_path / "in.png"
+    path.write_bytes(raw)
+    assert image_bytes(raw) == raw
+    assert image_bytes(path) == raw == image_bytes(str(path))
+    encoded = image_bytes(Image.new("RGB", (3, 2), (255, 0, 0)))
+    assert Image.open(io.BytesIO(encoded)).getpixel((2, 1)) == (255, 0, 0)
+    with pytest.raises(TypeError, match="bytes, a path or a PIL image"):
+        image_bytes(3)  # type: ignore[arg-type]
+    request = build_request("edit", input_images=[raw])
+    assert list(request.input_images) == [raw]

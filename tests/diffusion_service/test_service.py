@@ -354,6 +354,13 @@ def test_metrics_count_requests_steps_kv_bytes_and_phases(tiny_model_dir, pipeli
     )
     assert kv_bytes > 0
     assert 'bagel_diffusion_phase_seconds_count{phase="denoise"} 1.0' in text
+    load_s = next(
+        float(line.split()[1])
+        for line in text.splitlines()
+        if line.startswith("bagel_diffusion_model_load_seconds ")
+    )
+    assert load_s > 0
+    assert "bagel_diffusion_peak_memory_bytes{" not in text  # GPU ranks only
 
 
 # ---- hostile senders, bounded uploads, non-finite values, start and stop -------------------

@@ -65,7 +65,9 @@ def children_of(pid: int) -> list[int]:
 
 class ServiceProcess:
     """`python -m MODULE ARGS --listen 127.0.0.1:PORT` with its log in a temporary file. `tls`: how
-    to reach its health service when it serves TLS or mTLS (health needs no token)."""
+    to reach its health service when it serves TLS or mTLS (health needs no token);
+    `new_session`: start it in a process group of its own (`os.killpg(proc.pid, ...)` ends all of
+    it)."""
 
     def __init__(
         self,
@@ -74,6 +76,7 @@ class ServiceProcess:
         port: int | None = None,
         *,
         tls: ClientSecurity | None = None,
+        new_session: bool = False,
     ) -> None:
         self.tls = tls
         self.port = port or free_port()
@@ -86,6 +89,7 @@ class ServiceProcess:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=env,
+            start_new_session=new_session,
         )
 
     def log(self) -> str:

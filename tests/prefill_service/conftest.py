@@ -3,6 +3,7 @@ and in-process prefill servers (real gRPC on 127.0.0.1) over the tiny checkpoint
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -37,6 +38,17 @@ class InstrumentedSource:
     def plan(self, prompt: str, params: GenerationParams) -> PlannedKV:
         planned = self.inner.plan(prompt, params)
         return PlannedKV(planned.contexts, lambda: self._observed(planned.compute()))
+
+    @property
+    def supports_edits(self) -> bool:
+        return bool(getattr(self.inner, "supports_edits", False))
+
+    def edit_size(self, image):
+        return self.inner.edit_size(image)
+
+    def plan_edit(self, prompt: str, params: GenerationParams, image) -> PlannedKV:
+        planned = self.inner.plan_edit(prompt, params, image)
+        return dataclasses.replace(planned, compute=lambda: self._observed(planned.compute()))
 
     def _observed(self, layers: Iterator[LayerKV]) -> Iterator[LayerKV]:
         index = 0

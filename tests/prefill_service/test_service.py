@@ -328,6 +328,8 @@ def test_metrics_count_requests_and_kv_bytes(prefill, fake_diffusion, metrics_po
     assert ok and float(ok.group(1)) >= 1
     assert sent and float(sent.group(1)) > 0
     assert 'bagel_prefill_phase_seconds_count{phase="prefill"}' in text
+    load = re.search(r"^bagel_prefill_model_load_seconds (\S+)$", text, re.M)
+    assert load and float(load.group(1)) > 0
 
 
 def test_prefill_service_process_serves_and_stops_on_sigterm(tiny_model_dir, fake_diffusion):

@@ -25,25 +25,25 @@ _sym_db = _symbol_database.Default()
 from . import params_pb2 as bagel_dot_v1_dot_params__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x62\x61gel/v1/generate.proto\x12\x08\x62\x61gel.v1\x1a\x15\x62\x61gel/v1/params.proto\"u\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12*\n\x06params\x18\x02 \x01(\x0b\x32\x1a.bagel.v1.GenerationParams\x12\x17\n\nrequest_id\x18\x03 \x01(\tH\x00\x88\x01\x01\x42\r\n\x0b_request_id\"6\n\x08\x41\x63\x63\x65pted\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0equeue_position\x18\x02 \x01(\r\"=\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x13\n\x0btotal_steps\x18\x02 \x01(\r\x12\x0e\n\x06\x63\x61\x63hed\x18\x03 \x01(\x08\"\x9f\x02\n\x07Timings\x12\x17\n\nprefill_ms\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\nkv_send_ms\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x17\n\nreceive_ms\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x19\n\x0c\x62roadcast_ms\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x17\n\ndenoise_ms\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x16\n\tdecode_ms\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x15\n\x08total_ms\x18\x07 \x01(\x01H\x06\x88\x01\x01\x42\r\n\x0b_prefill_msB\r\n\x0b_kv_send_msB\r\n\x0b_receive_msB\x0f\n\r_broadcast_msB\r\n\x0b_denoise_msB\x0c\n\n_decode_msB\x0b\n\t_total_ms\"A\n\x05Image\x12\x0b\n\x03png\x18\x01 \x01(\x0c\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\x0c\n\x04seed\x18\x04 \x01(\x03\"4\n\x07Latents\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\r\x12\x0c\n\x04seed\x18\x03 \x01(\x03\"\xd6\x01\n\rGenerateEvent\x12&\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\x12.bagel.v1.AcceptedH\x00\x12&\n\x08progress\x18\x02 \x01(\x0b\x32\x12.bagel.v1.ProgressH\x00\x12$\n\x07timings\x18\x03 \x01(\x0b\x32\x11.bagel.v1.TimingsH\x00\x12 \n\x05image\x18\x04 \x01(\x0b\x32\x0f.bagel.v1.ImageH\x00\x12$\n\x07latents\x18\x05 \x01(\x0b\x32\x11.bagel.v1.LatentsH\x00\x42\x07\n\x05\x65ventb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x62\x61gel/v1/generate.proto\x12\x08\x62\x61gel.v1\x1a\x15\x62\x61gel/v1/params.proto\"\x8b\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12*\n\x06params\x18\x02 \x01(\x0b\x32\x1a.bagel.v1.GenerationParams\x12\x17\n\nrequest_id\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x14\n\x0cinput_images\x18\x04 \x03(\x0c\x42\r\n\x0b_request_id\"6\n\x08\x41\x63\x63\x65pted\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0equeue_position\x18\x02 \x01(\r\"=\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x13\n\x0btotal_steps\x18\x02 \x01(\r\x12\x0e\n\x06\x63\x61\x63hed\x18\x03 \x01(\x08\"\x9f\x02\n\x07Timings\x12\x17\n\nprefill_ms\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\nkv_send_ms\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x17\n\nreceive_ms\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x19\n\x0c\x62roadcast_ms\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x17\n\ndenoise_ms\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x16\n\tdecode_ms\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x15\n\x08total_ms\x18\x07 \x01(\x01H\x06\x88\x01\x01\x42\r\n\x0b_prefill_msB\r\n\x0b_kv_send_msB\r\n\x0b_receive_msB\x0f\n\r_broadcast_msB\r\n\x0b_denoise_msB\x0c\n\n_decode_msB\x0b\n\t_total_ms\"A\n\x05Image\x12\x0b\n\x03png\x18\x01 \x01(\x0c\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\x0c\n\x04seed\x18\x04 \x01(\x03\"4\n\x07Latents\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\r\x12\x0c\n\x04seed\x18\x03 \x01(\x03\"\xd6\x01\n\rGenerateEvent\x12&\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\x12.bagel.v1.AcceptedH\x00\x12&\n\x08progress\x18\x02 \x01(\x0b\x32\x12.bagel.v1.ProgressH\x00\x12$\n\x07timings\x18\x03 \x01(\x0b\x32\x11.bagel.v1.TimingsH\x00\x12 \n\x05image\x18\x04 \x01(\x0b\x32\x0f.bagel.v1.ImageH\x00\x12$\n\x07latents\x18\x05 \x01(\x0b\x32\x11.bagel.v1.LatentsH\x00\x42\x07\n\x05\x65ventb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'bagel.v1.generate_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GENERATEREQUEST']._serialized_start=60
-  _globals['_GENERATEREQUEST']._serialized_end=177
-  _globals['_ACCEPTED']._serialized_start=179
-  _globals['_ACCEPTED']._serialized_end=233
-  _globals['_PROGRESS']._serialized_start=235
-  _globals['_PROGRESS']._serialized_end=296
-  _globals['_TIMINGS']._serialized_start=299
-  _globals['_TIMINGS']._serialized_end=586
-  _globals['_IMAGE']._serialized_start=588
-  _globals['_IMAGE']._serialized_end=653
-  _globals['_LATENTS']._serialized_start=655
-  _globals['_LATENTS']._serialized_end=707
-  _globals['_GENERATEEVENT']._serialized_start=710
-  _globals['_GENERATEEVENT']._serialized_end=924
+  _globals['_GENERATEREQUEST']._serialized_start=61
+  _globals['_GENERATEREQUEST']._serialized_end=200
+  _globals['_ACCEPTED']._serialized_start=202
+  _globals['_ACCEPTED']._serialized_end=256
+  _globals['_PROGRESS']._serialized_start=258
+  _globals['_PROGRESS']._serialized_end=319
+  _globals['_TIMINGS']._serialized_start=322
+  _globals['_TIMINGS']._serialized_end=609
+  _globals['_IMAGE']._serialized_start=611
+  _globals['_IMAGE']._serialized_end=676
+  _globals['_LATENTS']._serialized_start=678
+  _globals['_LATENTS']._serialized_end=730
+  _globals['_GENERATEEVENT']._serialized_start=733
+  _globals['_GENERATEEVENT']._serialized_end=947
 # @@protoc_insertion_point(module_scope)

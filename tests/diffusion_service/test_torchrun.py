@@ -1,0 +1,92 @@
+"""The torchrun mode's pieces alone: reading torchrun's environment, checking the topology
+against its world, and the rendezvous store that keeps each restart's keys apart."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+import pytest
+import torch.distributed as dist
+
+from diffusion_service.parallel.config import ParallelConfig
+from diffusion_service.torchrun import TorchrunWorld, group_store, started_by_torchrun
+from tests.helpers.ranks import free_port
+
+NODE1_OF_2 = {  # what torchrun --nnodes 2 --nproc-per-node 2 sets for global rank 3
+    "RANK": "3",
+    "WORLD_SIZE": "4",
+    "LOCAL_RANK": "1",
+    "LOCAL_WORLD_SIZE": "2",
+    "GROUP_RANK": "1",
+    "GROUP_WORLD_SIZE": "2",
+    "MASTER_ADDR": "10.0.0.1",
+    "MASTER_PORT": "29500",
+    "TORCHELASTIC_RESTART_COUNT": "2",
+    "TORCHELASTIC_MAX_RESTARTS": "3",
+    "TORCHELASTIC_RUN_ID": "none",
+    "TORCHELASTIC_USE_AGENT_STORE": "True",
+}
+
+
+def test_the_world_is_read_from_torchruns_environment():
+    world = TorchrunWorld.from_env(NODE1_OF_2)
+    assert world == TorchrunWorld(
+        rank=3,
+        world_size=4,
+        local_rank=1,
+        local_world_size=2,
+        node_rank=1,
+        num_nodes=2,
+        restart_count=2,
+        max_restarts=3,
+        agent_store=True,
+    )
+    assert world.describe() == (
+        "rank 3 of 4 (node 1 of 2, local rank 1 of 2, restart 2 of at most 3)"
+    )
+    assert started_by_torchrun(NODE1_OF_2)
+    assert not started_by_torchrun({"RANK": "0", "WORLD_SIZE": "2"})
+
+
+def test_a_topology_that_does_not_fill_torchruns_world_is_refused_with_the_valid_ones():
+    world = TorchrunWorld.from_env(NODE1_OF_2)
+    world.check(ParallelConfig(ulysses=2, ring=2), num_heads=8, num_kv_heads=4)
+    with pytest.raises(ValueError) as err:
+        world.check(ParallelConfig(ulysses=2), num_heads=8, num_kv_heads=4)
+    message = str(err.value)
+    assert message.startswith(
+        "torchrun started 4 ranks (2 nodes x 2 per node), and --ulysses/--kv-gather x --ring x "
+        "--cfg-parallel must multiply to that: world size 4 does not equal"
+    )
+    assert "(cfg_parallel=1, ring=2, ulysses=2)" in message
+
+
+def test_rank_0_warns_when_restarts_across_nodes_share_torchruns_store(caplog):
+    rank0 = TorchrunWorld.from_env({**NODE1_OF_2, "RANK": "0", "LOCAL_RANK": "0"})
+    with caplog.at_level(logging.WARNING, "diffusion_service.torchrun"):
+        rank0.warn_about_restarts()
+        TorchrunWorld.from_env(NODE1_OF_2).warn_about_restarts()  # not rank 0: silent
+        TorchrunWorld.from_env(
+            {**NODE1_OF_2, "RANK": "0", "TORCHELASTIC_USE_AGENT_STORE": "False"}
+        ).warn_about_restarts()
+    assert len(caplog.records) == 1
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in caplog.records[0].getMessage()
+
+
+def test_each_restart_meets_in_keys_of_its_own_in_torchruns_store(monkeypatch):
+    port = free_port()
+    agent = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    first = TorchrunWorld.from_env({**NODE1_OF_2, "TORCHELASTIC_RESTART_COUNT": "0"})
+    second = TorchrunWorld.from_env({**NODE1_OF_2, "TORCHELASTIC_RESTART_COUNT": "1"})
+    timeout = timedelta(seconds=10)
+    group_store(first, timeout).set("rank_0", "address of a rank that died")
+    store = group_store(second, timeout)
+    assert store.check(["rank_0"]) is False  # the dead rank's key is not seen after a restart
+    store.set("rank_0", "new address")
+    assert agent.get("bagel/attempt_0/rank_0") == b"address of a rank that died"
+    assert agent.get("bagel/attempt_1/rank_0") == b"new address"
