@@ -152,6 +152,23 @@ def edit_segments(
     }
 
 
+def prefix_sources(contexts: Sequence[Sequence[Segment]]) -> list[int | None]:
+    """For each context, the longest other context that starts with it (its KV is then the
+    start of that one's), or None. An edit's `uncond_text` without a negative prompt is the
+    start of its `cond`."""
+    sources: list[int | None] = []
+    for i, c in enumerate(contexts):
+        longer = [
+            j
+            for j, other in enumerate(contexts)
+            if j != i and len(other) > len(c) and list(other[: len(c)]) == list(c)
+        ]
+        has_tokens = num_tokens(c) > 0
+        best = max(longer, key=lambda j: num_tokens(contexts[j]), default=None)
+        sources.append(best if has_tokens else None)
+    return sources
+
+
 def attention_mask(segments: Sequence[Segment], device: torch.device) -> Tensor:
     """`[L, L]` bool: every token sees all earlier segments, and within its own segment all
     tokens (image) or those up to itself (text)."""
@@ -254,14 +271,7 @@ class ContextEncoder:
         as that layer exists. A context that is the start of another is sliced from it, not
         recomputed (an edit's `uncond_text` is the start of its `cond`)."""
         contexts = [list(c) for c in contexts]
-        # Each context is computed by the longest context that starts with it (maybe itself).
-        source = [
-            max(
-                (j for j, other in enumerate(contexts) if other[: len(c)] == c),
-                key=lambda j: num_tokens(contexts[j]),
-            )
-            for c in contexts
-        ]
+        source = [i if j is None else j for i, j in enumerate(prefix_sources(contexts))]
         computed = sorted(set(source))
         images = (
             self.image_embeddings(image)

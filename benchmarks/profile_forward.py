@@ -5,6 +5,9 @@ profiles one eager forward with two branches and prints the GPU time per kernel 
 attention, norms, RoPE, elementwise, copies) and the top kernels.
 
     python -m benchmarks.profile_forward [--size 1024] [--top 25]
+
+`--compile` instead times the captured forward with every decoder layer's `forward_block` under
+`torch.compile` (the Triton kernels of `bagel.fused` kept), against the same forward without.
 """
 
 from __future__ import annotations
@@ -59,11 +62,34 @@ def time_replay(velocity: BlockVelocity, noise, branches, repeats: int = 10) -> 
     return start.elapsed_time(end) / repeats
 
 
+def compiled_times(model, contexts, pos_ids, noise, both) -> dict[str, float]:
+    """The captured forward with each layer's `forward_block` compiled (one compiled graph shared
+    by the 28 layers: same code, parameters as inputs)."""
+    import time
+
+    torch._dynamo.config.cache_size_limit = 64
+    for layer in model.layers:
+        layer.forward_block = torch.compile(layer.forward_block, dynamic=False)
+    started = time.perf_counter()
+    eager = BlockVelocity(model, contexts, pos_ids, MARKERS)
+    eager(noise, torch.tensor(0.9), both)  # compiles
+    torch.cuda.synchronize()
+    out = {"compile (s)": time.perf_counter() - started}
+    print(json.dumps(out), flush=True)
+    out["compiled eager, 2 branches (ms)"] = time_replay(eager, noise, both, repeats=3)
+    graphed = BlockVelocity(model, contexts, pos_ids, MARKERS, graphs=ForwardGraphs())
+    out["compiled graph, 2 branches (ms)"] = time_replay(graphed, noise, both)
+    return out
+
+
 @torch.no_grad()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument(
+        "--compile", action="store_true", help="time torch.compile'd layers, no profile"
+    )
     args = parser.parse_args()
     device = torch.device("cuda")
     model = random_model(BAGEL_7B, device, torch.bfloat16, 0)
@@ -79,6 +105,11 @@ def main() -> None:
         "graph, 2 branches (ms)": time_replay(graphed, noise, both),
         "graph, 1 branch (ms)": time_replay(graphed, noise, (Branch.COND,)),
     }
+    if args.compile:
+        print(json.dumps(times), flush=True)
+        times.update(compiled_times(model, contexts, pos_ids, noise, both))
+        print(json.dumps({"device": torch.cuda.get_device_name(0), "times_ms": times}))
+        return
     eager = BlockVelocity(model, contexts, pos_ids, MARKERS)
     times["eager, 2 branches (ms)"] = time_replay(eager, noise, both, repeats=3)
     for k, v in times.items():

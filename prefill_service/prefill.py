@@ -27,6 +27,7 @@ from bagel.contexts import (
     edit_segments,
     next_rope_position,
     num_tokens,
+    prefix_sources,
     prepare_edit_image,
 )
 from bagel.image_transforms import resized_size
@@ -159,9 +160,11 @@ class LanguageModelKV:
         segments = edit_segments(
             edit_image.segments(self.config), prompts[Branch.COND], prompts[Branch.UNCOND_TEXT]
         )
+        # A context that is the start of another travels as a reference to it, not as bytes.
+        sources = prefix_sources(list(segments.values()))
         contexts = tuple(
-            ContextSpec(int(kind), num_tokens(s), next_rope_position(s))
-            for kind, s in segments.items()
+            ContextSpec(int(kind), num_tokens(s), next_rope_position(s), source)
+            for (kind, s), source in zip(segments.items(), sources, strict=True)
         )
         text_tokens = tuple(
             sum(x.num_tokens for x in s if x.kind is SegmentKind.TEXT) for s in segments.values()

@@ -256,14 +256,18 @@ class FrameAssembler:
                 raise _contract(f"context {i} has unknown kind {kind}")
             if any(c.kind == kind for c in contexts):
                 raise _contract(f"context kind {_kind_name(kind)} appears more than once")
-            contexts.append(ContextSpec(kind, info.num_tokens, info.next_rope_position))
+            prefix_of = info.prefix_of if info.HasField("prefix_of") else None
+            contexts.append(ContextSpec(kind, info.num_tokens, info.next_rope_position, prefix_of))
         if not any(c.kind == kv_pb2.CONTEXT_KIND_COND for c in contexts):
             raise _contract("the header has no cond context")
         if not 0 < header.chunk_size <= MAX_CHUNK_SIZE:
             raise _contract(f"chunk size {header.chunk_size} is outside 1..{MAX_CHUNK_SIZE}")
-        return KVLayout(
-            dtype, header.num_layers, header.num_kv_heads, header.head_dim, tuple(contexts)
-        )
+        try:
+            return KVLayout(
+                dtype, header.num_layers, header.num_kv_heads, header.head_dim, tuple(contexts)
+            )
+        except ValueError as e:  # a prefix_of that cannot hold
+            raise _contract(str(e)) from None
 
     def _on_chunk(self, chunk: wire.ChunkFrame) -> None:
         if self._state is not _State.CHUNKS:

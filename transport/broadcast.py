@@ -27,8 +27,9 @@ from transport.layout import (
 
 HEADER_LEN = 32
 _MAGIC = 0x4B56_4341_4348_4531  # "KVCACHE1"
-_FIXED = 7  # magic, dtype, layers, heads, head_dim, contexts, total bytes; then 3 per context
-assert _FIXED + 3 * MAX_CONTEXTS <= HEADER_LEN
+_FIXED = 7  # magic, dtype, layers, heads, head_dim, contexts, total bytes; then per context:
+_PER_CONTEXT = 4  # kind, tokens, next RoPE position, prefix_of (-1: none)
+assert _FIXED + _PER_CONTEXT * MAX_CONTEXTS <= HEADER_LEN
 DEFAULT_TIMEOUT = timedelta(seconds=60)
 
 
@@ -46,7 +47,8 @@ def layout_to_tensor(layout: KVLayout) -> Tensor:
         layout.total_bytes,
     ]
     for c in layout.contexts:
-        values += [c.kind, c.num_tokens, c.next_rope_position]
+        prefix_of = -1 if c.prefix_of is None else c.prefix_of
+        values += [c.kind, c.num_tokens, c.next_rope_position, prefix_of]
     header = torch.zeros(HEADER_LEN, dtype=torch.int64)
     header[: len(values)] = torch.tensor(values, dtype=torch.int64)
     return header
@@ -56,14 +58,19 @@ def layout_from_tensor(header: Tensor) -> KVLayout:
     """Inverse of `layout_to_tensor`; raises TransportError on a header it did not write."""
     v = header.tolist()
     n = v[5] if len(v) == HEADER_LEN else 0
-    kinds = v[_FIXED : _FIXED + 3 * n : 3] if 0 < n <= MAX_CONTEXTS else []
+    end = _FIXED + _PER_CONTEXT * n
+    kinds = v[_FIXED:end:_PER_CONTEXT] if 0 < n <= MAX_CONTEXTS else []
     valid = kinds and v[0] == _MAGIC and v[1] in WIRE_TO_DTYPE and set(kinds) <= CONTEXT_KINDS
     if not valid:
         raise TransportError(Fault.CONTRACT, "broadcast header is not a KV layout header")
     contexts = tuple(
-        ContextSpec(v[i], v[i + 1], v[i + 2]) for i in range(_FIXED, _FIXED + 3 * n, 3)
+        ContextSpec(v[i], v[i + 1], v[i + 2], None if v[i + 3] < 0 else v[i + 3])
+        for i in range(_FIXED, end, _PER_CONTEXT)
     )
-    layout = KVLayout(WIRE_TO_DTYPE[v[1]], v[2], v[3], v[4], contexts)
+    try:
+        layout = KVLayout(WIRE_TO_DTYPE[v[1]], v[2], v[3], v[4], contexts)
+    except ValueError as e:
+        raise TransportError(Fault.CONTRACT, f"broadcast header: {e}") from None
     if layout.total_bytes != v[6]:
         raise TransportError(Fault.CONTRACT, "broadcast header total does not match its layout")
     return layout

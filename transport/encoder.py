@@ -53,6 +53,7 @@ class KVEncoder:
                     kind=c.kind,
                     num_tokens=c.num_tokens,
                     next_rope_position=c.next_rope_position,
+                    prefix_of=c.prefix_of,
                 )
                 for c in layout.contexts
             ],
@@ -74,6 +75,9 @@ class KVEncoder:
             raise ValueError(f"expected K/V for {len(self.layout.contexts)} contexts")
         for ci, (k, v) in enumerate(pairs):
             self.layout.check_pair(ci, layer, k, v)
+            source = self.layout.contexts[ci].prefix_of
+            if source is not None:
+                check_prefix(ci, layer, (k, v), pairs[source])
         self._layers_done.add(layer)
         for ci, (k, v) in enumerate(pairs):
             for kv, tensor in ((KEY, k), (VALUE, v)):
@@ -103,6 +107,22 @@ class KVEncoder:
             )
             self.bytes_copied += len(piece)
             yield b"".join((prefix, piece))
+
+
+def check_prefix(
+    context: int, layer: int, pair: tuple[Tensor, Tensor], source: tuple[Tensor, Tensor]
+) -> None:
+    """A context sent as a prefix of another must be one: the receiver rebuilds it from the
+    other's first tokens. A view into the other's memory passes at once; anything else is
+    compared value by value."""
+    for name, mine, theirs in zip("KV", pair, source, strict=True):
+        head = theirs[: mine.shape[0]]
+        same_memory = mine.data_ptr() == head.data_ptr() and mine.stride() == head.stride()
+        if not (same_memory or torch.equal(mine, head)):
+            raise ValueError(
+                f"context {context} layer {layer} {name} is declared a prefix of another "
+                "context but differs from its first tokens"
+            )
 
 
 def encode_layers(

@@ -1,7 +1,9 @@
 """The KV cache as the transport sees it, and where every byte of it lives in the flat payload.
 
 Payload order: context, layer, K then V; each tensor contiguous `[tokens, kv_heads, head_dim]`,
-little-endian. A `KVLayout` turns a header's numbers into byte ranges and tensor views. A context
+little-endian. A context that is the start of another (`prefix_of`) takes no payload: its views are
+the first tokens of the other's. A `KVLayout` turns a header's numbers into byte ranges and tensor
+views. A context
 is named by its wire kind (`bagel.v1.ContextKind`, an int); the transport holds no context type of
 its own: it reads any object with `keys`, `values` and `next_rope_position` (the model's
 `ContextKV`) and hands out per-context tensor views.
@@ -54,6 +56,7 @@ class ContextSpec:
     kind: int
     num_tokens: int
     next_rope_position: int
+    prefix_of: int | None = None  # index of the context whose first tokens these are
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,30 @@ class KVLayout:
                 layout.check_pair(ci, layer, ctx.keys[layer], ctx.values[layer])
         return layout
 
+    def __post_init__(self) -> None:
+        problem = self.prefix_problem()
+        if problem is not None:
+            raise ValueError(problem)
+
+    def prefix_problem(self) -> str | None:
+        """Why the contexts' `prefix_of` references cannot hold, or None: each names another
+        context that is not itself a prefix and has at least as many tokens."""
+        for i, c in enumerate(self.contexts):
+            j = c.prefix_of
+            if j is None:
+                continue
+            if not 0 <= j < len(self.contexts) or j == i:
+                return f"context {i} is a prefix of context {j}, which is not another context"
+            source = self.contexts[j]
+            if source.prefix_of is not None:
+                return f"context {i} is a prefix of context {j}, itself a prefix"
+            if source.num_tokens < c.num_tokens:
+                return (
+                    f"context {i} ({c.num_tokens} tokens) is a prefix of context {j}, which has "
+                    f"only {source.num_tokens}"
+                )
+        return None
+
     def check_pair(self, context: int, layer: int, k: Tensor, v: Tensor) -> None:
         """Raise ValueError unless k and v have this layout's shape and dtype for `context`."""
         shape = (self.contexts[context].num_tokens, self.num_kv_heads, self.head_dim)
@@ -135,8 +162,10 @@ class KVLayout:
         return self.dtype.itemsize
 
     def tensor_bytes(self, context: int) -> int:
-        """Bytes of one K (or V) tensor of `context`."""
+        """Payload bytes of one K (or V) tensor of `context`: none for a prefix of another."""
         spec = self.contexts[context]
+        if spec.prefix_of is not None:
+            return 0
         return spec.num_tokens * self.num_kv_heads * self.head_dim * self.element_size
 
     @cached_property
@@ -165,7 +194,7 @@ class KVLayout:
             raise ValueError(f"flat buffer must be uint8 [{self.total_bytes}]")
         shaped = flat.view(self.dtype) if flat.numel() else flat.new_empty(0, dtype=self.dtype)
         step = self.element_size
-        out = []
+        pairs_of = []
         for ci, spec in enumerate(self.contexts):
             shape = (spec.num_tokens, self.num_kv_heads, self.head_dim)
             pairs = []
@@ -173,8 +202,15 @@ class KVLayout:
                 tensors = []
                 for layer in range(self.num_layers):
                     start, end = self.segment(ci, layer, kv)
-                    tensors.append(shaped[start // step : end // step].view(shape))
+                    if spec.prefix_of is None:
+                        tensors.append(shaped[start // step : end // step].view(shape))
                 pairs.append(tensors)
+            pairs_of.append(pairs)
+        out = []
+        for spec, pairs in zip(self.contexts, pairs_of, strict=True):
+            if spec.prefix_of is not None:
+                source = pairs_of[spec.prefix_of]
+                pairs = [[t[: spec.num_tokens] for t in source[kv]] for kv in (KEY, VALUE)]
             out.append(ContextViews(spec, pairs[KEY], pairs[VALUE]))
         return out
 

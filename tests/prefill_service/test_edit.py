@@ -112,6 +112,30 @@ def test_the_three_edit_contexts_arrive_equal_to_the_in_process_ones(
     assert sizes[Branch.COND] > sizes[Branch.UNCOND_TEXT] > sizes[Branch.UNCOND_IMG]
 
 
+def test_without_a_negative_prompt_uncond_text_travels_as_the_start_of_cond(
+    edit_prefill, fake_diffusion, pipeline
+):
+    image = png(90, 60, seed=4)
+    with BagelClient(edit_prefill.address, timeout=60) as client:
+        client.edit(image, "make it red", seed=2)
+    [call] = fake_diffusion.calls
+    cond, text, img = call.header.contexts
+    assert text.HasField("prefix_of") and text.prefix_of == 0
+    assert not cond.HasField("prefix_of") and not img.HasField("prefix_of")
+    llm = pipeline.config.llm
+    per_token = 2 * llm.num_layers * llm.num_kv_heads * llm.head_dim * 4  # K and V in fp32
+    assert call.header.total_bytes == (cond.num_tokens + img.num_tokens) * per_token
+    expected = pipeline.edit_contexts(
+        pipeline.edit_image(Image.open(io.BytesIO(image)), RULES), "make it red"
+    )
+    for got in call.received.cache.contexts:
+        want = expected[Branch(got.kind)]
+        assert got.num_tokens == want.num_tokens
+        for layer in range(len(want.keys)):
+            assert torch.equal(got.keys[layer], want.keys[layer])
+            assert torch.equal(got.values[layer], want.values[layer])
+
+
 def test_an_edit_defaults_to_the_inputs_resized_size_and_the_editing_cfg(
     edit_prefill, fake_diffusion
 ):

@@ -25,27 +25,27 @@ _sym_db = _symbol_database.Default()
 from . import params_pb2 as bagel_dot_v1_dot_params__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11\x62\x61gel/v1/kv.proto\x12\x08\x62\x61gel.v1\x1a\x15\x62\x61gel/v1/params.proto\"b\n\x0b\x43ontextInfo\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.bagel.v1.ContextKind\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x1a\n\x12next_rope_position\x18\x03 \x01(\r\"\xad\x02\n\x08KVHeader\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12*\n\x06params\x18\x03 \x01(\x0b\x32\x1a.bagel.v1.GenerationParams\x12\x19\n\x11model_fingerprint\x18\x04 \x01(\t\x12\x1e\n\x05\x64type\x18\x05 \x01(\x0e\x32\x0f.bagel.v1.DType\x12\x12\n\nnum_layers\x18\x06 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x07 \x01(\r\x12\x10\n\x08head_dim\x18\x08 \x01(\r\x12\'\n\x08\x63ontexts\x18\t \x03(\x0b\x32\x15.bagel.v1.ContextInfo\x12\x13\n\x0btotal_bytes\x18\n \x01(\x04\x12\x12\n\nchunk_size\x18\x0b \x01(\r\"{\n\x07KVChunk\x12\x0f\n\x07\x63ontext\x18\x01 \x01(\r\x12\r\n\x05layer\x18\x02 \x01(\r\x12\"\n\x06tensor\x18\x03 \x01(\x0e\x32\x12.bagel.v1.KVTensor\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0e\n\x06\x63rc32c\x18\x05 \x01(\x07\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\"8\n\tKVTrailer\x12\x13\n\x0b\x63hunk_count\x18\x01 \x01(\r\x12\x16\n\x0epayload_crc32c\x18\x02 \x01(\x07\"\x8b\x01\n\x0e\x44iffusionFrame\x12$\n\x06header\x18\x01 \x01(\x0b\x32\x12.bagel.v1.KVHeaderH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.bagel.v1.KVChunkH\x00\x12&\n\x07trailer\x18\x03 \x01(\x0b\x32\x13.bagel.v1.KVTrailerH\x00\x42\x07\n\x05\x66rame*N\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0e\n\nDTYPE_BF16\x10\x01\x12\x0e\n\nDTYPE_FP16\x10\x02\x12\x0e\n\nDTYPE_FP32\x10\x03*}\n\x0b\x43ontextKind\x12\x1c\n\x18\x43ONTEXT_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43ONTEXT_KIND_COND\x10\x01\x12\x1c\n\x18\x43ONTEXT_KIND_UNCOND_TEXT\x10\x02\x12\x1b\n\x17\x43ONTEXT_KIND_UNCOND_IMG\x10\x03*M\n\x08KVTensor\x12\x19\n\x15KV_TENSOR_UNSPECIFIED\x10\x00\x12\x11\n\rKV_TENSOR_KEY\x10\x01\x12\x13\n\x0fKV_TENSOR_VALUE\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11\x62\x61gel/v1/kv.proto\x12\x08\x62\x61gel.v1\x1a\x15\x62\x61gel/v1/params.proto\"\x88\x01\n\x0b\x43ontextInfo\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.bagel.v1.ContextKind\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x1a\n\x12next_rope_position\x18\x03 \x01(\r\x12\x16\n\tprefix_of\x18\x04 \x01(\rH\x00\x88\x01\x01\x42\x0c\n\n_prefix_of\"\xad\x02\n\x08KVHeader\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12*\n\x06params\x18\x03 \x01(\x0b\x32\x1a.bagel.v1.GenerationParams\x12\x19\n\x11model_fingerprint\x18\x04 \x01(\t\x12\x1e\n\x05\x64type\x18\x05 \x01(\x0e\x32\x0f.bagel.v1.DType\x12\x12\n\nnum_layers\x18\x06 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x07 \x01(\r\x12\x10\n\x08head_dim\x18\x08 \x01(\r\x12\'\n\x08\x63ontexts\x18\t \x03(\x0b\x32\x15.bagel.v1.ContextInfo\x12\x13\n\x0btotal_bytes\x18\n \x01(\x04\x12\x12\n\nchunk_size\x18\x0b \x01(\r\"{\n\x07KVChunk\x12\x0f\n\x07\x63ontext\x18\x01 \x01(\r\x12\r\n\x05layer\x18\x02 \x01(\r\x12\"\n\x06tensor\x18\x03 \x01(\x0e\x32\x12.bagel.v1.KVTensor\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0e\n\x06\x63rc32c\x18\x05 \x01(\x07\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\"8\n\tKVTrailer\x12\x13\n\x0b\x63hunk_count\x18\x01 \x01(\r\x12\x16\n\x0epayload_crc32c\x18\x02 \x01(\x07\"\x8b\x01\n\x0e\x44iffusionFrame\x12$\n\x06header\x18\x01 \x01(\x0b\x32\x12.bagel.v1.KVHeaderH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.bagel.v1.KVChunkH\x00\x12&\n\x07trailer\x18\x03 \x01(\x0b\x32\x13.bagel.v1.KVTrailerH\x00\x42\x07\n\x05\x66rame*N\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0e\n\nDTYPE_BF16\x10\x01\x12\x0e\n\nDTYPE_FP16\x10\x02\x12\x0e\n\nDTYPE_FP32\x10\x03*}\n\x0b\x43ontextKind\x12\x1c\n\x18\x43ONTEXT_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43ONTEXT_KIND_COND\x10\x01\x12\x1c\n\x18\x43ONTEXT_KIND_UNCOND_TEXT\x10\x02\x12\x1b\n\x17\x43ONTEXT_KIND_UNCOND_IMG\x10\x03*M\n\x08KVTensor\x12\x19\n\x15KV_TENSOR_UNSPECIFIED\x10\x00\x12\x11\n\rKV_TENSOR_KEY\x10\x01\x12\x13\n\x0fKV_TENSOR_VALUE\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'bagel.v1.kv_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=783
-  _globals['_DTYPE']._serialized_end=861
-  _globals['_CONTEXTKIND']._serialized_start=863
-  _globals['_CONTEXTKIND']._serialized_end=988
-  _globals['_KVTENSOR']._serialized_start=990
-  _globals['_KVTENSOR']._serialized_end=1067
-  _globals['_CONTEXTINFO']._serialized_start=54
-  _globals['_CONTEXTINFO']._serialized_end=152
-  _globals['_KVHEADER']._serialized_start=155
-  _globals['_KVHEADER']._serialized_end=456
-  _globals['_KVCHUNK']._serialized_start=458
-  _globals['_KVCHUNK']._serialized_end=581
-  _globals['_KVTRAILER']._serialized_start=583
-  _globals['_KVTRAILER']._serialized_end=639
-  _globals['_DIFFUSIONFRAME']._serialized_start=642
-  _globals['_DIFFUSIONFRAME']._serialized_end=781
+  _globals['_DTYPE']._serialized_start=822
+  _globals['_DTYPE']._serialized_end=900
+  _globals['_CONTEXTKIND']._serialized_start=902
+  _globals['_CONTEXTKIND']._serialized_end=1027
+  _globals['_KVTENSOR']._serialized_start=1029
+  _globals['_KVTENSOR']._serialized_end=1106
+  _globals['_CONTEXTINFO']._serialized_start=55
+  _globals['_CONTEXTINFO']._serialized_end=191
+  _globals['_KVHEADER']._serialized_start=194
+  _globals['_KVHEADER']._serialized_end=495
+  _globals['_KVCHUNK']._serialized_start=497
+  _globals['_KVCHUNK']._serialized_end=620
+  _globals['_KVTRAILER']._serialized_start=622
+  _globals['_KVTRAILER']._serialized_end=678
+  _globals['_DIFFUSIONFRAME']._serialized_start=681
+  _globals['_DIFFUSIONFRAME']._serialized_end=820
 # @@protoc_insertion_point(module_scope)
