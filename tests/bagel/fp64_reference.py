@@ -83,6 +83,33 @@ def timestep_embedding(sd: dict, t: float) -> Tensor:
     return h @ sd["time_embedder.mlp.2.weight"].T + sd["time_embedder.mlp.2.bias"]
 
 
+def mixed_layer(
+    sd: dict,
+    i: int,
+    x: Tensor,
+    is_gen: Tensor,
+    pos: Tensor,
+    past_kv: tuple[Tensor, Tensor] | None,
+    allowed: Tensor,
+    heads: int,
+    kv_heads: int,
+    theta: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Layer `i` over tokens `x` of which `is_gen` take the gen expert and the rest the und
+    expert, attending as `allowed` [n, past + n] says to the past K/V and their own. Returns
+    (output, all keys, all values)."""
+    qu, ku, vu = expert_qkv(sd, i, x, "", heads, kv_heads, pos, theta)
+    qg, kg, vg = expert_qkv(sd, i, x, "_moe_gen", heads, kv_heads, pos, theta)
+    sel = is_gen[:, None, None]
+    q, k, v = torch.where(sel, qg, qu), torch.where(sel, kg, ku), torch.where(sel, vg, vu)
+    pk, pv = past_kv if past_kv is not None else (k[:0], v[:0])
+    keys, values = torch.cat([pk, k]), torch.cat([pv, v])
+    a = attend(q, keys, values, allowed)
+    xu = expert_out(sd, i, x, a, "")
+    xg = expert_out(sd, i, x, a, "_moe_gen")
+    return torch.where(is_gen[:, None], xg, xu), keys, values
+
+
 def block_velocity(
     sd: dict,
     cache: list[tuple[Tensor, Tensor]],
@@ -106,18 +133,11 @@ def block_velocity(
     is_gen = torch.zeros(n + 2, dtype=torch.bool)
     is_gen[1:-1] = True
     pos = torch.full((n + 2,), position)
+    past = cache[0][0].shape[0] if cache else 0
+    allowed = torch.ones(n + 2, past + n + 2, dtype=torch.bool)
     for i in range(layers):
-        qu, ku, vu = expert_qkv(sd, i, x, "", heads, kv_heads, pos, theta)
-        qg, kg, vg = expert_qkv(sd, i, x, "_moe_gen", heads, kv_heads, pos, theta)
-        sel = is_gen[:, None, None]
-        q, k, v = torch.where(sel, qg, qu), torch.where(sel, kg, ku), torch.where(sel, vg, vu)
-        pk, pv = cache[i] if cache else (k[:0], v[:0])
-        keys, values = torch.cat([pk, k]), torch.cat([pv, v])
-        allowed = torch.ones(n + 2, keys.shape[0], dtype=torch.bool)
-        a = attend(q, keys, values, allowed)
-        xu = expert_out(sd, i, x, a, "")
-        xg = expert_out(sd, i, x, a, "_moe_gen")
-        x = torch.where(is_gen[:, None], xg, xu)
+        past_kv = cache[i] if cache else None
+        x, _, _ = mixed_layer(sd, i, x, is_gen, pos, past_kv, allowed, heads, kv_heads, theta)
     h = rms(x[1:-1], sd["language_model.model.norm_moe_gen.weight"])
     return h @ sd["llm2vae.weight"].T + sd["llm2vae.bias"]
 
@@ -164,16 +184,10 @@ def context_prefill(
         allowed = torch.cat([torch.ones(n, past, dtype=torch.bool), own], dim=1)
         new_cache = []
         for i in range(layers):
-            qu, ku, vu = expert_qkv(sd, i, x, "", heads, kv_heads, pos, theta)
-            qg, kg, vg = expert_qkv(sd, i, x, "_moe_gen", heads, kv_heads, pos, theta)
-            sel = is_gen[:, None, None]
-            q, k, v = torch.where(sel, qg, qu), torch.where(sel, kg, ku), torch.where(sel, vg, vu)
-            pk, pv = cache[i] if cache else (k[:0], v[:0])
-            keys, values = torch.cat([pk, k]), torch.cat([pv, v])
+            past_kv = cache[i] if cache else None
+            x, keys, values = mixed_layer(
+                sd, i, x, is_gen, pos, past_kv, allowed, heads, kv_heads, theta
+            )
             new_cache.append((keys, values))
-            a = attend(q, keys, values, allowed)
-            xu = expert_out(sd, i, x, a, "")
-            xg = expert_out(sd, i, x, a, "_moe_gen")
-            x = torch.where(is_gen[:, None], xg, xu)
         cache = new_cache
     return cache
