@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 
 import torch
 import torch.distributed as dist
@@ -52,6 +52,13 @@ def load_rank_model(settings: ServiceSettings, rank: int) -> tuple[Bagel, tuple[
     return model, (tokenizer.start_of_image, tokenizer.end_of_image)
 
 
+def keep_gloo_on_loopback(env: MutableMapping[str, str] = os.environ) -> None:
+    """Our own ranks all live on this host: their gloo traffic (the control group, and the whole
+    group on CPUs) stays on the loopback unless the operator named an interface. Left alone, gloo
+    takes the address the hostname resolves to, which can be a private or unreachable one."""
+    env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+
+
 def join_group(
     settings: ServiceSettings,
     rank: int,
@@ -67,6 +74,7 @@ def join_group(
         meet = {"store": group_store(TorchrunWorld.from_env(), settings.collective_timeout)}
     else:
         meet = {"init_method": init_method}
+        keep_gloo_on_loopback()
     dist.init_process_group(
         backend,
         **meet,

@@ -302,13 +302,18 @@ async def _events(call: grpc.Call) -> AsyncIterator[GenerateEvent]:
         yield item
 
 
-def with_prefill_timings(timings: Timings, prefill_ms: float, stats: SendStats) -> Timings:
-    """`timings` plus this service's phases: the KV compute and the send window."""
+def with_prefill_timings(
+    timings: Timings, prefill_ms: float, stats: SendStats, started: float | None = None
+) -> Timings:
+    """`timings` plus this service's phases: the KV compute, the send window and, from
+    `started` (a `time.perf_counter()` reading when the request arrived), the total so far."""
     merged = Timings()
     merged.CopyFrom(timings)
     merged.prefill_ms = prefill_ms
     if stats.send_s is not None:
         merged.kv_send_ms = stats.send_s * 1000
+    if started is not None:
+        merged.total_ms = (time.perf_counter() - started) * 1000
     return merged
 
 
@@ -319,6 +324,7 @@ async def relay(
     time_remaining: Callable[[], float | None],
     prefill: PrefillStats,
     sent: SendStats,
+    started: float | None = None,
 ) -> AsyncIterator[GenerateEvent]:
     """Stream the frames of `batches` to the diffusion service (computing them as gRPC pulls them)
     and yield its events, with this service's `prefill_ms` and `kv_send_ms` added to the Timings
@@ -328,14 +334,16 @@ async def relay(
     service is raised as a ServiceError with the same code and message, a failure of the KV
     computation as itself; ending the iteration early (client cancel or deadline) cancels the
     downstream call and stops the computation. `time_remaining()` is the caller's remaining
-    deadline in seconds (None: no deadline)."""
+    deadline in seconds (None: no deadline); `started` (when the request arrived) gives the
+    Timings event its `total_ms`."""
     await link.connect(time_remaining())
     feed = FrameFeed(batches, sent)
     call = link.open_call(iter(feed), time_remaining())
     feed.attach(call)
 
     def timings(base: Timings) -> GenerateEvent:
-        return GenerateEvent(timings=with_prefill_timings(base, prefill.compute_s * 1000, sent))
+        merged = with_prefill_timings(base, prefill.compute_s * 1000, sent, started)
+        return GenerateEvent(timings=merged)
 
     timings_sent = False
     try:

@@ -122,6 +122,7 @@ class PrefillServicer(service_pb2_grpc.PrefillServicer):
                     time_remaining=context.time_remaining,
                     prefill=prefill,
                     sent=sent,
+                    started=started,
                 ):
                     yield event
             code = grpc.StatusCode.OK

@@ -90,3 +90,14 @@ def test_each_restart_meets_in_keys_of_its_own_in_torchruns_store(monkeypatch):
     store.set("rank_0", "new address")
     assert agent.get("bagel/attempt_0/rank_0") == b"address of a rank that died"
     assert agent.get("bagel/attempt_1/rank_0") == b"new address"
+
+
+def test_our_own_ranks_keep_gloo_on_the_loopback_unless_the_operator_chose():
+    from diffusion_service.ranks import keep_gloo_on_loopback
+
+    env: dict[str, str] = {}
+    keep_gloo_on_loopback(env)
+    assert env == {"GLOO_SOCKET_IFNAME": "lo"}
+    chosen = {"GLOO_SOCKET_IFNAME": "eth1"}
+    keep_gloo_on_loopback(chosen)
+    assert chosen == {"GLOO_SOCKET_IFNAME": "eth1"}

@@ -128,12 +128,17 @@ def test_layers_stream_while_prefill_still_computes(prefill, fake_diffusion, lm_
 
 
 def test_events_are_relayed_in_order_with_prefill_timings_added(prefill, fake_diffusion):
+    started = time.perf_counter()
     with BagelClient(prefill.address, timeout=30) as client:
         events = list(client.stream("A red apple", seed=7, **SMALL))
+    wall_ms = (time.perf_counter() - started) * 1000
     kinds = [e.WhichOneof("event") for e in events]
     assert kinds == ["accepted", "progress", "progress", "progress", "timings", "image"]
     timings = events[4].timings
     assert timings.prefill_ms > 0 and timings.kv_send_ms > 0
+    # the front door's own total: past its prefill and send, within the client's wall time
+    assert timings.prefill_ms < timings.total_ms < wall_ms
+    assert timings.kv_send_ms < timings.total_ms
     assert timings.receive_ms == 1.5 and timings.decode_ms == 0.5  # the diffusion side's, as sent
     assert events[5].image.seed == 7 and events[5].image.width == 64
 
