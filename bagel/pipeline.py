@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -84,7 +85,7 @@ class Pipeline:
     def context_encoder(self) -> ContextEncoder:
         """Image-edit contexts; the ViT is loaded on first use."""
         if self._context_encoder is None:
-            vit = load_vit(self.model_dir, self.dtype, self.device)
+            vit = load_vit(self.model_dir, self.dtype, self.device, self.vit_config)
             self._context_encoder = ContextEncoder(
                 self.model, vit, self.autoencoder, self.tokenizer
             )
@@ -92,9 +93,13 @@ class Pipeline:
 
     def edit_image(self, image: Image.Image, rules: EditResize | None = None) -> EditImage:
         """`image` resized for an edit (the reference's rules unless `rules` says otherwise)."""
-        if rules is None:
-            rules = EditResize.reference(self.config, ViTConfig.from_dir(self.model_dir))
-        return prepare_edit_image(image, rules)
+        return prepare_edit_image(
+            image, rules or EditResize.reference(self.config, self.vit_config)
+        )
+
+    @cached_property
+    def vit_config(self) -> ViTConfig:
+        return ViTConfig.from_dir(self.model_dir)
 
     @property
     def marker_ids(self) -> tuple[int, int]:
@@ -108,9 +113,9 @@ class Pipeline:
         self, image: EditImage, prompt: str, negative_prompt: str = ""
     ) -> dict[Branch, ContextKV]:
         """An edit's three contexts (`bagel.contexts.edit_segments`), prefilled."""
-        negative = self.tokenizer.encode_prompt(negative_prompt) if negative_prompt else []
+        prompts = cfg_prompts(self.tokenizer, prompt, negative_prompt)
         segments = edit_segments(
-            image.segments(self.config), self.tokenizer.encode_prompt(prompt), negative
+            image.segments(self.config), prompts[Branch.COND], prompts[Branch.UNCOND_TEXT]
         )
         return self.context_encoder.prefill(segments, image)
 

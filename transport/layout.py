@@ -194,17 +194,15 @@ class KVLayout:
             raise ValueError(f"flat buffer must be uint8 [{self.total_bytes}]")
         shaped = flat.view(self.dtype) if flat.numel() else flat.new_empty(0, dtype=self.dtype)
         step = self.element_size
-        pairs_of = []
+        pairs_of: list[list[list[Tensor]]] = []
         for ci, spec in enumerate(self.contexts):
-            shape = (spec.num_tokens, self.num_kv_heads, self.head_dim)
-            pairs = []
-            for kv in (KEY, VALUE):
-                tensors = []
-                for layer in range(self.num_layers):
-                    start, end = self.segment(ci, layer, kv)
-                    if spec.prefix_of is None:
-                        tensors.append(shaped[start // step : end // step].view(shape))
-                pairs.append(tensors)
+            pairs: list[list[Tensor]] = [[], []]
+            if spec.prefix_of is None:  # a prefix is filled from its source below
+                shape = (spec.num_tokens, self.num_kv_heads, self.head_dim)
+                for kv in (KEY, VALUE):
+                    for layer in range(self.num_layers):
+                        start, end = self.segment(ci, layer, kv)
+                        pairs[kv].append(shaped[start // step : end // step].view(shape))
             pairs_of.append(pairs)
         out = []
         for spec, pairs in zip(self.contexts, pairs_of, strict=True):
