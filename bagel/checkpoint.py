@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -32,6 +32,7 @@ from bagel.vit import ImageContextEncoder, ViTConfig
 Role = Literal["prefill", "diffusion"]
 
 EMA_FILE = "ema.safetensors"
+EMBED_KEY = "language_model.model.embed_tokens.weight"
 
 # In the file, never needed for text-to-image.
 UNUSED_PREFIXES = ("vit_model.", "connector.", "vit_pos_embed.", "language_model.lm_head.")
@@ -64,13 +65,16 @@ def load_state(
     device: torch.device | str,
     convert: Callable[[str, torch.Tensor], dict[str, torch.Tensor]] | None = None,
     restructure: Callable[[nn.Module], object] | None = None,
+    rows: Mapping[str, Sequence[int]] | None = None,
 ) -> None:
     """Fill `module` (typically built on the meta device) from the wanted keys of `path`.
 
     Keys are checked against `module` as built. With `convert`, each tensor becomes, as soon as
     it is read, the tensors `restructure(module)` holds in its place (FP8 weights and their
-    scales: `bagel.fp8`), so no full-precision copy of the whole state is ever held.
+    scales: `bagel.fp8`), so no full-precision copy of the whole state is ever held. Of a key in
+    `rows` only those rows (sorted) leave the file; `restructure` shrinks the module to match.
     """
+    rows = rows or {}
     expected = {name: tuple(t.shape) for name, t in module.state_dict().items()}
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file {path} not found")
@@ -93,7 +97,12 @@ def load_state(
             raise CheckpointError("\n".join(lines))
         state: dict[str, torch.Tensor] = {}
         for name in expected:
-            tensor = f.get_tensor(name).to(device=device, dtype=dtype)
+            if name in rows:
+                table = f.get_slice(name)
+                tensor = torch.cat([table[r : r + 1] for r in sorted(set(rows[name]))])
+            else:
+                tensor = f.get_tensor(name)
+            tensor = tensor.to(device=device, dtype=dtype)
             state.update(convert(name, tensor) if convert else {name: tensor})
     if restructure is not None:
         restructure(module)
@@ -109,11 +118,14 @@ def load_bagel(
     device: torch.device | str = "cpu",
     config: BagelConfig | None = None,
     linear_precision: LinearPrecision = "bf16",
+    token_rows: Sequence[int] | None = None,
 ) -> Bagel:
     """The language model and generation heads a role needs, from `ema.safetensors`.
 
     `linear_precision="fp8"` (diffusion role only) quantizes the decoder's linear weights to
-    e4m3 as they are read (`bagel.fp8`); "bf16" keeps every weight in `dtype`.
+    e4m3 as they are read (`bagel.fp8`); "bf16" keeps every weight in `dtype`. `token_rows`
+    keeps only those rows of the token embedding table (`TokenRows`): a diffusion rank embeds
+    the two image markers and nothing else, and need not hold 1 GiB of vocabulary.
     """
     if linear_precision not in LINEAR_PRECISIONS:
         raise ValueError(f"linear precision {linear_precision!r}: one of {LINEAR_PRECISIONS}")
@@ -126,8 +138,30 @@ def load_bagel(
         if role != "diffusion":
             raise ValueError("FP8 linear layers are for the diffusion role")
         convert, restructure = state_quantizer(quantized_weight_names(model)), use_fp8_linears
-    load_state(model, model_dir / EMA_FILE, ema_keys_for(role), dtype, device, convert, restructure)
+    rows = {}
+    if token_rows is not None:
+        rows = {EMBED_KEY: token_rows}
+        restructure = shrink_embeddings(token_rows, device, then=restructure)
+    load_state(
+        model, model_dir / EMA_FILE, ema_keys_for(role), dtype, device, convert, restructure, rows
+    )
     return model
+
+
+def shrink_embeddings(
+    token_rows: Sequence[int],
+    device: torch.device | str,
+    then: Callable[[nn.Module], object] | None = None,
+) -> Callable[[Bagel], None]:
+    """A `restructure` for `load_state` that keeps `token_rows` of the embedding table, then
+    applies `then`."""
+
+    def restructure(model: Bagel) -> None:
+        model.language_model.model.keep_token_rows(token_rows, device)
+        if then is not None:
+            then(model)
+
+    return restructure
 
 
 def load_autoencoder(
@@ -142,6 +176,11 @@ def load_autoencoder(
     with torch.device("meta"):
         ae = AutoEncoder(params)
     load_state(ae, model_dir / AE_FILE, lambda key: True, dtype, device)
+    if torch.device(device).type == "cuda":
+        # cuDNN's NHWC kernels: an NCHW decode transposes the 256-channel 1024² maps in and out
+        # of each convolution, which makes the decode the diffusion rank's memory peak
+        # (`python -m benchmarks.decode_memory`).
+        ae = ae.to(memory_format=torch.channels_last)
     return ae
 
 

@@ -223,6 +223,10 @@ class Fp8SwiGLU(nn.Module):
             return self.down_proj(QuantizedRows(data, scale, gate.dtype))
         return self.down_proj(quantize_rows(F.silu(gate) * up))
 
+    def add_to(self, residual: Tensor, x: Tensor | QuantizedRows) -> Tensor:
+        """`residual + self(x)` (`_scaled_mm` takes no residual: a separate add)."""
+        return residual + self(x)
+
 
 # ---- the swap -----------------------------------------------------------------------------
 

@@ -136,10 +136,14 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return out
 
 
-def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
-    """`silu(gate) * up` in one pass, with the eager roundings."""
+def silu_mul(gate: Tensor, up: Tensor, out: Tensor | None = None) -> Tensor:
+    """`silu(gate) * up` in one pass, with the eager roundings; into `out` when given (which may
+    be `gate` or `up` themselves: each element is read before it is written)."""
     gate, up = gate.contiguous(), up.contiguous()
-    out = torch.empty_like(gate)
+    if out is None:
+        out = torch.empty_like(gate)
+    elif not out.is_contiguous() or out.shape != gate.shape or out.dtype != gate.dtype:
+        raise ValueError("silu_mul's out must be a contiguous tensor shaped like gate")
     n = gate.numel()
     if n:
         block = 2048

@@ -16,6 +16,7 @@ from torch import Tensor
 from bagel.attention import BlockAttention, full_block_attention
 from bagel.graphs import graph_or_eager
 from bagel.kv import Branch, ContextKV
+from bagel.layers import TokenRows
 from bagel.model import Bagel, BranchPrefix
 from bagel.step_cache import NoStepCache, StepCache
 
@@ -42,6 +43,7 @@ class ForwardGraphs:
         self.max_entries = max_entries
         self.pool = None
         self._entries: OrderedDict[tuple, _Capture] = OrderedDict()
+        self._fixed: OrderedDict[tuple, Callable[..., Tensor]] = OrderedDict()
 
     def run(
         self,
@@ -80,6 +82,26 @@ class ForwardGraphs:
             entry.loaded = (prefix, pos_ids)
         return entry.call(*inputs)
 
+    def run_fixed(
+        self, key: tuple, fn: Callable[..., Tensor], inputs: tuple[Tensor, ...], keep: int = 2
+    ) -> Tensor:
+        """`fn(*inputs)` for another fixed-shape GPU call that never runs during a forward (the
+        VAE decode), replayed from a capture in the forwards' memory pool: its activations
+        reuse the forwards' memory instead of adding to it. `key` names `fn` and whatever it
+        binds; the input shapes are added to it. The output, like every capture's in the pool,
+        holds only until the next replay of any of them: consume it first. At most `keep` such
+        captures are kept."""
+        key = (key, tuple(tuple(x.shape) for x in inputs))
+        call = self._fixed.get(key)
+        if call is None:
+            if self.pool is None and inputs[0].is_cuda:
+                self.pool = torch.cuda.graph_pool_handle()
+            call = self._fixed[key] = graph_or_eager(fn, inputs, self.pool)
+            while len(self._fixed) > keep:
+                self._fixed.popitem(last=False)
+        self._fixed.move_to_end(key)
+        return call(*inputs)
+
     def clear(self) -> None:
         """Drop every capture (before the process group its collectives use goes away).
 
@@ -87,6 +109,7 @@ class ForwardGraphs:
         the group is destroyed (aborted), which must not wait on it in turn. A graph still
         running when it is dropped is freed when it finishes."""
         self._entries.clear()
+        self._fixed.clear()
         self.pool = None
 
 
@@ -132,6 +155,9 @@ class BlockVelocity:
         for the same key. `step_cache` is asked once per forward whether to reuse the middle
         layers (default: never)."""
         device = model.vae2llm.weight.device
+        embed = model.language_model.model.embed_tokens
+        if isinstance(embed, TokenRows) and not embed.holds(marker_ids):
+            raise ValueError(f"marker ids {marker_ids} are not among the model's token rows")
         self.model = model
         self.contexts = dict(contexts)
         self.pos_ids = pos_ids.to(device)

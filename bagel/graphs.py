@@ -34,6 +34,11 @@ class GraphedCall:
             for _ in range(warmup):
                 fn(*self.inputs)
         torch.cuda.current_stream().wait_stream(side)
+        # The warm-up's activations went back to the allocator's cache, where they would stay
+        # reserved beside the graph's own pool (~2 GiB for the VAE decode at 1024²): hand them
+        # back to the driver before the capture takes its pool.
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
             self.output = fn(*self.inputs)

@@ -4,6 +4,7 @@ timestep embedder, and one expert's attention projections."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,23 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
+def add_linear(residual: Tensor, linear: nn.Module, x: Tensor) -> Tensor:
+    """`residual + linear(x)`. For a bias-free `nn.Linear` of the residual's dtype the add
+    rides in the matmul (`addmm`: the GEMM's epilogue reads the residual), which saves a pass
+    over the hidden states and rounds the sum once instead of twice."""
+    if (
+        type(linear) is nn.Linear
+        and linear.bias is None
+        and residual.dtype == x.dtype == linear.weight.dtype
+    ):
+        width = residual.shape[-1]
+        rows = x.reshape(-1, x.shape[-1])
+        return torch.addmm(residual.reshape(-1, width), rows, linear.weight.t()).view(
+            residual.shape
+        )
+    return residual + linear(x)
+
+
 class SwiGLU(nn.Module):
     def __init__(self, hidden: int, intermediate: int) -> None:
         super().__init__()
@@ -59,10 +77,19 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
+    def activation(self, x: Tensor) -> Tensor:
+        """`silu(gate_proj(x)) * up_proj(x)`, the input of `down_proj`."""
+        gate = self.gate_proj(x)
+        if fused.applies(gate):  # written over `gate`: one buffer of the width fewer at peak
+            return fused.silu_mul(gate, self.up_proj(x), out=gate)
+        return F.silu(gate) * self.up_proj(x)
+
     def forward(self, x: Tensor) -> Tensor:
-        if fused.applies(x):
-            return self.down_proj(fused.silu_mul(self.gate_proj(x), self.up_proj(x)))
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.activation(x))
+
+    def add_to(self, residual: Tensor, x: Tensor) -> Tensor:
+        """`residual + self(x)`, the add folded into `down_proj` (`add_linear`)."""
+        return add_linear(residual, self.down_proj, self.activation(x))
 
 
 class TimestepEmbedder(nn.Module):
@@ -86,6 +113,34 @@ class TimestepEmbedder(nn.Module):
     def forward(self, t: Tensor) -> Tensor:
         weight = self.mlp[0].weight
         return self.mlp(self.sinusoid(t).to(weight.dtype))
+
+
+class TokenRows(nn.Module):
+    """A token embedding table that holds only some tokens' rows.
+
+    The generation side embeds just the two image markers; BAGEL-7B's full table is 152,064 rows
+    (1 GiB in bf16) that a diffusion rank would otherwise keep for nothing. Looking up a token
+    it does not hold is an error the caller checks with `holds` where the ids are chosen: the
+    lookup itself runs inside captured graphs, where it cannot raise.
+    """
+
+    def __init__(self, table: Tensor, token_ids: Sequence[int]) -> None:
+        """Keeps `table`'s rows `token_ids` (a meta `table` gives meta rows, to be loaded; the
+        ids themselves always live on a real device: the table's, or the CPU for meta)."""
+        super().__init__()
+        ids = sorted(set(token_ids))
+        if not ids or ids[0] < 0 or ids[-1] >= table.shape[0]:
+            raise ValueError(f"token ids {ids} are not rows of a {table.shape[0]}-token table")
+        self.token_ids = tuple(ids)
+        index = torch.tensor(ids, device="cpu" if table.is_meta else table.device)
+        self.weight = nn.Parameter(table[index.to(table.device)], requires_grad=False)
+        self.register_buffer("sorted_ids", index, persistent=False)
+
+    def holds(self, token_ids: Sequence[int]) -> bool:
+        return set(token_ids) <= set(self.token_ids)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.weight[torch.searchsorted(self.sorted_ids, ids)]
 
 
 class PositionTable(nn.Module):

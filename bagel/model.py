@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from bagel import fused
+from bagel import fused, streams
 from bagel.attention import BlockAttention, BlockQKV, full_block_attention, masked_sdpa
 from bagel.config import BagelConfig, LLMConfig
 from bagel.kv import ContextKV
@@ -23,10 +23,13 @@ from bagel.layers import (
     RMSNorm,
     SwiGLU,
     TimestepEmbedder,
+    TokenRows,
+    add_linear,
     apply_rope,
     compute_dtype,
     rope_cos_sin,
 )
+from bagel.streams import beside, join
 
 UND = ""  # parameter-name suffix of the understanding expert
 GEN = "_moe_gen"  # ... and of the generation expert
@@ -144,9 +147,6 @@ class MoTAttention(nn.Module):
         k = apply_rope(k_norm(k.to(wide)), cos, sin).to(v.dtype)
         return q, k, v
 
-    def out(self, attn: Tensor, expert: str) -> Tensor:
-        return getattr(self, f"o_proj{expert}")(attn.flatten(-2))
-
 
 class MoTDecoderLayer(nn.Module):
     def __init__(self, cfg: LLMConfig, with_gen: bool) -> None:
@@ -163,9 +163,10 @@ class MoTDecoderLayer(nn.Module):
         return self.self_attn.qkv(getattr(self, f"input_layernorm{expert}")(x), cos, sin, expert)
 
     def _finish(self, x: Tensor, attn: Tensor, expert: str) -> Tensor:
-        x = x + self.self_attn.out(attn, expert)
+        # Both residual adds ride in the matmuls that produce what is added (`add_linear`).
+        x = add_linear(x, getattr(self.self_attn, f"o_proj{expert}"), attn.flatten(-2))
         mlp_in = getattr(self, f"post_attention_layernorm{expert}")(x)
-        return x + getattr(self, f"mlp{expert}")(mlp_in)
+        return getattr(self, f"mlp{expert}").add_to(x, mlp_in)
 
     def forward_text(
         self, x: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor | None, need_output: bool
@@ -212,15 +213,20 @@ class MoTDecoderLayer(nn.Module):
         prefix_v: Tensor,
         prefix_lengths: tuple[int, ...] | None,
         attention: BlockAttention,
+        marker_stream: torch.cuda.Stream | None = None,
     ) -> tuple[Tensor, Tensor]:
         """One layer over the generation block: markers by the und expert, latents by the gen
         expert, one shared non-causal attention over [prefix ; markers ; latents].
 
         With `prefix_lengths` (branches whose prefixes differ in length) each branch attends on
-        its own over its real prefix keys: no padding mask, so the fastest kernels apply.
+        its own over its real prefix keys: no padding mask, so the fastest kernels apply. With
+        `marker_stream` the markers' projections and MLP run on it, beside the latents'
+        (`bagel.streams`); the markers' output is then `marker_stream`'s to finish.
         """
-        jq, jk, jv = self._norm_qkv(joint, cos, sin, UND)
+        with beside(marker_stream, joint):
+            jq, jk, jv = self._norm_qkv(joint, cos, sin, UND)
         lq, lk, lv = self._norm_qkv(latent, cos, sin, GEN)
+        join(marker_stream)
         if prefix_lengths is None:
             joint_k = torch.cat([prefix_k, jk], dim=1)
             joint_v = torch.cat([prefix_v, jv], dim=1)
@@ -235,7 +241,9 @@ class MoTDecoderLayer(nn.Module):
                 outs.append(attention(qkv))
             joint_attn = torch.cat([o[0] for o in outs])
             latent_attn = torch.cat([o[1] for o in outs])
-        return self._finish(joint, joint_attn, UND), self._finish(latent, latent_attn, GEN)
+        with beside(marker_stream, joint_attn):
+            joint = self._finish(joint, joint_attn, UND)
+        return joint, self._finish(latent, latent_attn, GEN)
 
 
 class Qwen2MoTModel(nn.Module):
@@ -246,6 +254,14 @@ class Qwen2MoTModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if with_gen:
             self.norm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def keep_token_rows(self, token_ids: Sequence[int], device: torch.device | str) -> None:
+        """Shrink the embedding table to the rows of `token_ids` (`TokenRows`); on a meta
+        model the rows are loaded afterwards and their lookup index lives on `device`."""
+        table = self.embed_tokens.weight
+        rows = TokenRows(table, token_ids)
+        rows.sorted_ids = rows.sorted_ids.to(device)
+        self.embed_tokens = rows
 
 
 class LanguageModel(nn.Module):
@@ -264,6 +280,7 @@ class Bagel(nn.Module):
         super().__init__()
         self.config = config
         self.with_gen = with_gen
+        self._side_stream: torch.cuda.Stream | None = None  # `_marker_stream`, made on first use
         llm = config.llm
         self.language_model = LanguageModel(llm, with_gen)
         if with_gen:
@@ -368,6 +385,7 @@ class Bagel(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         cos, sin = self._rope(prefix.positions)
         cos, sin = cos[:, None, None, :], sin[:, None, None, :]
+        side = self._marker_stream(latent)
         for index in layers if layers is not None else range(len(self.layers)):
             joint, latent = self.layers[index].forward_block(
                 joint,
@@ -378,8 +396,18 @@ class Bagel(nn.Module):
                 prefix.values[index],
                 prefix.lengths if prefix.ragged else None,
                 attention,
+                side,
             )
+        join(side)
         return joint, latent
+
+    def _marker_stream(self, latent: Tensor) -> torch.cuda.Stream | None:
+        """The side stream of this model's generation forwards on `latent`'s GPU, or None."""
+        if not streams.wanted(latent):
+            return None
+        if self._side_stream is None or self._side_stream.device != latent.device:
+            self._side_stream = torch.cuda.Stream(latent.device)
+        return self._side_stream
 
     def velocity(self, latent: Tensor) -> Tensor:
         """Final gen norm and `llm2vae`: latent states -> predicted velocity, in fp32."""

@@ -4,7 +4,6 @@ bounded queue, and the handle through which a request's coroutine follows its jo
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import queue
 import threading
@@ -13,11 +12,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from bagel.autoencoder import AutoEncoder
 from bagel.config import BagelConfig
+from bagel.generation import ForwardGraphs
 from bagel.pipeline import decode_image
 from diffusion_service.job import Command, JobSpec
 from diffusion_service.memory import peaks_note, publish_peaks
@@ -30,13 +31,15 @@ from diffusion_service.world import RankWorld
 from protos import GenerateEvent, Image, Latents, Progress, Timings
 from serving.errors import ServiceError
 from serving.params import cache_policy_name
+from serving.png import encode_png
 from transport.broadcast import broadcast_kv
 from transport.errors import TransportError
 from transport.layout import KVCache
 
 log = logging.getLogger(__name__)
-# zlib level 1: a 1024x1024 picture encodes in ~70 ms instead of ~640 ms at PIL's default 6, for
-# a file ~20% larger (measured on smooth content; noise costs ~100 ms at either level).
+# zlib level 1: a 1024x1024 picture encoded in ~70 ms instead of ~640 ms at zlib's default 6 (PIL,
+# smooth content), for a file ~20% larger. `serving.png` spreads the work over threads
+# (python -m benchmarks.png_encode).
 PNG_COMPRESS_LEVEL = 1
 
 DONE = object()
@@ -246,7 +249,7 @@ class Engine:
                 on_progress=progress,
             )
             denoise_done = time.perf_counter()
-            result = self._output(handle.spec, latents)
+            result = self._output(handle.spec, latents, runtime.graphs)
             decode_done = time.perf_counter()
         except JobCancelled:
             log.info("request %s: stopped", handle.request_id)
@@ -291,7 +294,9 @@ class Engine:
             peaks_note(runtime.peak_memory, runtime.device),
         )
 
-    def _output(self, spec: JobSpec, latents: torch.Tensor) -> GenerateEvent:
+    def _output(
+        self, spec: JobSpec, latents: torch.Tensor, graphs: ForwardGraphs | None = None
+    ) -> GenerateEvent:
         """The job's result event; DATA_LOSS instead of an image made of NaN or Inf latents."""
         if not torch.isfinite(latents).all():
             raise ServiceError(
@@ -306,11 +311,17 @@ class Engine:
             return GenerateEvent(
                 latents=Latents(data=data, shape=list(latents.shape), seed=params.seed)
             )
-        image = decode_image(self.autoencoder, self.config, latents, params.height, params.width)
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-        return GenerateEvent(
-            image=Image(
-                png=buffer.getvalue(), width=params.width, height=params.height, seed=params.seed
+        image = decode_image(
+            self.autoencoder, self.config, latents, params.height, params.width, graphs
+        )
+        pixels = np.asarray(image)
+        if pixels.dtype != np.uint8 or pixels.shape != (params.height, params.width, 3):
+            raise ServiceError(
+                grpc.StatusCode.INTERNAL,
+                f"job {spec.job_id}: the decoder made a {pixels.dtype} {list(pixels.shape)} "
+                f"image, not uint8 {[params.height, params.width, 3]}",
             )
+        png = encode_png(pixels, level=PNG_COMPRESS_LEVEL)
+        return GenerateEvent(
+            image=Image(png=png, width=params.width, height=params.height, seed=params.seed)
         )

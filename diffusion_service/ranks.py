@@ -41,15 +41,17 @@ def load_rank_model(settings: ServiceSettings, rank: int) -> tuple[Bagel, tuple[
     device = rank_device(settings, rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    tokenizer = load_tokenizer(settings.model_dir)
+    markers = (tokenizer.start_of_image, tokenizer.end_of_image)
     model = load_bagel(
         settings.model_dir,
         "diffusion",
         default_dtype(device),
         device,
         linear_precision=settings.linear_precision,
+        token_rows=markers,  # the ranks embed only the two image markers
     )
-    tokenizer = load_tokenizer(settings.model_dir)
-    return model, (tokenizer.start_of_image, tokenizer.end_of_image)
+    return model, markers
 
 
 def keep_gloo_on_loopback(env: MutableMapping[str, str] = os.environ) -> None:

@@ -13,11 +13,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from bagel.attention import BlockQKV
+from bagel.attention import BlockQKV, attend_block
 from diffusion_service.parallel.collectives import all_gather_single
 from diffusion_service.parallel.ring import ring_attention_with_lse
 from diffusion_service.parallel.sharding import LatentSharding, check_group_holds_shards
-from diffusion_service.parallel.ulysses import attend_local
 
 
 def gather_kv(group: dist.ProcessGroup, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -44,12 +43,13 @@ class KVGatherAttention:
         keys, values = gather_kv(self.group, x.latent_k, x.latent_v)
         # Pad keys all sit at the end of the gathered sequence: cut them off rather than mask.
         n = self.sharding.num_tokens
-        q = torch.cat([x.joint_q, x.latent_q], dim=1)
         k = torch.cat([x.joint_k, keys[:, :n]], dim=1)
         v = torch.cat([x.joint_v, values[:, :n]], dim=1)
-        out = attend_local(q, k, v, x.joint_key_mask)
-        joint_len = x.joint_q.shape[1]
-        return out[:, :joint_len], out[:, joint_len:]
+        mask = None
+        if x.joint_key_mask is not None:
+            latent = x.joint_key_mask.new_ones((k.shape[0], n))
+            mask = torch.cat([x.joint_key_mask, latent], dim=1)
+        return attend_block(x.joint_q, x.latent_q, k, v, mask)
 
 
 class KVGatherRingAttention:

@@ -159,3 +159,36 @@ def test_an_unreadable_checkpoint_says_so_not_file_not_found(tiny_model_dir: Pat
     monkeypatch.setattr(checkpoint.os, "access", lambda path, mode: False)
     with pytest.raises(PermissionError, match="ema.safetensors is not readable by this user"):
         load_bagel(tiny_model_dir, "prefill")
+
+
+def test_token_rows_keep_only_the_marker_rows_and_embed_them_as_the_full_table(
+    tiny_model_dir: Path,
+):
+    from bagel.layers import TokenRows
+    from bagel.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    markers = (tokenizer.start_of_image, tokenizer.end_of_image)
+    full = load_bagel(tiny_model_dir, "diffusion", dtype=torch.float32)
+    small = load_bagel(tiny_model_dir, "diffusion", dtype=torch.float32, token_rows=markers)
+    rows = small.language_model.model.embed_tokens
+    assert isinstance(rows, TokenRows)
+    assert rows.weight.shape == (2, full.config.llm.hidden_size)
+    ids = torch.tensor([markers[1], markers[0], markers[1]])
+    assert torch.equal(rows(ids), full.language_model.model.embed_tokens(ids))
+    # Everything else is the same model.
+    others = {k: v for k, v in full.state_dict().items() if "embed_tokens" not in k}
+    assert others.keys() == {k for k in small.state_dict() if "embed_tokens" not in k}
+    for name, tensor in others.items():
+        assert torch.equal(small.state_dict()[name], tensor), name
+
+
+def test_a_generation_forward_refuses_markers_the_token_rows_do_not_hold(tiny_model_dir: Path):
+    from bagel.generation import BlockVelocity, latent_position_ids
+
+    model = load_bagel(tiny_model_dir, "diffusion", dtype=torch.float32, token_rows=(5, 6))
+    pos_ids = latent_position_ids(2, 2, model.config.max_latent_size)
+    with pytest.raises(ValueError, match=r"marker ids \(5, 7\) are not among"):
+        BlockVelocity(model, {}, pos_ids, (5, 7))
+    with pytest.raises(ValueError, match="not rows of a"):
+        load_bagel(tiny_model_dir, "diffusion", token_rows=(10**9,))

@@ -104,3 +104,12 @@ def test_generation_forward_agrees_with_eager(tiny_model_dir, monkeypatch):
     monkeypatch.setenv("BAGEL_FUSED_KERNELS", "0")
     eager = forward()
     assert ((with_kernels - eager).norm() / eager.norm()).item() < 1e-2
+
+
+def test_silu_mul_written_over_its_gate_equals_the_out_of_place_product():
+    gate = torch.randn(4098, 18944 // 8, device="cuda", dtype=torch.bfloat16)
+    up = torch.randn_like(gate)
+    want = fused.silu_mul(gate, up)
+    got = fused.silu_mul(gate, up, out=gate)
+    assert got.data_ptr() == gate.data_ptr()
+    assert torch.equal(got, want)

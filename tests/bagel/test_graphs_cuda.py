@@ -82,3 +82,48 @@ def test_step_cache_ranges_replayed_from_captures_equal_eager(tiny_model_dir):
     replayed, eager = run(ForwardGraphs()), run(None)
     for step, (a, b) in enumerate(zip(replayed, eager, strict=True)):
         assert torch.equal(a, b), step
+
+
+def test_the_marker_stream_changes_no_bit_eager_or_replayed(tiny_model_dir, monkeypatch):
+    """The markers' und-expert work on a second stream (`bagel.streams`) runs the same kernels
+    in another order: eager and captured forwards equal the one-stream forward bit for bit."""
+    model = load_bagel(tiny_model_dir, "diffusion", dtype=torch.bfloat16, device="cuda")
+    noise = torch.randn(64, model.config.patch_dim, generator=torch.Generator().manual_seed(2))
+    pos_ids = latent_position_ids(8, 8, model.config.max_latent_size)
+    cond, uncond = model.prefill([[5, 17, 29, 3], []])
+    contexts = {Branch.COND: cond, Branch.UNCOND_TEXT: uncond}
+    t = torch.tensor(0.6)
+
+    def forward(graphs: ForwardGraphs | None) -> torch.Tensor:
+        v = BlockVelocity(model, contexts, pos_ids, (1, 2), graphs=graphs)(noise, t, BOTH)
+        return torch.stack([v[b] for b in BOTH]).clone()
+
+    monkeypatch.setenv("BAGEL_MARKER_STREAM", "0")
+    one_stream = forward(None)
+    monkeypatch.setenv("BAGEL_MARKER_STREAM", "1")
+    assert model._marker_stream(noise.cuda()) is not None
+    assert torch.equal(forward(None), one_stream)
+    graphs = ForwardGraphs()
+    for _ in range(3):  # the capture, then replays
+        assert torch.equal(forward(graphs), one_stream)
+
+
+def test_the_decode_captured_in_the_forwards_pool_equals_the_eager_decode(tiny_model_dir):
+    from bagel.checkpoint import load_autoencoder
+    from bagel.pipeline import decode_image
+
+    model = load_bagel(tiny_model_dir, "diffusion", dtype=torch.bfloat16, device="cuda")
+    ae = load_autoencoder(tiny_model_dir, dtype=torch.bfloat16, device="cuda")
+    graphs = ForwardGraphs()
+    pos_ids = latent_position_ids(8, 8, model.config.max_latent_size)
+    cond, uncond = model.prefill([[5, 17], []])
+    velocity = BlockVelocity(model, {"c": cond, "u": uncond}, pos_ids, (1, 2), graphs=graphs)
+    for seed in (3, 4):
+        latents = torch.randn(
+            64, model.config.patch_dim, generator=torch.Generator().manual_seed(seed)
+        )
+        velocity(latents, torch.tensor(0.5), ("c", "u"))  # a forward replay between decodes
+        size = 8 * model.config.pixels_per_token
+        captured = decode_image(ae, model.config, latents, size, size, graphs)
+        eager = decode_image(ae, model.config, latents, size, size)
+        assert list(captured.getdata()) == list(eager.getdata()), seed

@@ -180,3 +180,24 @@ def test_forward_graphs_reuse_their_buffers_for_a_new_request_of_the_same_shapes
         for b in fresh:
             assert torch.equal(kept[b], fresh[b])
     assert len(graphs._entries) == 1
+
+
+def test_add_linear_folds_the_residual_into_the_matmul_and_equals_the_separate_add():
+    from torch import nn
+
+    from bagel.layers import add_linear
+
+    torch.manual_seed(0)
+    x, residual = (
+        torch.randn(2, 5, 8, dtype=torch.float64),
+        torch.randn(2, 5, 6, dtype=torch.float64),
+    )
+    plain = nn.Linear(8, 6, bias=False).double()
+    torch.testing.assert_close(add_linear(residual, plain, x), residual + plain(x))
+    # Non-contiguous rows (a slice of a longer sequence, as an attention output's latent rows).
+    wide = torch.randn(2, 7, 8, dtype=torch.float64)
+    torch.testing.assert_close(
+        add_linear(residual, plain, wide[:, 2:]), residual + plain(wide[:, 2:])
+    )
+    biased = nn.Linear(8, 6).double()  # falls back to the separate add, bias included
+    torch.testing.assert_close(add_linear(residual, biased, x), residual + biased(x))
