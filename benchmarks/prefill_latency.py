@@ -2,7 +2,8 @@
 (`LanguageModelKV`) over one prompt and its CFG contexts, layer by layer, as the service pulls it.
 
 Times (median of `--repeats`) the layers alone and the layers with each layer's K/V copied to the
-host as the KV encoder does; with `--contend`, also while another Python thread keeps asking for
+host as the KV encoder does, each on this thread and on a new thread per pass (gRPC pulls a
+request's frames, and so runs its layers, on a thread of that request's own); with `--contend`, also while another Python thread keeps asking for
 the GIL, at the interpreter's default switch interval and at a shorter one (slow: seconds). Then it runs one pass under `torch.cuda.set_sync_debug_mode` and
 lists the operations that wait for the GPU: each such wait hands the GIL to any other thread that
 wants it, and taking it back can cost up to one switch interval (5 ms by default).
@@ -57,6 +58,12 @@ def median_ms(fn: Callable[[], None], device: str, repeats: int) -> float:
         sync(device)
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def on_new_thread(fn: Callable[[], None]) -> None:
+    thread = threading.Thread(target=fn)
+    thread.start()
+    thread.join()
 
 
 @contextmanager
@@ -129,6 +136,9 @@ def main() -> None:
 
         rows[label] = median_ms(run, args.device, args.repeats)
         print(f"{label}: {rows[label]:.2f} ms", flush=True)
+        fresh = f"{label}, each pass on a new thread"  # as gRPC pulls each request's frames
+        rows[fresh] = median_ms(lambda run=run: on_new_thread(run), args.device, args.repeats)
+        print(f"{fresh}: {rows[fresh]:.2f} ms", flush=True)
         if not args.contend:
             continue
         with gil_contender():  # each GIL hand-off can cost a switch interval: few repeats
