@@ -169,14 +169,12 @@ class MoTDecoderLayer(nn.Module):
         return getattr(self, f"mlp{expert}").add_to(x, mlp_in)
 
     def forward_text(
-        self, x: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor | None, need_output: bool
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, need_output: bool
     ) -> tuple[Tensor | None, Tensor, Tensor]:
-        """Causal und-expert pass over text `[B, L, hidden]`; returns (output, k, v)."""
+        """Und-expert pass over text `[B, L, hidden]` attending as `mask` `[B or 1, L, L]`
+        allows (causal, padding masked); returns (output, k, v)."""
         q, k, v = self._norm_qkv(x, cos, sin, UND)
-        length = x.shape[1]
-        causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
-        mask = causal if key_mask is None else causal & key_mask[:, None, :]
-        attn = masked_sdpa(q, k, v, mask if mask.dim() == 3 else mask[None])
+        attn = masked_sdpa(q, k, v, mask)
         return (self._finish(x, attn, UND) if need_output else None), k, v
 
     def forward_mixed(
@@ -319,18 +317,20 @@ class Bagel(nn.Module):
         ids = torch.zeros(len(prompts), longest, dtype=torch.long, device=device)
         for b, p in enumerate(prompts):
             ids[b, : len(p)] = torch.tensor(list(p), dtype=torch.long, device=device)
-        key_mask = None
+        # Built once for all layers: causal, and padding keys masked when lengths differ.
+        mask = torch.ones(longest, longest, dtype=torch.bool, device=device).tril()[None]
         if min(lengths) != longest:
             key_mask = (
                 torch.arange(longest, device=device)[None]
                 < torch.tensor(lengths, device=device)[:, None]
             )
+            mask = mask & key_mask[:, None, :]
         cos, sin = self._rope(torch.arange(longest, device=device))
         cos, sin = cos[:, None, :], sin[:, None, :]
         x = embed(ids)
         last = len(self.layers) - 1
         for index, layer in enumerate(self.layers):
-            x, k, v = layer.forward_text(x, cos, sin, key_mask, need_output=index < last)
+            x, k, v = layer.forward_text(x, cos, sin, mask, need_output=index < last)
             yield (
                 [k[b, :n].contiguous() for b, n in enumerate(lengths)],
                 [v[b, :n].contiguous() for b, n in enumerate(lengths)],
