@@ -249,11 +249,11 @@ class AutoEncoder(nn.Module):
         return self.decode(self.encode(x))
 
 
-def to_pil(x: Tensor) -> Image.Image:
-    """A decoded image [1, 3, H, W] (or [3, H, W]) in [-1, 1] -> an RGB PIL image."""
+def to_rgb(x: Tensor) -> np.ndarray:
+    """A decoded image [1, 3, H, W] (or [3, H, W]) in [-1, 1] -> uint8 RGB pixels `[H, W, 3]`."""
     if x.dim() == 4:
         if x.shape[0] != 1:
-            raise ValueError(f"to_pil takes one image, got a batch of {x.shape[0]}")
+            raise ValueError(f"to_rgb takes one image, got a batch of {x.shape[0]}")
         x = x[0]
     if x.dim() != 3 or x.shape[0] != 3:
         raise ValueError(
@@ -262,5 +262,9 @@ def to_pil(x: Tensor) -> Image.Image:
     # Truncate to uint8 as BAGEL's decode_image does, but scale in fp32: bf16 cannot hold 255
     # steps between 0.5 and 1 exactly.
     pixels = torch.clamp(x.detach().float() * 0.5 + 0.5, 0.0, 1.0) * 255.0
-    array = pixels.to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(np.ascontiguousarray(array))
+    return np.ascontiguousarray(pixels.to(torch.uint8).permute(1, 2, 0).cpu().numpy())
+
+
+def to_pil(x: Tensor) -> Image.Image:
+    """A decoded image [1, 3, H, W] (or [3, H, W]) in [-1, 1] -> an RGB PIL image."""
+    return Image.fromarray(to_rgb(x))

@@ -8,11 +8,12 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
-from bagel.autoencoder import AutoEncoder, to_pil
+from bagel.autoencoder import AutoEncoder, to_rgb
 from bagel.checkpoint import load_autoencoder, load_bagel, load_vit
 from bagel.config import BagelConfig
 from bagel.contexts import (
@@ -46,18 +47,18 @@ class Generated:
 
 
 @torch.no_grad()
-def decode_image(
+def decode_pixels(
     autoencoder: AutoEncoder,
     config: BagelConfig,
     latents: Tensor,
     height: int,
     width: int,
     graphs: ForwardGraphs | None = None,
-) -> Image.Image:
-    """Final latent tokens `[h*w, patch_dim]` -> the `height x width` RGB image, through the VAE
-    decoder. With `graphs`, on a GPU, the decoder runs as a capture in the forwards' memory pool
-    (`ForwardGraphs.run_fixed`): at 1024² its ~2 GiB of activations then reuse the memory the
-    forwards' activations hold, rather than sitting beside it at the peak."""
+) -> np.ndarray:
+    """Final latent tokens `[h*w, patch_dim]` -> the `height x width` image as uint8 RGB pixels
+    `[height, width, 3]`, through the VAE decoder. With `graphs`, on a GPU, the decoder runs as
+    a capture in the forwards' memory pool (`ForwardGraphs.run_fixed`): at 1024² its activations
+    then reuse the memory the forwards' activations hold, rather than sitting beside it."""
     rows, cols = config.latent_grid(height, width)
     z = unpatchify(latents, rows, cols, config.latent_patch_size)
     weight = next(autoencoder.parameters())
@@ -66,7 +67,19 @@ def decode_image(
         pixels = graphs.run_fixed(("vae decode", id(autoencoder)), autoencoder.decode, (z,))
     else:
         pixels = autoencoder.decode(z)
-    return to_pil(pixels.float())
+    return to_rgb(pixels.float())
+
+
+def decode_image(
+    autoencoder: AutoEncoder,
+    config: BagelConfig,
+    latents: Tensor,
+    height: int,
+    width: int,
+    graphs: ForwardGraphs | None = None,
+) -> Image.Image:
+    """`decode_pixels` as an RGB PIL image."""
+    return Image.fromarray(decode_pixels(autoencoder, config, latents, height, width, graphs))
 
 
 class Pipeline:

@@ -20,7 +20,6 @@ if not __package__:  # run as a script: the repo root, not benchmarks/, heads th
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse
-import json
 from collections.abc import Callable
 
 import torch
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 
 from bagel import fp8, fused, fused_fp8
 from bagel.config import BAGEL_7B_LLM
+from benchmarks._report import emit_json
 
 
 def bench(fn: Callable[[], object]) -> float:
@@ -204,10 +204,7 @@ def main() -> None:
         "gate_rel_l2": rel,
         "results": results,
     }
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(summary, f, indent=2)
-    print(json.dumps(summary))
+    emit_json(summary, args.json)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ if not __package__:  # run as a script: the repo root, not benchmarks/, heads th
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse
-import json
 import statistics
 import threading
 import time
@@ -32,8 +31,11 @@ from contextlib import contextmanager
 
 import torch
 
+from benchmarks._report import emit_json
 from prefill_service.prefill import LanguageModelKV
 from serving.params import GenerationParams
+
+REPO = str(Path(__file__).resolve().parents[1])
 
 
 def sync(device: str) -> None:
@@ -91,8 +93,13 @@ def synchronizing_ops(fn: Callable[[], None]) -> Counter:
     original = warnings.showwarning
 
     def record(message, category, filename, lineno, file=None, line=None) -> None:
-        ours = [f for f in traceback.extract_stack() if "/torch/" not in f.filename]
-        where = ours[-2] if len(ours) > 1 else ours[-1]
+        # The innermost frame in the repo's own packages: the call that waited.
+        ours = [
+            f
+            for f in traceback.extract_stack()
+            if f.filename.startswith(REPO) and not f.filename.startswith(f"{REPO}/benchmarks/")
+        ]
+        where = ours[-1] if ours else traceback.extract_stack()[-2]
         found[f"{Path(where.filename).name}:{where.lineno} {where.line}"] += 1
 
     warnings.showwarning = record
@@ -165,7 +172,7 @@ def main() -> None:
     print(f"\nGPU waits in one pass of the layers (no copies to host): {sum(syncs.values())}")
     for where, count in syncs.most_common(10):
         print(f"  {count:>4}  {where}")
-    print(json.dumps({"device": name, "tokens": tokens, "ms": rows, "syncs": dict(syncs)}))
+    emit_json({"device": name, "tokens": tokens, "ms": rows, "syncs": dict(syncs)})
 
 
 if __name__ == "__main__":

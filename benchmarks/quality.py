@@ -19,7 +19,6 @@ if not __package__:  # run as a script: the repo root, not benchmarks/, heads th
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse
-import json
 import math
 import os
 import socket
@@ -33,6 +32,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 from bagel.pipeline import Pipeline
+from benchmarks._report import emit_json
 from diffusion_service.job import JobSpec
 from diffusion_service.parallel.config import ParallelConfig
 from diffusion_service.parallel.mesh import ParallelMesh
@@ -189,9 +189,7 @@ def main() -> None:
             f"{r['identical']:>7}/12 {r['passed']:>4}/12"
         )
     summary = {"device": card, "precision": precision, "steps": args.steps, "results": rows}
-    if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2))
-    print(json.dumps(summary))
+    emit_json(summary, args.json)
 
 
 if __name__ == "__main__":

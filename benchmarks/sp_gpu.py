@@ -43,6 +43,7 @@ from bagel.layers import RMSNorm
 from bagel.model import Bagel
 from bagel.pipeline import decode_image
 from bagel.sampler import denoise, initial_noise
+from benchmarks._report import emit_json
 from diffusion_service.job import JobSpec
 from diffusion_service.parallel.config import ParallelConfig
 from diffusion_service.parallel.lse import _explicit_attention_with_lse
@@ -521,10 +522,7 @@ def main() -> None:
         "fused_kernels": fused.enabled(),
         "results": results,
     }
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(summary, f, indent=2)
-    print(json.dumps(summary))
+    emit_json(summary, args.json)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from bagel.autoencoder import AutoEncoder
 from bagel.config import BagelConfig
 from bagel.generation import ForwardGraphs
-from bagel.pipeline import decode_image
+from bagel.pipeline import decode_pixels
 from diffusion_service.job import Command, JobSpec
 from diffusion_service.memory import peaks_note, publish_peaks
 from diffusion_service.metrics import DiffusionMetrics
@@ -311,10 +311,9 @@ class Engine:
             return GenerateEvent(
                 latents=Latents(data=data, shape=list(latents.shape), seed=params.seed)
             )
-        image = decode_image(
+        pixels = decode_pixels(
             self.autoencoder, self.config, latents, params.height, params.width, graphs
         )
-        pixels = np.asarray(image)
         if pixels.dtype != np.uint8 or pixels.shape != (params.height, params.width, 3):
             raise ServiceError(
                 grpc.StatusCode.INTERNAL,
