@@ -7,12 +7,22 @@ modules themselves live in `protos.bagel.v1` (never `bagel.v1`: `bagel` is the m
 from protos.bagel.v1 import generate_pb2, kv_pb2, params_pb2, service_pb2, service_pb2_grpc
 from protos.bagel.v1.generate_pb2 import (
     Accepted,
+    ChatMessage,
+    ContentPart,
     GenerateEvent,
     GenerateRequest,
     Image,
     Latents,
+    ModelInfo,
+    ModelInfoRequest,
+    PartialImage,
     Progress,
+    TextDelta,
+    TextFinished,
     Timings,
+    UnderstandEvent,
+    UnderstandRequest,
+    Usage,
 )
 from protos.bagel.v1.kv_pb2 import (
     ContextInfo,
@@ -33,6 +43,7 @@ from protos.bagel.v1.params_pb2 import (
     NoCache,
     OutputFormat,
     TeaCache,
+    TextSampling,
 )
 from protos.bagel.v1.service_pb2_grpc import (
     DiffusionServicer,
@@ -47,6 +58,17 @@ PREFILL_SERVICE = service_pb2.DESCRIPTOR.services_by_name["Prefill"].full_name
 DIFFUSION_SERVICE = service_pb2.DESCRIPTOR.services_by_name["Diffusion"].full_name
 
 __all__ = [
+    "ChatMessage",
+    "ContentPart",
+    "ModelInfo",
+    "ModelInfoRequest",
+    "PartialImage",
+    "TextDelta",
+    "TextFinished",
+    "TextSampling",
+    "UnderstandEvent",
+    "UnderstandRequest",
+    "Usage",
     "DIFFUSION_SERVICE",
     "PREFILL_SERVICE",
     "Accepted",

@@ -33,6 +33,7 @@ from serving.errors import InvalidParams
 
 MAX_NEGATIVE_PROMPT_CHARS = 16_384
 MAX_SEED = 2**63 - 1
+MAX_PARTIAL_IMAGES = 3
 RENORM_TYPES = enum_names(params_pb2.CfgRenormType, "CFG_RENORM_TYPE_")  # global, channel, ...
 OUTPUT_FORMATS = enum_names(params_pb2.OutputFormat, "OUTPUT_FORMAT_")  # png, latents
 
@@ -223,6 +224,14 @@ class GenerationParams:
     output_format: str = field(
         default="png",
         metadata=spec(EnumNameCodec(params_pb2.OutputFormat, "OUTPUT_FORMAT_"), "what comes back"),
+    )
+    partial_images: int = field(
+        default=0,
+        metadata=spec(
+            IntCodec(),
+            "previews sent while the image is denoised, at evenly spaced steps",
+            bounds=Range(0, MAX_PARTIAL_IMAGES),
+        ),
     )
 
     def with_cache_default(self, default: CachePolicy) -> GenerationParams:

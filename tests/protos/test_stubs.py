@@ -95,6 +95,15 @@ def test_services_and_their_streaming_shape():
         "GenerateEvent",
     )
     assert (prefill.client_streaming, prefill.server_streaming) == (False, True)
+    understand = services["Prefill"].methods_by_name["Understand"]
+    assert (understand.input_type.name, understand.output_type.name) == (
+        "UnderstandRequest",
+        "UnderstandEvent",
+    )
+    assert (understand.client_streaming, understand.server_streaming) == (False, True)
+    for service in ("Prefill", "Diffusion"):
+        info = services[service].methods_by_name["GetModelInfo"]
+        assert (info.input_type.name, info.output_type.name) == ("ModelInfoRequest", "ModelInfo")
     assert (diffusion.client_streaming, diffusion.server_streaming) == (True, True)
 
 
@@ -109,7 +118,11 @@ def test_oneofs_carry_exactly_the_contract_messages():
         "timings",
         "image",
         "latents",
+        "partial_image",
+        "thinking",
+        "usage",
     ]
+    assert members(protos.UnderstandEvent, "event") == ["accepted", "delta", "finished"]
     assert members(protos.CacheConfig, "policy") == ["none", "tea_cache", "db_cache"]
 
 

@@ -31,6 +31,7 @@ EVERY_FIELD = GenerationParams(
         taylorseer_order=2,
     ),
     output_format="latents",
+    partial_images=2,
 )
 
 # `python -m client generate PROMPT -o OUT` flags for EVERY_FIELD, plus a request id.
@@ -49,6 +50,7 @@ EVERY_FIELD_FLAGS = [
     "--cache",
     "dbcache:fn=2,bn=1,warmup=3,max_cached=5,max_continuous=2,threshold=0.125+taylorseer:order=2",
     "--output-format", "latents",
+    "--partial-images", "2",
     "--request-id", "every-field-1",
 ]  # fmt: skip
 

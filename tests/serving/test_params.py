@@ -143,7 +143,7 @@ def test_a_new_field_is_one_dataclass_line_and_one_proto_field():
     message.oneof_decl.add(name="_guidance_rescale")  # proto3 `optional`
     message.field.add(
         name="guidance_rescale",
-        number=14,
+        number=max(f.number for f in message.field) + 1,
         type=descriptor_pb2.FieldDescriptorProto.TYPE_DOUBLE,
         label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL,
         oneof_index=len(message.oneof_decl) - 1,

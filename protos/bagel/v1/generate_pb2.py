@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from . import params_pb2 as bagel_dot_v1_dot_params__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x62\x61gel/v1/generate.proto\x12\x08\x62\x61gel.v1\x1a\x15\x62\x61gel/v1/params.proto\"\x8b\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12*\n\x06params\x18\x02 \x01(\x0b\x32\x1a.bagel.v1.GenerationParams\x12\x17\n\nrequest_id\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x14\n\x0cinput_images\x18\x04 \x03(\x0c\x42\r\n\x0b_request_id\"6\n\x08\x41\x63\x63\x65pted\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0equeue_position\x18\x02 \x01(\r\"=\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x13\n\x0btotal_steps\x18\x02 \x01(\r\x12\x0e\n\x06\x63\x61\x63hed\x18\x03 \x01(\x08\"\x9f\x02\n\x07Timings\x12\x17\n\nprefill_ms\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\nkv_send_ms\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x17\n\nreceive_ms\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x19\n\x0c\x62roadcast_ms\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x17\n\ndenoise_ms\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x16\n\tdecode_ms\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x15\n\x08total_ms\x18\x07 \x01(\x01H\x06\x88\x01\x01\x42\r\n\x0b_prefill_msB\r\n\x0b_kv_send_msB\r\n\x0b_receive_msB\x0f\n\r_broadcast_msB\r\n\x0b_denoise_msB\x0c\n\n_decode_msB\x0b\n\t_total_ms\"A\n\x05Image\x12\x0b\n\x03png\x18\x01 \x01(\x0c\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\x0c\n\x04seed\x18\x04 \x01(\x03\"4\n\x07Latents\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\r\x12\x0c\n\x04seed\x18\x03 \x01(\x03\"\xd6\x01\n\rGenerateEvent\x12&\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\x12.bagel.v1.AcceptedH\x00\x12&\n\x08progress\x18\x02 \x01(\x0b\x32\x12.bagel.v1.ProgressH\x00\x12$\n\x07timings\x18\x03 \x01(\x0b\x32\x11.bagel.v1.TimingsH\x00\x12 \n\x05image\x18\x04 \x01(\x0b\x32\x0f.bagel.v1.ImageH\x00\x12$\n\x07latents\x18\x05 \x01(\x0b\x32\x11.bagel.v1.LatentsH\x00\x42\x07\n\x05\x65ventb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x62\x61gel/v1/generate.proto\x12\x08\x62\x61gel.v1\x1a\x15\x62\x61gel/v1/params.proto\"\xd9\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12*\n\x06params\x18\x02 \x01(\x0b\x32\x1a.bagel.v1.GenerationParams\x12\x17\n\nrequest_id\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x14\n\x0cinput_images\x18\x04 \x03(\x0c\x12\x12\n\x05think\x18\x05 \x01(\x08H\x01\x88\x01\x01\x12.\n\x0ethink_sampling\x18\x06 \x01(\x0b\x32\x16.bagel.v1.TextSamplingB\r\n\x0b_request_idB\x08\n\x06_think\"6\n\x08\x41\x63\x63\x65pted\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0equeue_position\x18\x02 \x01(\r\"=\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x13\n\x0btotal_steps\x18\x02 \x01(\r\x12\x0e\n\x06\x63\x61\x63hed\x18\x03 \x01(\x08\"\x9f\x02\n\x07Timings\x12\x17\n\nprefill_ms\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\nkv_send_ms\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x17\n\nreceive_ms\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x19\n\x0c\x62roadcast_ms\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x17\n\ndenoise_ms\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x16\n\tdecode_ms\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x15\n\x08total_ms\x18\x07 \x01(\x01H\x06\x88\x01\x01\x42\r\n\x0b_prefill_msB\r\n\x0b_kv_send_msB\r\n\x0b_receive_msB\x0f\n\r_broadcast_msB\r\n\x0b_denoise_msB\x0c\n\n_decode_msB\x0b\n\t_total_ms\"A\n\x05Image\x12\x0b\n\x03png\x18\x01 \x01(\x0c\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\x0c\n\x04seed\x18\x04 \x01(\x03\"4\n\x07Latents\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\r\x12\x0c\n\x04seed\x18\x03 \x01(\x03\"W\n\x0cPartialImage\x12\x0b\n\x03png\x18\x01 \x01(\x0c\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\r\n\x05index\x18\x04 \x01(\r\x12\x0c\n\x04step\x18\x05 \x01(\r\"\x19\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xd2\x02\n\rGenerateEvent\x12&\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\x12.bagel.v1.AcceptedH\x00\x12&\n\x08progress\x18\x02 \x01(\x0b\x32\x12.bagel.v1.ProgressH\x00\x12$\n\x07timings\x18\x03 \x01(\x0b\x32\x11.bagel.v1.TimingsH\x00\x12 \n\x05image\x18\x04 \x01(\x0b\x32\x0f.bagel.v1.ImageH\x00\x12$\n\x07latents\x18\x05 \x01(\x0b\x32\x11.bagel.v1.LatentsH\x00\x12/\n\rpartial_image\x18\x06 \x01(\x0b\x32\x16.bagel.v1.PartialImageH\x00\x12\'\n\x08thinking\x18\x07 \x01(\x0b\x32\x13.bagel.v1.TextDeltaH\x00\x12 \n\x05usage\x18\x08 \x01(\x0b\x32\x0f.bagel.v1.UsageH\x00\x42\x07\n\x05\x65vent\"6\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"C\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12&\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x15.bagel.v1.ContentPart\"\xac\x01\n\x11UnderstandRequest\x12\'\n\x08messages\x18\x01 \x03(\x0b\x32\x15.bagel.v1.ChatMessage\x12(\n\x08sampling\x18\x02 \x01(\x0b\x32\x16.bagel.v1.TextSampling\x12\x12\n\x05think\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x17\n\nrequest_id\x18\x04 \x01(\tH\x01\x88\x01\x01\x42\x08\n\x06_thinkB\r\n\x0b_request_id\"~\n\x0cTextFinished\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x1e\n\x05usage\x18\x02 \x01(\x0b\x32\x0f.bagel.v1.Usage\x12\x12\n\nprefill_ms\x18\x03 \x01(\x01\x12\x11\n\tdecode_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\"\x94\x01\n\x0fUnderstandEvent\x12&\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\x12.bagel.v1.AcceptedH\x00\x12$\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x13.bagel.v1.TextDeltaH\x00\x12*\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x16.bagel.v1.TextFinishedH\x00\x42\x07\n\x05\x65vent\"\x12\n\x10ModelInfoRequest\"\x9f\x02\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x13\n\x0bnative_size\x18\x03 \x01(\r\x12\x10\n\x08max_size\x18\x04 \x01(\r\x12\x11\n\tsize_step\x18\x05 \x01(\r\x12\x1d\n\x15\x64\x65\x66\x61ult_num_timesteps\x18\x06 \x01(\r\x12\x1e\n\x16\x64\x65\x66\x61ult_cfg_text_scale\x18\x07 \x01(\x01\x12\x1d\n\x15\x64\x65\x66\x61ult_cfg_img_scale\x18\x08 \x01(\x01\x12\x10\n\x08\x63\x61n_edit\x18\t \x01(\x08\x12\x16\n\x0e\x63\x61n_understand\x18\n \x01(\x08\x12\x11\n\tprecision\x18\x0b \x01(\t\x12\x0e\n\x06layout\x18\x0c \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,17 +33,37 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'bagel.v1.generate_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST']._serialized_start=61
-  _globals['_GENERATEREQUEST']._serialized_end=200
-  _globals['_ACCEPTED']._serialized_start=202
-  _globals['_ACCEPTED']._serialized_end=256
-  _globals['_PROGRESS']._serialized_start=258
-  _globals['_PROGRESS']._serialized_end=319
-  _globals['_TIMINGS']._serialized_start=322
-  _globals['_TIMINGS']._serialized_end=609
-  _globals['_IMAGE']._serialized_start=611
-  _globals['_IMAGE']._serialized_end=676
-  _globals['_LATENTS']._serialized_start=678
-  _globals['_LATENTS']._serialized_end=730
-  _globals['_GENERATEEVENT']._serialized_start=733
-  _globals['_GENERATEEVENT']._serialized_end=947
+  _globals['_GENERATEREQUEST']._serialized_end=278
+  _globals['_ACCEPTED']._serialized_start=280
+  _globals['_ACCEPTED']._serialized_end=334
+  _globals['_PROGRESS']._serialized_start=336
+  _globals['_PROGRESS']._serialized_end=397
+  _globals['_TIMINGS']._serialized_start=400
+  _globals['_TIMINGS']._serialized_end=687
+  _globals['_IMAGE']._serialized_start=689
+  _globals['_IMAGE']._serialized_end=754
+  _globals['_LATENTS']._serialized_start=756
+  _globals['_LATENTS']._serialized_end=808
+  _globals['_PARTIALIMAGE']._serialized_start=810
+  _globals['_PARTIALIMAGE']._serialized_end=897
+  _globals['_TEXTDELTA']._serialized_start=899
+  _globals['_TEXTDELTA']._serialized_end=924
+  _globals['_USAGE']._serialized_start=926
+  _globals['_USAGE']._serialized_end=983
+  _globals['_GENERATEEVENT']._serialized_start=986
+  _globals['_GENERATEEVENT']._serialized_end=1324
+  _globals['_CONTENTPART']._serialized_start=1326
+  _globals['_CONTENTPART']._serialized_end=1380
+  _globals['_CHATMESSAGE']._serialized_start=1382
+  _globals['_CHATMESSAGE']._serialized_end=1449
+  _globals['_UNDERSTANDREQUEST']._serialized_start=1452
+  _globals['_UNDERSTANDREQUEST']._serialized_end=1624
+  _globals['_TEXTFINISHED']._serialized_start=1626
+  _globals['_TEXTFINISHED']._serialized_end=1752
+  _globals['_UNDERSTANDEVENT']._serialized_start=1755
+  _globals['_UNDERSTANDEVENT']._serialized_end=1903
+  _globals['_MODELINFOREQUEST']._serialized_start=1905
+  _globals['_MODELINFOREQUEST']._serialized_end=1923
+  _globals['_MODELINFO']._serialized_start=1926
+  _globals['_MODELINFO']._serialized_end=2213
 # @@protoc_insertion_point(module_scope)

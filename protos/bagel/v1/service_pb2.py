@@ -26,15 +26,15 @@ from . import generate_pb2 as bagel_dot_v1_dot_generate__pb2
 from . import kv_pb2 as bagel_dot_v1_dot_kv__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x62\x61gel/v1/service.proto\x12\x08\x62\x61gel.v1\x1a\x17\x62\x61gel/v1/generate.proto\x1a\x11\x62\x61gel/v1/kv.proto2K\n\x07Prefill\x12@\n\x08Generate\x12\x19.bagel.v1.GenerateRequest\x1a\x17.bagel.v1.GenerateEvent0\x01\x32N\n\tDiffusion\x12\x41\n\x08Generate\x12\x18.bagel.v1.DiffusionFrame\x1a\x17.bagel.v1.GenerateEvent(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x62\x61gel/v1/service.proto\x12\x08\x62\x61gel.v1\x1a\x17\x62\x61gel/v1/generate.proto\x1a\x11\x62\x61gel/v1/kv.proto2\xd4\x01\n\x07Prefill\x12@\n\x08Generate\x12\x19.bagel.v1.GenerateRequest\x1a\x17.bagel.v1.GenerateEvent0\x01\x12\x46\n\nUnderstand\x12\x1b.bagel.v1.UnderstandRequest\x1a\x19.bagel.v1.UnderstandEvent0\x01\x12?\n\x0cGetModelInfo\x12\x1a.bagel.v1.ModelInfoRequest\x1a\x13.bagel.v1.ModelInfo2\x8f\x01\n\tDiffusion\x12\x41\n\x08Generate\x12\x18.bagel.v1.DiffusionFrame\x1a\x17.bagel.v1.GenerateEvent(\x01\x30\x01\x12?\n\x0cGetModelInfo\x12\x1a.bagel.v1.ModelInfoRequest\x1a\x13.bagel.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'bagel.v1.service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PREFILL']._serialized_start=80
-  _globals['_PREFILL']._serialized_end=155
-  _globals['_DIFFUSION']._serialized_start=157
-  _globals['_DIFFUSION']._serialized_end=235
+  _globals['_PREFILL']._serialized_start=81
+  _globals['_PREFILL']._serialized_end=293
+  _globals['_DIFFUSION']._serialized_start=296
+  _globals['_DIFFUSION']._serialized_end=439
 # @@protoc_insertion_point(module_scope)

@@ -42,6 +42,16 @@ class PrefillStub:
                 request_serializer=bagel_dot_v1_dot_generate__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=bagel_dot_v1_dot_generate__pb2.GenerateEvent.FromString,
                 _registered_method=True)
+        self.Understand = channel.unary_stream(
+                '/bagel.v1.Prefill/Understand',
+                request_serializer=bagel_dot_v1_dot_generate__pb2.UnderstandRequest.SerializeToString,
+                response_deserializer=bagel_dot_v1_dot_generate__pb2.UnderstandEvent.FromString,
+                _registered_method=True)
+        self.GetModelInfo = channel.unary_unary(
+                '/bagel.v1.Prefill/GetModelInfo',
+                request_serializer=bagel_dot_v1_dot_generate__pb2.ModelInfoRequest.SerializeToString,
+                response_deserializer=bagel_dot_v1_dot_generate__pb2.ModelInfo.FromString,
+                _registered_method=True)
 
 
 class PrefillServicer:
@@ -55,6 +65,19 @@ class PrefillServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Understand(self, request, context):
+        """Text out: image understanding and chat, streamed as it is decoded (no diffusion involved).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetModelInfo(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PrefillServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -62,6 +85,16 @@ def add_PrefillServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=bagel_dot_v1_dot_generate__pb2.GenerateRequest.FromString,
                     response_serializer=bagel_dot_v1_dot_generate__pb2.GenerateEvent.SerializeToString,
+            ),
+            'Understand': grpc.unary_stream_rpc_method_handler(
+                    servicer.Understand,
+                    request_deserializer=bagel_dot_v1_dot_generate__pb2.UnderstandRequest.FromString,
+                    response_serializer=bagel_dot_v1_dot_generate__pb2.UnderstandEvent.SerializeToString,
+            ),
+            'GetModelInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModelInfo,
+                    request_deserializer=bagel_dot_v1_dot_generate__pb2.ModelInfoRequest.FromString,
+                    response_serializer=bagel_dot_v1_dot_generate__pb2.ModelInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -103,6 +136,60 @@ class Prefill:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def Understand(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/bagel.v1.Prefill/Understand',
+            bagel_dot_v1_dot_generate__pb2.UnderstandRequest.SerializeToString,
+            bagel_dot_v1_dot_generate__pb2.UnderstandEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModelInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bagel.v1.Prefill/GetModelInfo',
+            bagel_dot_v1_dot_generate__pb2.ModelInfoRequest.SerializeToString,
+            bagel_dot_v1_dot_generate__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class DiffusionStub:
     """Receives a KV cache (header, chunks, trailer), denoises on all ranks and streams events.
@@ -119,6 +206,11 @@ class DiffusionStub:
                 request_serializer=bagel_dot_v1_dot_kv__pb2.DiffusionFrame.SerializeToString,
                 response_deserializer=bagel_dot_v1_dot_generate__pb2.GenerateEvent.FromString,
                 _registered_method=True)
+        self.GetModelInfo = channel.unary_unary(
+                '/bagel.v1.Diffusion/GetModelInfo',
+                request_serializer=bagel_dot_v1_dot_generate__pb2.ModelInfoRequest.SerializeToString,
+                response_deserializer=bagel_dot_v1_dot_generate__pb2.ModelInfo.FromString,
+                _registered_method=True)
 
 
 class DiffusionServicer:
@@ -131,6 +223,12 @@ class DiffusionServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetModelInfo(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DiffusionServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -138,6 +236,11 @@ def add_DiffusionServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=bagel_dot_v1_dot_kv__pb2.DiffusionFrame.FromString,
                     response_serializer=bagel_dot_v1_dot_generate__pb2.GenerateEvent.SerializeToString,
+            ),
+            'GetModelInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModelInfo,
+                    request_deserializer=bagel_dot_v1_dot_generate__pb2.ModelInfoRequest.FromString,
+                    response_serializer=bagel_dot_v1_dot_generate__pb2.ModelInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -168,6 +271,33 @@ class Diffusion:
             '/bagel.v1.Diffusion/Generate',
             bagel_dot_v1_dot_kv__pb2.DiffusionFrame.SerializeToString,
             bagel_dot_v1_dot_generate__pb2.GenerateEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModelInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bagel.v1.Diffusion/GetModelInfo',
+            bagel_dot_v1_dot_generate__pb2.ModelInfoRequest.SerializeToString,
+            bagel_dot_v1_dot_generate__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
             insecure,
