@@ -5,14 +5,20 @@ wrong one."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from safetensors import safe_open
 
 from bagel.autoencoder import AutoEncoder
-from bagel.contexts import ContextEncoder, EditImage, edit_segments
+from bagel.checkpoint import load_bagel, load_vit
+from bagel.contexts import ContextEncoder, EditImage, edit_segments, prepare_edit_image
 from bagel.generation import BlockVelocity, latent_position_ids
 from bagel.image_transforms import patchify_vit
 from bagel.kv import Branch
@@ -33,10 +39,12 @@ from examples.tiny_shapes.edit_flow import (
     edit_flow_loss,
     vit_tokens,
 )
-from examples.tiny_shapes.edit_inputs import VIT_SIZE, vit_patches, vit_pixels
+from examples.tiny_shapes.edit_inputs import EDIT_RESIZE, VIT_SIZE, vit_patches, vit_pixels
 from examples.tiny_shapes.flow import block_velocity, pad_prompts, patchify_batch, sample_t
+from tests.helpers.processes import ROOT
 
 MARKERS = (500, 501)
+TRAINED = ROOT / "examples" / "tiny_shapes" / "checkpoint"
 
 
 @pytest.fixture(scope="module")
@@ -202,9 +210,7 @@ def test_edit_pairs_are_deterministic_per_seed():
     assert a.instructions == b.instructions and a.target_captions == b.target_captions
 
 
-def _pil(image: torch.Tensor):
-    from PIL import Image
-
+def _pil(image: torch.Tensor) -> Image.Image:
     array = ((image.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
     return Image.fromarray(array)
 
@@ -245,9 +251,6 @@ def test_training_vit_input_is_what_the_prefill_makes_of_the_png():
     `patchify_vit` on the 8-bit image: the same patch order and ids, and pixels that differ by
     0.01 of a level of 255 on average (a few edge pixels by up to 9 levels: the two bicubic
     filters round differently)."""
-    from bagel.contexts import prepare_edit_image
-    from examples.tiny_shapes.edit_inputs import EDIT_RESIZE
-
     sources = EditPairGenerator(4).edit_batch(3).sources
     patches, ids = vit_patches(vit_pixels(sources))
     for b in range(3):
@@ -257,3 +260,46 @@ def test_training_vit_input_is_what_the_prefill_makes_of_the_png():
         assert torch.equal(ids, want_ids)
         levels = (patches[b] - want).abs() * 127.5
         assert levels.mean().item() < 0.05 and levels.max().item() < 12
+
+
+@pytest.fixture(scope="module")
+def edit_smoke_dir(tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("tiny-shapes-edit-smoke")
+    command = [
+        sys.executable,
+        "-m",
+        "examples.tiny_shapes.train_edit",
+        *("--init", str(TRAINED), "--out", str(out), "--device", "cpu", "--smoke"),
+    ]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return out
+
+
+@pytest.mark.slow
+def test_edit_smoke_training_keeps_the_published_layout_and_changes_only_trained_tensors(
+    edit_smoke_dir,
+):
+    with (
+        safe_open(TRAINED / "ema.safetensors", "pt") as before,
+        safe_open(edit_smoke_dir / "ema.safetensors", "pt") as after,
+    ):
+        assert set(before.keys()) == set(after.keys())
+        changed = set()
+        for key in sorted(before.keys()):
+            a, b = before.get_tensor(key), after.get_tensor(key)
+            assert a.shape == b.shape and a.dtype == b.dtype == torch.bfloat16, key
+            if not torch.equal(a, b):
+                changed.add(key)
+    assert "language_model.lm_head.weight" not in changed
+    assert "vit_pos_embed.pos_embed" not in changed and "latent_pos_embed.pos_embed" not in changed
+    assert any(k.startswith("vit_model.") for k in changed)
+    assert any(k.startswith("connector.") for k in changed)
+    assert any("_moe_gen" in k for k in changed) and "llm2vae.weight" in changed
+    for name in ("ae.safetensors", "llm_config.json", "vit_config.json", "tokenizer.json"):
+        assert (edit_smoke_dir / name).read_bytes() == (TRAINED / name).read_bytes(), name
+    log = json.loads((edit_smoke_dir / "edit_train_log.json").read_text())
+    assert log["edit"]["steps"] == 2 and len(log["edit_check"]["results"]) == 2
+    assert (edit_smoke_dir / "edit_samples.png").is_file()
+    load_bagel(edit_smoke_dir, "diffusion")
+    load_vit(edit_smoke_dir)
