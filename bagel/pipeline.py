@@ -29,8 +29,9 @@ from bagel.kv import Branch, ContextKV
 from bagel.latents import unpatchify
 from bagel.model import Bagel
 from bagel.params import ImageParams
+from bagel.preview import LatentRGB, fit_latent_rgb
 from bagel.prompts import cfg_prompts
-from bagel.sampler import StepCallback, denoise, initial_noise
+from bagel.sampler import EstimateCallback, StepCallback, denoise, initial_noise
 from bagel.step_cache import StepCache
 from bagel.tokenizer import PromptTokenizer, load_tokenizer
 from bagel.vit import ViTConfig
@@ -150,8 +151,11 @@ class Pipeline:
         batch_branches: bool = True,
         on_step: StepCallback | None = None,
         step_cache: StepCache | None = None,
+        on_estimate: EstimateCallback | None = None,
+        estimate_steps: frozenset[int] = frozenset(),
     ) -> Tensor:
-        """Callers validate `params` first (`serving.params.GenerationParams.validate`)."""
+        """Callers validate `params` first (`serving.params.GenerationParams.validate`).
+        `on_estimate` sees the clean-image estimate after each step in `estimate_steps`."""
         rows, cols = self.config.latent_grid(params.height, params.width)
         velocity = BlockVelocity(
             self.model,
@@ -170,7 +174,19 @@ class Pipeline:
             has_img_context=Branch.UNCOND_IMG in contexts,
             on_step=on_step,
             step_cache=step_cache,
+            on_estimate=on_estimate,
+            estimate_steps=estimate_steps,
         )
+
+    @cached_property
+    def latent_rgb(self) -> LatentRGB:
+        """The previews' latent -> RGB map (`bagel.preview`), fitted on first use."""
+        return fit_latent_rgb(self.autoencoder)
+
+    def preview(self, latents: Tensor, height: int, width: int) -> np.ndarray:
+        """A preview of latent tokens `[h*w, patch_dim]`: uint8 RGB at 1/8 of the image's side."""
+        rows, cols = self.config.latent_grid(height, width)
+        return self.latent_rgb.pixels(latents, rows, cols, self.config.latent_patch_size)
 
     def decode(self, latents: Tensor, height: int, width: int) -> Image.Image:
         return decode_image(self.autoencoder, self.config, latents, height, width, self.graphs)

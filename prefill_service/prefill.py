@@ -97,6 +97,12 @@ def token_limit(config: BagelConfig, max_prompt_tokens: int) -> int:
     return min(max_prompt_tokens, config.llm.max_position_embeddings - 1)
 
 
+def prompt_tokens(planned: PlannedKV) -> int:
+    """The request's input tokens as usage counts them: the conditional context's, image tokens
+    included (the other contexts are parts of it, or the negative prompt)."""
+    return next(c.num_tokens for c in planned.contexts if c.kind == Branch.COND)
+
+
 def check_token_counts(planned: PlannedKV, limit: int) -> None:
     counts = planned.text_tokens or tuple(c.num_tokens for c in planned.contexts)
     for c, count in zip(planned.contexts, counts, strict=True):
