@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from bagel.autoencoder import AutoEncoder, to_rgb
+from bagel.autoencoder import AutoEncoder
 from bagel.checkpoint import load_autoencoder, load_bagel, load_vit
 from bagel.config import BagelConfig
 from bagel.contexts import (
@@ -23,10 +23,11 @@ from bagel.contexts import (
     edit_segments,
     prepare_edit_image,
 )
+from bagel.decoding import decode_image
+from bagel.devices import default_dtype
 from bagel.fp8 import LinearPrecision
 from bagel.generation import BlockVelocity, ForwardGraphs, latent_position_ids
 from bagel.kv import Branch, ContextKV
-from bagel.latents import unpatchify
 from bagel.model import Bagel
 from bagel.params import ImageParams
 from bagel.preview import LatentRGB, fit_latent_rgb
@@ -37,50 +38,10 @@ from bagel.tokenizer import PromptTokenizer, load_tokenizer
 from bagel.vit import ViTConfig
 
 
-def default_dtype(device: str | torch.device) -> torch.dtype:
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-
-
 @dataclass
 class Generated:
     image: Image.Image
     latents: Tensor  # final latent tokens [h*w, patch_dim], fp32
-
-
-@torch.no_grad()
-def decode_pixels(
-    autoencoder: AutoEncoder,
-    config: BagelConfig,
-    latents: Tensor,
-    height: int,
-    width: int,
-    graphs: ForwardGraphs | None = None,
-) -> np.ndarray:
-    """Final latent tokens `[h*w, patch_dim]` -> the `height x width` image as uint8 RGB pixels
-    `[height, width, 3]`, through the VAE decoder. With `graphs`, on a GPU, the decoder runs as
-    a capture in the forwards' memory pool (`ForwardGraphs.run_fixed`): at 1024² its activations
-    then reuse the memory the forwards' activations hold, rather than sitting beside it."""
-    rows, cols = config.latent_grid(height, width)
-    z = unpatchify(latents, rows, cols, config.latent_patch_size)
-    weight = next(autoencoder.parameters())
-    z = z[None].to(weight.device, weight.dtype)
-    if graphs is not None and z.is_cuda:
-        pixels = graphs.run_fixed(("vae decode", id(autoencoder)), autoencoder.decode, (z,))
-    else:
-        pixels = autoencoder.decode(z)
-    return to_rgb(pixels.float())
-
-
-def decode_image(
-    autoencoder: AutoEncoder,
-    config: BagelConfig,
-    latents: Tensor,
-    height: int,
-    width: int,
-    graphs: ForwardGraphs | None = None,
-) -> Image.Image:
-    """`decode_pixels` as an RGB PIL image."""
-    return Image.fromarray(decode_pixels(autoencoder, config, latents, height, width, graphs))
 
 
 class Pipeline:

@@ -30,9 +30,9 @@ from bagel.contexts import (
     prefix_sources,
     prepare_edit_image,
 )
+from bagel.devices import default_dtype
 from bagel.image_transforms import resized_size
 from bagel.kv import Branch
-from bagel.pipeline import default_dtype
 from bagel.prompts import cfg_prompts
 from bagel.tokenizer import load_tokenizer
 from bagel.vit import ViTConfig
