@@ -23,13 +23,13 @@ from bagel.contexts import (
     edit_segments,
     prepare_edit_image,
 )
-from bagel.decoding import decode_image
 from bagel.devices import default_dtype
 from bagel.fp8 import LinearPrecision
 from bagel.generation import BlockVelocity, ForwardGraphs, latent_position_ids
 from bagel.kv import Branch, ContextKV
 from bagel.model import Bagel
 from bagel.params import ImageParams
+from bagel.pixels import decode_image
 from bagel.preview import LatentRGB, fit_latent_rgb
 from bagel.prompts import cfg_prompts
 from bagel.sampler import EstimateCallback, StepCallback, denoise, initial_noise

@@ -36,12 +36,12 @@ from bagel import fused
 from bagel.attention import BlockQKV
 from bagel.autoencoder import AutoEncoder, AutoEncoderParams
 from bagel.config import BAGEL_7B, BagelConfig, LLMConfig
-from bagel.decoding import decode_image
 from bagel.fp8 import LINEAR_PRECISIONS, use_fp8_linears
 from bagel.generation import BlockVelocity, ForwardGraphs, latent_position_ids
 from bagel.kv import Branch, ContextKV
 from bagel.layers import RMSNorm
 from bagel.model import Bagel
+from bagel.pixels import decode_image
 from bagel.sampler import denoise, initial_noise
 from benchmarks._report import emit_json
 from diffusion_service.job import JobSpec

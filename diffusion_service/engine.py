@@ -18,8 +18,8 @@ import torch.distributed as dist
 
 from bagel.autoencoder import AutoEncoder
 from bagel.config import BagelConfig
-from bagel.decoding import decode_pixels
 from bagel.generation import ForwardGraphs
+from bagel.pixels import decode_pixels
 from bagel.preview import LatentRGB, fit_latent_rgb
 from diffusion_service.job import Command, JobSpec
 from diffusion_service.memory import peaks_note, publish_peaks
