@@ -49,6 +49,35 @@ def read_token_file(path: str | Path) -> str:
     return token
 
 
+def read_token_lines(path: str | Path) -> tuple[str, ...]:
+    """Every token in `path`, one per line (several are valid at once, so a token can be rotated
+    without downtime); blank lines are skipped. Refuses a file with none and a token that cannot
+    travel in a header."""
+    try:
+        lines = Path(path).read_text(encoding="ascii").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SecurityError(f"cannot read the token file {path}: {e}") from None
+    tokens = tuple(line.strip() for line in lines if line.strip())
+    if not tokens:
+        raise SecurityError(f"the token file {path} is empty")
+    for number, token in enumerate(tokens, 1):
+        if not all("!" <= c <= "~" for c in token):
+            raise SecurityError(
+                f"token {number} in {path} must be printable ASCII without spaces (it goes in "
+                "a header)"
+            )
+    return tokens
+
+
+def any_token_matches(presented: str, expected: Sequence[str]) -> bool:
+    """`token_matches` against every expected token, all of them compared, so the time taken does
+    not tell which one (or whether an early one) matched."""
+    matched = False
+    for token in expected:
+        matched |= token_matches(presented, token)
+    return matched
+
+
 def read_pem(path: str | Path, what: str) -> bytes:
     """The PEM file `path` (`what` names it in errors: "--tls-cert", ...)."""
     try:
@@ -279,3 +308,37 @@ class BearerTokenMetadata(
 
     def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
         return continuation(self._with_token(client_call_details), request_iterator)
+
+
+def open_aio_channel(
+    address: str,
+    options: Sequence[tuple[str, object]],
+    *,
+    tls_ca: str | Path | None = None,
+    tls_cert: str | Path | None = None,
+    tls_key: str | Path | None = None,
+    auth_token: str | None = None,
+) -> tuple[grpc.aio.Channel, tuple[tuple[str, str], ...]]:
+    """An asyncio channel to `address`, as `open_channel` makes a synchronous one, and the
+    metadata every call on it must send: over TLS a token travels as call credentials (no
+    metadata); over plaintext as `authorization` metadata, fit only for loopback or a private
+    network."""
+    if (tls_cert is None) != (tls_key is None):
+        raise SecurityError("a client certificate and its key go together")
+    if auth_token is not None and not auth_token.strip():
+        raise SecurityError("the bearer token is empty")
+    if tls_ca is None and tls_cert is None:
+        channel = grpc.aio.insecure_channel(address, options=options)
+        if auth_token is None:
+            return channel, ()
+        return channel, ((AUTHORIZATION, f"Bearer {auth_token.strip()}"),)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=read_pem(tls_ca, "the CA certificate") if tls_ca else None,
+        private_key=read_pem(tls_key, "the client key") if tls_key else None,
+        certificate_chain=read_pem(tls_cert, "the client certificate") if tls_cert else None,
+    )
+    if auth_token is not None:
+        credentials = grpc.composite_channel_credentials(
+            credentials, grpc.access_token_call_credentials(auth_token.strip())
+        )
+    return grpc.aio.secure_channel(address, credentials, options=options), ()
