@@ -175,6 +175,30 @@ def test_importing_serving_and_client_loads_neither_torch_nor_bagel():
     assert run.returncode == 0, run.stderr
 
 
+def test_the_services_never_load_the_in_process_reference_pipeline():
+    """`bagel.pipeline` is the reference the services are checked against, not a part of them."""
+    run = _in_fresh_interpreter(
+        "import sys, diffusion_service.server, prefill_service.server, prefill_service.mock; "
+        "assert 'bagel.pipeline' not in sys.modules"
+    )
+    assert run.returncode == 0, run.stderr
+
+
+def test_environment_switches_are_read_only_through_their_declarations():
+    """Every `os.environ` read of the model goes through `bagel.envs`, where each switch is
+    declared and documented, and every declared switch is in its table."""
+    from bagel import envs
+
+    readers = [
+        path.relative_to(ROOT).as_posix()
+        for path in (ROOT / "bagel").rglob("*.py")
+        if "os.environ" in path.read_text() or "getenv" in path.read_text()
+    ]
+    assert readers == ["bagel/envs.py"]
+    for name in envs.SWITCHES:
+        assert f"`{name}`" in envs.__doc__, name
+
+
 def test_the_branch_enum_is_numbered_as_the_wire_context_kind():
     """`bagel.kv.Branch` and `bagel.v1.ContextKind` name the same CFG contexts with the same
     numbers, so the transport's context kinds convert with `Branch(kind)` and back with `int`."""
