@@ -38,7 +38,9 @@ def bind(listen: str) -> socket.socket:
     """The listening socket, bound here so that a taken port is refused before anything starts."""
     host, port = parse_host_port(listen, "--listen")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that name it, and without it
+    # an answer's headers and body (two writes) wait out the client's delayed ACK (~40 ms).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

@@ -228,3 +228,15 @@ def test_a_port_in_use_is_refused_at_start(tmp_path: Path):
     assert run.returncode == 2
     assert f"--listen 127.0.0.1:{port}: cannot bind" in run.stderr
     assert run.stderr.count("\n") == 1
+
+
+def test_the_listening_socket_is_tcp_so_answers_go_out_without_nagle_delay():
+    """asyncio sets TCP_NODELAY only on sockets whose protocol is IPPROTO_TCP; without it every
+    answer waits for the client's delayed ACK."""
+    from gateway.__main__ import bind
+
+    sock = bind("127.0.0.1:0")
+    try:
+        assert sock.proto == socket.IPPROTO_TCP
+    finally:
+        sock.close()
