@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=default(s, "drain_s"),
         help="seconds to finish work on SIGTERM",
     )
-    add_server_security_arguments(parser)
+    add_server_security_arguments(parser, allowed_clients=True)
     return parser
 
 
