@@ -99,13 +99,14 @@ async def receive_kv(
 
 
 ROOM_POLL_S = 0.05
+ROOM_WAIT_SLACK_S = 0.25  # past the stall time, so a holder silent since just before is stale
 
 
 async def _wait_for_room(assembler: FrameAssembler) -> None:
     """Wait up to the budget's `stall_s` for the header's reservation (holders that go stale in
     the meantime are evicted); raise BUSY when none came."""
     assert assembler.budget is not None
-    end = time.monotonic() + assembler.budget.stall_s + ROOM_POLL_S
+    end = time.monotonic() + assembler.budget.stall_s + ROOM_WAIT_SLACK_S
     while not assembler.try_admit():
         if time.monotonic() >= end:
             raise assembler.refuse_admission()
