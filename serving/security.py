@@ -101,35 +101,6 @@ def check_key_pair(cert: str | Path, key: str | Path) -> None:
         raise SecurityError(f"--tls-cert {cert} and --tls-key {key} are not a pair: {e}") from None
 
 
-def read_token_lines(path: str | Path) -> tuple[str, ...]:
-    """Every token in `path`, one per line (several are valid at once, so a token can be rotated
-    without downtime); blank lines are skipped. Refuses a file with none and a token that cannot
-    travel in a header."""
-    try:
-        lines = Path(path).read_text(encoding="ascii").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise SecurityError(f"cannot read the token file {path}: {e}") from None
-    tokens = tuple(line.strip() for line in lines if line.strip())
-    if not tokens:
-        raise SecurityError(f"the token file {path} is empty")
-    for number, token in enumerate(tokens, 1):
-        if not all("!" <= c <= "~" for c in token):
-            raise SecurityError(
-                f"token {number} in {path} must be printable ASCII without spaces (it goes in "
-                "a header)"
-            )
-    return tokens
-
-
-def any_token_matches(presented: str, expected: Sequence[str]) -> bool:
-    """`token_matches` against every expected token, all of them compared, so the time taken does
-    not tell which one (or whether an early one) matched."""
-    matched = False
-    for token in expected:
-        matched |= token_matches(presented, token)
-    return matched
-
-
 def read_pem(path: str | Path, what: str) -> bytes:
     """The PEM file `path` (`what` names it in errors: "--tls-cert", ...)."""
     try:
