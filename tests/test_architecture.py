@@ -25,17 +25,27 @@ PACKAGES = (
     "diffusion_service",
     "prefill_service",
     "client",
+    "gateway",
 )
 SERVICES = {"diffusion_service", "prefill_service"}
 # package -> top-level names it must never import (DESIGN.md section 2).
 FORBIDDEN = {
-    "bagel": {"serving", "transport", "diffusion_service", "prefill_service", "client", "protos"},
-    "transport": {"bagel", "serving", *SERVICES, "client"},
-    "serving": {"torch", "bagel", "transport", *SERVICES, "client"},
-    "client": {"torch", "bagel", "transport", *SERVICES},
-    "protos": {"torch", "bagel", "serving", "transport", *SERVICES, "client"},
-    "diffusion_service": {"prefill_service", "client"},
-    "prefill_service": {"diffusion_service", "client"},
+    "bagel": {
+        "serving",
+        "transport",
+        "diffusion_service",
+        "prefill_service",
+        "client",
+        "protos",
+        "gateway",
+    },
+    "transport": {"bagel", "serving", *SERVICES, "client", "gateway"},
+    "serving": {"torch", "bagel", "transport", *SERVICES, "client", "gateway"},
+    "client": {"torch", "bagel", "transport", *SERVICES, "gateway"},
+    "protos": {"torch", "bagel", "serving", "transport", *SERVICES, "client", "gateway"},
+    "diffusion_service": {"prefill_service", "client", "gateway"},
+    "prefill_service": {"diffusion_service", "client", "gateway"},
+    "gateway": {"torch", "bagel", "transport", *SERVICES},
 }
 
 
@@ -166,9 +176,9 @@ def test_importing_transport_loads_no_bagel_module():
     assert run.returncode == 0, run.stderr
 
 
-def test_importing_serving_and_client_loads_neither_torch_nor_bagel():
+def test_importing_serving_client_and_gateway_loads_neither_torch_nor_bagel():
     run = _in_fresh_interpreter(
-        "import sys, serving, client, client.cli; "
+        "import sys, serving, client, client.cli, gateway.app, gateway.__main__; "
         "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'bagel', 'transport')]; "
         "assert not bad, sorted(bad)[:5]"
     )
