@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass, replace
 
 import numpy as np
+import torch
 from PIL import Image
 
 from examples.tiny_shapes.data import (
@@ -243,8 +244,6 @@ class EditEvalPrompt:
         return self.edit.instruction(self.source.shape, self.template)
 
     def source_image(self) -> Image.Image:
-        import torch
-
         s = self.source
         pixels = render(
             torch.tensor([COLOUR_NAMES.index(s.colour)]),

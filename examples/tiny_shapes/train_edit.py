@@ -35,7 +35,7 @@ from bagel.checkpoint import EMA_FILE, load_autoencoder, load_bagel, load_vit
 from bagel.generation import latent_position_ids
 from bagel.model import Bagel
 from bagel.pipeline import Pipeline
-from bagel.tokenizer import load_tokenizer
+from bagel.tokenizer import PromptTokenizer, load_tokenizer
 from bagel.vit import ImageContextEncoder
 from examples.tiny_shapes.check import EDIT_EVAL_PROMPTS, check_edit
 from examples.tiny_shapes.data import IMAGE_SIZE, EditPairGenerator
@@ -101,7 +101,7 @@ class EditSettings:
 class PromptIds:
     """Framed token ids of each text, encoded once (the generator writes a few hundred)."""
 
-    def __init__(self, tokenizer) -> None:
+    def __init__(self, tokenizer: PromptTokenizer) -> None:
         self.tokenizer = tokenizer
         self.cache: dict[str, list[int]] = {}
 
