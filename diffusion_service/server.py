@@ -13,7 +13,7 @@ import grpc
 
 from bagel.checkpoint import load_autoencoder
 from bagel.config import BagelConfig
-from bagel.pipeline import default_dtype
+from bagel.devices import default_dtype
 from diffusion_service.engine import Engine
 from diffusion_service.memory import peaks_note, publish_peaks
 from diffusion_service.metrics import DiffusionMetrics

@@ -392,3 +392,37 @@ class BearerTokenMetadata(
 
     def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
         return continuation(self._with_token(client_call_details), request_iterator)
+
+
+def open_aio_channel(
+    address: str,
+    options: Sequence[tuple[str, object]],
+    *,
+    tls_ca: str | Path | None = None,
+    tls_cert: str | Path | None = None,
+    tls_key: str | Path | None = None,
+    auth_token: str | None = None,
+) -> tuple[grpc.aio.Channel, tuple[tuple[str, str], ...]]:
+    """An asyncio channel to `address`, as `open_channel` makes a synchronous one, and the
+    metadata every call on it must send: over TLS a token travels as call credentials (no
+    metadata); over plaintext as `authorization` metadata, fit only for loopback or a private
+    network."""
+    if (tls_cert is None) != (tls_key is None):
+        raise SecurityError("a client certificate and its key go together")
+    if auth_token is not None and not auth_token.strip():
+        raise SecurityError("the bearer token is empty")
+    if tls_ca is None and tls_cert is None:
+        channel = grpc.aio.insecure_channel(address, options=options)
+        if auth_token is None:
+            return channel, ()
+        return channel, ((AUTHORIZATION, f"Bearer {auth_token.strip()}"),)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=read_pem(tls_ca, "the CA certificate") if tls_ca else None,
+        private_key=read_pem(tls_key, "the client key") if tls_key else None,
+        certificate_chain=read_pem(tls_cert, "the client certificate") if tls_cert else None,
+    )
+    if auth_token is not None:
+        credentials = grpc.composite_channel_credentials(
+            credentials, grpc.access_token_call_credentials(auth_token.strip())
+        )
+    return grpc.aio.secure_channel(address, credentials, options=options), ()
