@@ -409,3 +409,12 @@ def test_an_internal_status_is_a_500_naming_the_request_id():
     assert error.message == "digest mismatch (request id req-7)"
     assert from_grpc(grpc.StatusCode.INTERNAL, "boom", "r", 1).status == 500
     assert from_grpc(None, None, "r", 1).status == 500
+
+
+def test_the_container_health_check_says_ready_only_when_ready(gateway, capsys):
+    from gateway.health_check import main
+
+    assert main([gateway.address]) == 0
+    assert '"SERVING"' in capsys.readouterr().out
+    assert main([f"127.0.0.1:{free_port()}"]) == 1
+    assert "cannot reach" in capsys.readouterr().out
