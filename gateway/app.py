@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
+from starlette.background import BackgroundTask
 from starlette.datastructures import UploadFile
 
 from gateway.drawing import (
@@ -160,14 +161,18 @@ def create_app(settings: GatewaySettings, tokens: tuple[str, ...] = ()) -> FastA
         painter: Painter = state["painter"]
         if drawing.stream:
             try:
-                events = await until_disconnect(request.receive, painter.open_stream(drawing))
+                stream = await until_disconnect(request.receive, painter.open_stream(drawing))
             except BaseException:
                 limit.release()
                 raise
+            metrics.streams_in_flight.inc()
+            stream.resources.callback(metrics.streams_in_flight.dec)
+            stream.resources.callback(limit.release)
             return StreamingResponse(
-                counted_stream(events, limit, metrics),
+                stream.events,
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
+                background=BackgroundTask(stream.close),  # runs however the response ends
             )
         try:
             results = await until_disconnect(request.receive, painter.images(drawing))
@@ -216,20 +221,6 @@ def create_app(settings: GatewaySettings, tokens: tuple[str, ...] = ()) -> FastA
 
     app.add_middleware(RequestMiddleware, max_body_bytes=settings.max_body_bytes, metrics=metrics)
     return app
-
-
-async def counted_stream(
-    events: AsyncIterator[bytes], limit: ConcurrencyLimit, metrics: GatewayMetrics
-) -> AsyncIterator[bytes]:
-    """`events`, holding a concurrency slot and counted as a stream in flight until they end."""
-    metrics.streams_in_flight.inc()
-    try:
-        async for chunk in events:
-            yield chunk
-    finally:
-        await events.aclose()  # type: ignore[attr-defined]
-        metrics.streams_in_flight.dec()
-        limit.release()
 
 
 def validation_failure(errors: Any) -> OpenAIError:

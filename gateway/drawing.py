@@ -100,6 +100,19 @@ def plan(
     )
 
 
+@dataclass
+class OpenStream:
+    """A started stream: its SSE bytes, and what holds its gRPC call and its prefill lease, closed
+    when the events end, or by `close` if they never ran (the client left before the first byte).
+    Closing twice is harmless."""
+
+    events: AsyncIterator[bytes]
+    resources: contextlib.AsyncExitStack
+
+    async def close(self) -> None:
+        await self.resources.aclose()
+
+
 class Painter:
     """Runs drawings on the pool; `retry_after_s` goes into 429 answers."""
 
@@ -141,7 +154,7 @@ class Painter:
             for task in tasks:
                 task.cancel()
 
-    async def open_stream(self, drawing: Drawing) -> AsyncIterator[bytes]:
+    async def open_stream(self, drawing: Drawing) -> OpenStream:
         """The events of a streamed drawing as SSE bytes. The call is started and its first event
         awaited here, so a request the service refuses gets an HTTP error status, not a stream;
         a failure after that is an `error` event."""
@@ -157,7 +170,7 @@ class Painter:
             if isinstance(e, grpc.aio.AioRpcError | TypeError | ValueError):
                 raise self._failure(e, drawing.request_id) from None
             raise
-        return self._sse(drawing, args, first, events, stack)
+        return OpenStream(self._sse(drawing, args, first, events, stack), stack)
 
     async def _sse(
         self,
