@@ -178,7 +178,7 @@ def create_app(settings: GatewaySettings, tokens: tuple[str, ...] = ()) -> FastA
             results = await until_disconnect(request.receive, painter.images(drawing))
         finally:
             limit.release()
-        return JSONResponse(images_response(drawing, results))
+        return JSONResponse(await images_response(drawing, results))
 
     @app.post(
         "/v1/images/generations",

@@ -18,7 +18,7 @@ import grpc
 
 from client import GenerationResult, IncompleteGeneration
 from client.events import ResultAssembler
-from gateway.encoding import b64
+from gateway.encoding import b64_off_loop
 from gateway.errors import OpenAIError, from_grpc, invalid_request
 from gateway.prefill_pool import PrefillPool
 from gateway.schema import ImageRequest, schema_values
@@ -189,11 +189,11 @@ class Painter:
                     break
                 assembler.add(event)
                 if event.WhichOneof("event") == "partial_image":
-                    yield sse(self._partial(drawing, event))
+                    yield sse(await self._partial(drawing, event))
             result = assembler.result(args)
             completed = {
                 "type": f"{drawing.event_prefix}.completed",
-                **image_fields(drawing, result.png, result.width, result.height),
+                **await image_fields(drawing, result.png, result.width, result.height),
                 "usage": usage([result], drawing.kind),
                 "bagel": reproduction(result),
             }
@@ -204,20 +204,20 @@ class Painter:
             await stack.aclose()
 
     @staticmethod
-    def _partial(drawing: Drawing, event: GenerateEvent) -> dict[str, Any]:
+    async def _partial(drawing: Drawing, event: GenerateEvent) -> dict[str, Any]:
         preview = event.partial_image
         return {
             "type": f"{drawing.event_prefix}.partial_image",
-            **image_fields(drawing, preview.png, preview.width, preview.height),
+            **await image_fields(drawing, preview.png, preview.width, preview.height),
             "partial_image_index": preview.index,
             "bagel": {"step": preview.step},
         }
 
 
-def image_fields(drawing: Drawing, png: bytes, width: int, height: int) -> dict[str, Any]:
+async def image_fields(drawing: Drawing, png: bytes, width: int, height: int) -> dict[str, Any]:
     """The fields OpenAI's image events share."""
     return {
-        "b64_json": b64(png, drawing.output_format, drawing.compression),
+        "b64_json": await b64_off_loop(png, drawing.output_format, drawing.compression),
         "created_at": int(time.time()),
         "size": f"{width}x{height}",
         "quality": "auto",
@@ -248,17 +248,17 @@ def usage(results: list[GenerationResult], kind: str) -> dict[str, Any]:
     return counted
 
 
-def images_response(drawing: Drawing, results: list[GenerationResult]) -> dict[str, Any]:
+async def images_response(drawing: Drawing, results: list[GenerationResult]) -> dict[str, Any]:
     """OpenAI's ImagesResponse, each image with its `bagel` object."""
     first = results[0]
+    encoded = await asyncio.gather(
+        *(b64_off_loop(r.png, drawing.output_format, drawing.compression) for r in results)
+    )
     return {
         "created": int(time.time()),
         "data": [
-            {
-                "b64_json": b64(r.png, drawing.output_format, drawing.compression),
-                "bagel": reproduction(r),
-            }
-            for r in results
+            {"b64_json": b64_json, "bagel": reproduction(r)}
+            for b64_json, r in zip(encoded, results, strict=True)
         ],
         "usage": usage(results, drawing.kind),
         "size": f"{first.width}x{first.height}",
