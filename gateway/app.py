@@ -31,7 +31,7 @@ from gateway.middleware import CLIENT_GONE, BodyTooLarge, RequestMiddleware, too
 from gateway.prefill_pool import PrefillPool
 from gateway.schema import ImageEditRequest, ImageGenerationRequest, form_value
 from gateway.settings import GatewaySettings
-from serving.security import any_token_matches, presented_token
+from serving.security import presented_token, token_accepted
 
 MISSING_TOKEN = "missing bearer token: send the header 'Authorization: Bearer <token>'"
 INVALID_TOKEN = "invalid bearer token"
@@ -98,7 +98,7 @@ def create_app(settings: GatewaySettings, tokens: tuple[str, ...] = ()) -> FastA
         presented = presented_token([("authorization", header)] if header else [])
         if presented is None:
             raise OpenAIError(401, MISSING_TOKEN, "authentication_error", None, "missing_api_key")
-        if not any_token_matches(presented, tokens):
+        if not token_accepted(presented, tokens):
             raise OpenAIError(401, INVALID_TOKEN, "authentication_error", None, "invalid_api_key")
 
     @app.exception_handler(OpenAIError)

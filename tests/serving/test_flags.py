@@ -11,7 +11,7 @@ import pytest
 
 from serving.addresses import parse_host_port, split_addresses
 from serving.flags import OneLineArgumentParser, add_arguments, from_args, option
-from serving.security import SecurityError, any_token_matches, read_token_lines
+from serving.security import SecurityError, read_token_set, token_accepted
 
 
 @dataclass(frozen=True)
@@ -111,11 +111,11 @@ def test_address_lists():
 def test_a_token_file_holds_one_token_per_line(tmp_path: Path):
     path = tmp_path / "tokens"
     path.write_text("  old-token\n\nnew-token  \n")
-    tokens = read_token_lines(path)
+    tokens = read_token_set(path)
     assert tokens == ("old-token", "new-token")
-    assert any_token_matches("new-token", tokens) and any_token_matches("old-token", tokens)
-    assert not any_token_matches("new-toke", tokens)
-    assert not any_token_matches("", tokens)
+    assert token_accepted("new-token", tokens) and token_accepted("old-token", tokens)
+    assert not token_accepted("new-toke", tokens)
+    assert not token_accepted("", tokens)
 
 
 @pytest.mark.parametrize("content", ["", "\n \n", "has space\n"])
@@ -123,4 +123,4 @@ def test_an_unusable_token_file_is_refused(tmp_path: Path, content):
     path = tmp_path / "tokens"
     path.write_text(content)
     with pytest.raises(SecurityError):
-        read_token_lines(path)
+        read_token_set(path)
