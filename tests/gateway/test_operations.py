@@ -267,3 +267,17 @@ def test_a_token_file_every_user_may_read_is_refused_unless_allowed(tmp_path: Pa
     ) as gateway:
         gateway.wait_serving()
         assert http_status(f"{gateway.url}/v1/models") == 401
+
+
+def test_a_request_without_a_token_is_refused_before_its_body_is_read(secured):
+    """An oversized or malformed body from a caller without a token gets 401, not 413 or 400."""
+    for body in (b"{" * (MAX_BODY + 1), b"not json"):
+        connection = https(secured)
+        try:
+            headers = {"Content-Type": "application/json"}
+            connection.request("POST", "/v1/images/generations", body, headers)
+            reply = connection.getresponse()
+            assert reply.status == 401
+            assert json.loads(reply.read())["error"]["code"] == "missing_api_key"
+        finally:
+            connection.close()
