@@ -181,7 +181,7 @@ def test_four_silent_1_gib_announcers_do_not_lock_out_a_valid_request(
             time.sleep(STALL_S + 0.2)  # silent past the stall time: each may be evicted now
             elapsed = timed_correct_request(hop, reference)
             print(f"silent announcers: a request took {elapsed:.2f} s, {normal:.2f} s alone")
-            assert elapsed < 1.5 * normal + 0.5, (elapsed, normal)
+            assert elapsed < 2 * normal + 0.5, (elapsed, normal)  # a wait for room: +1.25 s
             assert hop.metric("bagel_diffusion_kv_uploads_evicted_total") >= 1
         finally:
             outcomes = [a.finish() for a in announcers]
