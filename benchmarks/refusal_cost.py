@@ -18,6 +18,7 @@ if not __package__:  # run as a script: the repo root, not benchmarks/, heads th
 
 import argparse
 import asyncio
+import logging
 import os
 import statistics
 import tempfile
@@ -92,6 +93,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the JSON here")
     args = parser.parse_args()
+    logging.getLogger("serving.access").setLevel(logging.ERROR)  # one refusal line per row
     payload = os.urandom(1 << 20) * args.mb
     with tempfile.TemporaryDirectory() as scratch:
         token = Path(scratch) / "token"

@@ -119,6 +119,7 @@ _CAS: dict[str, tuple[x509.Certificate, ec.EllipticCurvePrivateKey]] = {}  # CA 
 def make_certificates(directory: Path, reissue: TestCertificates | None = None) -> TestCertificates:
     """Write every certificate and key under `directory`; with `reissue`, new certificates and
     keys from the CAs of that earlier set (a rotation: clients keep trusting the CA)."""
+    directory.mkdir(parents=True, exist_ok=True)
     key = _key
     if reissue is None:
         ca_key, other_key = key(), key()

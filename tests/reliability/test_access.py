@@ -297,7 +297,6 @@ def test_every_credential_rotates_under_traffic_with_no_failed_call(
             reload(services.prefill)
             traffic.served_after(len(traffic.images))
             # new certificates and keys from the same CA for both services and the hop's client
-            (s.directory / "fresh").mkdir()
             fresh = make_certificates(s.directory / "fresh", reissue=c)
             for new, old in (
                 (fresh.server_cert, c.server_cert), (fresh.server_key, c.server_key),

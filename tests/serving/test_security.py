@@ -4,6 +4,9 @@ service's link use); certificates are made per session by `tests.helpers.certs`.
 
 from __future__ import annotations
 
+import os
+import socket
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,17 +16,21 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from client import BagelClient, cli
 from serving import security
-from serving.access import RefusalLog
+from serving.access import Refusal, RefusalLog
 from serving.credentials import ServerCredentialStore
 from serving.metrics import ServiceMetrics
 from serving.security import (
     INVALID_TOKEN,
+    MAX_TOKEN_BYTES,
     MISSING_TOKEN,
     ClientSecurity,
     SecurityError,
     ServerSecurity,
+    is_loopback,
     open_channel,
     read_token_file,
+    read_token_set,
+    risky_settings,
 )
 from serving.server import GrpcServer
 from tests.helpers.certs import TestCertificates, make_certificates
@@ -334,3 +341,147 @@ def test_cli_health_presents_its_client_certificate_to_an_mtls_server(
     assert "UNAVAILABLE" in capsys.readouterr().err
     assert cli.main([*argv, *client_cert, "--auth-token-file", token_file]) == 0
     assert capsys.readouterr().out.strip() == "SERVING"
+
+
+# Refusals, reloads and start-up checks (serving.access, serving.credentials)
+
+
+def test_the_refusal_log_counts_every_refusal_and_logs_one_line_per_reason_and_window(caplog):
+    metrics = ServiceMetrics("refusal_test")
+    now = [0.0]
+    log = RefusalLog(metrics.auth_failures, every_s=10.0, clock=lambda: now[0])
+    with caplog.at_level("WARNING", logger="serving.access"):
+        for _ in range(3):
+            log.record(Refusal.INVALID_TOKEN, "/a.B/C", "ipv4:1.2.3.4:5")
+        log.record(Refusal.MISSING_TOKEN, "/a.B/C", "ipv4:1.2.3.4:5")
+        now[0] = 10.5
+        log.record(Refusal.INVALID_TOKEN, "/a.B/C", "ipv4:1.2.3.4:6")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "refused /a.B/C from ipv4:1.2.3.4:5: invalid_token",
+        "refused /a.B/C from ipv4:1.2.3.4:5: missing_token",
+        "refused /a.B/C from ipv4:1.2.3.4:6: invalid_token (2 more since the last such line)",
+    ]
+    counted = {
+        s.labels["reason"]: s.value
+        for m in metrics.registry.collect()
+        for s in m.samples
+        if s.name == "bagel_refusal_test_auth_failures_total"
+    }
+    assert counted == {"invalid_token": 4.0, "missing_token": 1.0}
+
+
+def test_a_reload_applies_new_tokens_to_the_next_call_and_a_bad_file_keeps_the_old(
+    loop_thread, tmp_path: Path
+):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("old-token\n")
+    tokens.chmod(0o600)
+    server = EchoServer(loop_thread, ServerSecurity(auth_token_file=str(tokens)))
+    try:
+
+        def works(token: str) -> bool:
+            with open_channel(server.address, [], auth_token=token) as channel:
+                try:
+                    return echo(channel) == b"ping"
+                except grpc.RpcError as e:
+                    assert e.code() == grpc.StatusCode.UNAUTHENTICATED
+                    return False
+
+        tokens.write_text("old-token\nnew-token\n")
+        assert server.credentials.reload()
+        assert works("old-token") and works("new-token")
+        tokens.write_text("new-token\n")
+        assert server.credentials.reload()
+        assert works("new-token") and not works("old-token")
+        tokens.write_text("\n")  # half written: refused, the previous tokens stay
+        assert not server.credentials.reload()
+        assert works("new-token")
+    finally:
+        server.stop()
+
+
+def test_a_reloaded_server_certificate_is_presented_from_the_next_handshake(
+    loop_thread, tmp_path: Path
+):
+    first = make_certificates(tmp_path / "first")
+    server = EchoServer(loop_thread, ServerSecurity(first.server_cert, first.server_key))
+    try:
+        with open_channel(server.address, [], tls_ca=first.ca) as channel:
+            assert echo(channel) == b"ping"
+            second = make_certificates(tmp_path / "second", reissue=first)
+            for new, old in ((second.server_cert, first.server_cert), (second.server_key, first.server_key)):  # fmt: skip
+                os.replace(new, old)
+            assert server.credentials.reload()
+            assert echo(channel) == b"ping"  # the open connection keeps its handshake
+        assert _presented(server.address, first.ca) == _der(first.server_cert)
+    finally:
+        server.stop()
+
+
+def _presented(address: str, ca: str) -> bytes:
+    context = ssl.create_default_context(cafile=ca)
+    context.set_alpn_protocols(["h2"])
+    host, port = address.rsplit(":", 1)
+    with (
+        socket.create_connection((host, int(port)), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname=host) as tls,
+    ):
+        return tls.getpeercert(binary_form=True)
+
+
+def _der(path: str) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(Path(path).read_text())
+
+
+def test_start_up_refuses_a_readable_token_file_a_long_token_and_a_mismatched_key(
+    certs, tmp_path: Path
+):
+    readable = tmp_path / "readable"
+    readable.write_text("token\n")
+    readable.chmod(0o604)
+    with pytest.raises(SecurityError, match=r"readable by every user \(mode 0604\)"):
+        ServerSecurity(auth_token_file=str(readable)).load()
+    assert ServerSecurity(auth_token_file=str(readable), allow_insecure_token_file=True).load()
+    with pytest.raises(SecurityError, match="readable by every user"):
+        ClientSecurity(auth_token_file=str(readable), private_token_file=True).read_token()
+    long = tmp_path / "long"
+    long.write_text("x" * (MAX_TOKEN_BYTES + 1))
+    long.chmod(0o600)
+    with pytest.raises(SecurityError, match="has 4097 bytes; at most 4096"):
+        ServerSecurity(auth_token_file=str(long)).load()
+    with pytest.raises(SecurityError, match="are not a pair"):
+        ServerSecurity(certs.server_cert, certs.client_key).load()
+    two = tmp_path / "two"
+    two.write_text("a\nb\n")
+    assert read_token_set(two) == ("a", "b")
+    with pytest.raises(SecurityError, match="holds 2 tokens; a client sends one"):
+        read_token_file(two)
+
+
+@pytest.mark.parametrize(
+    ("listen", "loopback"),
+    [
+        ("127.0.0.1:1", True), ("127.8.0.1:1", True), ("localhost:1", True), ("[::1]:1", True),
+        ("unix:/tmp/s", True), ("0.0.0.0:1", False), ("[::]:1", False), ("10.0.0.1:1", False),
+        ("diffusion:50052", False),
+    ],
+)  # fmt: skip
+def test_loopback_addresses(listen, loopback):
+    assert is_loopback(listen) is loopback
+
+
+def test_risky_settings_warn_about_plaintext_tokens_and_listeners():
+    token = ServerSecurity(auth_token_file="t")
+    assert len(risky_settings("127.0.0.1:1", token)) == 1
+    assert len(risky_settings("0.0.0.0:1", token)) == 2
+    assert risky_settings("0.0.0.0:1", ServerSecurity()) == [
+        "--listen 0.0.0.0:1 reaches beyond this host without TLS: prompts, images and KV caches "
+        "cross the network in plaintext (docs/security.md)"
+    ]
+    assert risky_settings("127.0.0.1:1", ServerSecurity()) == []
+
+
+def test_allowed_clients_need_mtls():
+    with pytest.raises(SecurityError, match="--tls-allowed-clients needs mTLS"):
+        ServerSecurity(allowed_clients=("prefill",))

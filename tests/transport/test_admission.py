@@ -46,7 +46,7 @@ def test_a_fresh_holder_keeps_its_room_and_the_newcomer_is_refused():
 
 def test_silent_holders_give_way_stalest_first_and_only_as_many_as_needed():
     clock = Clock()
-    budget = UploadBudget(300, stall_s=1.0, clock=clock)
+    budget = UploadBudget(300, stall_s=1.0, min_rate=1.0, clock=clock)  # only silence counts
     oldest, middle, young = budget.reserve(100), budget.reserve(100), budget.reserve(100)
     seen = {name: evictions(u) for name, u in (("old", oldest), ("mid", middle), ("young", young))}
     clock.now += 0.5
