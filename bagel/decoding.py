@@ -98,15 +98,35 @@ class Token:
 
 class SlotCache:
     """Per layer, K and V of every slot: `[slots, kv_heads, capacity, head_dim]`, so a batch's
-    keys are one strided view and a step writes each request's new key at its own length."""
+    keys are one strided view and a step writes each request's new key at its own length. The
+    capacity grows (doubling, contents kept) as the longest request needs, up to `max_capacity`."""
 
-    def __init__(self, model: Bagel, slots: int, capacity: int) -> None:
+    def __init__(self, model: Bagel, slots: int, max_capacity: int, capacity: int = 256) -> None:
         llm = model.config.llm
         weight = model.language_model.model.embed_tokens.weight
-        shape = (slots, llm.num_kv_heads, capacity, llm.head_dim)
+        self.slots, self.max_capacity = slots, max_capacity
+        self.capacity = min(capacity, max_capacity)
+        shape = (slots, llm.num_kv_heads, self.capacity, llm.head_dim)
         self.keys = [weight.new_zeros(shape) for _ in range(llm.num_layers)]
         self.values = [weight.new_zeros(shape) for _ in range(llm.num_layers)]
-        self.slots, self.capacity = slots, capacity
+
+    def ensure(self, tokens: int) -> bool:
+        """Room for `tokens` keys per slot; True if the tensors were reallocated."""
+        if tokens <= self.capacity:
+            return False
+        if tokens > self.max_capacity:
+            raise ValueError(f"{tokens} tokens exceed the cache's {self.max_capacity}")
+        capacity = bucket(tokens, self.capacity, self.max_capacity)
+
+        def grown(old: Tensor) -> Tensor:
+            new = old.new_zeros((*old.shape[:2], capacity, old.shape[3]))
+            new[:, :, : self.capacity] = old
+            return new
+
+        self.keys = [grown(k) for k in self.keys]
+        self.values = [grown(v) for v in self.values]
+        self.capacity = capacity
+        return True
 
     def fill(self, slot: int, keys: list[Tensor], values: list[Tensor]) -> None:
         """A prefilled prompt's K/V (per layer `[tokens, kv_heads, head_dim]`) into `slot`."""
@@ -174,6 +194,7 @@ class TextDecoder:
                 f"{length} prompt tokens + {sampling.max_new_tokens} new tokens exceed the "
                 f"decoder's {self.max_tokens}"
             )
+        self._ensure(length + 1)
         keys, values, logits = prefill_with_logits(self.model, prompt)
         generator = None
         if sampling.do_sample:
@@ -221,7 +242,9 @@ class TextDecoder:
             return []
         count = len(self.active)
         rows = bucket(count, 1, self.max_batch) if self.graphs else count
-        span = bucket(max(r.kv_len for r in self.active) + 1, self.MIN_SPAN, self.max_tokens)
+        longest = max(r.kv_len for r in self.active) + 1
+        self._ensure(longest)
+        span = bucket(longest, self.MIN_SPAN, self.cache.capacity)
         tokens = torch.zeros(rows, dtype=torch.long)
         positions = torch.zeros(rows, dtype=torch.long)
         lengths = torch.zeros(rows, dtype=torch.long)
@@ -246,6 +269,10 @@ class TextDecoder:
             if t.finish is not None:
                 self.leave(t.key)
         return out
+
+    def _ensure(self, tokens: int) -> None:
+        if self.cache.ensure(tokens):
+            self._captured.clear()  # the captures read the old tensors
 
     def _forward(self, rows: int, span: int):
         if not self.graphs:

@@ -4,7 +4,7 @@ service. One `generate` call runs the whole generation and returns the decoded i
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from client.request import ImageInput, build_request, image_bytes
+from client.text import Message, TextResult, collect_answer, understand_request
 from protos import GenerateEvent, PrefillStub
 from protos.options import channel_options
 from serving.security import open_channel
@@ -41,6 +42,7 @@ class GenerationResult:
     steps: int = 0  # Euler steps denoised
     cached_steps: list[int] = field(default_factory=list)  # 0-based steps the step cache served
     latents: np.ndarray | None = None  # final latent tokens [h*w/256, 64], fp32
+    thinking: str = ""  # think mode: the plan the image was drawn from
 
 
 class EventStream:
@@ -143,7 +145,7 @@ class BagelClient:
         request_id = str(params.get("request_id") or "")
         timings: dict[str, float] = {}
         image = latents = None
-        steps, cached_steps = 0, []
+        steps, cached_steps, thinking = 0, [], []
         with self.stream(prompt, timeout=timeout, **params) as events:
             for event in events:  # to the end, so a status after the image still raises
                 if on_event is not None:
@@ -161,7 +163,10 @@ class BagelClient:
                     image = event.image
                 elif kind == "latents":
                     latents = event.latents
+                elif kind == "thinking":
+                    thinking.append(event.thinking.text)
         common = {
+            "thinking": "".join(thinking),
             "timings": timings,
             "request_id": request_id,
             "steps": steps,
@@ -196,6 +201,44 @@ class BagelClient:
         return self.generate(
             prompt, timeout=timeout, on_event=on_event, input_images=[image], **params
         )
+
+    def understand_stream(
+        self, messages: Iterable[Message], *, timeout: float | None = None, **params: Any
+    ) -> EventStream:
+        """Start an Understand call; yields the raw `UnderstandEvent`s (Accepted, deltas,
+        TextFinished). `params`: see `client.text.understand_request`."""
+        request = understand_request(messages, **params)
+        return EventStream(self._stub.Understand(request, timeout=self._deadline(timeout)))
+
+    def chat(
+        self,
+        messages: str | Iterable[Message],
+        *,
+        timeout: float | None = None,
+        on_text: Callable[[str], None] | None = None,
+        **params: Any,
+    ) -> TextResult:
+        """Answer a message (a str: one user message) or a conversation of (role, content)
+        pairs, oldest first; `on_text` sees the text as it is decoded. `params`: `think`,
+        `request_id` and the sampling settings (`max_new_tokens`, `do_sample`, `temperature`,
+        `top_p`, `top_k`, `seed`). Raises grpc.RpcError on failure."""
+        if isinstance(messages, str):
+            messages = [("user", messages)]
+        with self.understand_stream(messages, timeout=timeout, **params) as events:
+            return collect_answer(events, on_text)
+
+    def understand(
+        self,
+        image: ImageInput,
+        question: str,
+        *,
+        timeout: float | None = None,
+        on_text: Callable[[str], None] | None = None,
+        **params: Any,
+    ) -> TextResult:
+        """Answer `question` about `image` (PNG or JPEG bytes, a path, or a PIL image), which
+        the model sees through its ViT; otherwise as `chat`."""
+        return self.chat([("user", [image, question])], timeout=timeout, on_text=on_text, **params)
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The server's grpc.health.v1 status name (SERVING, NOT_SERVING, ...) for `service`
