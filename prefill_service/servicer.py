@@ -27,7 +27,7 @@ from prefill_service.prefill import (
 )
 from prefill_service.relay import SendStats, relay
 from prefill_service.routing import DiffusionRouter
-from prefill_service.text import TextSide, understand_events
+from prefill_service.text import Answer, Queued, TextSide, understand_events
 from protos import (
     PREFILL_SERVICE,
     GenerateEvent,
@@ -130,13 +130,13 @@ class PrefillServicer(service_pb2_grpc.PrefillServicer):
                     f"the request ({request.size} bytes) is not a valid GenerateRequest: "
                     f"{request.error}"
                 )
-            plan = None
+            think_plan = None
             if request.think:
-                plan = []
-                async for delta in self._think(request):
-                    plan.append(delta)
-                    yield GenerateEvent(thinking=TextDelta(text=delta))
-            think_plan = None if plan is None else "".join(plan)
+                async for item in self._think(request):
+                    if isinstance(item, str):
+                        yield GenerateEvent(thinking=TextDelta(text=item))
+                    else:
+                        think_plan = item.text
             batches = await self._prepare(request, request_id, prefill, request_log, think_plan)
             with await self.router.lease(context.time_remaining()) as lease:
                 if len(self.router.groups) > 1:
@@ -243,8 +243,9 @@ class PrefillServicer(service_pb2_grpc.PrefillServicer):
             )
             await context.abort(code, message)
 
-    async def _think(self, request: GenerateRequest) -> AsyncIterator[str]:
-        """A think request's plan, as deltas; every check of the request first."""
+    async def _think(self, request: GenerateRequest) -> AsyncIterator[str | Answer]:
+        """A think request's plan: deltas, then the `Answer` (its text is the decode of all
+        its tokens); every check of the request first."""
         source = self.source
         if source is None:
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
@@ -260,7 +261,7 @@ class PrefillServicer(service_pb2_grpc.PrefillServicer):
             None, self.text.plan_request, source, request.prompt, request.think_sampling, image
         )
         async for item in self.text.decode(source, planned):
-            if isinstance(item, str):
+            if not isinstance(item, Queued):
                 yield item
 
     async def _prepare(
