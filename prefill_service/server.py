@@ -18,6 +18,7 @@ from prefill_service.relay import DiffusionLink
 from prefill_service.routing import DiffusionRouter
 from prefill_service.servicer import PrefillServicer, prefill_handler
 from prefill_service.settings import PrefillSettings
+from prefill_service.text import TextSide
 from protos import PREFILL_SERVICE
 from serving.security import SecurityError
 from serving.server import GrpcServer, serve_until_signal
@@ -50,6 +51,7 @@ class PrefillServer:
             self.metrics,
             chunk_size=settings.chunk_size,
             max_prompt_tokens=settings.max_prompt_tokens,
+            text=TextSide(settings.max_decode_batch, settings.max_decode_tokens),
         )
         self.grpc = GrpcServer(
             PREFILL_SERVICE,
@@ -100,6 +102,7 @@ class PrefillServer:
             self.loaded.cancel()
         await self.grpc.stop(grace)
         self.router.close()
+        self.servicer.text.close()
 
 
 def watch_peak_memory(metrics: PrefillMetrics) -> None:
