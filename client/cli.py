@@ -15,7 +15,8 @@ import grpc
 import numpy as np
 from tqdm import tqdm
 
-from client.client import BagelClient, GenerationResult, IncompleteGeneration
+from client.client import BagelClient
+from client.events import GenerationResult, IncompleteGeneration
 from client.request import THINK_PREFIX
 from client.text_cli import add_text_commands, run_text
 from protos import GenerateEvent, Timings

@@ -22,6 +22,7 @@ from prefill_service.prefill import (
     KVSource,
     PrefillStats,
     check_token_counts,
+    prompt_tokens,
     request_frames,
     token_limit,
 )
@@ -35,6 +36,7 @@ from protos import (
     TextDelta,
     UnderstandEvent,
     UnderstandRequest,
+    Usage,
     service_pb2_grpc,
 )
 from serving.errors import InvalidParams, ServiceError, status_of
@@ -130,14 +132,18 @@ class PrefillServicer(service_pb2_grpc.PrefillServicer):
                     f"the request ({request.size} bytes) is not a valid GenerateRequest: "
                     f"{request.error}"
                 )
-            think_plan = None
+            plan: Answer | None = None
             if request.think:
                 async for item in self._think(request):
                     if isinstance(item, str):
                         yield GenerateEvent(thinking=TextDelta(text=item))
                     else:
-                        think_plan = item.text
-            batches = await self._prepare(request, request_id, prefill, request_log, think_plan)
+                        plan = item
+            batches, usage = await self._prepare(
+                request, request_id, prefill, request_log, plan and plan.text
+            )
+            if plan is not None:
+                usage.usage.completion_tokens = plan.completion_tokens
             with await self.router.lease(context.time_remaining()) as lease:
                 if len(self.router.groups) > 1:
                     request_log.info("to the diffusion service at %s", lease.link.address)
@@ -150,6 +156,8 @@ class PrefillServicer(service_pb2_grpc.PrefillServicer):
                     started=started,
                 ):
                     yield event
+                    if event.WhichOneof("event") == "accepted":
+                        yield usage
             code = grpc.StatusCode.OK
         except (asyncio.CancelledError, GeneratorExit):
             # The caller went away (cancel, disconnect) or its deadline passed: gRPC cancels the
@@ -271,9 +279,10 @@ class PrefillServicer(service_pb2_grpc.PrefillServicer):
         stats: PrefillStats,
         request_log: RequestLog,
         think_plan: str | None = None,
-    ) -> Iterator[list[bytes]]:
-        """Every check, before any compute; returns the lazy frame batches. `think_plan`: the
-        decoded plan of a think request, which its conditional context ends with."""
+    ) -> tuple[Iterator[list[bytes]], GenerateEvent]:
+        """Every check, before any compute; returns the lazy frame batches and the usage event
+        (the conditional context's tokens, image tokens included). `think_plan`: the decoded
+        plan of a think request, which its conditional context ends with."""
         source = self.source
         if source is None:
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
@@ -311,7 +320,7 @@ class PrefillServicer(service_pb2_grpc.PrefillServicer):
             p.seed,
             ", ".join(f"{Branch(c.kind)}={c.num_tokens} tokens" for c in planned.contexts),
         )
-        return request_frames(
+        frames = request_frames(
             source,
             planned,
             request_id=request_id,
@@ -319,3 +328,4 @@ class PrefillServicer(service_pb2_grpc.PrefillServicer):
             stats=stats,
             chunk_size=self.chunk_size,
         )
+        return frames, GenerateEvent(usage=Usage(prompt_tokens=prompt_tokens(planned)))
