@@ -30,7 +30,8 @@ DEFAULT_SERVER = "127.0.0.1:50051"
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m client",
-        description="Generate images through a BAGEL prefill service, or check a service's health.",
+        description="Generate images, answer questions and chat through a BAGEL prefill service, "
+        "or check a service's health.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
