@@ -272,7 +272,10 @@ class TextDecoder:
 
     def _ensure(self, tokens: int) -> None:
         if self.cache.ensure(tokens):
-            self._captured.clear()  # the captures read the old tensors
+            # The captures read the old tensors. Dropping the last graph of a memory pool frees
+            # the pool, so later captures need a new one.
+            self._captured.clear()
+            self._pool = None
 
     def _forward(self, rows: int, span: int):
         if not self.graphs:

@@ -66,13 +66,6 @@ def _add_image_request_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--size", type=int, help="square image side in pixels (multiple of 16)")
     add_param_arguments(parser)
-    parser.add_argument(
-        "--think",
-        action="store_true",
-        default=None,
-        help="the model first writes a plan (printed), then draws from it",
-    )
-    add_sampling_arguments(parser, THINK_PREFIX)
     parser.add_argument("--request-id", help="unset: the server assigns one")
     parser.add_argument(
         "--summary-json",
@@ -133,9 +126,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def add_param_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per request-schema field (`--cfg-text-scale`, ...), with its extra spellings
-    (`--steps`, `--cfg-text`, ...); every flag defaults to unset, i.e. the server's default."""
+    (`--steps`, `--cfg-text`, ...), and `--think` with its sampling flags (`--think-top-p`, ...);
+    every flag defaults to unset, i.e. the server's default."""
     for f in dataclasses.fields(GenerationParams):
         f.metadata["codec"].add_argument(parser, f.name, f.metadata)
+    parser.add_argument(
+        "--think",
+        action="store_true",
+        default=None,
+        help="the model first writes a plan (printed), then draws from it",
+    )
+    add_sampling_arguments(parser, THINK_PREFIX)
 
 
 def generation_params(args: argparse.Namespace) -> dict[str, Any]:

@@ -58,3 +58,29 @@ def test_fp32_on_the_gpu_decodes_the_cpus_tokens(tiny_model_dir: Path):
     for i, (seq, position) in enumerate(prompts(cpu, len(LENGTHS))):
         solo = decode(cpu, seq, position, Sampling(LENGTHS[i]), NO_END)
         assert graphed[i] == solo.tokens, i
+
+
+def test_captures_after_the_cache_grows_are_graphs_and_decode_the_eager_tokens(
+    tiny_model_dir: Path,
+):
+    """Growing the cache drops every capture, and with the last one their memory pool: later
+    captures need a new pool (reusing the freed one fails inside PyTorch's allocator)."""
+    model = load_bagel(tiny_model_dir, "prefill", torch.float32, "cuda", lm_head=True)
+
+    def run(graphs: bool) -> tuple[list[int], TextDecoder]:
+        decoder = TextDecoder(model, max_batch=2, max_tokens=1024, graphs=graphs)
+        short, position = prompts(model, 1)[0]
+        tokens = [decoder.join(0, short, position, Sampling(8), NO_END).token]
+        tokens += [t.token for _ in range(3) for t in decoder.step()]  # captured at capacity 256
+        ids = tuple(range(3, 303))  # 300 tokens: the cache grows to 512
+        long = mixed_sequence(model, [Segment(SegmentKind.TEXT, len(ids), ids)])
+        tokens.append(decoder.join(1, long, len(ids), Sampling(12), NO_END).token)
+        while decoder.active:
+            tokens += [t.token for t in decoder.step()]
+        return tokens, decoder
+
+    graphed, decoder = run(graphs=True)
+    eager, _ = run(graphs=False)
+    assert decoder.cache.capacity == 512
+    assert decoder._captured and all(isinstance(c, GraphedCall) for c in decoder._captured.values())
+    assert graphed == eager
