@@ -54,6 +54,16 @@ class DecodeStream:
     def _put(self, item: object) -> None:  # from the decode thread
         self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
 
+    @staticmethod
+    def _put_all(items: list[tuple[DecodeStream, object]]) -> None:
+        """Hand one step's tokens over with one wake-up of each event loop, not one per token:
+        every wake-up is a GIL handover between the decode thread and the loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[DecodeStream, object]]] = {}
+        for stream, item in items:
+            by_loop.setdefault(stream._loop, []).append((stream, item))
+        for loop, batch in by_loop.items():
+            loop.call_soon_threadsafe(_deliver, batch)
+
     def __aiter__(self) -> DecodeStream:
         return self
 
@@ -165,10 +175,17 @@ class DecodeScheduler:
                     stream._put(e)
             return
         self.steps += 1
+        delivered = []
         for token in tokens:
             stream = self._streams.get(token.key)
             if stream is None:
                 continue
-            stream._put(token)
+            delivered.append((stream, token))
             if token.finish is not None:
                 del self._streams[token.key]
+        DecodeStream._put_all(delivered)
+
+
+def _deliver(batch: list[tuple[DecodeStream, object]]) -> None:
+    for stream, item in batch:
+        stream._queue.put_nowait(item)

@@ -6,6 +6,7 @@ the diffusion service equal `Pipeline`'s bit for bit."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import threading
 import time
@@ -23,7 +24,7 @@ from bagel.decoding import Sampling, decode
 from bagel.kv import Branch
 from bagel.pipeline import Pipeline
 from bagel.tokenizer import PROMPT_END_TOKEN
-from client import BagelClient
+from client import AsyncBagelClient, BagelClient
 from prefill_service.prefill import LanguageModelKV
 from prefill_service.settings import PrefillSettings
 from protos import PREFILL_SERVICE, UnderstandRequest
@@ -297,3 +298,17 @@ def test_pipeline_think_uses_its_plan_and_generates(pipeline):
     plain = pipeline.generate("a red circle", params)
     assert thought.plan == pipeline.plan("a red circle", Sampling(8))
     assert not torch.equal(thought.latents, plain.latents)
+
+
+def test_the_async_client_answers_as_the_sync_one(text_prefill):
+    async def ask() -> tuple[str, str, list[str]]:
+        deltas: list[str] = []
+        async with AsyncBagelClient(text_prefill.address, timeout=60) as client:
+            chat = await client.chat("a red circle", max_new_tokens=16, on_text=deltas.append)
+            seen = await client.understand(png(90, 60, seed=4), "what?", max_new_tokens=8)
+        return chat.text, seen.text, deltas
+
+    chat, seen, deltas = asyncio.run(ask())
+    with BagelClient(text_prefill.address, timeout=60) as client:
+        assert chat == client.chat("a red circle", max_new_tokens=16).text == "".join(deltas)
+        assert seen == client.understand(png(90, 60, seed=4), "what?", max_new_tokens=8).text
