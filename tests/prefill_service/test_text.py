@@ -25,6 +25,7 @@ from bagel.kv import Branch
 from bagel.pipeline import Pipeline
 from bagel.tokenizer import PROMPT_END_TOKEN
 from client import AsyncBagelClient, BagelClient
+from prefill_service.mock import SyntheticKV
 from prefill_service.prefill import LanguageModelKV
 from prefill_service.settings import PrefillSettings
 from protos import PREFILL_SERVICE, UnderstandRequest
@@ -312,3 +313,24 @@ def test_the_async_client_answers_as_the_sync_one(text_prefill):
     with BagelClient(text_prefill.address, timeout=60) as client:
         assert chat == client.chat("a red circle", max_new_tokens=16).text == "".join(deltas)
         assert seen == client.understand(png(90, 60, seed=4), "what?", max_new_tokens=8).text
+
+
+def test_a_source_without_a_language_model_head_says_so(
+    loop_thread, tiny_model_dir, fake_diffusion
+):
+    settings = PrefillSettings(
+        model_dir=str(tiny_model_dir), listen="127.0.0.1:0", diffusion=fake_diffusion.address
+    )
+    running = RunningPrefill(loop_thread, settings, SyntheticKV(tiny_model_dir, torch.float32))
+    try:
+        with BagelClient(running.address, timeout=30) as client:
+            with pytest.raises(grpc.RpcError) as chat:
+                client.chat("hi")
+            with pytest.raises(grpc.RpcError) as think:
+                client.generate("a cat", think=True, **SMALL)
+    finally:
+        running.stop()
+    for raised in (chat, think):
+        assert raised.value.code() is grpc.StatusCode.UNIMPLEMENTED
+        assert "does not decode text" in raised.value.details()
+    assert fake_diffusion.calls == []
