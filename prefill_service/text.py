@@ -19,6 +19,7 @@ from PIL import Image
 
 from bagel.contexts import (
     EditImage,
+    Segment,
     SegmentKind,
     mixed_sequence,
     next_rope_position,
@@ -48,7 +49,7 @@ NO_TEXT = "this prefill service does not decode text (its KV source has no langu
 class TextRequest:
     """A checked request: its segments (ViT image included) and how to decode."""
 
-    segments: list
+    segments: list[Segment]
     image: EditImage | None
     sampling: Sampling
 
@@ -157,7 +158,7 @@ class TextSide:
         check_prompt_text(prompt)
         sampling = self.sampling(sampling_msg)
         edit_image = None
-        image_segments: list = []
+        image_segments: list[Segment] = []
         if image is not None:
             edit_image = self._image(source, image, edit=True)
             image_segments = edit_image.segments(source.config)

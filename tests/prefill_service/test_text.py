@@ -25,6 +25,7 @@ from bagel.kv import Branch
 from bagel.pipeline import Pipeline
 from bagel.tokenizer import PROMPT_END_TOKEN
 from client import AsyncBagelClient, BagelClient
+from client.cli import main as cli_main
 from prefill_service.mock import SyntheticKV
 from prefill_service.prefill import LanguageModelKV
 from prefill_service.settings import PrefillSettings
@@ -334,3 +335,24 @@ def test_a_source_without_a_language_model_head_says_so(
         assert raised.value.code() is grpc.StatusCode.UNIMPLEMENTED
         assert "does not decode text" in raised.value.details()
     assert fake_diffusion.calls == []
+
+
+def test_the_cli_prints_the_answer_and_the_plan(text_prefill, fake_diffusion, tmp_path, capsys):
+    server = ["--server", text_prefill.address, "--timeout", "60"]
+    assert cli_main(["chat", "a red circle", "--max-new-tokens", "12", *server]) == 0
+    printed = capsys.readouterr()
+    with BagelClient(text_prefill.address, timeout=60) as client:
+        answer = client.chat("a red circle", max_new_tokens=12)
+    assert printed.out == answer.text + "\n"
+    assert f"{answer.completion_tokens} completion tokens" in printed.err
+    image = tmp_path / "in.png"
+    image.write_bytes(png(90, 60, seed=4))
+    assert cli_main(["understand", str(image), "what?", "--max-new-tokens", "6", *server]) == 0
+    assert capsys.readouterr().out.strip()
+    out = tmp_path / "x.png"
+    argv = ["generate", "a cat", "-o", str(out), "--think", "--think-max-new-tokens", "8"]
+    assert cli_main([*argv, "--height", "32", "--width", "48", "--steps", "4", *server]) == 0
+    printed = capsys.readouterr()
+    with BagelClient(text_prefill.address, timeout=60) as client:
+        plan = client.generate("a cat", think=True, think_max_new_tokens=8, **SMALL).thinking
+    assert f"plan: {plan}\n" in printed.out and out.is_file()
