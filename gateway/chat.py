@@ -18,6 +18,7 @@ import grpc
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from client.text import SAMPLING_NAMES
+from gateway.drawing import OpenStream
 from gateway.errors import OpenAIError, from_grpc, invalid_request
 from gateway.prefill_pool import PrefillPool
 from protos import UnderstandEvent
@@ -223,12 +224,12 @@ class ChatAnswerer:
             "bagel": timings(finished),
         }
 
-    async def stream(self, body: ChatRequest, request_id: str) -> AsyncIterator[bytes]:
+    async def stream(self, body: ChatRequest, request_id: str) -> OpenStream:
         """The chunk events (`data: {...}`), then `data: [DONE]`; a failure after the first
         event is an `error` object in the stream."""
         events, stack = await self.open(body, request_id)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return self._chunks(events, stack, request_id, include_usage)
+        return OpenStream(self._chunks(events, stack, request_id, include_usage), stack)
 
     async def _chunks(
         self,
