@@ -46,10 +46,15 @@ def is_gen_only(key: str) -> bool:
     return key.startswith(GEN_ONLY_PREFIXES) or "_moe_gen." in key
 
 
-def ema_keys_for(role: Role) -> Callable[[str], bool]:
-    """Which `ema.safetensors` keys a role reads."""
+LM_HEAD_KEY = "language_model.lm_head.weight"
+
+
+def ema_keys_for(role: Role, lm_head: bool = False) -> Callable[[str], bool]:
+    """Which `ema.safetensors` keys a role reads (`lm_head`: also the LM head, to decode text)."""
 
     def wanted(key: str) -> bool:
+        if lm_head and key == LM_HEAD_KEY:
+            return True
         if key.startswith(UNUSED_PREFIXES):
             return False
         return role == "diffusion" or not is_gen_only(key)
@@ -119,20 +124,22 @@ def load_bagel(
     config: BagelConfig | None = None,
     linear_precision: LinearPrecision = "bf16",
     token_rows: Sequence[int] | None = None,
+    lm_head: bool = False,
 ) -> Bagel:
     """The language model and generation heads a role needs, from `ema.safetensors`.
 
     `linear_precision="fp8"` (diffusion role only) quantizes the decoder's linear weights to
     e4m3 as they are read (`bagel.fp8`); "bf16" keeps every weight in `dtype`. `token_rows`
     keeps only those rows of the token embedding table (`TokenRows`): a diffusion rank embeds
-    the two image markers and nothing else, and need not hold 1 GiB of vocabulary.
+    the two image markers and nothing else, and need not hold 1 GiB of vocabulary. `lm_head`
+    also loads the LM head, which text decoding (understanding, chat, think) needs.
     """
     if linear_precision not in LINEAR_PRECISIONS:
         raise ValueError(f"linear precision {linear_precision!r}: one of {LINEAR_PRECISIONS}")
     model_dir = Path(model_dir)
     config = config or BagelConfig.from_dir(model_dir)
     with torch.device("meta"):
-        model = Bagel(config, with_gen=role == "diffusion")
+        model = Bagel(config, with_gen=role == "diffusion", with_lm_head=lm_head)
     convert = restructure = None
     if linear_precision == "fp8":
         if role != "diffusion":
@@ -143,7 +150,14 @@ def load_bagel(
         rows = {EMBED_KEY: token_rows}
         restructure = shrink_embeddings(token_rows, device, then=restructure)
     load_state(
-        model, model_dir / EMA_FILE, ema_keys_for(role), dtype, device, convert, restructure, rows
+        model,
+        model_dir / EMA_FILE,
+        ema_keys_for(role, lm_head),
+        dtype,
+        device,
+        convert,
+        restructure,
+        rows,
     )
     return model
 

@@ -184,6 +184,40 @@ def attention_mask(segments: Sequence[Segment], device: torch.device) -> Tensor:
     return (col < row) | within
 
 
+def mixed_sequence(
+    model: Bagel,
+    segments: Sequence[Segment],
+    images: Mapping[SegmentKind, tuple[Tensor, Tensor]] | None = None,
+) -> MixedSequence:
+    """`segments` as the model's input: text embedded here, each image segment's embeddings
+    taken from `images` (`ContextEncoder.image_embeddings` or `vit_embeddings`)."""
+    images = images or {}
+    weight = model.language_model.model.embed_tokens.weight
+    device = weight.device
+    embeds, gens, positions = [], [], []
+    position = 0
+    for segment in segments:
+        if segment.kind is SegmentKind.TEXT:
+            ids = torch.tensor(segment.token_ids, dtype=torch.long, device=device)
+            embeds.append(model.language_model.model.embed_tokens(ids))
+            gens.append(torch.zeros(segment.num_tokens, dtype=torch.bool, device=device))
+            positions.append(torch.arange(position, position + segment.num_tokens))
+        else:
+            embed, gen = images[segment.kind]
+            embeds.append(embed)
+            gens.append(gen)
+            positions.append(torch.full((segment.num_tokens,), position))
+        position += segment.rope_span
+    gen = torch.cat(gens)
+    return MixedSequence(
+        embeddings=torch.cat(embeds),
+        gen_index=gen.nonzero().flatten(),
+        und_index=(~gen).nonzero().flatten(),
+        positions=torch.cat(positions).to(device),
+        mask=attention_mask(segments, device),
+    )
+
+
 class ContextEncoder:
     """Turns segments into `MixedSequence`s and prefills them: BAGEL's model with both experts,
     the ViT with its connector, and the VAE encoder."""
@@ -192,11 +226,11 @@ class ContextEncoder:
         self,
         model: Bagel,
         vit: ImageContextEncoder,
-        autoencoder: AutoEncoder,
+        autoencoder: AutoEncoder | None,
         tokenizer: PromptTokenizer,
     ) -> None:
-        if not model.with_gen:
-            raise ValueError("an edit context needs the gen expert (the VAE tokens use it)")
+        """Without the gen expert or `autoencoder` it encodes images through the ViT only
+        (`vit_embeddings`: understanding); an edit's VAE tokens need both."""
         self.model = model
         self.vit = vit
         self.autoencoder = autoencoder
@@ -211,6 +245,8 @@ class ContextEncoder:
     def image_embeddings(self, image: EditImage) -> dict[SegmentKind, tuple[Tensor, Tensor]]:
         """Each image segment's token embeddings `[n, hidden]` (markers included, in order) and
         the mask of its gen-expert tokens."""
+        if not self.model.with_gen or self.autoencoder is None:
+            raise ValueError("an edit context needs the gen expert (the VAE tokens use it)")
         weight = self._weight
         markers = torch.tensor(self.markers, device=weight.device)
         start, end = self.model.language_model.model.embed_tokens(markers).split(1)
@@ -226,43 +262,28 @@ class ContextEncoder:
         vae = torch.cat([start, vae[0].to(weight.dtype), end])
         vae_gen = torch.zeros(vae.shape[0], dtype=torch.bool, device=weight.device)
         vae_gen[1:-1] = True
-        # ViT
+        return {SegmentKind.VAE_IMAGE: (vae, vae_gen), **self.vit_embeddings(image)}
+
+    @torch.no_grad()
+    def vit_embeddings(self, image: EditImage) -> dict[SegmentKind, tuple[Tensor, Tensor]]:
+        """The ViT segment's token embeddings `[n, hidden]` (markers included) and its (empty)
+        gen-expert mask: all an understanding request's image needs."""
+        weight = self._weight
+        markers = torch.tensor(self.markers, device=weight.device)
+        start, end = self.model.language_model.model.embed_tokens(markers).split(1)
         patches, vit_ids = patchify_vit(image.vit_pixels, image.patch_size)
         vit_weight = next(self.vit.parameters())
         vit = self.vit(patches.to(vit_weight.device, vit_weight.dtype), vit_ids.to(weight.device))
         vit = torch.cat([start, vit.to(weight.dtype), end])
         vit_gen = torch.zeros(vit.shape[0], dtype=torch.bool, device=weight.device)
-        return {SegmentKind.VAE_IMAGE: (vae, vae_gen), SegmentKind.VIT_IMAGE: (vit, vit_gen)}
+        return {SegmentKind.VIT_IMAGE: (vit, vit_gen)}
 
     def sequence(
         self,
         segments: Sequence[Segment],
         images: Mapping[SegmentKind, tuple[Tensor, Tensor]],
     ) -> MixedSequence:
-        weight = self._weight
-        device = weight.device
-        embeds, gens, positions = [], [], []
-        position = 0
-        for segment in segments:
-            if segment.kind is SegmentKind.TEXT:
-                ids = torch.tensor(segment.token_ids, dtype=torch.long, device=device)
-                embeds.append(self.model.language_model.model.embed_tokens(ids))
-                gens.append(torch.zeros(segment.num_tokens, dtype=torch.bool, device=device))
-                positions.append(torch.arange(position, position + segment.num_tokens))
-            else:
-                embed, gen = images[segment.kind]
-                embeds.append(embed)
-                gens.append(gen)
-                positions.append(torch.full((segment.num_tokens,), position))
-            position += segment.rope_span
-        gen = torch.cat(gens)
-        return MixedSequence(
-            embeddings=torch.cat(embeds),
-            gen_index=gen.nonzero().flatten(),
-            und_index=(~gen).nonzero().flatten(),
-            positions=torch.cat(positions).to(device),
-            mask=attention_mask(segments, device),
-        )
+        return mixed_sequence(self.model, segments, images)
 
     def layers(
         self, contexts: Sequence[Sequence[Segment]], image: EditImage

@@ -264,23 +264,28 @@ class Qwen2MoTModel(nn.Module):
 
 class LanguageModel(nn.Module):
     """Holds `model` so that parameter names start with `language_model.model.`; the LM head is
-    never built: text-to-image does not decode text."""
+    built only with `with_lm_head` (text decoding): text-to-image never reads it."""
 
-    def __init__(self, cfg: LLMConfig, with_gen: bool) -> None:
+    def __init__(self, cfg: LLMConfig, with_gen: bool, with_lm_head: bool = False) -> None:
         super().__init__()
         self.model = Qwen2MoTModel(cfg, with_gen)
+        if with_lm_head:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
 
 class Bagel(nn.Module):
     """The text-to-image subset of BAGEL: prefill (und expert) and the generation forward."""
 
-    def __init__(self, config: BagelConfig, with_gen: bool = True) -> None:
+    def __init__(
+        self, config: BagelConfig, with_gen: bool = True, with_lm_head: bool = False
+    ) -> None:
         super().__init__()
         self.config = config
         self.with_gen = with_gen
+        self.with_lm_head = with_lm_head
         self._side_stream: torch.cuda.Stream | None = None  # `_marker_stream`, made on first use
         llm = config.llm
-        self.language_model = LanguageModel(llm, with_gen)
+        self.language_model = LanguageModel(llm, with_gen, with_lm_head)
         if with_gen:
             self.time_embedder = TimestepEmbedder(llm.hidden_size, config.timestep_embed_dim)
             self.vae2llm = nn.Linear(config.patch_dim, llm.hidden_size)

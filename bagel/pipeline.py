@@ -21,8 +21,12 @@ from bagel.contexts import (
     EditImage,
     EditResize,
     edit_segments,
+    mixed_sequence,
+    next_rope_position,
     prepare_edit_image,
 )
+from bagel.conversation import plan_segments, think_segments, token_ids
+from bagel.decoding import Sampling, decode
 from bagel.devices import default_dtype
 from bagel.fp8 import LinearPrecision
 from bagel.generation import BlockVelocity, ForwardGraphs, latent_position_ids
@@ -34,7 +38,7 @@ from bagel.preview import LatentRGB, fit_latent_rgb
 from bagel.prompts import cfg_prompts
 from bagel.sampler import EstimateCallback, StepCallback, denoise, initial_noise
 from bagel.step_cache import StepCache
-from bagel.tokenizer import PromptTokenizer, load_tokenizer
+from bagel.tokenizer import PROMPT_END_TOKEN, PromptTokenizer, load_tokenizer
 from bagel.vit import ViTConfig
 
 
@@ -42,6 +46,7 @@ from bagel.vit import ViTConfig
 class Generated:
     image: Image.Image
     latents: Tensor  # final latent tokens [h*w, patch_dim], fp32
+    plan: str = ""  # think mode: the plan the image was drawn from
 
 
 class Pipeline:
@@ -59,8 +64,15 @@ class Pipeline:
         self.dtype = dtype or default_dtype(device)
         self.config = BagelConfig.from_dir(model_dir)
         self.tokenizer: PromptTokenizer = load_tokenizer(model_dir)
+        # The LM head decodes a think request's plan.
         self.model: Bagel = load_bagel(
-            model_dir, "diffusion", self.dtype, self.device, self.config, linear_precision
+            model_dir,
+            "diffusion",
+            self.dtype,
+            self.device,
+            self.config,
+            linear_precision,
+            lm_head=linear_precision != "fp8",
         )
         self.autoencoder: AutoEncoder = load_autoencoder(model_dir, self.dtype, self.device)
         self.graphs = ForwardGraphs() if self.device.type == "cuda" else None
@@ -102,6 +114,33 @@ class Pipeline:
         prompts = cfg_prompts(self.tokenizer, prompt, negative_prompt)
         segments = edit_segments(
             image.segments(self.config), prompts[Branch.COND], prompts[Branch.UNCOND_TEXT]
+        )
+        return self.context_encoder.prefill(segments, image)
+
+    def plan(self, prompt: str, sampling: Sampling, image: EditImage | None = None) -> str:
+        """Think mode: the plan decoded from the system prompt, the input image (an edit) and
+        the prompt, as text without its end token (`bagel.conversation.plan_segments`)."""
+        image_segments = image.segments(self.config) if image is not None else []
+        segments = plan_segments(self.tokenizer, prompt, image_segments)
+        images = self.context_encoder.image_embeddings(image) if image is not None else {}
+        prompt_seq = mixed_sequence(self.model, segments, images)
+        end = self.tokenizer.special_ids[PROMPT_END_TOKEN]
+        decoded = decode(self.model, prompt_seq, next_rope_position(segments), sampling, end)
+        tokens = decoded.tokens[:-1] if decoded.finish == "stop" else decoded.tokens
+        return self.tokenizer.decode(tokens)
+
+    def think_contexts(
+        self, prompt: str, plan: str, negative_prompt: str = "", image: EditImage | None = None
+    ) -> dict[Branch, ContextKV]:
+        """The three contexts of a think request once its plan is decoded
+        (`bagel.conversation.think_segments`), prefilled as the prefill service does: text-only
+        ones as one batch of prompts, an edit's through the context encoder."""
+        if image is None:
+            segments = think_segments(self.tokenizer, prompt, plan, negative_prompt)
+            prompts = [token_ids(s) for s in segments.values()]
+            return dict(zip(segments, self.model.prefill(prompts), strict=True))
+        segments = think_segments(
+            self.tokenizer, prompt, plan, negative_prompt, image.segments(self.config)
         )
         return self.context_encoder.prefill(segments, image)
 
@@ -152,9 +191,20 @@ class Pipeline:
     def decode(self, latents: Tensor, height: int, width: int) -> Image.Image:
         return decode_image(self.autoencoder, self.config, latents, height, width, self.graphs)
 
-    def generate(self, prompt: str, params: ImageParams) -> Generated:
-        latents = self.denoise(self.prefill(prompt, params.negative_prompt), params)
-        return Generated(image=self.decode(latents, params.height, params.width), latents=latents)
+    def generate(
+        self, prompt: str, params: ImageParams, think: Sampling | None = None
+    ) -> Generated:
+        """With `think`, the model first decodes a plan with those settings (`plan`), and the
+        image is drawn from `think_contexts`."""
+        plan = ""
+        if think is not None:
+            plan = self.plan(prompt, think)
+            contexts = self.think_contexts(prompt, plan, params.negative_prompt)
+        else:
+            contexts = self.prefill(prompt, params.negative_prompt)
+        latents = self.denoise(contexts, params)
+        image = self.decode(latents, params.height, params.width)
+        return Generated(image=image, latents=latents, plan=plan)
 
     def edit(
         self,
@@ -162,13 +212,20 @@ class Pipeline:
         prompt: str,
         params: ImageParams,
         rules: EditResize | None = None,
+        think: Sampling | None = None,
     ) -> Generated:
         """Edit `image` as `prompt` says. `params` gives the output size: callers default it to
-        the input's resized size (`edit_image(image).width/height`)."""
+        the input's resized size (`edit_image(image).width/height`). `think` as `generate`."""
         edit_image = self.edit_image(image, rules)
-        contexts = self.edit_contexts(edit_image, prompt, params.negative_prompt)
+        plan = ""
+        if think is not None:
+            plan = self.plan(prompt, think, edit_image)
+            contexts = self.think_contexts(prompt, plan, params.negative_prompt, edit_image)
+        else:
+            contexts = self.edit_contexts(edit_image, prompt, params.negative_prompt)
         latents = self.denoise(contexts, params)
-        return Generated(image=self.decode(latents, params.height, params.width), latents=latents)
+        image = self.decode(latents, params.height, params.width)
+        return Generated(image=image, latents=latents, plan=plan)
 
 
 def generate(

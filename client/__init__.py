@@ -5,6 +5,7 @@ from client.async_client import AsyncBagelClient, AsyncEventStream
 from client.client import BagelClient, EventStream
 from client.events import GenerationResult, IncompleteGeneration
 from client.request import PARAM_NAMES, build_request
+from client.text import IncompleteAnswer, TextResult
 
 __all__ = [
     "PARAM_NAMES",
@@ -13,6 +14,8 @@ __all__ = [
     "BagelClient",
     "EventStream",
     "GenerationResult",
+    "IncompleteAnswer",
     "IncompleteGeneration",
+    "TextResult",
     "build_request",
 ]

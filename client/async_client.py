@@ -3,7 +3,7 @@ same request building (`client.request`) and the same result (`client.events`)."
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +13,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from client.client import HEALTH_TIMEOUT_S
 from client.events import GenerationResult, ResultAssembler
 from client.request import ImageInput, build_request, image_bytes
+from client.text import Message, TextResult, collect_answer, understand_request
 from protos import GenerateEvent, PrefillStub
 from protos.options import channel_options
 from serving.security import open_aio_channel
 
 
 class AsyncEventStream:
-    """The events of one Generate call: `async for` them; `cancel()` ends the call (the server
+    """The events of one Generate (or Understand) call: `async for` them; `cancel()` ends the call (the server
     sees CANCELLED), as does leaving an `async with` block early. Iteration raises
     grpc.aio.AioRpcError when the call fails, CANCELLED included."""
 
@@ -128,6 +129,50 @@ class AsyncBagelClient:
         """Edit `image` as `prompt` says; see `BagelClient.edit`."""
         return await self.generate(
             prompt, timeout=timeout, on_event=on_event, input_images=[image], **params
+        )
+
+    def understand_stream(
+        self, messages: Iterable[Message], *, timeout: float | None = None, **params: Any
+    ) -> AsyncEventStream:
+        """Start an Understand call; yields the raw `UnderstandEvent`s. `params`: see
+        `client.text.understand_request`."""
+        request = understand_request(messages, **params)
+        call = self._stub.Understand(
+            request, timeout=self._deadline(timeout), metadata=self._metadata or None
+        )
+        return AsyncEventStream(call)
+
+    async def chat(
+        self,
+        messages: str | Iterable[Message],
+        *,
+        timeout: float | None = None,
+        on_text: Callable[[str], None] | None = None,
+        **params: Any,
+    ) -> TextResult:
+        """Answer a message or a conversation, as `BagelClient.chat`."""
+        if isinstance(messages, str):
+            messages = [("user", messages)]
+        events = []
+        async with self.understand_stream(messages, timeout=timeout, **params) as stream:
+            async for event in stream:
+                if on_text is not None and event.WhichOneof("event") == "delta":
+                    on_text(event.delta.text)
+                events.append(event)
+        return collect_answer(events)
+
+    async def understand(
+        self,
+        image: ImageInput,
+        question: str,
+        *,
+        timeout: float | None = None,
+        on_text: Callable[[str], None] | None = None,
+        **params: Any,
+    ) -> TextResult:
+        """Answer `question` about `image`, as `BagelClient.understand`."""
+        return await self.chat(
+            [("user", [image, question])], timeout=timeout, on_text=on_text, **params
         )
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:

@@ -17,9 +17,12 @@ from tqdm import tqdm
 
 from client.client import BagelClient
 from client.events import GenerationResult, IncompleteGeneration
+from client.request import THINK_PREFIX
+from client.text_cli import add_text_commands, run_text
 from protos import GenerateEvent, Timings
 from serving.params import GenerationParams
 from serving.security import SecurityError, read_token_file
+from serving.text_params import add_sampling_arguments, sampling_from_cli
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 
@@ -27,7 +30,8 @@ DEFAULT_SERVER = "127.0.0.1:50051"
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m client",
-        description="Generate images through a BAGEL prefill service, or check a service's health.",
+        description="Generate images, answer questions and chat through a BAGEL prefill service, "
+        "or check a service's health.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -43,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("input", type=Path, help="the image to edit (PNG or JPEG)")
     edit.add_argument("prompt")
     _add_image_request_args(edit)
+
+    add_text_commands(commands, _add_connection_args)
 
     health = commands.add_parser("health", help="print the server's health; exit 0 iff SERVING")
     _add_connection_args(health)
@@ -120,9 +126,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def add_param_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per request-schema field (`--cfg-text-scale`, ...), with its extra spellings
-    (`--steps`, `--cfg-text`, ...); every flag defaults to unset, i.e. the server's default."""
+    (`--steps`, `--cfg-text`, ...), and `--think` with its sampling flags (`--think-top-p`, ...);
+    every flag defaults to unset, i.e. the server's default."""
     for f in dataclasses.fields(GenerationParams):
         f.metadata["codec"].add_argument(parser, f.name, f.metadata)
+    parser.add_argument(
+        "--think",
+        action="store_true",
+        default=None,
+        help="the model first writes a plan (printed), then draws from it",
+    )
+    add_sampling_arguments(parser, THINK_PREFIX)
 
 
 def generation_params(args: argparse.Namespace) -> dict[str, Any]:
@@ -132,6 +146,8 @@ def generation_params(args: argparse.Namespace) -> dict[str, Any]:
         for f in dataclasses.fields(GenerationParams)
     }
     values["request_id"] = args.request_id
+    values["think"] = args.think
+    values.update(sampling_from_cli(args, THINK_PREFIX))
     return values
 
 
@@ -144,6 +160,7 @@ class ProgressDisplay:
         self.tty = out.isatty() if tty is None else tty
         self._bar: tqdm | None = None
         self._cached = 0
+        self._thinking = False  # a plan is being printed
 
     def __call__(self, event: GenerateEvent) -> None:
         kind = event.WhichOneof("event")
@@ -151,7 +168,16 @@ class ProgressDisplay:
             a = event.accepted
             where = "running" if a.queue_position == 0 else f"queue position {a.queue_position}"
             self._line(f"accepted request {a.request_id} ({where})")
+        elif kind == "thinking":
+            if not self._thinking:
+                self.out.write("plan: ")
+                self._thinking = True
+            self.out.write(event.thinking.text)
+            self.out.flush()
         elif kind == "progress":
+            if self._thinking:
+                self.out.write("\n")
+                self._thinking = False
             p = event.progress
             self._cached += int(p.cached)
             if not self.tty:
@@ -242,6 +268,8 @@ def run_generate(args: argparse.Namespace) -> int:
         if result.latents is not None
         else f"{result.width}x{result.height}"
     )
+    if result.thinking:
+        print(f"plan: {result.thinking}")
     print(f"wrote {args.output} ({what}, seed {result.seed}, request {result.request_id})")
     print(timing_summary(result.timings, wall_s))
     if args.summary_json is not None:
@@ -285,4 +313,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.command in ("generate", "edit"):
         return run_generate(args)
+    if args.command in ("understand", "chat"):
+        return run_text(args, connect)
     return run_health(args)

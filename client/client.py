@@ -3,7 +3,7 @@ service. One `generate` call runs the whole generation and returns the decoded i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client.events import GenerationResult, ResultAssembler
 from client.request import ImageInput, build_request, image_bytes
+from client.text import Message, TextResult, collect_answer, understand_request
 from protos import GenerateEvent, PrefillStub
 from protos.options import channel_options
 from serving.security import open_channel
@@ -140,6 +141,44 @@ class BagelClient:
         return self.generate(
             prompt, timeout=timeout, on_event=on_event, input_images=[image], **params
         )
+
+    def understand_stream(
+        self, messages: Iterable[Message], *, timeout: float | None = None, **params: Any
+    ) -> EventStream:
+        """Start an Understand call; yields the raw `UnderstandEvent`s (Accepted, deltas,
+        TextFinished). `params`: see `client.text.understand_request`."""
+        request = understand_request(messages, **params)
+        return EventStream(self._stub.Understand(request, timeout=self._deadline(timeout)))
+
+    def chat(
+        self,
+        messages: str | Iterable[Message],
+        *,
+        timeout: float | None = None,
+        on_text: Callable[[str], None] | None = None,
+        **params: Any,
+    ) -> TextResult:
+        """Answer a message (a str: one user message) or a conversation of (role, content)
+        pairs, oldest first; `on_text` sees the text as it is decoded. `params`: `think`,
+        `request_id` and the sampling settings (`max_new_tokens`, `do_sample`, `temperature`,
+        `top_p`, `top_k`, `seed`). Raises grpc.RpcError on failure."""
+        if isinstance(messages, str):
+            messages = [("user", messages)]
+        with self.understand_stream(messages, timeout=timeout, **params) as events:
+            return collect_answer(events, on_text)
+
+    def understand(
+        self,
+        image: ImageInput,
+        question: str,
+        *,
+        timeout: float | None = None,
+        on_text: Callable[[str], None] | None = None,
+        **params: Any,
+    ) -> TextResult:
+        """Answer `question` about `image` (PNG or JPEG bytes, a path, or a PIL image), which
+        the model sees through its ViT; otherwise as `chat`."""
+        return self.chat([("user", [image, question])], timeout=timeout, on_text=on_text, **params)
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The server's grpc.health.v1 status name (SERVING, NOT_SERVING, ...) for `service`

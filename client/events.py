@@ -33,6 +33,8 @@ class GenerationResult:
     cached_steps: list[int] = field(default_factory=list)  # 0-based steps the step cache served
     latents: np.ndarray | None = None  # final latent tokens [h*w/256, 64], fp32
     prompt_tokens: int = 0  # the conditional context's tokens, from the Usage event (0: none sent)
+    thinking: str = ""  # think mode: the plan the image was drawn from
+    completion_tokens: int = 0  # think mode: the plan's decoded tokens (Usage)
 
 
 class ResultAssembler:
@@ -44,6 +46,8 @@ class ResultAssembler:
         self.steps = 0
         self.cached_steps: list[int] = []
         self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.thinking: list[str] = []
         self.image: Any = None
         self.latents: Any = None
 
@@ -59,6 +63,9 @@ class ResultAssembler:
             self.timings.update((f.name, value) for f, value in event.timings.ListFields())
         elif kind == "usage":
             self.prompt_tokens = event.usage.prompt_tokens
+            self.completion_tokens = event.usage.completion_tokens
+        elif kind == "thinking":
+            self.thinking.append(event.thinking.text)
         elif kind == "image":
             self.image = event.image
         elif kind == "latents":
@@ -73,6 +80,8 @@ class ResultAssembler:
             "steps": self.steps,
             "cached_steps": self.cached_steps,
             "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "thinking": "".join(self.thinking),
         }
         if self.latents is not None:
             latents = self.latents

@@ -1,6 +1,8 @@
 """Keyword arguments -> `GenerateRequest`, derived from the request schema
 (`serving.params.GenerationParams`): every field of the schema is a keyword argument of the same
-name, plus `steps` (alias of `num_timesteps`) and `request_id`; an edit adds its input images.
+name, plus `steps` (alias of `num_timesteps`), `request_id`, and `think` with its sampling settings
+(`think_temperature`, ... from `serving.text_params.TextSampling`); an edit adds its input
+images.
 
 Only what a caller passes is set, so every unset field keeps the server's default.
 """
@@ -17,10 +19,13 @@ from PIL import Image
 
 from protos import GenerateRequest
 from serving.params import GenerationParams
+from serving.text_params import sampling_message, sampling_names
 
 _FIELDS = {f.name: f for f in dataclasses.fields(GenerationParams)}
 ALIASES = {"steps": "num_timesteps"}
-PARAM_NAMES = frozenset((*_FIELDS, *ALIASES, "request_id"))
+THINK_PREFIX = "think_"  # think mode's sampling settings: `think_temperature`, ...
+THINK_NAMES = sampling_names(THINK_PREFIX)
+PARAM_NAMES = frozenset((*_FIELDS, *ALIASES, "request_id", "think", *THINK_NAMES))
 
 
 def build_request(
@@ -39,6 +44,14 @@ def build_request(
                 raise TypeError(f"pass {name} or its alias {alias}, not both")
             params[name] = params[alias]
     request = GenerateRequest(prompt=prompt, input_images=list(input_images))
+    think = params.get("think")
+    if think is not None:
+        if not isinstance(think, bool):
+            raise TypeError(f"think must be a bool, got {think!r}")
+        request.think = think
+    think_sampling = {n: params[n] for n in THINK_NAMES if params.get(n) is not None}
+    if think_sampling:
+        request.think_sampling.CopyFrom(sampling_message(THINK_PREFIX, **think_sampling))
     request_id = params.get("request_id")
     if request_id is not None:
         if not isinstance(request_id, str):

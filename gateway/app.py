@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from starlette.background import BackgroundTask
 from starlette.datastructures import UploadFile
 
+from gateway.chat import ChatAnswerer, ChatCompletionRequest
 from gateway.drawing import (
     ClientGone,
     Drawing,
@@ -78,12 +79,14 @@ def create_app(settings: GatewaySettings, tokens: tuple[str, ...] = ()) -> FastA
         )
         state["pool"] = pool
         state["painter"] = Painter(pool, settings.retry_after)
+        state["chat"] = ChatAnswerer(pool, settings.model_name, settings.retry_after)
         yield
         await pool.close()
 
     app = FastAPI(
         title="BAGEL gateway",
-        summary="OpenAI-compatible Images API in front of the BAGEL prefill service",
+        summary="OpenAI-compatible Images and Chat Completions APIs in front of the BAGEL prefill "
+        "service",
         version="1",
         lifespan=lifespan,
     )
@@ -201,6 +204,41 @@ def create_app(settings: GatewaySettings, tokens: tuple[str, ...] = ()) -> FastA
             return await answer(request, drawing)
         except ClientGone:
             return Response(status_code=CLIENT_GONE)
+
+    @app.post(
+        "/v1/chat/completions",
+        summary="answer a conversation (text, and images as data URLs)",
+        response_description="chat.completion, or chat.completion.chunk events when stream is true",
+    )
+    async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
+        chat: ChatAnswerer = state["chat"]
+        request_id = request.state.request_id
+        limit.acquire()
+        if body.stream:
+            try:
+                stream = await until_disconnect(request.receive, chat.stream(body, request_id))
+            except ClientGone:
+                limit.release()
+                return Response(status_code=CLIENT_GONE)
+            except BaseException:
+                limit.release()
+                raise
+            metrics.streams_in_flight.inc()
+            stream.resources.callback(metrics.streams_in_flight.dec)
+            stream.resources.callback(limit.release)
+            return StreamingResponse(
+                stream.events,
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+                background=BackgroundTask(stream.close),  # runs however the response ends
+            )
+        try:
+            answer = await until_disconnect(request.receive, chat.completion(body, request_id))
+        except ClientGone:
+            return Response(status_code=CLIENT_GONE)
+        finally:
+            limit.release()
+        return JSONResponse(answer)
 
     app.add_middleware(
         RequestMiddleware,

@@ -30,6 +30,8 @@ from bagel.contexts import (
     prefix_sources,
     prepare_edit_image,
 )
+from bagel.conversation import think_segments
+from bagel.conversation import token_ids as token_ids_of
 from bagel.devices import default_dtype
 from bagel.image_transforms import resized_size
 from bagel.kv import Branch
@@ -133,7 +135,8 @@ class LanguageModelKV:
         # HF fast tokenizers may reconfigure themselves inside encode; calls must not overlap.
         self._tokenizer_lock = threading.Lock()
         role = "diffusion" if image_input else "prefill"  # "diffusion": both experts
-        self.model = load_bagel(model_dir, role, self.dtype, device, self.config)
+        # The LM head too: the same model decodes text (`prefill_service.text`).
+        self.model = load_bagel(model_dir, role, self.dtype, device, self.config, lm_head=True)
         self.contexts: ContextEncoder | None = None
         self.edit_resize = edit_resize
         if image_input:
@@ -156,16 +159,35 @@ class LanguageModelKV:
             raise InvalidParams(NO_IMAGE_INPUT)
         return resized_size(*image.size, self.edit_resize.vae)
 
-    def plan_edit(self, prompt: str, params: GenerationParams, image: Image.Image) -> PlannedKV:
+    def plan_edit(
+        self,
+        prompt: str,
+        params: GenerationParams,
+        image: Image.Image,
+        think_plan: str | None = None,
+    ) -> PlannedKV:
+        """With `think_plan` (a think request's decoded plan) the contexts are
+        `bagel.conversation.think_segments`' with the image."""
         check_prompt_text(prompt)
         if self.contexts is None or self.edit_resize is None:
             raise InvalidParams(NO_IMAGE_INPUT)
         edit_image = prepare_edit_image(image, self.edit_resize)
         with self._tokenizer_lock:
-            prompts = cfg_prompts(self.tokenizer, prompt, params.negative_prompt)
-        segments = edit_segments(
-            edit_image.segments(self.config), prompts[Branch.COND], prompts[Branch.UNCOND_TEXT]
-        )
+            if think_plan is not None:
+                segments = think_segments(
+                    self.tokenizer,
+                    prompt,
+                    think_plan,
+                    params.negative_prompt,
+                    edit_image.segments(self.config),
+                )
+            else:
+                prompts = cfg_prompts(self.tokenizer, prompt, params.negative_prompt)
+                segments = edit_segments(
+                    edit_image.segments(self.config),
+                    prompts[Branch.COND],
+                    prompts[Branch.UNCOND_TEXT],
+                )
         # A context that is the start of another travels as a reference to it, not as bytes.
         sources = prefix_sources(list(segments.values()))
         contexts = tuple(
@@ -182,10 +204,19 @@ class LanguageModelKV:
             text_tokens=text_tokens,
         )
 
-    def plan(self, prompt: str, params: GenerationParams) -> PlannedKV:
+    def plan(
+        self, prompt: str, params: GenerationParams, think_plan: str | None = None
+    ) -> PlannedKV:
+        """With `think_plan`: the three contexts of `bagel.conversation.think_segments`."""
         check_prompt_text(prompt)
         with self._tokenizer_lock:
-            prompts = cfg_prompts(self.tokenizer, prompt, params.negative_prompt)
+            if think_plan is not None:
+                segments = think_segments(
+                    self.tokenizer, prompt, think_plan, params.negative_prompt
+                )
+                prompts = {kind: token_ids_of(s) for kind, s in segments.items()}
+            else:
+                prompts = cfg_prompts(self.tokenizer, prompt, params.negative_prompt)
         token_ids = list(prompts.values())
         contexts = tuple(
             ContextSpec(int(kind), len(ids), len(ids)) for kind, ids in prompts.items()

@@ -18,6 +18,7 @@ from prefill_service.relay import DiffusionLink
 from prefill_service.routing import DiffusionRouter
 from prefill_service.servicer import PrefillServicer, prefill_handler
 from prefill_service.settings import PrefillSettings
+from prefill_service.text import TextSide
 from protos import PREFILL_SERVICE
 from serving.access import RefusalLog
 from serving.credentials import ClientCredentialStore, CredentialReloader, ServerCredentialStore
@@ -59,6 +60,7 @@ class PrefillServer:
             self.metrics,
             chunk_size=settings.chunk_size,
             max_prompt_tokens=settings.max_prompt_tokens,
+            text=TextSide(settings.max_decode_batch, settings.max_decode_tokens),
         )
         self.grpc = GrpcServer(
             PREFILL_SERVICE,
@@ -111,6 +113,7 @@ class PrefillServer:
             self.loaded.cancel()
         await self.grpc.stop(grace)
         self.router.close()
+        self.servicer.text.close()
 
     def _reopen_links(self) -> None:
         """New TLS files for the hop: new channels (calls in flight finish on the old ones)."""

@@ -28,7 +28,17 @@ from prefill_service.prefill import (
 )
 from prefill_service.relay import SendStats, relay
 from prefill_service.routing import DiffusionRouter
-from protos import PREFILL_SERVICE, GenerateEvent, GenerateRequest, Usage, service_pb2_grpc
+from prefill_service.text import Answer, Queued, TextSide, understand_events
+from protos import (
+    PREFILL_SERVICE,
+    GenerateEvent,
+    GenerateRequest,
+    TextDelta,
+    UnderstandEvent,
+    UnderstandRequest,
+    Usage,
+    service_pb2_grpc,
+)
 from serving.errors import InvalidParams, ServiceError, status_of
 from serving.images import EDIT_DEFAULTS, decode_input_images
 from serving.params import GenerationParams, check_cache_fits
@@ -53,11 +63,11 @@ class UndecodableRequest:
         self.error = error
 
 
-def decode_request(data: bytes) -> GenerateRequest | UndecodableRequest:
+def decode_request(data: bytes, kind: type = GenerateRequest) -> object:
     """The request deserializer: a decode failure is the caller's fault, so it reaches the
     handler as a value instead of as gRPC's own traceback and UNKNOWN status."""
     try:
-        return GenerateRequest.FromString(data)
+        return kind.FromString(data)
     except DecodeError as e:
         return UndecodableRequest(len(data), e)
 
@@ -69,7 +79,14 @@ def prefill_handler(servicer: PrefillServicer) -> grpc.GenericRpcHandler:
         request_deserializer=decode_request,
         response_serializer=GenerateEvent.SerializeToString,
     )
-    return grpc.method_handlers_generic_handler(PREFILL_SERVICE, {"Generate": method})
+    understand = grpc.unary_stream_rpc_method_handler(
+        servicer.Understand,
+        request_deserializer=lambda data: decode_request(data, UnderstandRequest),
+        response_serializer=UnderstandEvent.SerializeToString,
+    )
+    return grpc.method_handlers_generic_handler(
+        PREFILL_SERVICE, {"Generate": method, "Understand": understand}
+    )
 
 
 class RequestLog(logging.LoggerAdapter):
@@ -89,8 +106,10 @@ class PrefillServicer(service_pb2_grpc.PrefillServicer):
         *,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
+        text: TextSide | None = None,
     ) -> None:
         self.source: KVSource | None = None
+        self.text = text or TextSide()
         self.max_prompt_tokens = max_prompt_tokens
         self.router = router
         self.metrics = metrics
@@ -113,7 +132,18 @@ class PrefillServicer(service_pb2_grpc.PrefillServicer):
                     f"the request ({request.size} bytes) is not a valid GenerateRequest: "
                     f"{request.error}"
                 )
-            batches, usage = await self._prepare(request, request_id, prefill, request_log)
+            plan: Answer | None = None
+            if request.think:
+                async for item in self._think(request):
+                    if isinstance(item, str):
+                        yield GenerateEvent(thinking=TextDelta(text=item))
+                    else:
+                        plan = item
+            batches, usage = await self._prepare(
+                request, request_id, prefill, request_log, plan and plan.text
+            )
+            if plan is not None:
+                usage.usage.completion_tokens = plan.completion_tokens
             with await self.router.lease(context.time_remaining()) as lease:
                 if len(self.router.groups) > 1:
                     request_log.info("to the diffusion service at %s", lease.link.address)
@@ -187,15 +217,72 @@ class PrefillServicer(service_pb2_grpc.PrefillServicer):
         if sent.send_s is not None:
             self.metrics.phase_seconds.labels("kv_send").observe(sent.send_s)
 
+    async def Understand(
+        self, request: UnderstandRequest | UndecodableRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[UnderstandEvent]:
+        """Text out (`prefill_service.text`); failures map to a status as Generate's do."""
+        raw_id = "" if isinstance(request, UndecodableRequest) else request.request_id
+        request_id = raw_id or new_request_id()
+        request_log = RequestLog(log, {"request_id": loggable(request_id, MAX_REQUEST_ID_CHARS)})
+        try:
+            if isinstance(request, UndecodableRequest):
+                raise InvalidParams(
+                    f"the request ({request.size} bytes) is not a valid UnderstandRequest: "
+                    f"{request.error}"
+                )
+            source = self.source
+            if source is None:
+                raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
+            check_request_id(request_id)
+            async for event in understand_events(self.text, source, request, request_id):
+                yield event
+        except (asyncio.CancelledError, GeneratorExit):
+            request_log.info("understand ended by the caller")
+            raise
+        except Exception as e:  # noqa: BLE001 - every failure becomes a status, in one place
+            code, message = status_of(e)
+            level = logging.ERROR if code is grpc.StatusCode.INTERNAL else logging.WARNING
+            request_log.log(
+                level,
+                "understand failed: %s: %s",
+                code.name,
+                loggable(message, LOGGED_MESSAGE_CHARS),
+                exc_info=level >= logging.ERROR,
+            )
+            await context.abort(code, message)
+
+    async def _think(self, request: GenerateRequest) -> AsyncIterator[str | Answer]:
+        """A think request's plan: deltas, then the `Answer` (its text is the decode of all
+        its tokens); every check of the request first."""
+        source = self.source
+        if source is None:
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
+        loop = asyncio.get_running_loop()
+        image = None
+        if request.input_images:
+            image = (await loop.run_in_executor(None, decode_input_images, request.input_images))[0]
+        defaults = EDIT_DEFAULTS if image is not None else None
+        params = GenerationParams.from_proto(request.params, defaults)
+        params.validate(source.config.pixels_per_token, source.config.max_image_size)
+        check_cache_fits(params.cache, source.config.llm.num_layers)
+        planned = await loop.run_in_executor(
+            None, self.text.plan_request, source, request.prompt, request.think_sampling, image
+        )
+        async for item in self.text.decode(source, planned):
+            if not isinstance(item, Queued):
+                yield item
+
     async def _prepare(
         self,
         request: GenerateRequest,
         request_id: str,
         stats: PrefillStats,
         request_log: RequestLog,
+        think_plan: str | None = None,
     ) -> tuple[Iterator[list[bytes]], GenerateEvent]:
         """Every check, before any compute; returns the lazy frame batches and the usage event
-        (the conditional context's tokens, image tokens included)."""
+        (the conditional context's tokens, image tokens included). `think_plan`: the decoded
+        plan of a think request, which its conditional context ends with."""
         source = self.source
         if source is None:
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
@@ -213,12 +300,15 @@ class PrefillServicer(service_pb2_grpc.PrefillServicer):
         params = GenerationParams.from_proto(request.params, defaults)
         params.validate(config.pixels_per_token, config.max_image_size)
         check_cache_fits(params.cache, config.llm.num_layers)
+        think = {} if think_plan is None else {"think_plan": think_plan}
         if images:
             planned = await loop.run_in_executor(
-                None, source.plan_edit, request.prompt, params, images[0]
+                None, lambda: source.plan_edit(request.prompt, params, images[0], **think)
             )
         else:
-            planned = await loop.run_in_executor(None, source.plan, request.prompt, params)
+            planned = await loop.run_in_executor(
+                None, lambda: source.plan(request.prompt, params, **think)
+            )
         check_token_counts(planned, token_limit(config, self.max_prompt_tokens))
         p = params
         request_log.info(

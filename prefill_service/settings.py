@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from prefill_service.prefill import DEFAULT_MAX_PROMPT_TOKENS
 from prefill_service.relay import DEFAULT_CONNECT_TIMEOUT_S
 from prefill_service.routing import split_addresses
+from prefill_service.text import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS
 from serving.security import ClientSecurity, SecurityError, ServerSecurity
 from serving.settings import (
     DEFAULT_METRICS_HOST,
@@ -35,6 +36,8 @@ class PrefillSettings:
     image_input: bool = True  # real only: load the ViT, VAE encoder and gen expert for edits
     edit_vae_resize: tuple[int, int] | None = None  # (longest, shortest); None: the reference's
     edit_vit_resize: tuple[int, int] | None = None
+    max_decode_batch: int = DEFAULT_MAX_BATCH  # text requests decoded together
+    max_decode_tokens: int = DEFAULT_MAX_TOKENS  # prompt + decoded tokens of one text request
     security: ServerSecurity = field(default_factory=ServerSecurity)  # TLS/mTLS, bearer token
     diffusion_security: ClientSecurity = field(default_factory=ClientSecurity)  # the hop's
 
@@ -80,6 +83,18 @@ def build_parser(prog: str, description: str, *, device: bool = True) -> argpars
             default=None,
             metavar="LONGEST,SHORTEST",
             help="then for the ViT, stride 14 (default: the reference's 980,224)",
+        )
+        parser.add_argument(
+            "--max-decode-batch",
+            type=int,
+            default=default(s, "max_decode_batch"),
+            help="text requests (Understand, think plans) decoded together; more wait",
+        )
+        parser.add_argument(
+            "--max-decode-tokens",
+            type=int,
+            default=default(s, "max_decode_tokens"),
+            help="longest text request: prompt (image tokens included) plus max_new_tokens",
         )
     parser.add_argument(
         "--metrics-host", default=default(s, "metrics_host"), help="address metrics bind to"
@@ -157,6 +172,9 @@ def settings_from_args(args: argparse.Namespace) -> PrefillSettings:
         raise SystemExit(f"--chunk-size must be in 1..{MAX_CHUNK_SIZE}")
     if args.max_prompt_tokens < 1:
         raise SystemExit("--max-prompt-tokens must be positive")
+    for flag in ("max_decode_batch", "max_decode_tokens"):
+        if getattr(args, flag, 1) < 1:
+            raise SystemExit(f"--{flag.replace('_', '-')} must be positive")
     try:
         diffusion_security = ClientSecurity(
             tls_ca=args.diffusion_tls_ca,
@@ -182,6 +200,8 @@ def settings_from_args(args: argparse.Namespace) -> PrefillSettings:
         image_input=getattr(args, "image_input", True),
         edit_vae_resize=getattr(args, "edit_vae_resize", None),
         edit_vit_resize=getattr(args, "edit_vit_resize", None),
+        max_decode_batch=getattr(args, "max_decode_batch", DEFAULT_MAX_BATCH),
+        max_decode_tokens=getattr(args, "max_decode_tokens", DEFAULT_MAX_TOKENS),
         security=server_security_from_args(args),
         diffusion_security=diffusion_security,
     )

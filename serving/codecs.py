@@ -127,6 +127,26 @@ class FloatCodec(Codec):
             raise InvalidParams(f"{name}={value!r} must be finite")
 
 
+class BoolCodec(Codec):
+    """A proto3 `optional bool`; on the command line `--name` / `--no-name`."""
+
+    python_type = bool
+
+    def _check_type(self, name: str, value: Any, error: type[Exception]) -> None:
+        if not isinstance(value, bool):
+            raise error(f"{name} must be bool, got {value!r}")
+
+    def add_argument(self, parser: argparse.ArgumentParser, name: str, meta: dict) -> None:
+        parser.add_argument(
+            flag(name),
+            *meta["flags"],
+            dest=name,
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help=meta["help"],
+        )
+
+
 class StringCodec(Codec):
     """A proto3 string without presence: empty means unset."""
 

@@ -155,6 +155,27 @@ def context_prefill(
     ("text", token ids [n]) causal at one position per token; ("vae", latent tokens [n, 64] with
     their table rows) and ("vit", connector outputs [n, hidden]) between the image markers, at one
     position, non-causal. Returns per-layer (K, V) of the whole context."""
+    return context_forward(sd, pieces, markers, layers, heads, kv_heads, theta)[0]
+
+
+def context_logits(sd: dict, pieces: list, markers: tuple[int, int], **dims) -> Tensor:
+    """The LM head's logits [vocab] after the last token of the context `pieces` (the last
+    piece text): what greedy decoding takes the argmax of."""
+    _, x = context_forward(sd, pieces, markers, **dims)
+    h = rms(x[-1], sd["language_model.model.norm.weight"])
+    return h @ sd["language_model.lm_head.weight"].T
+
+
+def context_forward(
+    sd: dict,
+    pieces: list[tuple[str, Tensor]],
+    markers: tuple[int, int],
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    theta: float,
+):
+    """`context_prefill`, also returning the last piece's output states [n, hidden]."""
     emb = sd["language_model.model.embed_tokens.weight"]
     cache: list[tuple[Tensor, Tensor]] = []
     position = 0
@@ -190,4 +211,4 @@ def context_prefill(
             )
             new_cache.append((keys, values))
         cache = new_cache
-    return cache
+    return cache, x

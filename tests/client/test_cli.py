@@ -31,12 +31,15 @@ def test_the_help_names_the_program_its_commands_and_what_each_flag_does():
     parser = build_parser()
     assert parser.prog == "python -m client"
     assert parser.description == (
-        "Generate images through a BAGEL prefill service, or check a service's health."
+        "Generate images, answer questions and chat through a BAGEL prefill service, or check "
+        "a service's health."
     )
     [commands] = parser._subparsers._group_actions
     assert {c.dest: c.help for c in commands._choices_actions} == {
         "generate": "text to image; writes a PNG",
         "edit": "image editing: INPUT (PNG or JPEG) changed as PROMPT says; writes a PNG",
+        "understand": "ask about an image (PNG or JPEG); prints the answer as it comes",
+        "chat": "send a message; prints the answer as it comes",
         "health": "print the server's health; exit 0 iff SERVING",
     }
     assert help_of(commands.choices["edit"])["input"] == ("the image to edit (PNG or JPEG)", None)

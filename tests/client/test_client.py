@@ -17,6 +17,7 @@ from client import BagelClient, IncompleteGeneration
 from client.cli import ProgressDisplay, generation_params, main, parse_args, timing_summary
 from protos import GenerateEvent, Progress
 from serving.params import GenerationParams
+from serving.text_params import sampling_names
 from tests.client.fake_prefill import FakePrefillServer
 from tests.helpers.processes import ROOT
 from tests.helpers.ranks import free_port
@@ -116,7 +117,10 @@ def test_cli_sends_every_field_and_the_request_id_unchanged(fake, tmp_path, caps
 def test_cli_leaves_every_field_unset_unless_given():
     params = generation_params(parse_args(["generate", "A cat", "-o", "x.png"]))
     assert params == dict.fromkeys(params) and "request_id" in params
-    assert set(params) == {f for f in GenerationParams.__dataclass_fields__} | {"request_id"}
+    think = {"think", *sampling_names("think_")}
+    assert (
+        set(params) == {f for f in GenerationParams.__dataclass_fields__} | {"request_id"} | think
+    )
 
 
 def test_cli_width_and_height_separately_and_unset_by_default():
