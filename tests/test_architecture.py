@@ -21,6 +21,7 @@ PACKAGES = (
     "bagel",
     "protos",
     "serving",
+    "step_cache",
     "transport",
     "diffusion_service",
     "prefill_service",
@@ -29,11 +30,20 @@ PACKAGES = (
 SERVICES = {"diffusion_service", "prefill_service"}
 # package -> top-level names it must never import (DESIGN.md section 2).
 FORBIDDEN = {
-    "bagel": {"serving", "transport", "diffusion_service", "prefill_service", "client", "protos"},
-    "transport": {"bagel", "serving", *SERVICES, "client"},
+    "bagel": {
+        "serving",
+        "step_cache",
+        "transport",
+        "diffusion_service",
+        "prefill_service",
+        "client",
+        "protos",
+    },
+    "transport": {"bagel", "serving", "step_cache", *SERVICES, "client"},
+    "step_cache": {"transport", "protos", *SERVICES, "client"},
     "serving": {"torch", "bagel", "transport", *SERVICES, "client"},
     "client": {"torch", "bagel", "transport", *SERVICES},
-    "protos": {"torch", "bagel", "serving", "transport", *SERVICES, "client"},
+    "protos": {"torch", "bagel", "serving", "step_cache", "transport", *SERVICES, "client"},
     "diffusion_service": {"prefill_service", "client"},
     "prefill_service": {"diffusion_service", "client"},
 }
@@ -146,6 +156,26 @@ def test_each_package_imports_only_what_its_layer_allows(package):
     assert offending == []
 
 
+# The step-cache modules the request schema loads: plain Python, no torch, no model. Only the
+# runtime (`store`, `collective`) touches tensors.
+STEP_CACHE_RUNTIME = {"step_cache.store", "step_cache.collective"}
+
+
+def test_the_step_cache_schema_side_imports_no_torch_and_only_the_schema_toolkit():
+    offending = sorted(
+        f"{module} imports {name}"
+        for module, path in MODULES.items()
+        if module.split(".")[0] == "step_cache" and module not in STEP_CACHE_RUNTIME
+        for name in imported_names(module, path)
+        if name.split(".")[0] in ("torch", "bagel")
+        or (
+            name.split(".")[0] == "serving"
+            and name not in ("serving", "serving.codecs", "serving.errors")
+        )
+    )
+    assert offending == []
+
+
 def _in_fresh_interpreter(code: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", code],
@@ -162,6 +192,17 @@ def test_importing_transport_loads_no_bagel_module():
         "import sys, transport; "
         "bad = [m for m in sys.modules if m.split('.')[0] == 'bagel']; "
         "assert not bad, bad"
+    )
+    assert run.returncode == 0, run.stderr
+
+
+@pytest.mark.parametrize("first", ["step_cache", "serving", "step_cache.policies.dbcache"])
+def test_the_step_cache_policies_and_the_schema_load_in_either_order_without_torch(first):
+    run = _in_fresh_interpreter(
+        f"import sys, {first}, serving.params, step_cache; "
+        "assert list(step_cache.POLICIES) == ['none', 'tea_cache', 'db_cache'], step_cache.POLICIES; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'bagel')]; "
+        "assert not bad, sorted(bad)[:5]"
     )
     assert run.returncode == 0, run.stderr
 

@@ -12,8 +12,8 @@ from bagel.kv import Branch
 from bagel.pipeline import Pipeline
 from diffusion_service.job import JobSpec
 from diffusion_service.runner import run_job
-from diffusion_service.step_cache import DBCacheStepCache, make_step_cache, world_sum
 from serving.params import DBCache, GenerationParams, NoCache, TeaCache
+from step_cache.collective import CollectiveStepCache, make_step_cache, world_sum
 from tests.diffusion_service.test_runner import _contexts, _runtime
 from tests.helpers.ranks import run_ranks
 
@@ -111,7 +111,7 @@ def test_every_topology_takes_the_single_process_decisions(
 
 def _perturbed_rank(rank, world):
     """Rank 1's Fn residual changes a lot, rank 0's not at all: alone, rank 0 would reuse."""
-    cache = DBCacheStepCache(
+    cache = CollectiveStepCache(
         DBCache(fn_compute_blocks=1, max_warmup_steps=0, residual_diff_threshold=0.1),
         valid_rows=4,
         reduce=world_sum(),
@@ -119,7 +119,7 @@ def _perturbed_rank(rank, world):
     decisions = []
     front_in = (torch.zeros(1, 2, 8), torch.zeros(1, 4, 8))
     for step in range(4):
-        cache.begin_step(step, 4)
+        cache.begin_step(step, 4, (Branch.COND,))
         scale = 1.0 if rank == 0 or step < 2 else 5.0 * step
         front_out = (torch.zeros(1, 2, 8), torch.full((1, 4, 8), scale))
         reuse = cache.reuse_middle((Branch.COND,), front_in, front_out)
