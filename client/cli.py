@@ -15,7 +15,8 @@ import grpc
 import numpy as np
 from tqdm import tqdm
 
-from client.client import BagelClient, GenerationResult, IncompleteGeneration
+from client.client import BagelClient
+from client.events import GenerationResult, IncompleteGeneration
 from protos import GenerateEvent, Timings
 from serving.params import GenerationParams
 from serving.security import SecurityError, read_token_file

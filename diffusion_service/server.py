@@ -13,7 +13,7 @@ import grpc
 
 from bagel.checkpoint import load_autoencoder
 from bagel.config import BagelConfig
-from bagel.pipeline import default_dtype
+from bagel.devices import default_dtype
 from diffusion_service.engine import Engine
 from diffusion_service.memory import peaks_note, publish_peaks
 from diffusion_service.metrics import DiffusionMetrics
@@ -22,6 +22,9 @@ from diffusion_service.servicer import DiffusionServicer
 from diffusion_service.settings import ServiceSettings
 from diffusion_service.world import RankWorld
 from protos import DIFFUSION_SERVICE, GenerateEvent
+from serving.access import RefusalLog
+from serving.credentials import CredentialReloader, ServerCredentialStore
+from serving.security import risky_settings
 from serving.server import GrpcServer, serve_until_signal
 from transport.buffers import tune_malloc
 from transport.rpc import diffusion_handler
@@ -38,8 +41,13 @@ class DiffusionServer:
         self.settings = settings
         self.config = config
         secrets = settings.security.load()  # a bad file fails before any process starts
+        for warning in risky_settings(settings.listen, settings.security):
+            log.warning("%s", warning)
         self.world = RankWorld(settings)  # forks the rank launcher
         self.metrics = DiffusionMetrics()
+        # gRPC objects only after the fork
+        credentials = ServerCredentialStore(settings.security, secrets)
+        self.reloader = CredentialReloader([credentials])
         self.engine: Engine | None = None
         self.servicer: DiffusionServicer | None = None
         self.grpc = GrpcServer(
@@ -49,13 +57,14 @@ class DiffusionServer:
             self.metrics,
             settings.metrics_host,
             settings.metrics_port,
-            credentials=secrets.credentials(),  # gRPC objects only after the fork
-            interceptors=secrets.interceptors(),
+            credentials=credentials.server_credentials(),
+            interceptors=credentials.interceptors(RefusalLog(self.metrics.auth_failures)),
         )
         self.loaded: asyncio.Future | None = None
 
     async def start(self) -> int:
         port = await self.grpc.start()
+        self.reloader.start()
         self.loaded = asyncio.ensure_future(self._load())
         return port
 
@@ -103,6 +112,7 @@ class DiffusionServer:
 
     async def stop(self, drain_s: float) -> None:
         """NOT_SERVING at once, finish queued work for up to `drain_s`, then stop the ranks."""
+        self.reloader.stop()
         await self.grpc.set_serving(False)
         if self.engine is not None:
             await asyncio.to_thread(self.engine.stop, drain_s)

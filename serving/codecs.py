@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 
@@ -131,6 +131,10 @@ class Codec:
     def from_cli(self, args: argparse.Namespace, name: str) -> Any:
         return getattr(args, name)
 
+    def json_type(self) -> Any:
+        """The type a JSON (or form) body carries the field as, for HTTP request schemas."""
+        return self.python_type
+
 
 class IntCodec(Codec):
     python_type = int
@@ -207,6 +211,9 @@ class EnumNameCodec(Codec):
             flag(name), *meta["flags"], dest=name, choices=self.names, help=meta["help"]
         )
 
+    def json_type(self) -> Any:
+        return Literal[self.names]
+
 
 class IntervalCodec(Codec):
     """A `(lo, hi)` pair of floats in [0, 1], as a message with fields `lo` and `hi`."""
@@ -248,6 +255,9 @@ class IntervalCodec(Codec):
     def from_cli(self, args: argparse.Namespace, name: str) -> tuple[float, float] | None:
         value = getattr(args, name)
         return tuple(value) if value is not None else None  # type: ignore[return-value]
+
+    def json_type(self) -> Any:
+        return tuple[float, float]
 
 
 class CachePolicyCodec(Codec):
@@ -407,3 +417,6 @@ class CachePolicyCodec(Codec):
             if f.metadata.get("modifier") and getattr(value, f.name)
         )
         return self.names[type(value)].replace("_", "") + "".join(f"+{m}" for m in mods)
+
+    def json_type(self) -> Any:
+        return str  # a spec, as --cache takes it
