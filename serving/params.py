@@ -196,7 +196,9 @@ def cache_policy_name(policy: CachePolicy | None) -> str:
     return CACHE_SPEC.display_name(policy)
 
 
-def check_cache_fits(policy: CachePolicy, num_layers: int) -> None:
+def check_cache_fits(policy: CachePolicy | None, num_layers: int) -> None:
     """InvalidParams unless `policy` leaves at least one of the model's `num_layers` blocks to
-    cache (a DBCache's Fn + Bn must be below it)."""
-    policy.check_fits(num_layers)
+    cache (a DBCache's Fn + Bn must be below it). None (unset) passes: the diffusion service
+    checks the default it fills in."""
+    if policy is not None:
+        policy.check_fits(num_layers)

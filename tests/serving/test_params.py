@@ -285,6 +285,7 @@ def test_db_cache_must_leave_exactly_one_block_or_more_to_cache():
             check_cache_fits(DBCache(fn_compute_blocks=fn, bn_compute_blocks=bn), num_layers=4)
     check_cache_fits(TeaCache(), num_layers=1)
     check_cache_fits(NoCache(), num_layers=1)
+    check_cache_fits(None, num_layers=1)  # unset: the service's default
 
 
 def test_unset_seed_becomes_a_random_one_and_zero_stays_zero():
