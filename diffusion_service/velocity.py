@@ -87,7 +87,8 @@ class ShardedVelocity:
         gathered = x.new_empty((cfg * slots, *x.shape))
         all_gather_single(gathered, local, group=self.mesh.cfg_group)
         # CFG group g's slot i holds the i-th branch it owns.
-        return {b: gathered[g * slots + i] for g in range(cfg) for i, b in enumerate(owned[g])}
+        slot = {b: g * slots + i for g in range(cfg) for i, b in enumerate(owned[g])}
+        return {b: gathered[slot[b]] for b in branches}
 
 
 def owner_group(branch: Branch, cfg_parallel: int) -> int:

@@ -185,6 +185,12 @@ def test_tea_cache_accumulates_the_change_and_resets_it_after_a_computed_step():
     assert drive(TeaCache(rel_l1_threshold=1.2), stats).pattern() == "CRRCRRCRRC"
 
 
+def test_tea_cache_threshold_is_exclusive():
+    stats = [{Branch.COND: v} for v in (1.0, 1.5, 2.25, 2.25)]  # 50%, 50%, then no change
+    assert drive(TeaCache(rel_l1_threshold=0.5), stats).pattern() == "CCCC"
+    assert drive(TeaCache(rel_l1_threshold=0.5 + 1e-9), stats).pattern() == "CRCC"
+
+
 def test_tea_cache_compares_the_input_with_the_previous_step_computed_or_not():
     stats = [{Branch.COND: 1.05**k} for k in range(6)]  # 5% a step, 12% allowed in all
     # 0.05 + 0.05 = 0.10 < 0.12, then 0.15 computes: the accumulator, not the reference,
