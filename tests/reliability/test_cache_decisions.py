@@ -1,12 +1,14 @@
 """Step caching takes the same decisions on every layout and ends with the single-process
-latents, also when the CFG window closes mid-run (the conditional branch then runs alone, and its
-cache state must be where it ran before) and when CFG groups hold different subsets of the
-branches (editing's three branches over two groups). Real gloo ranks, fp32 on the CPU."""
+latents and image (within 1 level), also when the CFG window closes mid-run (the conditional
+branch then runs alone, and its cache state must be where it ran before) and when CFG groups
+hold different subsets of the branches (editing's three branches over two groups). Real gloo
+ranks, fp32 on the CPU."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,6 +20,7 @@ from serving.params import CACHE_SPEC, GenerationParams
 from step_cache.collective import make_step_cache
 from tests.diffusion_service.test_runner import _contexts, _runtime
 from tests.helpers.ranks import run_ranks
+from tests.reliability.conftest import pixels
 
 # 3x5 = 15 latent tokens (padded shards on 2 ranks); 12 Euler steps.
 BASE = GenerationParams(height=48, width=80, num_timesteps=13, seed=5)
@@ -67,9 +70,17 @@ def first_step_outside(interval) -> int:
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_model_dir: Path) -> dict[str, tuple[torch.Tensor, list[int]]]:
+def pipeline(tiny_model_dir: Path) -> Pipeline:
+    return Pipeline(tiny_model_dir, "cpu")
+
+
+def image(pipeline: Pipeline, latents: torch.Tensor) -> np.ndarray:
+    return pixels(pipeline.decode(latents, BASE.height, BASE.width))
+
+
+@pytest.fixture(scope="module")
+def reference(pipeline: Pipeline) -> dict[str, tuple[torch.Tensor, list[int]]]:
     """Each job on one process, through the reference pipeline."""
-    pipeline = Pipeline(tiny_model_dir, "cpu")
     rows, cols = pipeline.config.latent_grid(BASE.height, BASE.width)
     out = {}
     for job in JOBS:
@@ -115,8 +126,8 @@ def _layout_rank(rank, world, model_dir, cfg, ring, ulysses):
 
 
 @pytest.mark.parametrize("layout", ["1", *LAYOUTS])
-def test_every_layout_takes_the_single_process_decisions_and_ends_with_its_latents(
-    reference, tiny_model_dir, layout, tally
+def test_every_layout_takes_the_single_process_decisions_and_ends_with_its_image(
+    reference, pipeline, tiny_model_dir, layout, tally
 ):
     cfg, ring, ulysses = LAYOUTS.get(layout, (1, 1, 1))
     with tally.cache_layout(layout):
@@ -130,3 +141,5 @@ def test_every_layout_takes_the_single_process_decisions_and_ends_with_its_laten
             got = results[0][f"latents{i}"]
             error = ((got - expected).abs().max() / expected.abs().max()).item()
             assert error <= 1e-5, (job_id(job), error)
+            levels = np.abs(image(pipeline, got) - image(pipeline, expected)).max()
+            assert levels <= 1, (job_id(job), levels)
