@@ -76,8 +76,8 @@ class CollectiveStepCache:
         self.valid_rows = valid_rows
         self.reduce = reduce
         self.references: dict[Branch, Tensor] = {}
-        self.cached_steps: list[int] = []  # indices of the steps served from the cache
-        self._consecutive = 0
+        # Steps finished so far served from the cache, in all and in a row.
+        self._cached = self._consecutive = 0
         self._computed: set[Branch] = set()  # branches a computed step ran: the same everywhere
         self._step = Step(0, 0, 0, 0)
         self._branches: tuple[Branch, ...] = ()
@@ -88,7 +88,7 @@ class CollectiveStepCache:
 
     def begin_step(self, step: int, total: int, branches: Sequence[Branch]) -> None:
         self._finish_step()
-        self._step = Step(step, total, len(self.cached_steps), self._consecutive)
+        self._step = Step(step, total, self._cached, self._consecutive)
         self._branches = tuple(branches)
         self._fresh = any(b not in self._computed for b in self._branches)
 
@@ -96,7 +96,7 @@ class CollectiveStepCache:
         if not self._decisions:
             return
         if self.step_was_cached:
-            self.cached_steps.append(self._step.index)
+            self._cached += 1
             self._consecutive += 1
         else:
             self._consecutive = 0
