@@ -43,6 +43,7 @@ COPY pyproject.toml /src/
 COPY bagel /src/bagel
 COPY protos /src/protos
 COPY serving /src/serving
+COPY step_cache /src/step_cache
 COPY transport /src/transport
 COPY diffusion_service /src/diffusion_service
 COPY prefill_service /src/prefill_service

@@ -137,8 +137,8 @@ def denoise(
     timesteps, dts = schedule(params.num_timesteps, params.timestep_shift)
     total = len(timesteps)
     for step, (t, dt) in enumerate(zip(timesteps, dts, strict=True)):
-        cache.begin_step(step, total)
         plan = plan_step(t, params, has_img_context)
+        cache.begin_step(step, total, plan.branches)
         v = velocity(x, t, plan.branches)
         v_cond = v[Branch.COND]
         v_img = v.get(Branch.UNCOND_IMG, v_cond)

@@ -3,7 +3,7 @@
 A generation forward runs its decoder layers in three ranges, which a policy chooses:
 `front` (always computed), `middle` (computed, or replaced by the residual it added at the last
 step that computed it) and `back` (always computed). The sampler tells the policy when a step
-begins; the velocity model asks it once per forward, after `front`, whether to reuse `middle`.
+begins and which branches it runs; the velocity model asks it once per forward, after `front`, whether to reuse `middle`.
 
 The model knows nothing of ranks: a policy whose decision depends on data must take it the same
 way on every rank (the diffusion service gives its policies a collective for that), or ranks
@@ -26,8 +26,8 @@ BlockStates = tuple[Tensor, Tensor]
 class StepCache(Protocol):
     """One request's step-cache policy; state is kept per set of branches a forward runs."""
 
-    def begin_step(self, step: int, total: int) -> None:
-        """Step `step` (0-based) of `total` begins."""
+    def begin_step(self, step: int, total: int, branches: Sequence[Branch]) -> None:
+        """Step `step` (0-based) of `total` begins; it runs `branches` (on some rank)."""
         ...
 
     def layer_ranges(self, num_layers: int) -> tuple[range, range, range]:
@@ -70,7 +70,7 @@ class NoStepCache:
     computes_everything = True
     step_was_cached = False
 
-    def begin_step(self, step: int, total: int) -> None:
+    def begin_step(self, step: int, total: int, branches: Sequence[Branch]) -> None:
         pass
 
     def layer_ranges(self, num_layers: int) -> tuple[range, range, range]:

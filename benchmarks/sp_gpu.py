@@ -49,9 +49,9 @@ from diffusion_service.parallel.config import ParallelConfig
 from diffusion_service.parallel.lse import _explicit_attention_with_lse
 from diffusion_service.parallel.mesh import ParallelMesh
 from diffusion_service.runner import RankRuntime, run_job
-from diffusion_service.step_cache import make_step_cache
 from diffusion_service.velocity import ShardedVelocity
 from serving.params import CACHE_SPEC, GenerationParams
+from step_cache.collective import make_step_cache
 
 TOPOLOGIES = {
     "ulysses2": ParallelConfig(ulysses=2),

@@ -18,8 +18,8 @@ from bagel.sampler import denoise, initial_noise, preview_steps, schedule
 from diffusion_service.job import JobSpec
 from diffusion_service.memory import PeakMemory, gather_peaks
 from diffusion_service.parallel.mesh import ParallelMesh
-from diffusion_service.step_cache import make_step_cache, world_sum
 from diffusion_service.velocity import ShardedVelocity, shard_sum
+from step_cache.collective import make_step_cache, world_sum
 
 
 class JobCancelled(Exception):

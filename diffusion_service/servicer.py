@@ -18,11 +18,11 @@ from diffusion_service.engine import DONE, Engine, JobHandle
 from diffusion_service.job import JobSpec
 from diffusion_service.metrics import DiffusionMetrics
 from diffusion_service.settings import ServiceSettings
-from diffusion_service.step_cache import check_step_cache
 from protos import Accepted, GenerateEvent
 from serving.errors import status_of
 from serving.params import GenerationParams, check_cache_fits
 from serving.requests import check_request_id, loggable
+from step_cache.collective import check_step_cache
 from transport.admission import UploadBudget
 from transport.assembler import FrameAssembler, KVSpec, check_finite
 from transport.buffers import BufferPool

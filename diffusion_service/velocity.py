@@ -21,10 +21,13 @@ from diffusion_service.parallel.sharding import LatentSharding
 class ShardedVelocity:
     """`(x_shard, t, branches) -> {branch: velocity shard}` on one rank of the mesh.
 
-    Within an SP group the branches run batched in one forward. With CFG parallelism, branch `i`
-    of a step runs on CFG group `i % cfg`; a step with one branch runs it on every group (no
-    communication, identical results). Padding rows of the shard come back as zeros so they add
-    nothing to the global renorm.
+    Within an SP group the branches run batched in one forward. With CFG parallelism every
+    branch has one owner CFG group for the whole job (`owner_group`), whatever the other
+    branches of a step: the step cache's state for a branch lives where the branch runs, so a
+    branch must not move between groups when the CFG window closes mid-run. Each step, every
+    group runs the branches it owns (a group that owns none of them only joins the step cache's
+    decision) and one all-gather shares the velocity shards. Padding rows of the shard come back
+    as zeros so they add nothing to the global renorm.
     """
 
     def __init__(
@@ -70,20 +73,29 @@ class ShardedVelocity:
     def __call__(self, x: Tensor, t: Tensor, branches: Sequence[Branch]) -> dict[Branch, Tensor]:
         branches = tuple(branches)
         cfg = self.mesh.cfg_parallel
-        if cfg == 1 or len(branches) == 1:
+        if cfg == 1:
             return {b: self._zero_padding(v) for b, v in self.block(x, t, branches).items()}
-        slots = -(-len(branches) // cfg)
-        mine = branches[self.mesh.cfg_rank :: cfg]
+        owned = [[b for b in branches if owner_group(b, cfg) == g] for g in range(cfg)]
+        slots = max(len(group) for group in owned)
+        mine = owned[self.mesh.cfg_rank]
         local = x.new_zeros((slots, *x.shape))
         if mine:
             for i, v in enumerate(self.block(x, t, mine).values()):
                 local[i] = self._zero_padding(v)
-        else:  # more CFG groups than branches this step: this group only takes part
+        else:  # this group owns none of the step's branches: it only takes part
             self.block.step_cache.abstain()
         gathered = x.new_empty((cfg * slots, *x.shape))
         all_gather_single(gathered, local, group=self.mesh.cfg_group)
-        # CFG rank r's slot i holds branch r + i * cfg.
-        return {b: gathered[(i % cfg) * slots + i // cfg] for i, b in enumerate(branches)}
+        # CFG group g's slot i holds the i-th branch it owns.
+        slot = {b: g * slots + i for g in range(cfg) for i, b in enumerate(owned[g])}
+        return {b: gathered[slot[b]] for b in branches}
+
+
+def owner_group(branch: Branch, cfg_parallel: int) -> int:
+    """The CFG group that runs `branch` on every step of a job: by the branch's identity, so
+    text-to-image's two branches and editing's three spread over the groups as evenly as the
+    degree allows, and the conditional branch, which every step runs, stays on group 0."""
+    return (int(branch) - 1) % cfg_parallel
 
 
 def shard_sum(mesh: ParallelMesh):

@@ -47,6 +47,34 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def spec(
+    codec: Codec,
+    help: str,
+    *,
+    flags: tuple[str, ...] = (),
+    bounds: Range | None = None,
+    key: str | None = None,
+    zero_means_unlimited: bool = False,
+    modifier: str | None = None,
+    when_named: Any = None,
+) -> dict:
+    """Field metadata: how the field travels, what `--help` says, extra CLI flag spellings, the
+    valid range (None: the codec's own checks, or checked in `validate`). For cache-policy
+    fields: their short key in a `--cache` spec, whether -1 there stands for 0 (no limit), and
+    for a field set by a `+MODIFIER[:KEY=VALUE]` suffix rather than among the policy's options,
+    the modifier's name and the value the field takes when the modifier is named alone."""
+    return {
+        "codec": codec,
+        "help": help,
+        "flags": flags,
+        "bounds": bounds,
+        "key": key,
+        "zero_means_unlimited": zero_means_unlimited,
+        "modifier": modifier,
+        "when_named": when_named,
+    }
+
+
 @dataclass(frozen=True)
 class Range:
     """Valid values `lo .. hi`; an open end excludes its bound."""
@@ -254,11 +282,15 @@ class IntervalCodec(Codec):
 
 class CachePolicyCodec(Codec):
     """A oneof of policy messages, held as one of the policy dataclasses. `policies` maps each
-    oneof member's name to its dataclass, whose fields are the member message's fields."""
+    oneof member's name to its dataclass, whose fields are the member message's fields; it is
+    read at each use, so a policy registered later is known."""
 
     def __init__(self, policies: dict[str, type]) -> None:
         self.policies = policies
-        self.names = {cls: name for name, cls in policies.items()}
+
+    @property
+    def names(self) -> dict[type, str]:
+        return {cls: name for name, cls in self.policies.items()}
 
     def from_proto(self, msg: Any, name: str) -> Any:
         if not msg.HasField(name):
@@ -295,30 +327,47 @@ class CachePolicyCodec(Codec):
             raise InvalidParams(f"{name}={value!r} is not a known policy")
 
     def parse(self, text: str) -> Any:
-        """`NAME[:KEY=VALUE,...][+taylorseer:order=N]`, e.g. `none`, `teacache:threshold=0.2`,
-        `dbcache:fn=4,bn=0,warmup=8,max_cached=-1,threshold=0.24+taylorseer:order=2`. NAME is a
-        policy's name with or without underscores; KEY a field's short key or its name; -1 means
-        no limit where 0 does. Raises ValueError naming what is wrong."""
+        """`NAME[:KEY=VALUE,...][+MODIFIER[:KEY=VALUE,...]]`, e.g. `none`,
+        `teacache:threshold=0.2`, `dbcache:fn=4,bn=0,warmup=8,max_cached=-1,threshold=0.24+
+        taylorseer:order=2`. NAME is a policy's name with or without underscores; KEY a field's
+        short key or its name; -1 means no limit where 0 does; a MODIFIER (`taylorseer`) sets the
+        fields its policy takes under that name. Raises ValueError naming what is wrong."""
         head, *modifiers = text.strip().split("+")
         policy_name, _, options = head.partition(":")
         cls = self._lookup(policy_name.strip())
         values = self._options(cls, options, text)
         for modifier in modifiers:
             mod_name, _, mod_options = modifier.partition(":")
-            if mod_name.strip() != "taylorseer":
+            mod_name = mod_name.strip()
+            if mod_name not in self.modifier_names():
                 raise ValueError(f"cache spec {text!r}: unknown modifier {mod_name!r}")
-            fields = {f.name for f in dataclasses.fields(cls)}
-            if "taylorseer_order" not in fields:
-                raise ValueError(f"cache spec {text!r}: {policy_name} takes no taylorseer")
-            for key, value in self._pairs(mod_options, text):
-                if key != "order":
-                    raise ValueError(f"cache spec {text!r}: taylorseer takes only order=N")
-                values["taylorseer_order"] = self._number(int, key, value, text)
-            values.setdefault("taylorseer_order", 1)
+            fields = [f for f in dataclasses.fields(cls) if f.metadata.get("modifier") == mod_name]
+            if not fields:
+                raise ValueError(f"cache spec {text!r}: {policy_name} takes no {mod_name}")
+            by_key = {f.metadata["key"]: f for f in fields}
+            for key, raw in self._pairs(mod_options, text):
+                if key not in by_key:
+                    known = ", ".join(f"{k}=N" for k in by_key)
+                    raise ValueError(f"cache spec {text!r}: {mod_name} takes only {known}")
+                f = by_key[key]
+                values[f.name] = self._number(f.metadata["codec"].python_type, key, raw, text)
+            for f in fields:
+                values.setdefault(f.name, f.metadata["when_named"])
         return cls(**values)
 
     def spec_names(self) -> str:
         return ", ".join(name.replace("_", "") for name in self.policies)
+
+    def modifier_names(self) -> dict[str, str]:
+        """The `+MODIFIER`s some policy takes -> their options (`order=N`), in the order met."""
+        found: dict[str, list[str]] = {}
+        for cls in self.policies.values():
+            for f in dataclasses.fields(cls):
+                if f.metadata.get("modifier"):
+                    keys = found.setdefault(f.metadata["modifier"], [])
+                    if f.metadata["key"] not in keys:
+                        keys.append(f.metadata["key"])
+        return {m: ",".join(f"{k}=N" for k in keys) for m, keys in found.items()}
 
     def _lookup(self, name: str) -> type:
         for member, cls in self.policies.items():
@@ -327,20 +376,17 @@ class CachePolicyCodec(Codec):
         raise ValueError(f"unknown cache policy {name!r}; known: {self.spec_names()}")
 
     def _options(self, cls: type, options: str, text: str) -> dict[str, Any]:
+        own = [f for f in dataclasses.fields(cls) if not f.metadata.get("modifier")]
         by_key = {}
-        for f in dataclasses.fields(cls):
+        for f in own:
             by_key[f.name] = f
             if f.metadata.get("key"):
                 by_key[f.metadata["key"]] = f
         values: dict[str, Any] = {}
         for key, raw in self._pairs(options, text):
             f = by_key.get(key)
-            if f is None or f.name == "taylorseer_order":
-                known = ", ".join(
-                    f.metadata.get("key") or f.name
-                    for f in dataclasses.fields(cls)
-                    if f.name != "taylorseer_order"
-                )
+            if f is None:
+                known = ", ".join(f.metadata.get("key") or f.name for f in own)
                 raise ValueError(f"cache spec {text!r}: unknown option {key!r}; known: {known}")
             value = self._number(f.metadata["codec"].python_type, key, raw, text)
             if value == -1 and f.metadata.get("zero_means_unlimited"):
@@ -366,18 +412,31 @@ class CachePolicyCodec(Codec):
             raise ValueError(f"cache spec {text!r}: {key}={raw!r} is not {kind.__name__}") from None
 
     def add_argument(self, parser: argparse.ArgumentParser, name: str, meta: dict) -> None:
+        modifiers = "".join(f"[+{m}:{keys}]" for m, keys in self.modifier_names().items())
         parser.add_argument(
             flag(name),
             *meta["flags"],
             dest=name,
             metavar="SPEC",
-            help=f"{meta['help']}: NAME[:KEY=VALUE,...][+taylorseer:order=N], NAME one of "
+            help=f"{meta['help']}: NAME[:KEY=VALUE,...]{modifiers}, NAME one of "
             f"{self.spec_names()} (e.g. dbcache:fn=4,bn=0,warmup=8,threshold=0.24)",
         )
 
     def from_cli(self, args: argparse.Namespace, name: str) -> Any:
         text = getattr(args, name)
         return None if text is None else self.parse(text)
+
+    def display_name(self, value: Any) -> str:
+        """The policy's name as a spec starts (`none`, `teacache`, `dbcache`), with
+        `+MODIFIER` for each modifier whose fields are set (`dbcache+taylorseer`)."""
+        if value is None:
+            return "none"
+        mods = dict.fromkeys(
+            f.metadata["modifier"]
+            for f in dataclasses.fields(value)
+            if f.metadata.get("modifier") and getattr(value, f.name)
+        )
+        return self.names[type(value)].replace("_", "") + "".join(f"+{m}" for m in mods)
 
     def json_type(self) -> Any:
         return str  # a spec, as --cache takes it

@@ -18,137 +18,34 @@ from typing import Any
 from protos import params_pb2
 from serving.codecs import (
     CachePolicyCodec,
-    Codec,
     EnumNameCodec,
     FloatCodec,
     IntCodec,
     IntervalCodec,
     Range,
     StringCodec,
-    enum_names,
     fields_from_message,
     fields_to_message,
+    spec,
 )
 from serving.errors import InvalidParams
+
+# The policies every caller names, re-exported so the schema is one import.
+from step_cache.policies.dbcache import DBCache as DBCache
+from step_cache.policies.none import NoCache as NoCache
+from step_cache.policies.teacache import TeaCache as TeaCache
+from step_cache.policy import PolicyConfig
+from step_cache.registry import POLICIES
 
 MAX_NEGATIVE_PROMPT_CHARS = 16_384
 MAX_SEED = 2**63 - 1
 MAX_PARTIAL_IMAGES = 3
-RENORM_TYPES = enum_names(params_pb2.CfgRenormType, "CFG_RENORM_TYPE_")  # global, channel, ...
-OUTPUT_FORMATS = enum_names(params_pb2.OutputFormat, "OUTPUT_FORMAT_")  # png, latents
 
 
-def spec(
-    codec: Codec,
-    help: str,
-    *,
-    flags: tuple[str, ...] = (),
-    bounds: Range | None = None,
-    key: str | None = None,
-    zero_means_unlimited: bool = False,
-) -> dict:
-    """Field metadata: how the field travels, what `--help` says, extra CLI flag spellings, the
-    valid range (None: the codec's own checks, or checked in `validate`), and for cache-policy
-    fields their short key in a `--cache` spec and whether -1 there stands for 0 (no limit)."""
-    return {
-        "codec": codec,
-        "help": help,
-        "flags": flags,
-        "bounds": bounds,
-        "key": key,
-        "zero_means_unlimited": zero_means_unlimited,
-    }
-
-
-TAYLORSEER = spec(
-    IntCodec(),
-    "TaylorSeer order of the reused residual's forecast (0: reuse it as it is)",
-    bounds=Range(0, 2),
-)
-
-
-@dataclass(frozen=True)
-class NoCache:
-    """Every step runs the whole transformer."""
-
-
-@dataclass(frozen=True)
-class TeaCache:
-    """Skip a step while the accumulated relative L1 change of the first block's input stays
-    under the threshold."""
-
-    rel_l1_threshold: float = field(
-        default=0.2,
-        metadata=spec(FloatCodec(), "TeaCache threshold", bounds=Range(0.0, 10.0), key="threshold"),
-    )
-    taylorseer_order: int = field(default=0, metadata=TAYLORSEER)
-
-
-@dataclass(frozen=True)
-class DBCache:
-    """Cache-DiT's dual-block cache: the first Fn and last Bn blocks run every step; the middle
-    blocks' residual is reused while the relative change of the first Fn blocks' residual stays
-    under the threshold. A limit of 0 means no limit."""
-
-    fn_compute_blocks: int = field(
-        default=8,
-        metadata=spec(
-            IntCodec(),
-            "DBCache Fn: blocks computed first, every step",
-            bounds=Range(1, 1000),
-            key="fn",
-        ),
-    )
-    bn_compute_blocks: int = field(
-        default=0,
-        metadata=spec(
-            IntCodec(),
-            "DBCache Bn: blocks computed last, every step",
-            bounds=Range(0, 1000),
-            key="bn",
-        ),
-    )
-    max_warmup_steps: int = field(
-        default=8,
-        metadata=spec(
-            IntCodec(), "steps always computed at the start", bounds=Range(0, 1000), key="warmup"
-        ),
-    )
-    max_cached_steps: int = field(
-        default=0,
-        metadata=spec(
-            IntCodec(),
-            "most steps served from the cache (0: no limit)",
-            bounds=Range(0, 1000),
-            key="max_cached",
-            zero_means_unlimited=True,
-        ),
-    )
-    max_continuous_cached_steps: int = field(
-        default=0,
-        metadata=spec(
-            IntCodec(),
-            "most cached steps in a row (0: no limit)",
-            bounds=Range(0, 1000),
-            key="max_continuous",
-            zero_means_unlimited=True,
-        ),
-    )
-    residual_diff_threshold: float = field(
-        default=0.08,
-        metadata=spec(
-            FloatCodec(),
-            "DBCache relative residual change threshold",
-            bounds=Range(0.0, 10.0),
-            key="threshold",
-        ),
-    )
-    taylorseer_order: int = field(default=0, metadata=TAYLORSEER)
-
-
-CachePolicy = NoCache | TeaCache | DBCache
-# Each policy is one member of the `CacheConfig.policy` oneof, named as the proto names it.
-CACHE_POLICIES: dict[str, type] = {"none": NoCache, "tea_cache": TeaCache, "db_cache": DBCache}
+# Step-cache policies live in the `step_cache` package, one module each, registered by the name
+# their `CacheConfig.policy` oneof member has; the codec reads the registry at each use.
+CachePolicy = PolicyConfig
+CACHE_POLICIES = POLICIES
 CACHE_SPEC = CachePolicyCodec(CACHE_POLICIES)  # parses `--cache` specs such as "dbcache:fn=4"
 
 
@@ -296,18 +193,12 @@ def walk(params: Any, prefix: str = ""):
 def cache_policy_name(policy: CachePolicy | None) -> str:
     """The policy's name as a `--cache` spec starts (`none`, `teacache`, `dbcache`), with
     `+taylorseer` when it forecasts."""
-    if policy is None:
-        return "none"
-    name = CACHE_SPEC.names[type(policy)].replace("_", "")
-    return name + ("+taylorseer" if getattr(policy, "taylorseer_order", 0) else "")
+    return CACHE_SPEC.display_name(policy)
 
 
-def check_cache_fits(policy: CachePolicy, num_layers: int) -> None:
-    """A DBCache's Fn + Bn must leave at least one of the model's `num_layers` blocks to cache."""
-    if isinstance(policy, DBCache):
-        used = policy.fn_compute_blocks + policy.bn_compute_blocks
-        if used >= num_layers:
-            raise InvalidParams(
-                f"cache.fn_compute_blocks + cache.bn_compute_blocks = {used} leaves none of the "
-                f"model's {num_layers} blocks to cache; the sum must be below {num_layers}"
-            )
+def check_cache_fits(policy: CachePolicy | None, num_layers: int) -> None:
+    """InvalidParams unless `policy` leaves at least one of the model's `num_layers` blocks to
+    cache (a DBCache's Fn + Bn must be below it). None (unset) passes: the diffusion service
+    checks the default it fills in."""
+    if policy is not None:
+        policy.check_fits(num_layers)

@@ -21,6 +21,7 @@ PACKAGES = (
     "bagel",
     "protos",
     "serving",
+    "step_cache",
     "transport",
     "diffusion_service",
     "prefill_service",
@@ -32,6 +33,7 @@ SERVICES = {"diffusion_service", "prefill_service"}
 FORBIDDEN = {
     "bagel": {
         "serving",
+        "step_cache",
         "transport",
         "diffusion_service",
         "prefill_service",
@@ -39,10 +41,20 @@ FORBIDDEN = {
         "protos",
         "gateway",
     },
-    "transport": {"bagel", "serving", *SERVICES, "client", "gateway"},
+    "transport": {"bagel", "serving", "step_cache", *SERVICES, "client", "gateway"},
+    "step_cache": {"transport", "protos", *SERVICES, "client", "gateway"},
     "serving": {"torch", "bagel", "transport", *SERVICES, "client", "gateway"},
     "client": {"torch", "bagel", "transport", *SERVICES, "gateway"},
-    "protos": {"torch", "bagel", "serving", "transport", *SERVICES, "client", "gateway"},
+    "protos": {
+        "torch",
+        "bagel",
+        "serving",
+        "step_cache",
+        "transport",
+        *SERVICES,
+        "client",
+        "gateway",
+    },
     "diffusion_service": {"prefill_service", "client", "gateway"},
     "prefill_service": {"diffusion_service", "client", "gateway"},
     "gateway": {"torch", "bagel", "transport", *SERVICES},
@@ -156,6 +168,26 @@ def test_each_package_imports_only_what_its_layer_allows(package):
     assert offending == []
 
 
+# The step-cache modules the request schema loads: plain Python, no torch, no model. Only the
+# runtime (`store`, `collective`) touches tensors.
+STEP_CACHE_RUNTIME = {"step_cache.store", "step_cache.collective"}
+
+
+def test_the_step_cache_schema_side_imports_no_torch_and_only_the_schema_toolkit():
+    offending = sorted(
+        f"{module} imports {name}"
+        for module, path in MODULES.items()
+        if module.split(".")[0] == "step_cache" and module not in STEP_CACHE_RUNTIME
+        for name in imported_names(module, path)
+        if name.split(".")[0] in ("torch", "bagel")
+        or (
+            name.split(".")[0] == "serving"
+            and name not in ("serving", "serving.codecs", "serving.errors")
+        )
+    )
+    assert offending == []
+
+
 def _in_fresh_interpreter(code: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", code],
@@ -172,6 +204,17 @@ def test_importing_transport_loads_no_bagel_module():
         "import sys, transport; "
         "bad = [m for m in sys.modules if m.split('.')[0] == 'bagel']; "
         "assert not bad, bad"
+    )
+    assert run.returncode == 0, run.stderr
+
+
+@pytest.mark.parametrize("first", ["step_cache", "serving", "step_cache.policies.dbcache"])
+def test_the_step_cache_policies_and_the_schema_load_in_either_order_without_torch(first):
+    run = _in_fresh_interpreter(
+        f"import sys, {first}, serving.params, step_cache; "
+        "assert list(step_cache.POLICIES) == ['none', 'tea_cache', 'db_cache'], step_cache.POLICIES; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'bagel')]; "
+        "assert not bad, sorted(bad)[:5]"
     )
     assert run.returncode == 0, run.stderr
 

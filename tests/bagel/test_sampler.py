@@ -317,10 +317,12 @@ class RecordingStepCache:
 
     def __init__(self) -> None:
         self.begun: list[tuple[int, int]] = []
+        self.branches: list[tuple[Branch, ...]] = []
         self.step_was_cached = False
 
-    def begin_step(self, step: int, total: int) -> None:
+    def begin_step(self, step: int, total: int, branches) -> None:
         self.begun.append((step, total))
+        self.branches.append(tuple(branches))
         self.step_was_cached = step % 2 == 1
 
 
@@ -335,6 +337,8 @@ def test_denoise_begins_each_step_on_the_given_cache_and_reports_what_it_served(
     )
     assert cache.begun == [(0, 4), (1, 4), (2, 4), (3, 4)]
     assert seen == [False, True, False, True]
+    # cfg_text_scale 1.0 turns CFG off: each step tells the cache it runs the cond branch only.
+    assert cache.branches == [(Branch.COND,)] * 4
 
 
 def test_denoise_runs_no_image_branch_unless_told_the_context_differs():

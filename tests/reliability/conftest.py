@@ -46,6 +46,8 @@ class Tally:
     security_tried: list[str] = field(default_factory=list)
     security_held: list[str] = field(default_factory=list)
     load: LoadFigures | None = None
+    cache_layouts_tried: list[str] = field(default_factory=list)
+    cache_layouts_agreed: list[str] = field(default_factory=list)
 
     @contextmanager
     def hostile_input(self) -> Iterator[None]:
@@ -60,6 +62,12 @@ class Tally:
         self.faults_survived.append(name)
 
     @contextmanager
+    def cache_layout(self, name: str) -> Iterator[None]:
+        self.cache_layouts_tried.append(name)
+        yield
+        self.cache_layouts_agreed.append(name)
+
+    @contextmanager
     def security(self, name: str) -> Iterator[None]:
         self.security_tried.append(name)
         yield
@@ -67,6 +75,12 @@ class Tally:
 
     def lines(self) -> list[str]:
         lines = []
+        if self.cache_layouts_tried:
+            lines.append(
+                f"reliability: step-cache decisions {len(self.cache_layouts_agreed)} of "
+                f"{len(self.cache_layouts_tried)} layouts as one process "
+                f"({', '.join(self.cache_layouts_tried)})"
+            )
         if self.hostile_tried:
             lines.append(
                 f"reliability: hostile inputs {self.hostile_tried} tried, {self.hostile_passed} "

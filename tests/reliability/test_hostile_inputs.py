@@ -35,7 +35,7 @@ from protos import (
 )
 from protos.options import MAX_MESSAGE_BYTES, channel_options
 from serving.codecs import FloatCodec, IntCodec
-from serving.params import CACHE_SPEC, DBCache, GenerationParams, TeaCache, walk
+from serving.params import CACHE_SPEC, GenerationParams, walk
 from tests.reliability.conftest import (
     PROMPT,
     SMALL,
@@ -157,7 +157,7 @@ def out_of_range(path: str, meta: dict) -> Iterator[tuple[str, float]]:
 def bounded_fields() -> Iterator[tuple[str | None, str, dict]]:
     """(cache policy member or None, dotted path, metadata) of every field with bounds."""
     seen = set()
-    for policy in (None, TeaCache(), DBCache()):
+    for policy in (None, *(cls() for cls in CACHE_SPEC.policies.values())):
         member = None if policy is None else CACHE_SPEC.names[type(policy)]
         for path, _, meta in walk(GenerationParams(cache=policy)):
             if meta["bounds"] is not None and (member, path) not in seen:

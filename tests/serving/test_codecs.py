@@ -49,6 +49,8 @@ def test_spec_defaults_are_no_flags_no_bounds_no_key_and_zero_means_zero():
         "bounds": None,
         "key": None,
         "zero_means_unlimited": False,
+        "modifier": None,
+        "when_named": None,
     }
 
 

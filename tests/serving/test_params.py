@@ -105,9 +105,11 @@ def test_schema_and_proto_list_the_same_fields_policies_included():
     ]
     assert list(CACHE_POLICIES) == list(POLICY_MESSAGES)
     for name, cls in CACHE_POLICIES.items():
-        assert [f.name for f in dataclasses.fields(cls)] == [
+        # Fields travel by name, so a policy's dataclass may list them in any order.
+        assert {f.name for f in dataclasses.fields(cls)} == {
             f.name for f in POLICY_MESSAGES[name].fields
-        ], name
+        }, name
+        assert cls.wire_number == params_pb2.CacheConfig.DESCRIPTOR.fields_by_name[name].number
 
 
 def test_every_field_has_a_client_keyword_and_a_cli_flag():
@@ -118,18 +120,28 @@ def test_every_field_has_a_client_keyword_and_a_cli_flag():
     assert set(names) <= PARAM_NAMES
 
 
-@pytest.mark.parametrize("cls", [TeaCache, DBCache], ids=lambda cls: cls.__name__)
+@pytest.mark.parametrize(
+    "cls",
+    [cls for cls in CACHE_POLICIES.values() if dataclasses.fields(cls)],
+    ids=lambda cls: cls.__name__,
+)
 def test_every_cache_policy_field_can_be_set_from_a_cache_spec(cls):
-    """The CLI's `--cache` spec reaches every field of every policy, by its short key."""
+    """The CLI's `--cache` spec reaches every field of every policy, by its short key, and the
+    fields of a `+MODIFIER` (TaylorSeer) by that modifier's keys."""
     [cache_field] = [f for f in dataclasses.fields(GenerationParams) if f.name == "cache"]
     name = next(n for n, c in CACHE_POLICIES.items() if c is cls)
-    expected, options = {}, []
+    expected, options, modifiers = {}, [], {}
     for f in dataclasses.fields(cls):
-        expected[f.name] = 2 if f.name == "taylorseer_order" else 3 if f.type == "int" else 0.5
-        if f.name != "taylorseer_order":
-            options.append(f"{f.metadata['key'] or f.name}={expected[f.name]}")
+        expected[f.name] = 2 if f.metadata["modifier"] else 3 if f.type == "int" else 0.5
+        pair = f"{f.metadata['key'] or f.name}={expected[f.name]}"
+        if f.metadata["modifier"]:
+            modifiers.setdefault(f.metadata["modifier"], []).append(pair)
+        else:
+            options.append(pair)
     assert fields_left_at_default(cls(**expected)) == []
-    text = f"{name}:{','.join(options)}+taylorseer:order=2"
+    text = f"{name}:{','.join(options)}" + "".join(
+        f"+{m}:{','.join(pairs)}" for m, pairs in modifiers.items()
+    )
     assert cache_field.metadata["codec"].parse(text) == cls(**expected)
 
 
@@ -190,7 +202,7 @@ def test_a_new_field_is_one_dataclass_line_and_one_proto_field():
 def ranged_fields():
     """(dotted name, params with that field set to a value) builders for every bounded field,
     the nested policy fields included."""
-    for policy in (None, TeaCache(), DBCache()):
+    for policy in (None, *(cls() for cls in CACHE_POLICIES.values())):
         holder = GenerationParams if policy is None else type(policy)
         for f in dataclasses.fields(holder):
             bounds = f.metadata["bounds"]
@@ -283,6 +295,7 @@ def test_db_cache_must_leave_exactly_one_block_or_more_to_cache():
             check_cache_fits(DBCache(fn_compute_blocks=fn, bn_compute_blocks=bn), num_layers=4)
     check_cache_fits(TeaCache(), num_layers=1)
     check_cache_fits(NoCache(), num_layers=1)
+    check_cache_fits(None, num_layers=1)  # unset: the service's default
 
 
 def test_unset_seed_becomes_a_random_one_and_zero_stays_zero():

@@ -1,5 +1,6 @@
-"""Step-cache policies: threshold 0 changes nothing, a positive threshold reuses steps, and every
-rank of every topology takes the same decisions and ends with the single-process latents."""
+"""The step-cache runtime with the tiny model: threshold 0 changes nothing, a positive threshold
+reuses steps and stays close, and ranks whose own statistics disagree still decide together.
+Every layout's decisions against one process: `tests/reliability/test_cache_decisions.py`."""
 
 from __future__ import annotations
 
@@ -10,11 +11,9 @@ import torch
 
 from bagel.kv import Branch
 from bagel.pipeline import Pipeline
-from diffusion_service.job import JobSpec
-from diffusion_service.runner import run_job
-from diffusion_service.step_cache import DBCacheStepCache, make_step_cache, world_sum
 from serving.params import DBCache, GenerationParams, NoCache, TeaCache
-from tests.diffusion_service.test_runner import _contexts, _runtime
+from step_cache.collective import CollectiveStepCache, make_step_cache, world_sum
+from tests.diffusion_service.test_runner import _contexts
 from tests.helpers.ranks import run_ranks
 
 # 15 latent tokens (padded shards), 12 Euler steps, CFG on every step.
@@ -51,19 +50,6 @@ def _single_process(model_dir: Path, policy, with_img: bool = False):
     return latents, cached
 
 
-def _cached_rank(rank, world, model_dir, cfg, ring, ulysses, policy, with_img):
-    runtime, pipeline = _runtime(model_dir, cfg, ring, ulysses)
-    cached: list[int] = []
-    latents = run_job(
-        runtime,
-        JobSpec(1, _params(policy)),
-        _contexts(pipeline, with_img),
-        on_progress=lambda done, total, hit: cached.append(done - 1) if hit else None,
-    )
-    out = {"cached": torch.tensor(cached, dtype=torch.int64)}
-    return {**out, "latents": latents} if latents is not None else out
-
-
 @pytest.mark.parametrize("name", sorted(ZERO))
 def test_threshold_zero_is_bit_identical_to_no_cache(tiny_model_dir, name):
     uncached, _ = _single_process(tiny_model_dir, NoCache())
@@ -83,35 +69,9 @@ def test_a_positive_threshold_reuses_steps_and_stays_close(tiny_model_dir, name)
     assert 0 < err < 0.5
 
 
-@pytest.mark.parametrize(
-    ("cfg", "ring", "ulysses", "with_img"),
-    [(1, 1, 2, False), (1, 2, 1, False), (2, 1, 2, False), (3, 1, 1, False), (2, 1, 1, True)],
-)
-@pytest.mark.parametrize("name", ["teacache", "dbcache+taylorseer"])
-def test_every_topology_takes_the_single_process_decisions(
-    tiny_model_dir, name, cfg, ring, ulysses, with_img
-):
-    expected, expected_cached = _single_process(tiny_model_dir, POLICIES[name], with_img)
-    world = cfg * ring * ulysses
-    results = run_ranks(
-        world,
-        _cached_rank,
-        str(tiny_model_dir),
-        cfg,
-        ring,
-        ulysses,
-        POLICIES[name],
-        with_img,
-    )
-    for r in results:
-        assert r["cached"].tolist() == expected_cached, "ranks decided differently"
-    got = results[0]["latents"]
-    assert ((got - expected).abs().max() / expected.abs().max()).item() < 1e-5
-
-
 def _perturbed_rank(rank, world):
     """Rank 1's Fn residual changes a lot, rank 0's not at all: alone, rank 0 would reuse."""
-    cache = DBCacheStepCache(
+    cache = CollectiveStepCache(
         DBCache(fn_compute_blocks=1, max_warmup_steps=0, residual_diff_threshold=0.1),
         valid_rows=4,
         reduce=world_sum(),
@@ -119,7 +79,7 @@ def _perturbed_rank(rank, world):
     decisions = []
     front_in = (torch.zeros(1, 2, 8), torch.zeros(1, 4, 8))
     for step in range(4):
-        cache.begin_step(step, 4)
+        cache.begin_step(step, 4, (Branch.COND,))
         scale = 1.0 if rank == 0 or step < 2 else 5.0 * step
         front_out = (torch.zeros(1, 2, 8), torch.full((1, 4, 8), scale))
         reuse = cache.reuse_middle((Branch.COND,), front_in, front_out)
