@@ -1,0 +1,23 @@
+"""Whether this torch and host can run the model where asked: a one-line fault, or None."""
+
+from __future__ import annotations
+
+import torch
+
+
+def device_fault(device: str, gpus_needed: int = 1, flag: str = "--device") -> str | None:
+    """Why `device` ("cpu" or "cuda") cannot give `gpus_needed` GPUs here, or None if it can."""
+    if device != "cuda":
+        return None
+    if torch.version.cuda is None:
+        return (
+            f"{flag} cuda: this torch ({torch.__version__}) is a CPU-only build; install a CUDA "
+            f"build (README, 'Set-up') or use {flag} cpu"
+        )
+    visible = torch.cuda.device_count()
+    if visible < gpus_needed:
+        return (
+            f"{flag} cuda: {gpus_needed} GPU(s) needed (one per rank), {visible} visible "
+            "(check CUDA_VISIBLE_DEVICES and the driver)"
+        )
+    return None
