@@ -2,7 +2,9 @@
 (`serving.params.GenerationParams`): every field of the schema is a keyword argument of the same
 name, plus `steps` (alias of `num_timesteps`) and `request_id`; an edit adds its input images.
 
-Only what a caller passes is set, so every unset field keeps the server's default.
+Only what a caller passes is set, so every unset field keeps the server's default. A seed of -1
+(what ComfyUI and A1111 users write for "random") is left unset too: the server picks one, and
+the result says which.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from serving.params import GenerationParams
 
 _FIELDS = {f.name: f for f in dataclasses.fields(GenerationParams)}
 ALIASES = {"steps": "num_timesteps"}
+SERVER_PICKS_SEED = -1
 PARAM_NAMES = frozenset((*_FIELDS, *ALIASES, "request_id"))
 
 
@@ -46,7 +49,7 @@ def build_request(
         request.request_id = request_id
     for name, f in _FIELDS.items():
         value = params.get(name)
-        if value is None:
+        if value is None or (name == "seed" and value == SERVER_PICKS_SEED):
             continue
         codec = f.metadata["codec"]
         codec.to_proto(request.params, name, codec.from_user(name, value))
