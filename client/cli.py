@@ -15,7 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from client.client import BagelClient, GenerationResult, IncompleteGeneration
-from client.errors import BagelError, Unimplemented
+from client.errors import BagelError, DeadlineExceeded, Unavailable, Unimplemented
 from client.output import (
     DEFAULT_QUALITY,
     OutputPathError,
@@ -31,6 +31,7 @@ from serving.params import MAX_SEED, GenerationParams
 from serving.security import SecurityError, read_token_file
 
 DEFAULT_SERVER = "127.0.0.1:50051"
+HEALTH_POLL_S = 0.2
 PARAM_FIELDS = {f.name: f for f in dataclasses.fields(GenerationParams)}
 
 
@@ -61,6 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_image_request_args(edit)
 
     health = commands.add_parser("health", help="print the server's health; exit 0 iff SERVING")
+    health.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="ask again until SERVING or SECONDS have passed, e.g. while the services start "
+        "(default: %(default)s, ask once)",
+    )
     _add_connection_args(health)
     return parser
 
@@ -407,9 +416,22 @@ def model_info_or_none(client: BagelClient) -> ModelInfo | None:
 
 
 def run_health(args: argparse.Namespace) -> int:
+    if args.wait < 0:
+        _error(f"--wait {args.wait}: must be at least 0")
+        return 2
+    deadline = time.monotonic() + args.wait
     try:
         with connect(args) as client:
-            status = client.health()
+            while True:
+                try:
+                    status = client.health()
+                except (Unavailable, DeadlineExceeded):  # not listening yet, or busy starting
+                    if time.monotonic() >= deadline:
+                        raise
+                    status = None
+                if status == "SERVING" or time.monotonic() >= deadline:
+                    break
+                time.sleep(HEALTH_POLL_S)
     except BagelError as e:
         _error(str(e))
         return 1

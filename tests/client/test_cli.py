@@ -7,6 +7,8 @@ import io
 import json
 import os
 import re
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -353,3 +355,26 @@ def test_an_input_that_cannot_be_read_is_exit_2_naming_the_file(fake, tmp_path, 
     assert code == 2
     assert f"cannot read {missing}" in capsys.readouterr().err
     assert fake.servicer.requests == []
+
+
+def test_health_wait_asks_until_serving(fake, capsys):
+    fake.set_health("NOT_SERVING")
+    timer = threading.Timer(0.6, fake.set_health, ("SERVING",))
+    timer.start()
+    started = time.monotonic()
+    assert main(["health", "--server", fake.address, "--wait", "20"]) == 0
+    assert 0.5 <= time.monotonic() - started < 10
+    assert capsys.readouterr().out == "SERVING\n"
+
+
+def test_health_wait_gives_up_after_its_seconds(fake, capsys):
+    fake.set_health("NOT_SERVING")
+    started = time.monotonic()
+    assert main(["health", "--server", fake.address, "--wait", "0.5"]) == 1
+    assert 0.5 <= time.monotonic() - started < 5
+    assert capsys.readouterr().out == "NOT_SERVING\n"
+
+
+def test_health_wait_outlasts_a_server_that_is_not_up_yet(capsys):
+    assert main(["health", "--server", "127.0.0.1:1", "--wait", "0.5"]) == 1
+    assert capsys.readouterr().err.startswith("error: UNAVAILABLE: ")
