@@ -67,3 +67,43 @@ def test_the_check_finds_each_kind_of_diary_phrase(text: str):
 )
 def test_ordinary_words_pass(text: str):
     assert diary_words(text) == []
+
+
+REAL_MODEL = ROOT / "docs" / "real_model.md"
+
+
+def test_the_real_model_page_names_the_model_and_how_to_download_it():
+    text = REAL_MODEL.read_text()
+    assert "ByteDance-Seed/BAGEL-7B-MoT" in text
+    assert re.search(r"^\.venv/bin/hf download ByteDance-Seed/BAGEL-7B-MoT ", text, re.M)
+    assert "python -m bagel.check_checkpoint models/BAGEL-7B-MoT" in text
+
+
+def test_the_real_model_page_lists_the_files_the_checker_requires():
+    from bagel.check_checkpoint import LLM_CONFIG_FILE, TOKENIZER_FILES
+    from bagel.checkpoint import EMA_FILE
+    from bagel.config import AE_FILE
+    from bagel.model_info import MODEL_INFO_FILE
+    from bagel.vit import VIT_CONFIG_FILE
+
+    single, pair = TOKENIZER_FILES
+    files = [LLM_CONFIG_FILE, VIT_CONFIG_FILE, EMA_FILE, AE_FILE, single, *pair, MODEL_INFO_FILE]
+    table = REAL_MODEL.read_text().split("## The files we read", 1)[1].split("##", 1)[0]
+    for name in files:
+        assert f"`{name}`" in table, name
+
+
+def test_the_real_model_memory_figures_are_the_benchmarks():
+    """Each reserved / allocated pair and each time in the memory table is one that
+    docs/benchmarks.md reports (the one source of the figures)."""
+    benchmarks = (ROOT / "docs" / "benchmarks.md").read_text()
+    section = REAL_MODEL.read_text().split("## Memory per GPU", 1)[1].split("\n- ", 1)[0]
+    table = "\n".join(line for line in section.splitlines() if line.startswith("| "))
+    pairs = re.findall(r"\d+\.\d / \d+\.\d", table)
+    assert len(pairs) == 6
+    for pair in pairs:
+        assert pair in benchmarks, pair
+    totals = re.findall(r"\| (\d{4}) \|$", table, re.M)
+    assert len(totals) == 4
+    for ms in totals:
+        assert ms in benchmarks, ms
