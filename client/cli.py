@@ -32,7 +32,6 @@ from serving.security import SecurityError, read_token_file
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 HEALTH_POLL_S = 0.2
-PARAM_FIELDS = {f.name: f for f in dataclasses.fields(GenerationParams)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,6 +152,11 @@ def connect(args: argparse.Namespace) -> BagelClient:
     )
 
 
+def param_fields() -> dict[str, dataclasses.Field]:
+    """The request schema's fields by name (read at each call: a test may extend the schema)."""
+    return {f.name: f for f in dataclasses.fields(GenerationParams)}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -182,14 +186,14 @@ def param_flag(name: str, args: argparse.Namespace | None = None) -> str:
     the height and width)."""
     if name in ("height", "width") and args is not None and args.size is not None:
         return "--size"
-    extra = PARAM_FIELDS[name].metadata["flags"]
+    extra = param_fields()[name].metadata["flags"]
     return extra[0] if extra else flag(name)
 
 
 def check_param_flags(args: argparse.Namespace) -> None:
     """ValueError naming the flag of the first value the request schema refuses, before any
     call (the model's own size limits are checked once its GetModelInfo is known)."""
-    for name, f in PARAM_FIELDS.items():
+    for name, f in param_fields().items():
         meta = f.metadata
         value = meta["codec"].from_cli(args, name)
         if value is None or (name == "seed" and value == SERVER_PICKS_SEED):
@@ -229,7 +233,7 @@ def add_param_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per request-schema field (`--cfg-text-scale`, ...), with its extra spellings
     (`--steps`, `--cfg-text`, ...); every flag defaults to unset, i.e. the server's default,
     which its help states."""
-    for name, f in PARAM_FIELDS.items():
+    for name, f in param_fields().items():
         text = f.metadata["help"]
         if "unset:" not in text:  # else the help says already what unset means
             text = f"{text} (default: {default_text(name)})"
@@ -241,7 +245,7 @@ def default_text(name: str) -> str:
     """What an unset schema field becomes, as `--help` says it (argparse escapes: no %)."""
     if name in ("height", "width"):
         return "the model's native size; edit: the input's"
-    value = PARAM_FIELDS[name].default
+    value = param_fields()[name].default
     if name in EDIT_DEFAULTS:
         edit = EDIT_DEFAULTS[name]
         return f"{_shown(value)}; edit: {_shown(edit)}"
@@ -256,7 +260,7 @@ def _shown(value: Any) -> str:
 
 def generation_params(args: argparse.Namespace) -> dict[str, Any]:
     """The `BagelClient.generate` keyword arguments the command line asks for (unset: None)."""
-    values = {name: f.metadata["codec"].from_cli(args, name) for name, f in PARAM_FIELDS.items()}
+    values = {name: f.metadata["codec"].from_cli(args, name) for name, f in param_fields().items()}
     values["request_id"] = args.request_id
     return values
 
