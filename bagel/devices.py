@@ -1,8 +1,13 @@
-"""Whether this torch and host can run the model where asked: a one-line fault, or None."""
+"""Where the model runs: its dtype per device (fp32 on the CPU, the reference precision; bf16 on
+CUDA), and whether this torch and host can run it where asked (a one-line fault, or None)."""
 
 from __future__ import annotations
 
 import torch
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
 def device_fault(device: str, gpus_needed: int = 1, flag: str = "--device") -> str | None:

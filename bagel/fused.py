@@ -13,10 +13,10 @@ Used only for CUDA half-precision tensors when Triton imports; the environment v
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
+
+from bagel import envs
 
 try:
     import triton
@@ -28,7 +28,7 @@ _HALF = (torch.bfloat16, torch.float16)
 
 
 def enabled() -> bool:
-    return triton is not None and os.environ.get("BAGEL_FUSED_KERNELS", "1") != "0"
+    return triton is not None and envs.switch_on(envs.FUSED_KERNELS)
 
 
 def applies(x: Tensor) -> bool:

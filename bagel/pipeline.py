@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from bagel.autoencoder import AutoEncoder, to_rgb
+from bagel.autoencoder import AutoEncoder
 from bagel.checkpoint import load_autoencoder, load_bagel, load_vit
 from bagel.config import BagelConfig
 from bagel.contexts import (
@@ -23,63 +23,25 @@ from bagel.contexts import (
     edit_segments,
     prepare_edit_image,
 )
+from bagel.devices import default_dtype
 from bagel.fp8 import LinearPrecision
 from bagel.generation import BlockVelocity, ForwardGraphs, latent_position_ids
 from bagel.kv import Branch, ContextKV
-from bagel.latents import unpatchify
 from bagel.model import Bagel
 from bagel.params import ImageParams
+from bagel.pixels import decode_image
+from bagel.preview import LatentRGB, fit_latent_rgb
 from bagel.prompts import cfg_prompts
-from bagel.sampler import StepCallback, denoise, initial_noise
+from bagel.sampler import EstimateCallback, StepCallback, denoise, initial_noise
 from bagel.step_cache import StepCache
 from bagel.tokenizer import PromptTokenizer, load_tokenizer
 from bagel.vit import ViTConfig
-
-
-def default_dtype(device: str | torch.device) -> torch.dtype:
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
 @dataclass
 class Generated:
     image: Image.Image
     latents: Tensor  # final latent tokens [h*w, patch_dim], fp32
-
-
-@torch.no_grad()
-def decode_pixels(
-    autoencoder: AutoEncoder,
-    config: BagelConfig,
-    latents: Tensor,
-    height: int,
-    width: int,
-    graphs: ForwardGraphs | None = None,
-) -> np.ndarray:
-    """Final latent tokens `[h*w, patch_dim]` -> the `height x width` image as uint8 RGB pixels
-    `[height, width, 3]`, through the VAE decoder. With `graphs`, on a GPU, the decoder runs as
-    a capture in the forwards' memory pool (`ForwardGraphs.run_fixed`): at 1024² its activations
-    then reuse the memory the forwards' activations hold, rather than sitting beside it."""
-    rows, cols = config.latent_grid(height, width)
-    z = unpatchify(latents, rows, cols, config.latent_patch_size)
-    weight = next(autoencoder.parameters())
-    z = z[None].to(weight.device, weight.dtype)
-    if graphs is not None and z.is_cuda:
-        pixels = graphs.run_fixed(("vae decode", id(autoencoder)), autoencoder.decode, (z,))
-    else:
-        pixels = autoencoder.decode(z)
-    return to_rgb(pixels.float())
-
-
-def decode_image(
-    autoencoder: AutoEncoder,
-    config: BagelConfig,
-    latents: Tensor,
-    height: int,
-    width: int,
-    graphs: ForwardGraphs | None = None,
-) -> Image.Image:
-    """`decode_pixels` as an RGB PIL image."""
-    return Image.fromarray(decode_pixels(autoencoder, config, latents, height, width, graphs))
 
 
 class Pipeline:
@@ -150,8 +112,11 @@ class Pipeline:
         batch_branches: bool = True,
         on_step: StepCallback | None = None,
         step_cache: StepCache | None = None,
+        on_estimate: EstimateCallback | None = None,
+        estimate_steps: frozenset[int] = frozenset(),
     ) -> Tensor:
-        """Callers validate `params` first (`serving.params.GenerationParams.validate`)."""
+        """Callers validate `params` first (`serving.params.GenerationParams.validate`).
+        `on_estimate` sees the clean-image estimate after each step in `estimate_steps`."""
         rows, cols = self.config.latent_grid(params.height, params.width)
         velocity = BlockVelocity(
             self.model,
@@ -170,7 +135,19 @@ class Pipeline:
             has_img_context=Branch.UNCOND_IMG in contexts,
             on_step=on_step,
             step_cache=step_cache,
+            on_estimate=on_estimate,
+            estimate_steps=estimate_steps,
         )
+
+    @cached_property
+    def latent_rgb(self) -> LatentRGB:
+        """The previews' latent -> RGB map (`bagel.preview`), fitted on first use."""
+        return fit_latent_rgb(self.autoencoder)
+
+    def preview(self, latents: Tensor, height: int, width: int) -> np.ndarray:
+        """A preview of latent tokens `[h*w, patch_dim]`: uint8 RGB at 1/8 of the image's side."""
+        rows, cols = self.config.latent_grid(height, width)
+        return self.latent_rgb.pixels(latents, rows, cols, self.config.latent_patch_size)
 
     def decode(self, latents: Tensor, height: int, width: int) -> Image.Image:
         return decode_image(self.autoencoder, self.config, latents, height, width, self.graphs)

@@ -104,6 +104,15 @@ def initial_noise(params: SamplingParams, num_tokens: int, patch_dim: int) -> Te
 
 # (steps done, total steps, whether the step was served by the step cache); may raise to cancel.
 StepCallback = Callable[[int, int, bool], None]
+# (steps done, the clean-image estimate `x_t - t v` of that step, shaped like x).
+EstimateCallback = Callable[[int, Tensor], None]
+
+
+def preview_steps(total_steps: int, count: int) -> list[int]:
+    """The 1-based steps after which `count` previews are taken, evenly spaced and before the last
+    step (which gives the image itself): 49 steps, 3 previews -> [12, 24, 36]. With fewer steps
+    than previews a step repeats, so there are always exactly `count`."""
+    return [max(1, round(total_steps * (i + 1) / (count + 1))) for i in range(count)]
 
 
 def denoise(
@@ -114,11 +123,16 @@ def denoise(
     reduce_sum: ReduceSum = lambda x: x,
     on_step: StepCallback | None = None,
     step_cache: StepCache | None = None,
+    on_estimate: EstimateCallback | None = None,
+    estimate_steps: frozenset[int] = frozenset(),
 ) -> Tensor:
     """Euler integration from noise (t=1) to data (t=0): `x <- x - v * dt`. `x` is fp32 and may
     be a shard of the latent tokens; the velocity model must return zeros on padding rows so that
     they add nothing to the global renorm. `step_cache` is the policy the velocity model asks; the
-    loop tells it when each step begins and reports whether the step was served from it."""
+    loop tells it when each step begins and reports whether the step was served from it. After
+    each step in `estimate_steps` (1-based), `on_estimate` gets that step's clean-image estimate
+    `x0 = x_t - t v` (exact for the flow `x_t = (1 - t) x0 + t noise`, `v = noise - x0`); it is
+    called before `on_step`."""
     cache = step_cache if step_cache is not None else NoStepCache()
     timesteps, dts = schedule(params.num_timesteps, params.timestep_shift)
     total = len(timesteps)
@@ -132,6 +146,8 @@ def denoise(
         combined = combine_guidance(
             v_cond, v_text, v_img, plan, params.cfg_renorm_type, params.cfg_renorm_min, reduce_sum
         )
+        if on_estimate is not None and step + 1 in estimate_steps:
+            on_estimate(step + 1, x - combined.to(x.dtype) * t)
         x = x - combined.to(x.dtype) * dt
         if on_step is not None:
             on_step(step + 1, total, cache.step_was_cached)

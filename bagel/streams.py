@@ -9,17 +9,18 @@ they take turns; on two the marker work fills the gaps. Ordering between the str
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import Tensor
 
+from bagel import envs
+
 
 def wanted(x: Tensor) -> bool:
     """Whether a forward over `x` runs its marker work on a second stream: CUDA, not turned off."""
-    return x.is_cuda and os.environ.get("BAGEL_MARKER_STREAM", "1") != "0"
+    return x.is_cuda and envs.switch_on(envs.MARKER_STREAM)
 
 
 @contextmanager

@@ -41,7 +41,7 @@ from bagel.generation import BlockVelocity, ForwardGraphs, latent_position_ids
 from bagel.kv import Branch, ContextKV
 from bagel.layers import RMSNorm
 from bagel.model import Bagel
-from bagel.pipeline import decode_image
+from bagel.pixels import decode_image
 from bagel.sampler import denoise, initial_noise
 from benchmarks._report import emit_json
 from diffusion_service.job import JobSpec

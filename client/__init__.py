@@ -1,11 +1,15 @@
-"""Python client for the BAGEL serving stack: `BagelClient` over the `bagel.v1.Prefill` stub, and
-the `python -m client` command line."""
+"""Python client for the BAGEL serving stack: `BagelClient` over the `bagel.v1.Prefill` stub, its
+asyncio twin `AsyncBagelClient`, and the `python -m client` command line."""
 
-from client.client import BagelClient, EventStream, GenerationResult, IncompleteGeneration
+from client.async_client import AsyncBagelClient, AsyncEventStream
+from client.client import BagelClient, EventStream
+from client.events import GenerationResult, IncompleteGeneration
 from client.request import PARAM_NAMES, build_request
 
 __all__ = [
     "PARAM_NAMES",
+    "AsyncBagelClient",
+    "AsyncEventStream",
     "BagelClient",
     "EventStream",
     "GenerationResult",

@@ -14,8 +14,9 @@ from typing import Any, TextIO
 import numpy as np
 from tqdm import tqdm
 
-from client.client import BagelClient, GenerationResult, IncompleteGeneration
+from client.client import BagelClient
 from client.errors import BagelError, DeadlineExceeded, Unavailable, Unimplemented
+from client.events import GenerationResult, IncompleteGeneration
 from client.output import (
     DEFAULT_QUALITY,
     OutputPathError,

@@ -3,45 +3,21 @@ service. One `generate` call runs the whole generation and returns the decoded i
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
-import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from PIL import Image
 
 from client.errors import Unimplemented, error_from_rpc
+from client.events import GenerationResult, ResultAssembler
 from client.request import ImageInput, build_request, image_bytes
 from protos import GenerateEvent, ModelInfo, ModelInfoRequest, PrefillStub
 from protos.options import channel_options
 from serving.security import open_channel
 
 HEALTH_TIMEOUT_S = 10.0
-
-
-class IncompleteGeneration(RuntimeError):
-    """The server ended the stream successfully but sent no image (nor latents)."""
-
-
-@dataclass
-class GenerationResult:
-    """A finished generation: the decoded image and its PNG, or, for `output_format="latents"`,
-    the raw fp32 latents (then `image` is None and `png` empty)."""
-
-    image: Image.Image | None
-    png: bytes
-    width: int
-    height: int
-    seed: int
-    timings: dict[str, float] = field(default_factory=dict)  # phase name (e.g. "prefill_ms") -> ms
-    request_id: str = ""
-    steps: int = 0  # Euler steps denoised
-    cached_steps: list[int] = field(default_factory=list)  # 0-based steps the step cache served
-    latents: np.ndarray | None = None  # final latent tokens [h*w/256, 64], fp32
 
 
 class EventStream:
@@ -157,44 +133,13 @@ class BagelClient:
             native = self.native_size(timeout=timeout)
             if native:
                 params = {**params, "height": native, "width": native}
-        request_id = str(params.get("request_id") or "")
-        timings: dict[str, float] = {}
-        image = latents = None
-        steps, cached_steps = 0, []
+        assembler = ResultAssembler(str(params.get("request_id") or ""))
         with self.stream(prompt, timeout=timeout, **params) as events:
             for event in events:  # to the end, so a status after the image still raises
                 if on_event is not None:
                     on_event(event)
-                kind = event.WhichOneof("event")
-                request_id = events.request_id
-                if kind == "progress":
-                    steps = event.progress.total_steps
-                    if event.progress.cached:
-                        cached_steps.append(event.progress.step - 1)
-                elif kind == "timings":
-                    timings.update((f.name, value) for f, value in event.timings.ListFields())
-                elif kind == "image":
-                    image = event.image
-                elif kind == "latents":
-                    latents = event.latents
-        common = {
-            "timings": timings,
-            "request_id": request_id,
-            "steps": steps,
-            "cached_steps": cached_steps,
-        }
-        if latents is not None:
-            array = np.frombuffer(latents.data, dtype="<f4").reshape(tuple(latents.shape))
-            height = params.get("height") or 0
-            width = params.get("width") or 0
-            return GenerationResult(
-                None, b"", width, height, latents.seed, latents=array.copy(), **common
-            )
-        if image is None:
-            raise IncompleteGeneration(f"request {request_id or '?'} ended without an image")
-        decoded = Image.open(io.BytesIO(image.png))
-        decoded.load()
-        return GenerationResult(decoded, image.png, image.width, image.height, image.seed, **common)
+                assembler.add(event)
+        return assembler.result(params)
 
     def edit(
         self,

@@ -19,7 +19,8 @@ import torch.distributed as dist
 from bagel.autoencoder import AutoEncoder
 from bagel.config import BagelConfig
 from bagel.generation import ForwardGraphs
-from bagel.pipeline import decode_pixels
+from bagel.pixels import decode_pixels
+from bagel.preview import LatentRGB, fit_latent_rgb
 from diffusion_service.job import Command, JobSpec
 from diffusion_service.memory import peaks_note, publish_peaks
 from diffusion_service.metrics import DiffusionMetrics
@@ -28,7 +29,7 @@ from diffusion_service.runner import JobCancelled, run_job
 from diffusion_service.settings import ServiceSettings
 from diffusion_service.torchrun import exit_for_restart
 from diffusion_service.world import RankWorld
-from protos import GenerateEvent, Image, Latents, Progress, Timings
+from protos import GenerateEvent, Image, Latents, PartialImage, Progress, Timings
 from serving.errors import ServiceError
 from serving.params import cache_policy_name
 from serving.png import encode_png
@@ -104,6 +105,7 @@ class Engine:
         self._lost = False  # the ranks are gone for good (their launcher exited)
         self._lost_message = LOST_MESSAGE
         self._running: JobHandle | None = None
+        self._latent_rgb: LatentRGB | None = None  # the previews' map, fitted on first use
         self._thread = threading.Thread(target=self._main, name="engine", daemon=True)
 
     def start(self) -> None:
@@ -241,12 +243,16 @@ class Engine:
                     GenerateEvent(progress=Progress(step=done, total_steps=total, cached=cached))
                 )
 
+            def preview(index: int, step: int, estimate: torch.Tensor) -> None:
+                handle.emit(self._partial_image(handle.spec, index, step, estimate))
+
             latents = run_job(
                 runtime,
                 handle.spec,
                 model_contexts(shared, runtime.model, runtime.device),
                 keep_going=lambda: handle.keep_going() and not self._stop.is_set(),
                 on_progress=progress,
+                on_preview=preview,
             )
             denoise_done = time.perf_counter()
             result = self._output(handle.spec, latents, runtime.graphs)
@@ -292,6 +298,25 @@ class Engine:
             handle.request_id,
             (decode_done - started) * 1e3,
             peaks_note(runtime.peak_memory, runtime.device),
+        )
+
+    def _partial_image(
+        self, spec: JobSpec, index: int, step: int, estimate: torch.Tensor
+    ) -> GenerateEvent:
+        """A preview event: the clean-image estimate through the fixed latent -> RGB map."""
+        if self._latent_rgb is None:  # fitted on the first request that asks for previews
+            self._latent_rgb = fit_latent_rgb(self.autoencoder)
+        rows, cols = self.config.latent_grid(spec.params.height, spec.params.width)
+        pixels = self._latent_rgb.pixels(estimate, rows, cols, self.config.latent_patch_size)
+        height, width = pixels.shape[:2]
+        return GenerateEvent(
+            partial_image=PartialImage(
+                png=encode_png(pixels, level=PNG_COMPRESS_LEVEL),
+                width=width,
+                height=height,
+                index=index,
+                step=step,
+            )
         )
 
     def _output(

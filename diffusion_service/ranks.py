@@ -13,10 +13,10 @@ import torch.distributed as dist
 
 from bagel.checkpoint import load_bagel
 from bagel.config import BagelConfig
+from bagel.devices import default_dtype
 from bagel.generation import ForwardGraphs
 from bagel.kv import Branch, ContextKV
 from bagel.model import Bagel
-from bagel.pipeline import default_dtype
 from bagel.tokenizer import load_tokenizer
 from diffusion_service.job import Command, receive_message
 from diffusion_service.memory import gather_peaks

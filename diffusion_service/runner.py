@@ -1,6 +1,6 @@
 """One job on one rank: shard the noise, denoise with this rank's velocity model, check rank 0's
-continue flag after every step, and gather the latents (and every rank's peak GPU memory) once at
-the end."""
+continue flag after every step, gather the clean-image estimate at the request's preview steps,
+and gather the latents (and every rank's peak GPU memory) once at the end."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from torch import Tensor
 from bagel.generation import ForwardGraphs
 from bagel.kv import Branch, ContextKV
 from bagel.model import Bagel
-from bagel.sampler import denoise, initial_noise
+from bagel.sampler import denoise, initial_noise, preview_steps, schedule
 from diffusion_service.job import JobSpec
 from diffusion_service.memory import PeakMemory, gather_peaks
 from diffusion_service.parallel.mesh import ParallelMesh
@@ -58,9 +58,12 @@ def run_job(
     contexts: Mapping[Branch, ContextKV],
     keep_going: Callable[[], bool] = lambda: True,
     on_progress: Callable[[int, int, bool], None] = lambda done, total, cached: None,
+    on_preview: Callable[[int, int, Tensor], None] = lambda index, step, latents: None,
 ) -> Tensor | None:
     """Denoise `job` on this rank. Returns the full fp32 latents `[h*w, patch_dim]` on rank 0
-    and None elsewhere; raises JobCancelled on every rank when rank 0 says stop."""
+    and None elsewhere; raises JobCancelled on every rank when rank 0 says stop. For each of the
+    request's `partial_images`, rank 0's `on_preview` gets (preview index, step, the full fp32
+    clean-image estimate `[h*w, patch_dim]` on the CPU); every rank takes part in its gather."""
     config = runtime.model.config
     params = job.params
     grid = config.latent_grid(params.height, params.width)
@@ -80,6 +83,17 @@ def run_job(
         step_cache=step_cache,
     )
 
+    total_steps = len(schedule(params.num_timesteps, params.timestep_shift)[0])
+    previews = preview_steps(total_steps, params.partial_images)
+
+    def on_estimate(step: int, estimate: Tensor) -> None:
+        full = sharding.gather(estimate, runtime.mesh.sp_group, dim=0)
+        if runtime.is_leader:
+            full = full.float().cpu()
+            for index, preview_step in enumerate(previews):
+                if preview_step == step:
+                    on_preview(index, step, full)
+
     def on_step(done: int, total: int, cached: bool) -> None:
         go = step_flag(runtime, keep_going() if runtime.is_leader else True)
         on_progress(done, total, cached)  # every rank knows whether the step was cached
@@ -94,6 +108,8 @@ def run_job(
         reduce_sum=shard_sum(runtime.mesh),
         on_step=on_step,
         step_cache=step_cache,
+        on_estimate=on_estimate,
+        estimate_steps=frozenset(previews),
     )
     full = sharding.gather(x, runtime.mesh.sp_group, dim=0)
     runtime.peak_memory = gather_peaks(runtime.device, runtime.control_group)

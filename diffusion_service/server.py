@@ -14,8 +14,8 @@ import torch
 
 from bagel.checkpoint import load_autoencoder
 from bagel.config import BagelConfig
+from bagel.devices import default_dtype
 from bagel.model_info import read_checkpoint_facts
-from bagel.pipeline import default_dtype
 from diffusion_service.engine import Engine
 from diffusion_service.memory import peaks_note, publish_peaks
 from diffusion_service.metrics import DiffusionMetrics
@@ -24,7 +24,10 @@ from diffusion_service.servicer import DiffusionServicer
 from diffusion_service.settings import ServiceSettings
 from diffusion_service.world import RankWorld
 from protos import DIFFUSION_SERVICE, GenerateEvent, ModelInfo
+from serving.access import RefusalLog
+from serving.credentials import CredentialReloader, ServerCredentialStore
 from serving.model_info import model_info, model_info_handler
+from serving.security import risky_settings
 from serving.server import GrpcServer, serve_until_signal
 from transport.buffers import tune_malloc
 from transport.rpc import diffusion_handler
@@ -41,8 +44,13 @@ class DiffusionServer:
         self.settings = settings
         self.config = config
         secrets = settings.security.load()  # a bad file fails before any process starts
+        for warning in risky_settings(settings.listen, settings.security):
+            log.warning("%s", warning)
         self.world = RankWorld(settings)  # forks the rank launcher
         self.metrics = DiffusionMetrics()
+        # gRPC objects only after the fork
+        credentials = ServerCredentialStore(settings.security, secrets)
+        self.reloader = CredentialReloader([credentials])
         self.engine: Engine | None = None
         facts = read_checkpoint_facts(settings.model_dir, config)
         self.model_info = model_info(
@@ -68,13 +76,14 @@ class DiffusionServer:
             self.metrics,
             settings.metrics_host,
             settings.metrics_port,
-            credentials=secrets.credentials(),  # gRPC objects only after the fork
-            interceptors=secrets.interceptors(),
+            credentials=credentials.server_credentials(),
+            interceptors=credentials.interceptors(RefusalLog(self.metrics.auth_failures)),
         )
         self.loaded: asyncio.Future | None = None
 
     async def start(self) -> int:
         port = await self.grpc.start()
+        self.reloader.start()
         self.loaded = asyncio.ensure_future(self._load())
         return port
 
@@ -125,6 +134,7 @@ class DiffusionServer:
 
     async def stop(self, drain_s: float) -> None:
         """NOT_SERVING at once, finish queued work for up to `drain_s`, then stop the ranks."""
+        self.reloader.stop()
         await self.grpc.set_serving(False)
         if self.engine is not None:
             await asyncio.to_thread(self.engine.stop, drain_s)

@@ -23,8 +23,10 @@ from protos import Accepted, GenerateEvent
 from serving.errors import status_of
 from serving.params import GenerationParams, check_cache_fits
 from serving.requests import check_request_id, loggable
+from transport.admission import UploadBudget
 from transport.assembler import FrameAssembler, KVSpec, check_finite
-from transport.buffers import BufferPool, UploadBudget
+from transport.buffers import BufferPool
+from transport.errors import Fault, TransportError
 from transport.rpc import receive_kv
 
 log = logging.getLogger(__name__)
@@ -57,7 +59,9 @@ class DiffusionServicer:
             release_after_s=IDLE_POOL_RELEASE_S,
             pin_memory=settings.device == "cuda",
         )
-        self.uploads = UploadBudget(settings.max_inflight_kv_bytes)
+        self.uploads = UploadBudget(settings.max_inflight_kv_bytes, stall_s=settings.kv_stall_s)
+        metrics.kv_uploads.set_function(lambda: self.uploads.uploads)
+        metrics.kv_upload_bytes.set_function(lambda: self.uploads.held_bytes)
 
     def checked_params(self, msg) -> GenerationParams:
         """The request's parameters with defaults filled in, or InvalidParams naming the fault."""
@@ -84,7 +88,10 @@ class DiffusionServicer:
                 budget=self.uploads,
             )
             received = await receive_kv(
-                frames, assembler, idle_timeout_s=self.settings.kv_idle_timeout_s
+                frames,
+                assembler,
+                idle_timeout_s=self.settings.kv_idle_timeout_s,
+                first_frame_timeout_s=self.settings.kv_first_frame_timeout_s,
             )
             request_id = check_request_id(received.request_id)
             self.metrics.kv_bytes.inc(received.cache.layout.total_bytes)
@@ -113,6 +120,8 @@ class DiffusionServicer:
             log.info("request %s: ended by the client: %s", request_id, status.name)
             raise
         except Exception as e:  # noqa: BLE001 - mapped to a status in one place
+            if isinstance(e, TransportError) and e.fault is Fault.EVICTED:
+                self.metrics.kv_evictions.inc()
             status, message = status_of(e)
             log.info(
                 "request %s: %s: %s",

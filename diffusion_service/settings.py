@@ -31,6 +31,10 @@ class ServiceSettings:
     max_kv_bytes: int = 2 << 30
     max_inflight_kv_bytes: int = 4 << 30  # held by all uploads in flight together
     kv_idle_timeout_s: float = 30.0  # longest wait for the next frame of an upload
+    kv_first_frame_timeout_s: float = 5.0  # longest wait for an upload's header
+    # An upload silent this long (or slower than transport.admission's minimum rate) gives its
+    # room to one that does not fit; a newcomer waits this long for room.
+    kv_stall_s: float = 1.0
     default_cache: CachePolicy = NoCache()  # for requests that leave the cache policy unset
     metrics_host: str = DEFAULT_METRICS_HOST
     metrics_port: int | None = None
@@ -112,6 +116,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds an upload may go without sending a frame; then DEADLINE_EXCEEDED",
     )
     parser.add_argument(
+        "--kv-first-frame-timeout",
+        type=float,
+        default=default(s, "kv_first_frame_timeout_s"),
+        help="seconds an upload may take to send its header; then DEADLINE_EXCEEDED",
+    )
+    parser.add_argument(
+        "--kv-stall-timeout",
+        type=float,
+        default=default(s, "kv_stall_s"),
+        help="seconds without a frame after which an upload gives its room in "
+        "--max-inflight-kv-bytes to one that needs it (it ends RESOURCE_EXHAUSTED); also how "
+        "long a new upload waits for room",
+    )
+    parser.add_argument(
         "--default-cache",
         type=CACHE_SPEC.parse,
         default=default(s, "default_cache"),
@@ -135,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=default(s, "drain_s"),
         help="seconds to finish work on SIGTERM",
     )
-    add_server_security_arguments(parser)
+    add_server_security_arguments(parser, allowed_clients=True)
     return parser
 
 
@@ -157,6 +175,8 @@ def parse_settings(argv: list[str] | None = None) -> ServiceSettings:
         max_kv_bytes=args.max_kv_bytes,
         max_inflight_kv_bytes=args.max_inflight_kv_bytes,
         kv_idle_timeout_s=args.kv_idle_timeout,
+        kv_first_frame_timeout_s=args.kv_first_frame_timeout,
+        kv_stall_s=args.kv_stall_timeout,
         default_cache=args.default_cache,
         metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,

@@ -30,9 +30,9 @@ from bagel.contexts import (
     prefix_sources,
     prepare_edit_image,
 )
+from bagel.devices import default_dtype
 from bagel.image_transforms import resized_size
 from bagel.kv import Branch
-from bagel.pipeline import default_dtype
 from bagel.prompts import cfg_prompts
 from bagel.tokenizer import load_tokenizer
 from bagel.vit import ViTConfig
@@ -95,6 +95,12 @@ def token_limit(config: BagelConfig, max_prompt_tokens: int) -> int:
     """Tokens a context may have: the configured limit, and below the model's RoPE range (the
     generation block sits at the position after the prompt)."""
     return min(max_prompt_tokens, config.llm.max_position_embeddings - 1)
+
+
+def prompt_tokens(planned: PlannedKV) -> int:
+    """The request's input tokens as usage counts them: the conditional context's, image tokens
+    included (the other contexts are parts of it, or the negative prompt)."""
+    return next(c.num_tokens for c in planned.contexts if c.kind == Branch.COND)
 
 
 def check_token_counts(planned: PlannedKV, limit: int) -> None:

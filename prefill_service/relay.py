@@ -26,7 +26,7 @@ from prefill_service.prefill import PrefillStats
 from protos import DIFFUSION_SERVICE, GenerateEvent, Timings
 from protos.options import channel_options
 from serving.errors import ServiceError
-from serving.security import ClientSecurity
+from serving.security import ClientSecurity, TokenHolder
 from transport import diffusion_generate
 
 # gRPC's own reconnect backoff (1 s initial by default) would waste most of a short deadline.
@@ -36,6 +36,9 @@ RECONNECT_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
+# A channel replaced by `DiffusionLink.reopen` (new TLS files) closes this much later, so that the
+# calls it carries finish on it; closing it earlier would cancel them.
+RETIRED_CHANNEL_CLOSE_S = 600.0
 DEADLINE_MARGIN_S = 0.2  # answer UNAVAILABLE this long before the caller's deadline fires
 HEALTH_POLL_S = 1.0  # how often the background check asks the diffusion service's health
 HEALTH_CHECK_TIMEOUT_S = 0.5
@@ -67,11 +70,14 @@ class DiffusionLink:
         *,
         connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
         security: ClientSecurity | None = None,  # TLS/mTLS and token of the hop; files read here
+        token: TokenHolder | None = None,  # the hop's token, when it may be replaced at run time
     ) -> None:
         self.address = address
         self.connect_timeout_s = connect_timeout_s
-        self.channel = (security or ClientSecurity()).open_channel(
-            address, channel_options() + RECONNECT_OPTIONS
+        self._security = security or ClientSecurity()
+        self._token = token
+        self.channel = self._security.open_channel(
+            address, channel_options() + RECONNECT_OPTIONS, token
         )
         self.serving: bool | None = None
         self._on_change: Callable[[bool], Awaitable[None]] | None = None
@@ -212,6 +218,15 @@ class DiffusionLink:
     def open_call(self, frames: Iterator[bytes], timeout: float | None) -> grpc.Call:
         """Start the call; gRPC consumes `frames` on its own thread. The result iterates events."""
         return diffusion_generate(self.channel)(frames, timeout=timeout)
+
+    def reopen(self) -> None:
+        """A new channel from the TLS files as they are now (call on the event loop); the old one
+        carries its calls in flight to their end and closes `RETIRED_CHANNEL_CLOSE_S` later."""
+        old = self.channel
+        self.channel = self._security.open_channel(
+            self.address, channel_options() + RECONNECT_OPTIONS, self._token
+        )
+        asyncio.get_running_loop().call_later(RETIRED_CHANNEL_CLOSE_S, old.close)
 
     def close(self) -> None:
         if self._poller is not None:

@@ -21,9 +21,11 @@ from prefill_service.routing import DiffusionRouter
 from prefill_service.servicer import PrefillServicer, prefill_handler
 from prefill_service.settings import PrefillSettings
 from protos import PREFILL_SERVICE, DiffusionStub, ModelInfo, ModelInfoRequest
+from serving.access import RefusalLog
+from serving.credentials import ClientCredentialStore, CredentialReloader, ServerCredentialStore
 from serving.errors import ServiceError
 from serving.model_info import model_info, model_info_handler
-from serving.security import SecurityError
+from serving.security import SecurityError, is_loopback, risky_settings
 from serving.server import GrpcServer, serve_until_signal
 
 log = logging.getLogger(__name__)
@@ -39,13 +41,20 @@ class PrefillServer:
         self.settings = settings
         self._load_source = load_source
         self.metrics = PrefillMetrics()
-        secrets = settings.security.load()  # a bad file or an empty token fails here, at start-up
+        # A bad file or an empty token fails here, at start-up; SIGHUP reloads them all.
+        credentials = ServerCredentialStore(settings.security)
+        link_credentials = ClientCredentialStore(
+            settings.diffusion_security, on_tls_change=self._reopen_links
+        )
+        self.reloader = CredentialReloader([credentials, link_credentials])
+        warn_about_risky_settings(settings)
         self.router = DiffusionRouter(
             [
                 DiffusionLink(
                     address,
                     connect_timeout_s=settings.connect_timeout_s,
                     security=settings.diffusion_security,
+                    token=link_credentials.token,
                 )
                 for address in settings.diffusion_addresses
             ],
@@ -69,8 +78,8 @@ class PrefillServer:
             self.metrics,
             settings.metrics_host,
             settings.metrics_port,
-            credentials=secrets.credentials(),
-            interceptors=secrets.interceptors(),
+            credentials=credentials.server_credentials(),
+            interceptors=credentials.interceptors(RefusalLog(self.metrics.auth_failures)),
         )
         self.loaded: asyncio.Future | None = None
         self._logged_serving: bool | None = None
@@ -83,6 +92,7 @@ class PrefillServer:
     async def start(self) -> int:
         """Serve on `settings.listen`; returns the bound port (useful with port 0)."""
         port = await self.grpc.start()
+        self.reloader.start()
         self.router.watch(lambda serving: self._publish_health())
         self.loaded = asyncio.ensure_future(self._load())
         return port
@@ -157,10 +167,30 @@ class PrefillServer:
 
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING at once; in-flight calls get `grace` seconds, then are cancelled."""
+        self.reloader.stop()
         if self.loaded is not None and not self.loaded.done():
             self.loaded.cancel()
         await self.grpc.stop(grace)
         self.router.close()
+
+    def _reopen_links(self) -> None:
+        """New TLS files for the hop: new channels (calls in flight finish on the old ones)."""
+        for group in self.router.groups:
+            group.link.reopen()
+
+
+def warn_about_risky_settings(settings: PrefillSettings) -> None:
+    warnings = risky_settings(settings.listen, settings.security)
+    hop = settings.diffusion_security
+    if hop.auth_token_file is not None and not hop.tls:
+        remote = [a for a in settings.diffusion_addresses if not is_loopback(a)]
+        if remote:
+            warnings.append(
+                f"--diffusion-auth-token-file without --diffusion-tls-ca: the hop token crosses "
+                f"the network to {', '.join(remote)} in plaintext"
+            )
+    for warning in warnings:
+        log.warning("%s", warning)
 
 
 def watch_peak_memory(metrics: PrefillMetrics) -> None:

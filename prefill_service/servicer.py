@@ -22,12 +22,13 @@ from prefill_service.prefill import (
     KVSource,
     PrefillStats,
     check_token_counts,
+    prompt_tokens,
     request_frames,
     token_limit,
 )
 from prefill_service.relay import SendStats, relay
 from prefill_service.routing import DiffusionRouter
-from protos import PREFILL_SERVICE, GenerateEvent, GenerateRequest, service_pb2_grpc
+from protos import PREFILL_SERVICE, GenerateEvent, GenerateRequest, Usage, service_pb2_grpc
 from serving.errors import InvalidParams, ServiceError, status_of
 from serving.images import EDIT_DEFAULTS, decode_input_images
 from serving.params import GenerationParams, check_cache_fits
@@ -112,7 +113,7 @@ class PrefillServicer(service_pb2_grpc.PrefillServicer):
                     f"the request ({request.size} bytes) is not a valid GenerateRequest: "
                     f"{request.error}"
                 )
-            batches = await self._prepare(request, request_id, prefill, request_log)
+            batches, usage = await self._prepare(request, request_id, prefill, request_log)
             with await self.router.lease(context.time_remaining()) as lease:
                 if len(self.router.groups) > 1:
                     request_log.info("to the diffusion service at %s", lease.link.address)
@@ -125,6 +126,8 @@ class PrefillServicer(service_pb2_grpc.PrefillServicer):
                     started=started,
                 ):
                     yield event
+                    if event.WhichOneof("event") == "accepted":
+                        yield usage
             code = grpc.StatusCode.OK
         except (asyncio.CancelledError, GeneratorExit):
             # The caller went away (cancel, disconnect) or its deadline passed: gRPC cancels the
@@ -190,8 +193,9 @@ class PrefillServicer(service_pb2_grpc.PrefillServicer):
         request_id: str,
         stats: PrefillStats,
         request_log: RequestLog,
-    ) -> Iterator[list[bytes]]:
-        """Every check, before any compute; returns the lazy frame batches."""
+    ) -> tuple[Iterator[list[bytes]], GenerateEvent]:
+        """Every check, before any compute; returns the lazy frame batches and the usage event
+        (the conditional context's tokens, image tokens included)."""
         source = self.source
         if source is None:
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
@@ -226,7 +230,7 @@ class PrefillServicer(service_pb2_grpc.PrefillServicer):
             p.seed,
             ", ".join(f"{Branch(c.kind)}={c.num_tokens} tokens" for c in planned.contexts),
         )
-        return request_frames(
+        frames = request_frames(
             source,
             planned,
             request_id=request_id,
@@ -234,3 +238,4 @@ class PrefillServicer(service_pb2_grpc.PrefillServicer):
             stats=stats,
             chunk_size=self.chunk_size,
         )
+        return frames, GenerateEvent(usage=Usage(prompt_tokens=prompt_tokens(planned)))

@@ -163,6 +163,7 @@ def settings_from_args(args: argparse.Namespace) -> PrefillSettings:
             tls_cert=args.diffusion_tls_cert,
             tls_key=args.diffusion_tls_key,
             auth_token_file=args.diffusion_auth_token_file,
+            private_token_file=not args.allow_insecure_token_file,
         )
     except SecurityError:
         raise SystemExit("--diffusion-tls-cert and --diffusion-tls-key go together") from None

@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 
@@ -103,6 +103,10 @@ class Codec:
     def from_cli(self, args: argparse.Namespace, name: str) -> Any:
         return getattr(args, name)
 
+    def json_type(self) -> Any:
+        """The type a JSON (or form) body carries the field as, for HTTP request schemas."""
+        return self.python_type
+
 
 class IntCodec(Codec):
     python_type = int
@@ -179,6 +183,9 @@ class EnumNameCodec(Codec):
             flag(name), *meta["flags"], dest=name, choices=self.names, help=meta["help"]
         )
 
+    def json_type(self) -> Any:
+        return Literal[self.names]
+
 
 class IntervalCodec(Codec):
     """A `(lo, hi)` pair of floats in [0, 1], as a message with fields `lo` and `hi`."""
@@ -220,6 +227,9 @@ class IntervalCodec(Codec):
     def from_cli(self, args: argparse.Namespace, name: str) -> tuple[float, float] | None:
         value = getattr(args, name)
         return tuple(value) if value is not None else None  # type: ignore[return-value]
+
+    def json_type(self) -> Any:
+        return tuple[float, float]
 
 
 class CachePolicyCodec(Codec):
@@ -348,3 +358,6 @@ class CachePolicyCodec(Codec):
     def from_cli(self, args: argparse.Namespace, name: str) -> Any:
         text = getattr(args, name)
         return None if text is None else self.parse(text)
+
+    def json_type(self) -> Any:
+        return str  # a spec, as --cache takes it

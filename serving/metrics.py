@@ -1,7 +1,7 @@
 """The metrics every service exposes, on a registry of its own (no process-global state), with
 the same names and labels in both services: `bagel_<service>_requests_total{code=...}` by final
-gRPC status code, `bagel_<service>_phase_seconds{phase=...}`, `bagel_<service>_model_load_seconds`
-and, on GPUs, `bagel_<service>_peak_memory_bytes{rank=...,kind="reserved"|"allocated"}`."""
+gRPC status code, `bagel_<service>_phase_seconds{phase=...}`, `bagel_<service>_model_load_seconds`,
+`bagel_<service>_auth_failures_total{reason=...}` (calls refused by `serving.access`) and, on GPUs, `bagel_<service>_peak_memory_bytes{rank=...,kind="reserved"|"allocated"}`."""
 
 from __future__ import annotations
 
@@ -37,6 +37,12 @@ class ServiceMetrics:
             "Peak GPU memory of a rank since it started: reserved by the caching allocator, or "
             "allocated to tensors",
             ["rank", "kind"],
+            registry=self.registry,
+        )
+        self.auth_failures = Counter(
+            f"bagel_{service}_auth_failures",
+            "Calls refused before they ran: missing_token, invalid_token, client_not_allowed",
+            ["reason"],
             registry=self.registry,
         )
         self._http = None

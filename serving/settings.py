@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Any
+import sys
+from typing import Any, NoReturn
 
-from serving.security import SecurityError, ServerSecurity
+from serving.security import INSECURE_TOKEN_FLAG, SecurityError, ServerSecurity
 
 DEFAULT_METRICS_HOST = "127.0.0.1"
 
@@ -24,8 +25,11 @@ def default(settings_cls: type, name: str) -> Any:
     raise KeyError(name)
 
 
-def add_server_security_arguments(parser: argparse.ArgumentParser) -> None:
-    """--tls-cert, --tls-key, --tls-ca and --auth-token-file, the same in both services."""
+def add_server_security_arguments(
+    parser: argparse.ArgumentParser, *, allowed_clients: bool = False
+) -> None:
+    """--tls-cert, --tls-key, --tls-ca, --auth-token-file and --allow-insecure-token-file, the
+    same in both services; `allowed_clients`: --tls-allowed-clients as well."""
     s = ServerSecurity
     parser.add_argument(
         "--tls-cert", default=default(s, "tls_cert"), metavar="PEM", help="serve TLS: certificate"
@@ -43,8 +47,31 @@ def add_server_security_arguments(parser: argparse.ArgumentParser) -> None:
         "--auth-token-file",
         default=default(s, "auth_token_file"),
         metavar="FILE",
-        help="require 'authorization: Bearer <token>' with the token in FILE (health stays open)",
+        help="require 'authorization: Bearer <token>' with a token in FILE, one per line (health "
+        "stays open); SIGHUP or a change of the file reloads it, like the TLS files",
     )
+    parser.add_argument(
+        INSECURE_TOKEN_FLAG,
+        action="store_true",
+        default=default(s, "allow_insecure_token_file"),
+        help="start even if a token file is readable by every user",
+    )
+    if allowed_clients:
+        parser.add_argument(
+            "--tls-allowed-clients",
+            type=client_names,
+            default=default(s, "allowed_clients"),
+            metavar="NAME[,NAME...]",
+            help="mTLS: only client certificates with one of these SAN DNS names or URIs may call; "
+            "others get PERMISSION_DENIED (default: any certificate --tls-ca signed)",
+        )
+
+
+def client_names(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise argparse.ArgumentTypeError("name at least one SAN DNS name or URI")
+    return names
 
 
 def server_security_from_args(args: argparse.Namespace) -> ServerSecurity:
@@ -55,6 +82,14 @@ def server_security_from_args(args: argparse.Namespace) -> ServerSecurity:
             tls_key=args.tls_key,
             tls_ca=args.tls_ca,
             auth_token_file=args.auth_token_file,
+            allowed_clients=getattr(args, "tls_allowed_clients", ()),
+            allow_insecure_token_file=args.allow_insecure_token_file,
         )
     except SecurityError as e:
-        raise SystemExit(str(e)) from None
+        refuse_to_start(e)
+
+
+def refuse_to_start(error: Exception) -> NoReturn:
+    """A misconfigured service: one line on stderr, exit status 2 (as argparse's errors)."""
+    print(f"error: {error}", file=sys.stderr)
+    raise SystemExit(2) from None

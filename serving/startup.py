@@ -21,6 +21,8 @@ import socket
 import sys
 from collections.abc import Iterator
 
+from serving.addresses import parse_host_port
+
 EXIT_MISCONFIGURED = 2
 
 
@@ -30,14 +32,10 @@ class StartupError(Exception):
 
 def parse_listen(listen: str, flag: str = "--listen") -> tuple[str, int]:
     """(host, port) of a HOST:PORT address ("[::1]:50051" for IPv6); StartupError otherwise."""
-    host, sep, port_text = listen.rpartition(":")
-    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise StartupError(
-            f"{flag} {listen!r} must be HOST:PORT with a port in 0..65535 (e.g. 127.0.0.1:50051)"
-        )
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port_text)
+    try:
+        return parse_host_port(listen, flag)
+    except ValueError as e:
+        raise StartupError(str(e)) from None
 
 
 def check_port_free(listen: str, flag: str = "--listen") -> None:

@@ -25,17 +25,27 @@ PACKAGES = (
     "diffusion_service",
     "prefill_service",
     "client",
+    "gateway",
 )
 SERVICES = {"diffusion_service", "prefill_service"}
 # package -> top-level names it must never import (DESIGN.md section 2).
 FORBIDDEN = {
-    "bagel": {"serving", "transport", "diffusion_service", "prefill_service", "client", "protos"},
-    "transport": {"bagel", "serving", *SERVICES, "client"},
-    "serving": {"torch", "bagel", "transport", *SERVICES, "client"},
-    "client": {"torch", "bagel", "transport", *SERVICES},
-    "protos": {"torch", "bagel", "serving", "transport", *SERVICES, "client"},
-    "diffusion_service": {"prefill_service", "client"},
-    "prefill_service": {"diffusion_service", "client"},
+    "bagel": {
+        "serving",
+        "transport",
+        "diffusion_service",
+        "prefill_service",
+        "client",
+        "protos",
+        "gateway",
+    },
+    "transport": {"bagel", "serving", *SERVICES, "client", "gateway"},
+    "serving": {"torch", "bagel", "transport", *SERVICES, "client", "gateway"},
+    "client": {"torch", "bagel", "transport", *SERVICES, "gateway"},
+    "protos": {"torch", "bagel", "serving", "transport", *SERVICES, "client", "gateway"},
+    "diffusion_service": {"prefill_service", "client", "gateway"},
+    "prefill_service": {"diffusion_service", "client", "gateway"},
+    "gateway": {"torch", "bagel", "transport", *SERVICES},
 }
 
 
@@ -166,13 +176,37 @@ def test_importing_transport_loads_no_bagel_module():
     assert run.returncode == 0, run.stderr
 
 
-def test_importing_serving_and_client_loads_neither_torch_nor_bagel():
+def test_importing_serving_client_and_gateway_loads_neither_torch_nor_bagel():
     run = _in_fresh_interpreter(
-        "import sys, serving, client, client.cli; "
+        "import sys, serving, client, client.cli, gateway.app, gateway.__main__; "
         "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'bagel', 'transport')]; "
         "assert not bad, sorted(bad)[:5]"
     )
     assert run.returncode == 0, run.stderr
+
+
+def test_the_services_never_load_the_in_process_reference_pipeline():
+    """`bagel.pipeline` is the reference the services are checked against, not a part of them."""
+    run = _in_fresh_interpreter(
+        "import sys, diffusion_service.server, prefill_service.server, prefill_service.mock; "
+        "assert 'bagel.pipeline' not in sys.modules"
+    )
+    assert run.returncode == 0, run.stderr
+
+
+def test_environment_switches_are_read_only_through_their_declarations():
+    """Every `os.environ` read of the model goes through `bagel.envs`, where each switch is
+    declared and documented, and every declared switch is in its table."""
+    from bagel import envs
+
+    readers = [
+        path.relative_to(ROOT).as_posix()
+        for path in (ROOT / "bagel").rglob("*.py")
+        if "os.environ" in path.read_text() or "getenv" in path.read_text()
+    ]
+    assert readers == ["bagel/envs.py"]
+    for name in envs.SWITCHES:
+        assert f"`{name}`" in envs.__doc__, name
 
 
 def test_the_branch_enum_is_numbered_as_the_wire_context_kind():

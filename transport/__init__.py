@@ -4,6 +4,7 @@ only; never the model.
 """
 
 from protos.options import channel_options, server_options
+from transport.admission import Upload, UploadBudget
 from transport.assembler import (
     DEFAULT_MAX_KV_BYTES,
     FrameAssembler,
@@ -12,7 +13,7 @@ from transport.assembler import (
     check_finite,
 )
 from transport.broadcast import broadcast_kv
-from transport.buffers import BufferPool, Buffers, FreshBuffers, UploadBudget, tune_malloc
+from transport.buffers import BufferPool, Buffers, FreshBuffers, tune_malloc
 from transport.encoder import KVEncoder, encode_kv, encode_layers
 from transport.errors import Fault, TransportError, status_code
 from transport.layout import ContextSpec, ContextTensors, ContextViews, KVCache, KVLayout
@@ -38,6 +39,7 @@ __all__ = [
     "KVSpec",
     "ReceivedKV",
     "TransportError",
+    "Upload",
     "UploadBudget",
     "abort",
     "broadcast_kv",

@@ -16,7 +16,8 @@ import torch
 
 from protos import GenerationParams, kv_pb2
 from transport import crc, wire
-from transport.buffers import Buffers, FreshBuffers, UploadBudget
+from transport.admission import Upload, UploadBudget
+from transport.buffers import Buffers, FreshBuffers
 from transport.errors import Fault, TransportError
 from transport.layout import (
     CONTEXT_KINDS,
@@ -61,6 +62,7 @@ class ReceivedKV:
 
 class _State(enum.Enum):
     HEADER = "expecting the header"
+    ROOM = "waiting for room in the upload budget"
     CHUNKS = "receiving chunks"
     DONE = "trailer verified"
     FINISHED = "result handed out"
@@ -90,7 +92,9 @@ class FrameAssembler:
         self.max_bytes = max_bytes
         self.buffers: Buffers = buffers if buffers is not None else FreshBuffers()
         self.budget = budget  # shared by every upload in flight; held from header to end
-        self._reserved = 0
+        # `receive_kv` sets it: an upload that does not fit yet waits (ROOM) instead of failing.
+        self.may_wait_for_room = False
+        self.upload = Upload(evict=self.evict)
         self._state = _State.HEADER
         self._error: TransportError | None = None
         self._header: kv_pb2.KVHeader | None = None
@@ -109,6 +113,15 @@ class FrameAssembler:
     @property
     def holds_buffer(self) -> bool:
         return self._flat is not None
+
+    @property
+    def waiting_for_room(self) -> bool:
+        return self._state is _State.ROOM
+
+    @property
+    def failure(self) -> TransportError | None:
+        """The error that failed the stream (an eviction, too), if one did."""
+        return self._error
 
     @property
     def received_bytes(self) -> int:
@@ -183,9 +196,29 @@ class FrameAssembler:
         self._unreserve()
 
     def _unreserve(self) -> None:
-        reserved, self._reserved = self._reserved, 0
-        if reserved and self.budget is not None:
-            self.budget.release(reserved)
+        if self.budget is not None:
+            self.budget.release(self.upload)
+
+    def evict(self, error: TransportError) -> None:
+        """The budget gave this upload's room to another: fail and release the buffer; the next
+        `feed` raises `error`."""
+        if self._state is _State.CHUNKS:
+            self._fail(error)
+
+    def try_admit(self) -> bool:
+        """In ROOM: reserve and allocate if the budget has room now (evicting stale uploads)."""
+        assert self._state is _State.ROOM and self._layout is not None
+        if not self.budget.try_reserve(self._layout.total_bytes, self.upload):
+            return False
+        self._allocate()
+        return True
+
+    def refuse_admission(self) -> TransportError:
+        """In ROOM: give up waiting; fails the stream with BUSY and returns that error."""
+        assert self._layout is not None and self.budget is not None
+        error = self.budget.busy(self._layout.total_bytes)
+        self._fail(error)
+        return error
 
     def _on_header(self, header: kv_pb2.KVHeader) -> None:
         if self._state is _State.CHUNKS:
@@ -215,10 +248,17 @@ class FrameAssembler:
         self._next = [start for start, _ in self._segments]
         self._num_contexts, self._num_layers = len(layout.contexts), layout.num_layers
         self._chunk_size = header.chunk_size
-        if self.budget is not None:
-            self.budget.reserve(layout.total_bytes)
-            self._reserved = layout.total_bytes
-        self._flat = self.buffers.take(layout.total_bytes)
+        budget = self.budget
+        if budget is not None and not budget.try_reserve(layout.total_bytes, self.upload):
+            if self.may_wait_for_room:
+                self._state = _State.ROOM
+                return
+            raise budget.busy(layout.total_bytes)
+        self._allocate()
+
+    def _allocate(self) -> None:
+        assert self._layout is not None
+        self._flat = self.buffers.take(self._layout.total_bytes)
         self._flat_bytes = self._flat.numpy()
         self._dest = memoryview(self._flat_bytes)
         self._state = _State.CHUNKS
@@ -296,6 +336,8 @@ class FrameAssembler:
                 self._starts.add(offset)
                 self._pieces.append((offset, checksum, size))
                 self._received_bytes += size
+                if self.budget is not None:
+                    self.budget.progress(self.upload, size)
                 return
         raise self._chunk_violation(chunk)
 

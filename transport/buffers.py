@@ -4,8 +4,8 @@ Touching fresh memory costs more than copying into it on the CI VM (first-touch 
 0.4-2 GB/s against ~18 GB/s for a warm memcpy), and pinned memory is slow to allocate, so a
 service keeps released buffers in a `BufferPool` instead of allocating one per request (and gives
 memory above a bound back once the pool has been idle a while), and calls `tune_malloc` once so
-gRPC's own message buffers stay warm too. `UploadBudget` bounds the bytes that all uploads in
-flight hold together.
+gRPC's own message buffers stay warm too. (`transport.admission` bounds the bytes that all
+uploads in flight hold together.)
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ from typing import Protocol
 
 import torch
 from torch import Tensor
-
-from transport.errors import Fault, TransportError
 
 
 class Buffers(Protocol):
@@ -128,38 +126,6 @@ class BufferPool:
         self._timer = threading.Timer(self.release_after_s, release)
         self._timer.daemon = True
         self._timer.start()
-
-
-class UploadBudget:
-    """The bytes that all uploads in flight may hold together. An upload reserves its declared
-    size when its header arrives (before any allocation) and releases it when it ends, however it
-    ends; a reservation beyond the budget is refused with RESOURCE_EXHAUSTED."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self._held = 0
-        self._lock = threading.Lock()
-
-    @property
-    def held_bytes(self) -> int:
-        with self._lock:
-            return self._held
-
-    def reserve(self, nbytes: int) -> None:
-        with self._lock:
-            held = self._held
-            if held + nbytes <= self.max_bytes:
-                self._held = held + nbytes
-                return
-        raise TransportError(
-            Fault.BUSY,
-            f"uploads in flight already hold {held} bytes; {nbytes} more would exceed the "
-            f"limit of {self.max_bytes} bytes for all uploads in flight: retry later",
-        )
-
-    def release(self, nbytes: int) -> None:
-        with self._lock:
-            self._held = max(self._held - nbytes, 0)
 
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3

@@ -16,6 +16,7 @@ class Fault(enum.Enum):
     UNAVAILABLE = "unavailable"  # a peer rank did not take part in a collective in time
     IDLE = "idle"  # the sender stopped sending frames and left the stream open
     BUSY = "busy"  # uploads in flight already hold the receiver's byte budget
+    EVICTED = "evicted"  # a stale upload gave its room to another (transport.admission)
     NOT_FINITE = "not_finite"  # the payload holds NaN or Inf (its checksums were fine)
 
 
@@ -26,6 +27,7 @@ _STATUS = {
     Fault.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     Fault.IDLE: grpc.StatusCode.DEADLINE_EXCEEDED,
     Fault.BUSY: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Fault.EVICTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Fault.NOT_FINITE: grpc.StatusCode.INVALID_ARGUMENT,
 }
 

@@ -110,7 +110,7 @@ def test_the_marker_stream_changes_no_bit_eager_or_replayed(tiny_model_dir, monk
 
 def test_the_decode_captured_in_the_forwards_pool_equals_the_eager_decode(tiny_model_dir):
     from bagel.checkpoint import load_autoencoder
-    from bagel.pipeline import decode_image
+    from bagel.pixels import decode_image
 
     model = load_bagel(tiny_model_dir, "diffusion", dtype=torch.bfloat16, device="cuda")
     ae = load_autoencoder(tiny_model_dir, dtype=torch.bfloat16, device="cuda")

@@ -43,6 +43,7 @@ class FakePrefill(PrefillServicer):
         self.step_delay_s = 0.0
         self.fail_with: tuple[grpc.StatusCode, str] | None = None
         self.cancelled = threading.Event()
+        self.metadata: list[tuple[str, str]] = []  # the last call's
         self.model_info: ModelInfo | None = None  # None: GetModelInfo is UNIMPLEMENTED
         self.model_info_calls = 0
 
@@ -54,6 +55,7 @@ class FakePrefill(PrefillServicer):
 
     def Generate(self, request: GenerateRequest, context: grpc.ServicerContext):
         self.requests.append(request)
+        self.metadata = [(m.key, m.value) for m in context.invocation_metadata()]
         finished = False
 
         def on_termination() -> None:  # runs however the call ends

@@ -486,20 +486,19 @@ def test_an_upload_that_stops_sending_is_deadline_exceeded_after_the_idle_timeou
     assert events[-1].WhichOneof("event") == "image"
 
 
-def test_uploads_beyond_the_in_flight_budget_are_resource_exhausted(limited, pipeline, contexts):
+def test_a_silent_upload_gives_its_room_in_the_in_flight_budget_to_the_next(
+    limited, pipeline, contexts
+):
     fp = pipeline.config.fingerprint()
     parked = ParkedUpload(limited.address, kv_frames(contexts, fp, PARAMS))
-    try:
-        with pytest.raises(grpc.RpcError) as err:
-            generate(limited.address, kv_frames(contexts, fp, PARAMS))
+    try:  # no room beside the parked upload until it has been silent for --kv-stall-timeout
+        events = generate(limited.address, kv_frames(contexts, fp, PARAMS))
     finally:
         parked.release()
-    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "would exceed the limit of" in err.value.details()
-    assert "bytes for all uploads in flight: retry later" in err.value.details()
-    parked.result()  # the parked upload ends (its stream was closed short: INVALID_ARGUMENT)
-    events = generate(limited.address, kv_frames(contexts, fp, PARAMS))
     assert events[-1].WhichOneof("event") == "image"
+    err = parked.result()
+    assert isinstance(err, grpc.RpcError) and err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "upload evicted after" in err.details() and "without progress" in err.details()
 
 
 def test_requests_while_loading_are_unavailable_and_sigterm_to_the_group_stops_quietly(

@@ -1,6 +1,8 @@
 """Self-signed certificates for the TLS tests, made with `cryptography` (EC P-256, so in
 milliseconds): a CA, a server certificate for 127.0.0.1 and localhost, a client certificate from
-the same CA, and a client certificate from another CA that no server trusts."""
+the same CA (no SAN), one naming `NAMED_CLIENT_DNS` and `NAMED_CLIENT_URI` in its SAN, and a client
+certificate from another CA that no server trusts. `make_certificates` may be called again on the
+same CA (`reissue`) to rotate the certificates."""
 
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 VALID_FOR = datetime.timedelta(days=1)
+NAMED_CLIENT_DNS = "prefill.bagel.internal"
+NAMED_CLIENT_URI = "spiffe://bagel.internal/prefill"
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,8 @@ class TestCertificates:
     other_ca: str  # a CA nobody trusts
     rogue_client_cert: str  # signed by `other_ca`
     rogue_client_key: str
+    named_client_cert: str  # SAN: NAMED_CLIENT_DNS and NAMED_CLIENT_URI
+    named_client_key: str
 
 
 def _name(common_name: str) -> x509.Name:
@@ -77,7 +83,11 @@ def _certificate(
         builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
     if hosts:
         names = [
-            x509.IPAddress(ipaddress.ip_address(h)) if h[0].isdigit() else x509.DNSName(h)
+            x509.UniformResourceIdentifier(h)
+            if "://" in h
+            else x509.IPAddress(ipaddress.ip_address(h))
+            if h[0].isdigit()
+            else x509.DNSName(h)
             for h in hosts
         ]
         builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
@@ -99,16 +109,25 @@ def _write(directory: Path, stem: str, cert: x509.Certificate, key=None) -> tupl
     return str(cert_path), str(key_path)
 
 
-def make_certificates(directory: Path) -> TestCertificates:
-    """Write every certificate and key under `directory`."""
+def _key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
 
-    def key() -> ec.EllipticCurvePrivateKey:
-        return ec.generate_private_key(ec.SECP256R1())
 
-    ca_key, other_key = key(), key()
-    ca = _certificate("BAGEL test CA", ca_key, None, ca=True)
-    other_ca = _certificate("untrusted test CA", other_key, None, ca=True)
-    server_key, client_key, rogue_key = key(), key(), key()
+_CAS: dict[str, tuple[x509.Certificate, ec.EllipticCurvePrivateKey]] = {}  # CA path -> CA
+
+
+def make_certificates(directory: Path, reissue: TestCertificates | None = None) -> TestCertificates:
+    """Write every certificate and key under `directory`; with `reissue`, new certificates and
+    keys from the CAs of that earlier set (a rotation: clients keep trusting the CA)."""
+    key = _key
+    if reissue is None:
+        ca_key, other_key = key(), key()
+        ca = _certificate("BAGEL test CA", ca_key, None, ca=True)
+        other_ca = _certificate("untrusted test CA", other_key, None, ca=True)
+    else:
+        ca, ca_key = _CAS[reissue.ca]
+        other_ca, other_key = _CAS[reissue.other_ca]
+    server_key, client_key, rogue_key, named_key = key(), key(), key(), key()
     server = _certificate(
         "bagel-service",
         server_key,
@@ -122,10 +141,18 @@ def make_certificates(directory: Path) -> TestCertificates:
     rogue = _certificate(
         "rogue-client", rogue_key, (other_ca, other_key), usage=ExtendedKeyUsageOID.CLIENT_AUTH
     )
+    named = _certificate(
+        "prefill",
+        named_key,
+        (ca, ca_key),
+        usage=ExtendedKeyUsageOID.CLIENT_AUTH,
+        hosts=(NAMED_CLIENT_DNS, NAMED_CLIENT_URI),
+    )
     server_paths = _write(directory, "server", server, server_key)
+    named_paths = _write(directory, "named-client", named, named_key)
     client_paths = _write(directory, "client", client, client_key)
     rogue_paths = _write(directory, "rogue", rogue, rogue_key)
-    return TestCertificates(
+    certificates = TestCertificates(
         ca=_write(directory, "ca", ca)[0],
         server_cert=server_paths[0],
         server_key=server_paths[1],
@@ -134,4 +161,9 @@ def make_certificates(directory: Path) -> TestCertificates:
         other_ca=_write(directory, "other-ca", other_ca)[0],
         rogue_client_cert=rogue_paths[0],
         rogue_client_key=rogue_paths[1],
+        named_client_cert=named_paths[0],
+        named_client_key=named_paths[1],
     )
+    _CAS[certificates.ca] = (ca, ca_key)
+    _CAS[certificates.other_ca] = (other_ca, other_key)
+    return certificates

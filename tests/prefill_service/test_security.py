@@ -35,6 +35,7 @@ def tokens(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     paths = {}
     for name, token in (("client", CLIENT_TOKEN), ("hop", HOP_TOKEN), ("wrong", "not-it")):
         (directory / name).write_text(token + "\n")
+        (directory / name).chmod(0o600)
         paths[name] = str(directory / name)
     return paths
 
@@ -125,7 +126,7 @@ def test_prefill_with_the_wrong_hop_token_is_refused_by_the_diffusion_service(
     assert HOP_TOKEN not in caught.value.details() and "not-it" not in caught.value.details()
 
 
-def test_prefill_flags_reach_the_settings(certs, tokens):
+def test_prefill_flags_reach_the_settings(certs, tokens, capsys):
     parser = build_parser("prefill", "test")
     args = parser.parse_args(
         [
@@ -141,19 +142,23 @@ def test_prefill_flags_reach_the_settings(certs, tokens):
         certs.server_cert, certs.server_key, certs.ca, tokens["client"]
     )
     assert settings.diffusion_security == ClientSecurity(
-        certs.ca, certs.client_cert, certs.client_key, tokens["hop"]
+        certs.ca, certs.client_cert, certs.client_key, tokens["hop"], private_token_file=True
     )
     plain = settings_from_args(parser.parse_args(["--model", "m"]))
-    assert plain.security == ServerSecurity() and plain.diffusion_security == ClientSecurity()
+    assert plain.security == ServerSecurity()
+    assert plain.diffusion_security == ClientSecurity(private_token_file=True)
     with pytest.raises(SystemExit, match="--diffusion-tls-cert and --diffusion-tls-key"):
         settings_from_args(parser.parse_args(["--model", "m", "--diffusion-tls-cert", "c"]))
-    with pytest.raises(SystemExit, match="--tls-cert and --tls-key"):
+    with pytest.raises(SystemExit) as exited:
         settings_from_args(parser.parse_args(["--model", "m", "--tls-key", "k"]))
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == "error: --tls-cert and --tls-key go together\n"
 
 
 def test_prefill_with_an_empty_token_file_exits_at_start_up(tmp_path: Path, caplog):
     empty = tmp_path / "token"
     empty.write_text("\n")
+    empty.chmod(0o600)
     settings = PrefillSettings(
         model_dir="unused",
         listen="127.0.0.1:0",
@@ -168,6 +173,7 @@ def test_diffusion_service_with_an_empty_token_file_exits_at_start_up(
 ):
     empty = tmp_path / "token"
     empty.write_text(" \n")
+    empty.chmod(0o600)
     args = ["--model", str(tiny_model_dir), "--auth-token-file", str(empty)]
     with ServiceProcess("diffusion_service", args) as service:
         assert service.proc.wait(60) == 2

@@ -127,20 +127,24 @@ def test_layers_stream_while_prefill_still_computes(prefill, fake_diffusion, lm_
     assert call.first_chunk_time(0) < lm_source.layer_done_times[last]
 
 
-def test_events_are_relayed_in_order_with_prefill_timings_added(prefill, fake_diffusion):
+def test_events_are_relayed_in_order_with_usage_and_prefill_timings_added(
+    prefill, fake_diffusion, tiny_model_dir
+):
     started = time.perf_counter()
     with BagelClient(prefill.address, timeout=30) as client:
         events = list(client.stream("A red apple", seed=7, **SMALL))
     wall_ms = (time.perf_counter() - started) * 1000
     kinds = [e.WhichOneof("event") for e in events]
-    assert kinds == ["accepted", "progress", "progress", "progress", "timings", "image"]
-    timings = events[4].timings
+    assert kinds == ["accepted", "usage", "progress", "progress", "progress", "timings", "image"]
+    framed = cfg_prompts(load_tokenizer(tiny_model_dir), "A red apple")[Branch.COND]
+    assert events[1].usage.prompt_tokens == len(framed) > 0
+    timings = events[5].timings
     assert timings.prefill_ms > 0 and timings.kv_send_ms > 0
     # the front door's own total: past its prefill and send, within the client's wall time
     assert timings.prefill_ms < timings.total_ms < wall_ms
     assert timings.kv_send_ms < timings.total_ms
     assert timings.receive_ms == 1.5 and timings.decode_ms == 0.5  # the diffusion side's, as sent
-    assert events[5].image.seed == 7 and events[5].image.width == 64
+    assert events[6].image.seed == 7 and events[6].image.width == 64
 
 
 def test_timings_event_is_added_when_the_diffusion_service_sends_none(prefill, fake_diffusion):

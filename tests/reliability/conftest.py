@@ -43,6 +43,8 @@ class Tally:
     hostile_passed: int = 0
     faults_tried: list[str] = field(default_factory=list)
     faults_survived: list[str] = field(default_factory=list)
+    security_tried: list[str] = field(default_factory=list)
+    security_held: list[str] = field(default_factory=list)
     load: LoadFigures | None = None
 
     @contextmanager
@@ -57,6 +59,12 @@ class Tally:
         yield
         self.faults_survived.append(name)
 
+    @contextmanager
+    def security(self, name: str) -> Iterator[None]:
+        self.security_tried.append(name)
+        yield
+        self.security_held.append(name)
+
     def lines(self) -> list[str]:
         lines = []
         if self.hostile_tried:
@@ -68,6 +76,11 @@ class Tally:
             lines.append(
                 f"reliability: faults {len(self.faults_survived)} of {len(self.faults_tried)} "
                 f"survived ({', '.join(self.faults_tried)})"
+            )
+        if self.security_tried:
+            lines.append(
+                f"reliability: security {len(self.security_held)} of {len(self.security_tried)} "
+                f"held ({', '.join(self.security_tried)})"
             )
         if self.load is not None:
             f = self.load

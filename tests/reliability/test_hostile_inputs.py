@@ -680,13 +680,17 @@ def parked(target: Target) -> None:
         raise outcome
 
 
-def parked_beyond_the_in_flight_cap(target: Target) -> None:
-    first = ParkedUpload(target)  # holds room for one cache: a second does not fit beside it
+def parked_then_evicted(target: Target) -> None:
+    """A parked upload holds the room for one cache; a live upload that needs it takes it."""
+    first = ParkedUpload(target)
     try:
-        upload(good_frames)(target)
+        events = upload(good_frames)(target)
     finally:
         first.release()
-        first.result()
+    assert events[-1].WhichOneof("event") == "image"
+    outcome = first.result()
+    if isinstance(outcome, grpc.RpcError):
+        raise outcome
 
 
 def diffusion_only() -> Iterator[Case]:
@@ -700,11 +704,11 @@ def diffusion_only() -> Iterator[Case]:
         f"no KV frame for {IDLE_TIMEOUT_S:g} s after",
     )
     yield Case(
-        "diffusion/kv-parked-beyond-in-flight-cap",
+        "diffusion/kv-parked-evicted-by-a-live-upload",
         "diffusion",
-        parked_beyond_the_in_flight_cap,
+        parked_then_evicted,
         EXHAUSTED,
-        "bytes for all uploads in flight: retry later",
+        "upload evicted after",
     )
 
 

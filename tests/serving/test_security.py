@@ -13,6 +13,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from client import BagelClient, cli
 from serving import security
+from serving.access import RefusalLog
+from serving.credentials import ServerCredentialStore
 from serving.metrics import ServiceMetrics
 from serving.security import (
     INVALID_TOKEN,
@@ -51,20 +53,22 @@ def _register(server: grpc.aio.Server) -> None:
 
 
 class EchoServer:
-    """A GrpcServer serving the echo service (SERVING) with the given security."""
+    """A GrpcServer serving the echo service (SERVING) with the given security; `credentials`
+    reloads its files."""
 
     def __init__(self, loop_thread: EventLoopThread, options: ServerSecurity) -> None:
         self.loop_thread = loop_thread
-        secrets = options.load()
+        self.credentials = ServerCredentialStore(options)
+        self.metrics = ServiceMetrics("echo_test")
         self.server = GrpcServer(
             ECHO,
             "127.0.0.1:0",
             _register,
-            ServiceMetrics("echo_test"),
+            self.metrics,
             "127.0.0.1",
             None,
-            credentials=secrets.credentials(),
-            interceptors=secrets.interceptors(),
+            credentials=self.credentials.server_credentials(),
+            interceptors=self.credentials.interceptors(RefusalLog(self.metrics.auth_failures)),
         )
         port = loop_thread.run(self.server.start())
         loop_thread.run(self.server.set_serving(True))
@@ -98,6 +102,7 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> TestCertificates:
 def token_file(tmp_path_factory: pytest.TempPathFactory) -> str:
     path = tmp_path_factory.mktemp("token") / "token"
     path.write_text(f"  {TOKEN}\n\n")  # surrounding whitespace is not part of the token
+    path.chmod(0o600)
     return str(path)
 
 
@@ -268,6 +273,7 @@ def test_token_file_is_stripped_and_an_empty_one_is_refused(tmp_path: Path, toke
     assert read_token_file(token_file) == TOKEN
     empty = tmp_path / "empty"
     empty.write_text(" \n\t\n")
+    empty.chmod(0o600)
     with pytest.raises(SecurityError, match="is empty"):
         read_token_file(empty)
     with pytest.raises(SecurityError, match="is empty"):

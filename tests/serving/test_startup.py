@@ -40,9 +40,7 @@ def test_host_port_is_parsed(listen, parsed):
 def test_anything_but_host_port_is_refused_naming_the_flag(listen):
     with pytest.raises(StartupError) as info:
         parse_listen(listen)
-    assert str(info.value) == (
-        f"--listen {listen!r} must be HOST:PORT with a port in 0..65535 (e.g. 127.0.0.1:50051)"
-    )
+    assert str(info.value) == f"--listen {listen!r} is not HOST:PORT (a port 0-65535)"
 
 
 def test_a_port_someone_listens_on_is_refused():

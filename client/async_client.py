@@ -1,0 +1,142 @@
+"""`AsyncBagelClient`: the asyncio twin of `BagelClient` (`grpc.aio`, no thread per call), with the
+same request building (`client.request`) and the same result (`client.events`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from client.client import HEALTH_TIMEOUT_S
+from client.events import GenerationResult, ResultAssembler
+from client.request import ImageInput, build_request, image_bytes
+from protos import GenerateEvent, PrefillStub
+from protos.options import channel_options
+from serving.security import open_aio_channel
+
+
+class AsyncEventStream:
+    """The events of one Generate call: `async for` them; `cancel()` ends the call (the server
+    sees CANCELLED), as does leaving an `async with` block early. Iteration raises
+    grpc.aio.AioRpcError when the call fails, CANCELLED included."""
+
+    def __init__(self, call: grpc.aio.UnaryStreamCall) -> None:
+        self._call = call
+
+    def __aiter__(self) -> AsyncEventStream:
+        return self
+
+    async def __anext__(self) -> GenerateEvent:
+        event = await self._call.read()
+        if event is grpc.aio.EOF:
+            raise StopAsyncIteration
+        return event
+
+    def cancel(self) -> bool:
+        return self._call.cancel()
+
+    async def __aenter__(self) -> AsyncEventStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.cancel()
+
+
+class AsyncBagelClient:
+    """A `grpc.aio` connection to a BAGEL prefill service; the arguments are `BagelClient`'s.
+    Create it inside the event loop that uses it."""
+
+    def __init__(
+        self,
+        address: str,
+        timeout: float | None = None,
+        *,
+        tls_ca: str | Path | None = None,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
+        auth_token: str | None = None,
+    ) -> None:
+        self.address = address
+        self.timeout = timeout
+        self._channel, self._metadata = open_aio_channel(
+            address,
+            channel_options(),
+            tls_ca=tls_ca,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            auth_token=auth_token,
+        )
+        self._stub = PrefillStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncBagelClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def stream(
+        self,
+        prompt: str,
+        *,
+        timeout: float | None = None,
+        input_images: Sequence[ImageInput] = (),
+        **params: Any,
+    ) -> AsyncEventStream:
+        """Start a generation (an edit of `input_images`, if any); yields the raw
+        `GenerateEvent`s. `params`: see `client.request.build_request`."""
+        images = [image_bytes(i) for i in input_images]
+        request = build_request(prompt, input_images=images, **params)
+        call = self._stub.Generate(
+            request, timeout=self._deadline(timeout), metadata=self._metadata or None
+        )
+        return AsyncEventStream(call)
+
+    async def generate(
+        self,
+        prompt: str,
+        *,
+        timeout: float | None = None,
+        on_event: Callable[[GenerateEvent], None] | None = None,
+        **params: Any,
+    ) -> GenerationResult:
+        """Run a whole generation and return the image, as `BagelClient.generate`; cancelling
+        the awaiting task cancels the call."""
+        assembler = ResultAssembler(str(params.get("request_id") or ""))
+        async with self.stream(prompt, timeout=timeout, **params) as events:
+            async for event in events:
+                if on_event is not None:
+                    on_event(event)
+                assembler.add(event)
+        return assembler.result(params)
+
+    async def edit(
+        self,
+        image: ImageInput,
+        prompt: str,
+        *,
+        timeout: float | None = None,
+        on_event: Callable[[GenerateEvent], None] | None = None,
+        **params: Any,
+    ) -> GenerationResult:
+        """Edit `image` as `prompt` says; see `BagelClient.edit`."""
+        return await self.generate(
+            prompt, timeout=timeout, on_event=on_event, input_images=[image], **params
+        )
+
+    async def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        """The server's grpc.health.v1 status name for `service` ("" = the whole server)."""
+        deadline = self._deadline(timeout) or HEALTH_TIMEOUT_S
+        response = await self._health.Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=deadline
+        )
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        return timeout if timeout is not None else self.timeout

@@ -1,0 +1,96 @@
+"""`python -m gateway --listen HOST:PORT --prefill HOST:PORT[,HOST:PORT...]`: the HTTP gateway.
+A bad setting, an unreadable file or a taken port ends it at once with one line and exit status 2."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+
+import uvicorn
+
+from gateway.app import create_app
+from gateway.settings import GatewaySettings
+from serving.addresses import parse_host_port
+from serving.flags import OneLineArgumentParser, add_arguments, from_args
+from serving.security import SecurityError, read_pem, read_token_file, read_token_set
+from serving.server import configure_logging
+
+PROG = "python -m gateway"
+log = logging.getLogger("gateway")
+
+
+def parse_settings(argv: list[str] | None = None) -> GatewaySettings:
+    parser = OneLineArgumentParser(
+        prog=PROG,
+        description="OpenAI-compatible HTTP gateway (Images API) in front of BAGEL prefill "
+        "services.",
+    )
+    add_arguments(parser, GatewaySettings)
+    args = parser.parse_args(argv)
+    try:
+        return from_args(GatewaySettings, args)
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def bind(listen: str) -> socket.socket:
+    """The listening socket, bound here so that a taken port is refused before anything starts."""
+    host, port = parse_host_port(listen, "--listen")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that name it, and without it
+    # an answer's headers and body (two writes) wait out the client's delayed ACK (~40 ms).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise SecurityError(f"--listen {listen}: cannot bind: {e.strerror or e}") from None
+    return sock
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = parse_settings(argv)
+    try:
+        tokens = read_token_set(settings.auth_token_file) if settings.auth_token_file else ()
+        if settings.tls_cert:
+            read_pem(settings.tls_cert, "--tls-cert")
+            read_pem(settings.tls_key, "--tls-key")
+        if settings.prefill_auth_token_file:
+            read_token_file(settings.prefill_auth_token_file)
+        for path, what in (
+            (settings.prefill_tls_ca, "--prefill-tls-ca"),
+            (settings.prefill_tls_cert, "--prefill-tls-cert"),
+            (settings.prefill_tls_key, "--prefill-tls-key"),
+        ):
+            if path:
+                read_pem(path, what)
+        sock = bind(settings.listen)
+    except (SecurityError, ValueError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    configure_logging()
+    app = create_app(settings, tokens)
+    config = uvicorn.Config(
+        app,
+        access_log=False,  # gateway.middleware logs each request, with its id
+        log_config=None,
+        ssl_certfile=settings.tls_cert,
+        ssl_keyfile=settings.tls_key,
+        timeout_graceful_shutdown=10,
+    )
+    port = sock.getsockname()[1]
+    log.info(
+        "serving HTTP%s on %s (port %d), prefill %s",
+        "S" if settings.tls_cert else "",
+        settings.listen,
+        port,
+        settings.prefill,
+    )
+    uvicorn.Server(config).run(sockets=[sock])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

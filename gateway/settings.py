@@ -1,0 +1,110 @@
+"""The gateway's settings: one dataclass, each field one flag (`serving.flags`), checked once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from serving.addresses import parse_host_port, split_addresses
+from serving.flags import option
+from serving.security import ClientSecurity, ServerSecurity
+
+DEFAULT_MAX_BODY_BYTES = 32 << 20
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    listen: str = field(
+        default="127.0.0.1:8000",
+        metadata=option("HOST:PORT to serve HTTP on (port 0: any free one)", metavar="HOST:PORT"),
+    )
+    prefill: str = field(
+        default="127.0.0.1:50051",
+        metadata=option(
+            "the prefill service; several, comma-separated: each request goes to the one with "
+            "the fewest of this gateway's requests in flight",
+            metavar="HOST:PORT[,HOST:PORT...]",
+        ),
+    )
+    model_name: str = field(
+        default="bagel", metadata=option("the model id /v1/models lists and requests may name")
+    )
+    max_body_bytes: int = field(
+        default=DEFAULT_MAX_BODY_BYTES,
+        metadata=option("largest request body accepted, in bytes (larger: 413)"),
+    )
+    max_concurrency: int = field(
+        default=16,
+        metadata=option("image requests in flight beyond which a request gets 429"),
+    )
+    request_timeout: float | None = field(
+        default=None,
+        metadata=option("deadline of each prefill call in seconds (unset: none)", metavar="S"),
+    )
+    retry_after: int = field(
+        default=1, metadata=option("seconds a 429 answer's Retry-After asks a client to wait")
+    )
+    auth_token_file: str | None = field(
+        default=None,
+        metadata=option(
+            "require 'Authorization: Bearer <token>' with one of the tokens in FILE, one per "
+            "line (/health, /ready, /metrics and /docs stay open)",
+            metavar="FILE",
+        ),
+    )
+    tls_cert: str | None = field(
+        default=None, metadata=option("serve HTTPS: certificate", metavar="PEM")
+    )
+    tls_key: str | None = field(
+        default=None, metadata=option("serve HTTPS: private key", metavar="PEM")
+    )
+    prefill_tls_ca: str | None = field(
+        default=None,
+        metadata=option(
+            "reach the prefill service over TLS, verifying it with this CA", metavar="PEM"
+        ),
+    )
+    prefill_tls_cert: str | None = field(
+        default=None,
+        metadata=option(
+            "client certificate for a prefill service that requires mTLS", metavar="PEM"
+        ),
+    )
+    prefill_tls_key: str | None = field(
+        default=None, metadata=option("private key of --prefill-tls-cert", metavar="PEM")
+    )
+    prefill_auth_token_file: str | None = field(
+        default=None,
+        metadata=option("bearer token to send to the prefill service", metavar="FILE"),
+    )
+
+    def __post_init__(self) -> None:
+        """ValueError (or SecurityError, a ValueError) with one line naming the bad setting."""
+        parse_host_port(self.listen, "--listen")
+        split_addresses(self.prefill, "--prefill")
+        if not self.model_name.strip():
+            raise ValueError("--model-name is empty")
+        for name in ("max_body_bytes", "max_concurrency"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive")
+        if self.retry_after < 0:
+            raise ValueError("--retry-after must be 0 or more")
+        if self.request_timeout is not None and not self.request_timeout > 0:
+            raise ValueError("--request-timeout must be positive")
+        self.server_security()
+        if (self.prefill_tls_cert is None) != (self.prefill_tls_key is None):
+            raise ValueError("--prefill-tls-cert and --prefill-tls-key go together")
+
+    @property
+    def prefill_addresses(self) -> tuple[str, ...]:
+        return split_addresses(self.prefill, "--prefill")
+
+    def server_security(self) -> ServerSecurity:
+        return ServerSecurity(tls_cert=self.tls_cert, tls_key=self.tls_key)
+
+    def prefill_security(self) -> ClientSecurity:
+        return ClientSecurity(
+            tls_ca=self.prefill_tls_ca,
+            tls_cert=self.prefill_tls_cert,
+            tls_key=self.prefill_tls_key,
+            auth_token_file=self.prefill_auth_token_file,
+        )
