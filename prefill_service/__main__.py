@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
             edit_resize=edit_resize(settings),
         )
 
-    return asyncio.run(serve(settings, load))
+    with exit_on_misconfiguration():  # e.g. an address gRPC cannot bind
+        return asyncio.run(serve(settings, load))
 
 
 if __name__ == "__main__":

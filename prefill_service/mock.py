@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     def load() -> SyntheticKV:
         return SyntheticKV(settings.model_dir, dtype)
 
-    return asyncio.run(serve(settings, load))
+    with exit_on_misconfiguration():  # e.g. an address gRPC cannot bind
+        return asyncio.run(serve(settings, load))
 
 
 if __name__ == "__main__":

@@ -75,7 +75,10 @@ class GrpcServer:
         except RuntimeError:  # gRPC's "Failed to bind": taken since `check_port_free` looked
             self.port = 0
         if not self.port:
-            raise StartupError(f"--listen {self.listen}: cannot bind (is the port in use?)")
+            raise StartupError(
+                f"--listen {self.listen}: cannot bind (the port is in use, or the address is not "
+                "this host's)"
+            )
         await server.start()
         self._server = server
         if self.metrics_port is not None:

@@ -49,6 +49,7 @@ def check_port_free(listen: str, flag: str = "--listen") -> None:
         )
     except socket.gaierror as e:
         raise StartupError(f"{flag} {listen!r}: cannot resolve {host!r}: {e.strerror}") from None
+    failures = []
     for family, kind, proto, _, address in addresses:
         with socket.socket(family, kind, proto) as probe:
             # As gRPC binds: SO_REUSEADDR lets a port in TIME_WAIT be taken, not a listening one.
@@ -61,7 +62,11 @@ def check_port_free(listen: str, flag: str = "--listen") -> None:
                         f"{flag} {listen}: port {port} is already in use (is another server "
                         "running there?)"
                     ) from None
-                raise StartupError(f"{flag} {listen}: cannot bind: {e.strerror}") from None
+                failures.append(e)
+    # One family the host lacks (::1 without IPv6) is gRPC's to skip; none bindable is ours.
+    if len(failures) == len(addresses):
+        reason = failures[0].strerror or str(failures[0])
+        raise StartupError(f"{flag} {listen}: cannot bind: {reason} (not an address of this host?)")
 
 
 def require(fault: str | None) -> None:

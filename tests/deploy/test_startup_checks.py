@@ -63,6 +63,16 @@ def test_a_port_in_use_is_refused(module, tiny_model_dir):
 
 
 @pytest.mark.parametrize("module", SERVICES)
+def test_an_address_not_on_this_host_is_refused(module, tiny_model_dir):
+    listen = f"192.0.2.1:{free_port()}"  # TEST-NET-1: never a local address
+    done = start(module, "--model", str(tiny_model_dir), "--listen", listen)
+    assert refused_with(done) == (
+        f"error: --listen {listen}: cannot bind: Cannot assign requested address (not an address "
+        "of this host?)"
+    )
+
+
+@pytest.mark.parametrize("module", SERVICES)
 def test_a_missing_model_directory_is_refused(module, tmp_path):
     missing = tmp_path / "out" / "tiny-bagel"
     done = start(module, "--model", str(missing), "--listen", f"127.0.0.1:{free_port()}")

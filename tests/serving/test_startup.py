@@ -86,8 +86,9 @@ def test_grpc_servers_do_not_share_a_port():
         try:
             with pytest.raises(StartupError) as info:
                 await second.start()
-            assert (
-                str(info.value) == f"--listen 127.0.0.1:{port}: cannot bind (is the port in use?)"
+            assert str(info.value) == (
+                f"--listen 127.0.0.1:{port}: cannot bind (the port is in use, or the address "
+                "is not this host's)"
             )
         finally:
             await first.stop(None)
