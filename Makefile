@@ -9,7 +9,7 @@ TRAINED := examples/tiny_shapes/checkpoint
 # A CPU torch from local disk on the dev/CI machines; GPU users: see README.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test lint fmt venv clean mutation compose-test
+.PHONY: demo test lint fmt venv clean mutation compose-test certs
 
 venv: $(STAMP)
 
@@ -55,6 +55,13 @@ mutation: $(STAMP)
 # `make test`; it installs docker.io, debootstrap and Compose and starts dockerd where missing.
 compose-test: $(STAMP)
 	scripts/compose_test.sh
+
+# A private CA with the certificates, keys and tokens docker-compose.secure.yml mounts, under
+# out/certs (scripts/make_certs.py); run it again to rotate them. As root, CERTS_OWNER=10001:10001
+# hands them to the containers' user.
+CERTS_OWNER ?=
+certs: $(STAMP)
+	$(BIN)/python scripts/make_certs.py --out out/certs $(if $(CERTS_OWNER),--owner $(CERTS_OWNER))
 
 clean:
 	rm -rf out

@@ -115,15 +115,15 @@ class VisionAttention(nn.Module):
         self.out_proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        n = x.shape[0]
+        """`[..., N, hidden]`: one image's patches, or a batch of same-sized images (training)."""
 
         def heads(t: Tensor) -> Tensor:
-            return t.view(n, self.num_heads, self.head_dim).transpose(0, 1)
+            return t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(-3, -2)
 
         out = F.scaled_dot_product_attention(
             heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
         )
-        return self.out_proj(out.transpose(0, 1).reshape(n, -1))
+        return self.out_proj(out.transpose(-3, -2).flatten(-2))
 
 
 class VisionEncoderLayer(nn.Module):
@@ -152,7 +152,7 @@ class VisionEncoder(nn.Module):
 
 class SiglipNaViT(nn.Module):
     """`vit_model.vision_model`: patches `[N, p*p*c]` and position ids `[N]` of one image to
-    post-layernorm features `[N, hidden]`."""
+    post-layernorm features `[N, hidden]` (or `[B, N, ...]` for a batch of same-sized images)."""
 
     def __init__(self, cfg: ViTConfig) -> None:
         super().__init__()

@@ -137,3 +137,114 @@ class ShapeGenerator:
         ]
         images = render(colours, shapes, backgrounds, centres.to(self.device), sizes)
         return ShapeBatch(images, colours, shapes, backgrounds, captions)
+
+
+# ---- edit pairs: one attribute of an image changed, everything else (position, size) kept -----
+
+EDIT_KINDS: tuple[str, ...] = ("colour", "shape", "background")
+# `{shape}` is the source's shape, `{value}` the new colour, shape or background.
+EDIT_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "colour": (
+        "make the {shape} {value}",
+        "make it {value}",
+        "turn the {shape} {value}",
+        "change the colour to {value}",
+    ),
+    "shape": (
+        "make it a {value}",
+        "turn the {shape} into a {value}",
+        "change the {shape} to a {value}",
+    ),
+    "background": (
+        "make the background {value}",
+        "change the background to {value}",
+        "put it on a {value} background",
+    ),
+}
+_EDIT_VALUES: dict[str, tuple[str, ...]] = {
+    "colour": COLOUR_NAMES,
+    "shape": SHAPES,
+    "background": BACKGROUND_NAMES,
+}
+
+
+@dataclass(frozen=True)
+class Edit:
+    """Change one attribute (`kind`: colour, shape or background) to `value`."""
+
+    kind: str
+    value: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in EDIT_KINDS:
+            raise ValueError(f"edit kind {self.kind!r}: one of {EDIT_KINDS}")
+        if self.value not in _EDIT_VALUES[self.kind]:
+            raise ValueError(f"{self.kind} {self.value!r}: one of {_EDIT_VALUES[self.kind]}")
+
+    def instruction(self, source_shape: str, template: int = 0) -> str:
+        templates = EDIT_TEMPLATES[self.kind]
+        return templates[template % len(templates)].format(shape=source_shape, value=self.value)
+
+
+def parse_instruction(text: str, source_shape: str) -> Edit | None:
+    """The edit an instruction asks of an image showing `source_shape`, if it is one of the
+    templates (as the generator writes them), else None."""
+    for kind in EDIT_KINDS:
+        for value in _EDIT_VALUES[kind]:
+            edit = Edit(kind, value)
+            for template in range(len(EDIT_TEMPLATES[kind])):
+                if edit.instruction(source_shape, template) == text.strip():
+                    return edit
+    return None
+
+
+@dataclass
+class EditBatch:
+    sources: Tensor  # [B, 3, H, W] in [-1, 1]
+    targets: Tensor  # [B, 3, H, W]: the same shape, place and size, one attribute changed
+    instructions: list[str]
+    target_captions: list[str]  # what a caption of the target says (for text-to-image samples)
+
+
+class EditPairGenerator(ShapeGenerator):
+    """Seeded batches of (source, instruction, target): each edit changes the colour, the shape or
+    the background to a different one, chosen uniformly."""
+
+    def edit_batch(self, n: int) -> EditBatch:
+        g = self.generator
+        attributes = torch.stack(
+            [
+                torch.randint(len(COLOURS), (n,), generator=g),
+                torch.randint(len(SHAPES), (n,), generator=g),
+                torch.randint(len(BACKGROUNDS), (n,), generator=g),
+            ]
+        )
+        sizes = self._uniform(n, MIN_SIZE, MAX_SIZE)
+        low, high = MARGIN + sizes, IMAGE_SIZE - MARGIN - sizes
+        centres = torch.stack([self._uniform(n, low, high), self._uniform(n, low, high)], dim=1)
+        kinds = torch.randint(len(EDIT_KINDS), (n,), generator=g)
+        counts = torch.tensor([len(COLOURS), len(SHAPES), len(BACKGROUNDS)])[kinds]
+        # A uniform offset in 1..count-1 makes the new value differ from the old one.
+        offsets = 1 + (torch.rand(n, generator=g) * (counts - 1)).long()
+        templates = torch.randint(12, (n,), generator=g)
+        caption_templates = torch.randint(6, (n,), generator=g)
+        named = torch.rand(n, generator=g) >= P_NO_BACKGROUND
+        edited = attributes.clone()
+        rows = torch.arange(n)
+        edited[kinds, rows] = (attributes[kinds, rows] + offsets) % counts
+
+        names = (COLOUR_NAMES, SHAPES, BACKGROUND_NAMES)
+        instructions, target_captions = [], []
+        for b in range(n):
+            kind = int(kinds[b])
+            edit = Edit(EDIT_KINDS[kind], names[kind][int(edited[kind, b])])
+            instructions.append(edit.instruction(SHAPES[int(attributes[1, b])], int(templates[b])))
+            c, s, ground = (int(v) for v in edited[:, b])
+            background = BACKGROUND_NAMES[ground] if bool(named[b]) else None
+            target_captions.append(
+                caption(COLOUR_NAMES[c], SHAPES[s], background, int(caption_templates[b]))
+            )
+        centres = centres.to(self.device)
+        sources = render(attributes[0], attributes[1], attributes[2], centres, sizes)
+        targets = render(edited[0], edited[1], edited[2], centres, sizes)
+        return EditBatch(sources, targets, instructions, target_captions)

@@ -30,13 +30,14 @@ TIMESTEP_SHIFT = 3.0  # the inference default (`GenerationParams.timestep_shift`
 
 
 @dataclasses.dataclass
-class TextKV:
-    """Each layer's prompt K/V `[B, P_max, Hkv, D]`, which keys are real, and the prompt lengths."""
+class PrefixKV:
+    """Each layer's context K/V `[B, L, Hkv, D]` (a prompt, or an edit's image and instruction:
+    `edit_flow`), which keys are real, and the RoPE position of each sample's generation block."""
 
     keys: list[Tensor]
     values: list[Tensor]
-    key_mask: Tensor  # [B, P_max] bool
-    lengths: Tensor  # [B] int64: the block's RoPE position
+    key_mask: Tensor  # [B, L] bool
+    positions: Tensor  # [B] int64
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
@@ -48,7 +49,7 @@ def pad_prompts(prompts: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
     return ids, torch.tensor([len(p) for p in prompts], dtype=torch.long)
 
 
-def text_kv(model: Bagel, ids: Tensor, lengths: Tensor) -> TextKV:
+def text_kv(model: Bagel, ids: Tensor, lengths: Tensor) -> PrefixKV:
     """The und expert's causal pass over right-padded prompts `ids` `[B, L]` of `lengths` `[B]`
     (0 for the empty context), as `Bagel.prefill_layers` runs it; tokens past a prompt's length
     are padding, whatever their ids."""
@@ -58,7 +59,7 @@ def text_kv(model: Bagel, ids: Tensor, lengths: Tensor) -> TextKV:
     key_mask = torch.arange(longest, device=device)[None] < lengths[:, None]
     if longest == 0:
         empty = torch.zeros(batch, 0, llm.num_kv_heads, llm.head_dim, device=device)
-        return TextKV([empty] * llm.num_layers, [empty] * llm.num_layers, key_mask, lengths)
+        return PrefixKV([empty] * llm.num_layers, [empty] * llm.num_layers, key_mask, lengths)
     cos, sin = model._rope(torch.arange(longest, device=device))
     cos, sin = cos[:, None, :], sin[:, None, :]
     causal = torch.ones(longest, longest, dtype=torch.bool, device=device).tril()
@@ -74,7 +75,7 @@ def text_kv(model: Bagel, ids: Tensor, lengths: Tensor) -> TextKV:
         values.append(v)
         if index < len(model.layers) - 1:
             x = layer._finish(x, masked_sdpa(q, k, v, mask), UND)
-    return TextKV(keys, values, key_mask, lengths)
+    return PrefixKV(keys, values, key_mask, lengths)
 
 
 def _padded_block_attention(x: BlockQKV, joint_key_mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -82,10 +83,10 @@ def _padded_block_attention(x: BlockQKV, joint_key_mask: Tensor) -> tuple[Tensor
 
 
 def block_velocity(
-    model: Bagel, text: TextKV, x_t: Tensor, t: Tensor, pos_ids: Tensor, marker_ids: Tensor
+    model: Bagel, prefix: PrefixKV, x_t: Tensor, t: Tensor, pos_ids: Tensor, marker_ids: Tensor
 ) -> Tensor:
     """Velocity `[B, n, patch_dim]` (fp32) of latent tokens `x_t` `[B, n, patch_dim]` at times `t`
-    `[B]`, each sample after its own prompt; as `Bagel.embed_block` + `forward_layers` +
+    `[B]`, each sample after its own context; as `Bagel.embed_block` + `forward_layers` +
     `velocity`, with a key mask for the padded prompts."""
     batch = x_t.shape[0]
     dtype = model.vae2llm.weight.dtype
@@ -95,15 +96,15 @@ def block_velocity(
         + model.latent_pos_embed(pos_ids)
     )
     joint = model.language_model.model.embed_tokens(marker_ids).expand(batch, -1, -1)
-    markers = text.key_mask.new_ones(batch, marker_ids.shape[0])
+    markers = prefix.key_mask.new_ones(batch, marker_ids.shape[0])
     attention = partial(
-        _padded_block_attention, joint_key_mask=torch.cat([text.key_mask, markers], dim=1)
+        _padded_block_attention, joint_key_mask=torch.cat([prefix.key_mask, markers], dim=1)
     )
-    cos, sin = model._rope(text.lengths)
+    cos, sin = model._rope(prefix.positions)
     cos, sin = cos[:, None, None, :], sin[:, None, None, :]
     for index, layer in enumerate(model.layers):
         joint, latent = layer.forward_block(
-            joint, latent, cos, sin, text.keys[index], text.values[index], None, attention
+            joint, latent, cos, sin, prefix.keys[index], prefix.values[index], None, attention
         )
     return model.velocity(latent)
 

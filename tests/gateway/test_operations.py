@@ -38,6 +38,8 @@ def token_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     directory = tmp_path_factory.mktemp("tokens")
     (directory / "gateway").write_text("\n".join(TOKENS) + "\n\n")
     (directory / "hop").write_text(HOP_TOKEN + "\n")
+    for name in ("gateway", "hop"):
+        (directory / name).chmod(0o600)  # the prefill service refuses a world-readable one
     return {name: str(directory / name) for name in ("gateway", "hop")}
 
 

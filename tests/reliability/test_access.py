@@ -314,6 +314,7 @@ def test_every_credential_rotates_under_traffic_with_no_failed_call(
             assert presented_certificate(services.prefill.address, c) == der(c.server_cert)
         finally:
             traffic.stop()
+        print(f"rotation: {len(traffic.images)} calls served, {len(traffic.failures)} failed")
         assert traffic.failures == []
         assert len(traffic.images) >= 12
         assert all(np.array_equal(image, traffic.images[0]) for image in traffic.images)
