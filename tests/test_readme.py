@@ -5,8 +5,8 @@ is `sh run` is read from README.md (never copied here) and run, in order, as one
 The convention for a new block: write it as "```sh run" and it is covered; a command ending in
 `&` is a service, stopped (SIGTERM) when the script ends; `client health --wait` waits for one.
 Each 127.0.0.1:PORT is moved to a free port, so a service already on the documented one cannot
-clash. Then every file a `-o` wrote must exist, and each image drawn with a fixed seed must show
-what its prompt asks (`examples/tiny_shapes/check.py`).
+clash. Then every file a `-o` wrote must exist, and each image drawn or edited with a fixed seed
+must show what its prompt asks (`examples/tiny_shapes/check.py`: `check_image`, `check_edit`).
 
 Blocks that are plain "```sh" are not run: `make` (it installs), the test and benchmark commands,
 torchrun.
@@ -19,12 +19,13 @@ import re
 import shlex
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from examples.tiny_shapes.check import check_image
+from examples.tiny_shapes.check import check_edit, check_image, describe
 from examples.tiny_shapes.data import COLOURS, SHAPES
 from tests.helpers.ranks import free_port
 
@@ -50,19 +51,30 @@ def commands(blocks: list[str]) -> list[list[str]]:
     return [shlex.split(line, comments=True) for line in lines if line.strip()[:1] not in ("", "#")]
 
 
-def outputs(blocks: list[str]) -> list[tuple[str, str | None]]:
-    """(file, prompt) of every `-o FILE`; the prompt of a generate command with a fixed seed
-    (a server-picked one may draw the rare miss), else None."""
+@dataclass(frozen=True)
+class Output:
+    """A file a `-o` wrote; `prompt` is what a seeded command asked for (a server-picked seed
+    may draw the rare miss: not judged), `source` the input image of an edit."""
+
+    path: str
+    prompt: str | None = None
+    source: str | None = None
+
+
+def outputs(blocks: list[str]) -> list[Output]:
     found = []
     for words in commands(blocks):
         if "-o" not in words:
             continue
         path = words[words.index("-o") + 1]
-        prompt = None
         seeded = "--seed" in words and words[words.index("--seed") + 1] != "-1"
-        if "generate" in words and seeded:
-            prompt = words[words.index("generate") + 1]
-        found.append((path, prompt))
+        if seeded and "generate" in words:
+            found.append(Output(path, words[words.index("generate") + 1]))
+        elif seeded and "edit" in words:
+            at = words.index("edit")
+            found.append(Output(path, words[at + 2], source=words[at + 1]))
+        else:
+            found.append(Output(path))
     return found
 
 
@@ -140,21 +152,35 @@ def test_the_readme_commands_work_as_written(tmp_path: Path):
     assert "Traceback" not in done.stderr, log
     written = outputs(blocks)
     assert written, "the README writes no file"
-    for path, prompt in written:
-        assert (checkout / path).is_file(), f"{path} was not written:\n{log}"
-        match = CAPTION.search(prompt or "")
-        if match is None:
+    for out in written:
+        assert (checkout / out.path).is_file(), f"{out.path} was not written:\n{log}"
+        if out.prompt is None:
             continue
-        with Image.open(checkout / path) as image:
-            assert image.size == (128, 128)  # the model's native size: no --size given
-            verdict = check_image(image.convert("RGB"), match["colour"], match["background"])
-        assert verdict.passed, (path, prompt, verdict)
+        with Image.open(checkout / out.path) as image:
+            assert image.size == (128, 128)  # the model's native size (an edit: its input's)
+            drawn = image.convert("RGB")
+        if out.source is None:
+            match = CAPTION.search(out.prompt)
+            assert match, f"{out.prompt!r} is not a prompt of the trained checkpoint"
+            verdict = check_image(drawn, match["colour"], match["background"])
+        else:
+            with Image.open(checkout / out.source) as source:
+                spec = describe(source.convert("RGB"))
+            assert spec is not None, f"{out.source} shows no shape"
+            verdict = check_edit(drawn, out.prompt, spec)
+        assert verdict.passed, (out, verdict)
 
 
-def test_only_seeded_generations_are_judged():
+def test_only_seeded_generations_and_edits_are_judged():
     block = (
         '.venv/bin/python -m client generate "a red circle" -o a.png --seed 3\n'
         '.venv/bin/python -m client generate "a red circle" -o b.png --seed -1\n'
         '.venv/bin/python -m client edit a.png "make it blue" -o c.png --seed 3  # an edit\n'
+        '.venv/bin/python -m client edit a.png "make it blue" -o d.png\n'
     )
-    assert outputs([block]) == [("a.png", "a red circle"), ("b.png", None), ("c.png", None)]
+    assert outputs([block]) == [
+        Output("a.png", "a red circle"),
+        Output("b.png"),
+        Output("c.png", "make it blue", source="a.png"),
+        Output("d.png"),
+    ]
