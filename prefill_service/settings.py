@@ -12,6 +12,7 @@ from prefill_service.routing import split_addresses
 from serving.security import ClientSecurity, SecurityError, ServerSecurity
 from serving.settings import (
     DEFAULT_METRICS_HOST,
+    DefaultsHelpFormatter,
     add_server_security_arguments,
     default,
     server_security_from_args,
@@ -47,7 +48,9 @@ class PrefillSettings:
 def build_parser(prog: str, description: str, *, device: bool = True) -> argparse.ArgumentParser:
     """The service's flags; `device=False` leaves out --device (the mock runs no model)."""
     s = PrefillSettings
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=DefaultsHelpFormatter
+    )
     parser.add_argument("--model", required=True, help="checkpoint directory")
     parser.add_argument("--listen", default=default(s, "listen"), help="HOST:PORT to serve on")
     parser.add_argument(
@@ -58,7 +61,12 @@ def build_parser(prog: str, description: str, *, device: bool = True) -> argpars
         "one with the fewest of this service's requests in flight",
     )
     if device:
-        parser.add_argument("--device", choices=("cpu", "cuda"), default=default(s, "device"))
+        parser.add_argument(
+            "--device",
+            choices=("cpu", "cuda"),
+            default=default(s, "device"),
+            help="where the model runs: cpu (fp32) or cuda (bf16)",
+        )
         parser.add_argument(
             "--no-image-input",
             dest="image_input",
