@@ -49,6 +49,7 @@ COPY transport /src/transport
 COPY diffusion_service /src/diffusion_service
 COPY prefill_service /src/prefill_service
 COPY client /src/client
+COPY gateway /src/gateway
 RUN /opt/bagel/bin/pip wheel --no-deps --wheel-dir /dist /src
 
 # The runtime: the virtualenv and the product wheel installed in it, no sources, no wheels of the
@@ -63,5 +64,5 @@ RUN /opt/bagel/bin/pip install --no-cache-dir --no-deps --no-index /tmp/dist/*.w
 ENV PATH=/opt/bagel/bin:$PATH PYTHONUNBUFFERED=1
 USER bagel
 WORKDIR /home/bagel
-EXPOSE 50051 50052
+EXPOSE 8000 50051 50052
 CMD ["python", "-m", "client", "--help"]

@@ -13,7 +13,7 @@ from gateway.app import create_app
 from gateway.settings import GatewaySettings
 from serving.addresses import parse_host_port
 from serving.flags import OneLineArgumentParser, add_arguments, from_args
-from serving.security import SecurityError, read_pem, read_token_file, read_token_set
+from serving.security import SecurityError, read_pem
 from serving.server import configure_logging
 
 PROG = "python -m gateway"
@@ -53,12 +53,9 @@ def bind(listen: str) -> socket.socket:
 def main(argv: list[str] | None = None) -> int:
     settings = parse_settings(argv)
     try:
-        tokens = read_token_set(settings.auth_token_file) if settings.auth_token_file else ()
-        if settings.tls_cert:
-            read_pem(settings.tls_cert, "--tls-cert")
-            read_pem(settings.tls_key, "--tls-key")
-        if settings.prefill_auth_token_file:
-            read_token_file(settings.prefill_auth_token_file)
+        # As the services check theirs: the PEM files, the key pair, the token file's mode.
+        tokens = settings.server_security().load().tokens
+        settings.prefill_security().read_token()
         for path, what in (
             (settings.prefill_tls_ca, "--prefill-tls-ca"),
             (settings.prefill_tls_cert, "--prefill-tls-cert"),

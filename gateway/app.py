@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
+from starlette.background import BackgroundTask
 from starlette.datastructures import UploadFile
 
 from gateway.drawing import (
@@ -30,10 +31,7 @@ from gateway.middleware import CLIENT_GONE, BodyTooLarge, RequestMiddleware, too
 from gateway.prefill_pool import PrefillPool
 from gateway.schema import ImageEditRequest, ImageGenerationRequest, form_value
 from gateway.settings import GatewaySettings
-from serving.security import presented_token, token_accepted
 
-MISSING_TOKEN = "missing bearer token: send the header 'Authorization: Bearer <token>'"
-INVALID_TOKEN = "invalid bearer token"
 NO_MASK = (
     "mask is not supported: BAGEL edits by instruction (say in the prompt what to change) and "
     "takes no mask"
@@ -90,16 +88,6 @@ def create_app(settings: GatewaySettings, tokens: tuple[str, ...] = ()) -> FastA
         lifespan=lifespan,
     )
 
-    def authorize(request: Request) -> None:
-        if not tokens:
-            return
-        header = request.headers.get("authorization")
-        presented = presented_token([("authorization", header)] if header else [])
-        if presented is None:
-            raise OpenAIError(401, MISSING_TOKEN, "authentication_error", None, "missing_api_key")
-        if not token_accepted(presented, tokens):
-            raise OpenAIError(401, INVALID_TOKEN, "authentication_error", None, "invalid_api_key")
-
     @app.exception_handler(OpenAIError)
     async def openai_error(_request: Request, error: OpenAIError) -> JSONResponse:
         return error.response()
@@ -138,13 +126,11 @@ def create_app(settings: GatewaySettings, tokens: tuple[str, ...] = ()) -> FastA
         }
 
     @app.get("/v1/models", summary="the served model")
-    async def models(request: Request) -> dict[str, Any]:
-        authorize(request)
+    async def models() -> dict[str, Any]:
         return {"object": "list", "data": [model_card()]}
 
     @app.get("/v1/models/{model}", summary="one model")
-    async def model(request: Request, model: str) -> dict[str, Any]:
-        authorize(request)
+    async def model(model: str) -> dict[str, Any]:
         if model != settings.model_name:
             raise OpenAIError(
                 404,
@@ -160,20 +146,24 @@ def create_app(settings: GatewaySettings, tokens: tuple[str, ...] = ()) -> FastA
         painter: Painter = state["painter"]
         if drawing.stream:
             try:
-                events = await until_disconnect(request.receive, painter.open_stream(drawing))
+                stream = await until_disconnect(request.receive, painter.open_stream(drawing))
             except BaseException:
                 limit.release()
                 raise
+            metrics.streams_in_flight.inc()
+            stream.resources.callback(metrics.streams_in_flight.dec)
+            stream.resources.callback(limit.release)
             return StreamingResponse(
-                counted_stream(events, limit, metrics),
+                stream.events,
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
+                background=BackgroundTask(stream.close),  # runs however the response ends
             )
         try:
             results = await until_disconnect(request.receive, painter.images(drawing))
         finally:
             limit.release()
-        return JSONResponse(images_response(drawing, results))
+        return JSONResponse(await images_response(drawing, results))
 
     @app.post(
         "/v1/images/generations",
@@ -181,7 +171,6 @@ def create_app(settings: GatewaySettings, tokens: tuple[str, ...] = ()) -> FastA
         response_description="ImagesResponse, or server-sent events when stream is true",
     )
     async def generations(request: Request, body: ImageGenerationRequest) -> Response:
-        authorize(request)
         drawing = plan(body, "generation", settings.model_name, request.state.request_id, None)
         try:
             return await answer(request, drawing)
@@ -206,7 +195,6 @@ def create_app(settings: GatewaySettings, tokens: tuple[str, ...] = ()) -> FastA
         },
     )
     async def edits(request: Request) -> Response:
-        authorize(request)
         body, image = await edit_form(request)
         drawing = plan(body, "edit", settings.model_name, request.state.request_id, image)
         try:
@@ -214,22 +202,13 @@ def create_app(settings: GatewaySettings, tokens: tuple[str, ...] = ()) -> FastA
         except ClientGone:
             return Response(status_code=CLIENT_GONE)
 
-    app.add_middleware(RequestMiddleware, max_body_bytes=settings.max_body_bytes, metrics=metrics)
+    app.add_middleware(
+        RequestMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        metrics=metrics,
+        tokens=tokens,
+    )
     return app
-
-
-async def counted_stream(
-    events: AsyncIterator[bytes], limit: ConcurrencyLimit, metrics: GatewayMetrics
-) -> AsyncIterator[bytes]:
-    """`events`, holding a concurrency slot and counted as a stream in flight until they end."""
-    metrics.streams_in_flight.inc()
-    try:
-        async for chunk in events:
-            yield chunk
-    finally:
-        await events.aclose()  # type: ignore[attr-defined]
-        metrics.streams_in_flight.dec()
-        limit.release()
 
 
 def validation_failure(errors: Any) -> OpenAIError:

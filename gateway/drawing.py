@@ -18,7 +18,7 @@ import grpc
 
 from client import GenerationResult, IncompleteGeneration
 from client.events import ResultAssembler
-from gateway.encoding import b64
+from gateway.encoding import b64_off_loop
 from gateway.errors import OpenAIError, from_grpc, invalid_request
 from gateway.prefill_pool import PrefillPool
 from gateway.schema import ImageRequest, schema_values
@@ -100,6 +100,19 @@ def plan(
     )
 
 
+@dataclass
+class OpenStream:
+    """A started stream: its SSE bytes, and what holds its gRPC call and its prefill lease, closed
+    when the events end, or by `close` if they never ran (the client left before the first byte).
+    Closing twice is harmless."""
+
+    events: AsyncIterator[bytes]
+    resources: contextlib.AsyncExitStack
+
+    async def close(self) -> None:
+        await self.resources.aclose()
+
+
 class Painter:
     """Runs drawings on the pool; `retry_after_s` goes into 429 answers."""
 
@@ -141,7 +154,7 @@ class Painter:
             for task in tasks:
                 task.cancel()
 
-    async def open_stream(self, drawing: Drawing) -> AsyncIterator[bytes]:
+    async def open_stream(self, drawing: Drawing) -> OpenStream:
         """The events of a streamed drawing as SSE bytes. The call is started and its first event
         awaited here, so a request the service refuses gets an HTTP error status, not a stream;
         a failure after that is an `error` event."""
@@ -157,7 +170,7 @@ class Painter:
             if isinstance(e, grpc.aio.AioRpcError | TypeError | ValueError):
                 raise self._failure(e, drawing.request_id) from None
             raise
-        return self._sse(drawing, args, first, events, stack)
+        return OpenStream(self._sse(drawing, args, first, events, stack), stack)
 
     async def _sse(
         self,
@@ -176,11 +189,11 @@ class Painter:
                     break
                 assembler.add(event)
                 if event.WhichOneof("event") == "partial_image":
-                    yield sse(self._partial(drawing, event))
+                    yield sse(await self._partial(drawing, event))
             result = assembler.result(args)
             completed = {
                 "type": f"{drawing.event_prefix}.completed",
-                **image_fields(drawing, result.png, result.width, result.height),
+                **await image_fields(drawing, result.png, result.width, result.height),
                 "usage": usage([result], drawing.kind),
                 "bagel": reproduction(result),
             }
@@ -191,20 +204,20 @@ class Painter:
             await stack.aclose()
 
     @staticmethod
-    def _partial(drawing: Drawing, event: GenerateEvent) -> dict[str, Any]:
+    async def _partial(drawing: Drawing, event: GenerateEvent) -> dict[str, Any]:
         preview = event.partial_image
         return {
             "type": f"{drawing.event_prefix}.partial_image",
-            **image_fields(drawing, preview.png, preview.width, preview.height),
+            **await image_fields(drawing, preview.png, preview.width, preview.height),
             "partial_image_index": preview.index,
             "bagel": {"step": preview.step},
         }
 
 
-def image_fields(drawing: Drawing, png: bytes, width: int, height: int) -> dict[str, Any]:
+async def image_fields(drawing: Drawing, png: bytes, width: int, height: int) -> dict[str, Any]:
     """The fields OpenAI's image events share."""
     return {
-        "b64_json": b64(png, drawing.output_format, drawing.compression),
+        "b64_json": await b64_off_loop(png, drawing.output_format, drawing.compression),
         "created_at": int(time.time()),
         "size": f"{width}x{height}",
         "quality": "auto",
@@ -235,17 +248,17 @@ def usage(results: list[GenerationResult], kind: str) -> dict[str, Any]:
     return counted
 
 
-def images_response(drawing: Drawing, results: list[GenerationResult]) -> dict[str, Any]:
+async def images_response(drawing: Drawing, results: list[GenerationResult]) -> dict[str, Any]:
     """OpenAI's ImagesResponse, each image with its `bagel` object."""
     first = results[0]
+    encoded = await asyncio.gather(
+        *(b64_off_loop(r.png, drawing.output_format, drawing.compression) for r in results)
+    )
     return {
         "created": int(time.time()),
         "data": [
-            {
-                "b64_json": b64(r.png, drawing.output_format, drawing.compression),
-                "bagel": reproduction(r),
-            }
-            for r in results
+            {"b64_json": b64_json, "bagel": reproduction(r)}
+            for b64_json, r in zip(encoded, results, strict=True)
         ],
         "usage": usage(results, drawing.kind),
         "size": f"{first.width}x{first.height}",

@@ -1,6 +1,7 @@
 """What every HTTP request goes through, as one plain ASGI middleware: its request id (the
 client's `X-Request-Id` when it is a sane one, else a new one; sent back in `x-request-id`), the
-body limit, the metrics and one access-log line. Headers are never logged, so neither is a token."""
+bearer token of the API routes (checked before the body is read), the body limit, the metrics and
+one access-log line. Headers are never logged, so neither is a token."""
 
 from __future__ import annotations
 
@@ -13,10 +14,14 @@ from typing import Any
 
 from gateway.errors import OpenAIError
 from gateway.metrics import GatewayMetrics
+from serving.security import presented_token, token_accepted
 
 log = logging.getLogger("gateway.access")
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 CLIENT_GONE = 499  # nginx's status for a request whose client closed the connection
+PROTECTED_PREFIX = "/v1/"  # /health, /ready, /metrics and /docs stay open
+MISSING_TOKEN = "missing bearer token: send the header 'Authorization: Bearer <token>'"
+INVALID_TOKEN = "invalid bearer token"
 ROUTES = frozenset(
     {
         "/v1/images/generations",
@@ -48,11 +53,32 @@ def too_large(limit: int) -> OpenAIError:
     )
 
 
+def refusal(headers: dict[str, str], tokens: tuple[str, ...]) -> OpenAIError | None:
+    """The 401 for a request without one of `tokens` (None: let it in; no tokens: all in)."""
+    if not tokens:
+        return None
+    header = headers.get("authorization")
+    presented = presented_token([("authorization", header)] if header else [])
+    if presented is None:
+        return OpenAIError(401, MISSING_TOKEN, "authentication_error", None, "missing_api_key")
+    if not token_accepted(presented, tokens):
+        return OpenAIError(401, INVALID_TOKEN, "authentication_error", None, "invalid_api_key")
+    return None
+
+
 class RequestMiddleware:
-    def __init__(self, app: Any, *, max_body_bytes: int, metrics: GatewayMetrics) -> None:
+    def __init__(
+        self,
+        app: Any,
+        *,
+        max_body_bytes: int,
+        metrics: GatewayMetrics,
+        tokens: tuple[str, ...] = (),
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
+        self.tokens = tokens
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -89,8 +115,13 @@ class RequestMiddleware:
 
         try:
             length = headers.get("content-length", "")
-            if length.isdigit() and int(length) > self.max_body_bytes:
-                await too_large(self.max_body_bytes).response()(scope, receive, send_with_id)
+            refused = None
+            if scope["path"].startswith(PROTECTED_PREFIX):
+                refused = refusal(headers, self.tokens)
+            if refused is None and length.isdigit() and int(length) > self.max_body_bytes:
+                refused = too_large(self.max_body_bytes)
+            if refused is not None:
+                await refused.response()(scope, receive, send_with_id)
             else:
                 await self.app(scope, counted_receive, send_with_id)
         finally:

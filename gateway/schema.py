@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from serving.codecs import IntervalCodec
 from serving.params import GenerationParams
 
 MAX_IMAGES = 4
@@ -21,6 +22,9 @@ SCHEMA_FIELDS = tuple(
     f for f in dataclasses.fields(GenerationParams) if f.name not in COVERED_BY_OPENAI
 )
 SCHEMA_FIELD_NAMES = tuple(f.name for f in SCHEMA_FIELDS)
+PAIR_FIELDS = frozenset(
+    f.name for f in SCHEMA_FIELDS if isinstance(f.metadata["codec"], IntervalCodec)
+)
 
 
 class ImageRequest(BaseModel):
@@ -85,8 +89,7 @@ def form_value(name: str, values: list[str]) -> Any:
     """A multipart form field as its JSON counterpart: a pair field (cfg_interval) comes as
     `lo,hi`, a JSON list, or twice (`cfg_interval[]`, as the SDK sends a list); anything else as
     the one string, which pydantic converts."""
-    annotation = ImageEditRequest.model_fields[name].annotation if name in _PAIRS else None
-    if annotation is None:
+    if name not in PAIR_FIELDS:
         return values[0] if len(values) == 1 else values
     if len(values) > 1:
         return values
@@ -97,8 +100,3 @@ def form_value(name: str, values: list[str]) -> Any:
         except json.JSONDecodeError:
             return text
     return [part.strip() for part in text.split(",")]
-
-
-_PAIRS = frozenset(
-    f.name for f in SCHEMA_FIELDS if f.metadata["codec"].json_type() == tuple[float, float]
-)

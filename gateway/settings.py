@@ -51,6 +51,10 @@ class GatewaySettings:
             metavar="FILE",
         ),
     )
+    allow_insecure_token_file: bool = field(
+        default=False,
+        metadata=option("start even if --auth-token-file is readable by every user"),
+    )
     tls_cert: str | None = field(
         default=None, metadata=option("serve HTTPS: certificate", metavar="PEM")
     )
@@ -99,7 +103,12 @@ class GatewaySettings:
         return split_addresses(self.prefill, "--prefill")
 
     def server_security(self) -> ServerSecurity:
-        return ServerSecurity(tls_cert=self.tls_cert, tls_key=self.tls_key)
+        return ServerSecurity(
+            tls_cert=self.tls_cert,
+            tls_key=self.tls_key,
+            auth_token_file=self.auth_token_file,
+            allow_insecure_token_file=self.allow_insecure_token_file,
+        )
 
     def prefill_security(self) -> ClientSecurity:
         return ClientSecurity(

@@ -3,7 +3,8 @@
 # engine. Builds a Debian base image here (no registry is reachable) and the image from Dockerfile
 # with wheels downloaded on the host, starts both services with the loopback override
 # (docker-compose.test.yml), draws one image through the prefill container and checks that it
-# equals the in-process reference, then takes everything down. Starts dockerd itself unless one
+# equals the in-process reference, draws it again over HTTP through the gateway container (the
+# openai SDK) and checks that the two PNGs are the same bytes, then takes everything down. Starts dockerd itself unless one
 # already answers, and then stops only the one it started. Prints the time of each phase.
 #
 # Caches under out/compose (Debian packages, wheels) and in the engine (the base image, the build
@@ -28,7 +29,8 @@ SEED=7
 PREFILL=127.0.0.1:31051
 DIFFUSION=127.0.0.1:31052
 PREFILL_METRICS=127.0.0.1:31061
-PORTS=(31051 31052 31061 31062)
+GATEWAY=127.0.0.1:31080
+PORTS=(31051 31052 31061 31062 31080)
 WAIT_S=300
 
 mkdir -p "$WORK"
@@ -188,6 +190,7 @@ EOF
   "$PY" -m client health --server "$DIFFUSION" --timeout 5
   "$PY" -m client health --server "$PREFILL" --timeout 5
   "$PY" -c "import urllib.request as u; u.urlopen('http://$PREFILL_METRICS/metrics', timeout=5)"
+  "$PY" -m gateway.health_check "$GATEWAY"
 }
 
 generate() {
@@ -195,6 +198,21 @@ generate() {
     --server "$PREFILL" --timeout 300 >"$WORK/client.log" 2>&1 ||
     { cat "$WORK/client.log"; return 1; }
   grep -v '^step ' "$WORK/client.log"
+}
+
+generate_http() {  # the same image over HTTP, through the gateway container, with the openai SDK
+  "$PY" - "$GATEWAY" "$PROMPT" "$SIZE" "$SEED" "$WORK/served-http.png" <<'EOF'
+import base64, sys
+import openai
+gateway, prompt, size, seed, out = sys.argv[1:]
+client = openai.OpenAI(base_url=f"http://{gateway}/v1", api_key="unused", max_retries=0, timeout=300)
+reply = client.images.generate(prompt=prompt, size=f"{size}x{size}", extra_body={"seed": int(seed)})
+with open(out, "wb") as f:
+    f.write(base64.b64decode(reply.data[0].b64_json))
+print(f"wrote {out} over HTTP: {reply.data[0].model_extra['bagel']}")
+EOF
+  cmp "$WORK/served.png" "$WORK/served-http.png"
+  echo "the gateway's PNG is the gRPC client's, byte for byte"
 }
 
 compare() {
@@ -237,5 +255,6 @@ phase wheels download_wheels
 phase build build_image
 phase up start_services
 phase generate generate
+phase http generate_http
 phase compare compare
 phase down stop_services

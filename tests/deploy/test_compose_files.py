@@ -1,7 +1,7 @@
-"""The compose files, read the way Docker Compose reads them: each parses and names only the two
-services; each service is health-checked through the gRPC health service on its own port and has a
-restart policy, an shm size and a stop grace period; each command is one its service's parser
-accepts; the GPU override reserves GPUs and shares the host's IPC; and the test override puts every
+"""The compose files, read the way Docker Compose reads them: each parses and names only the three
+services; each service is health-checked on its own port (the two gRPC services through the gRPC
+health service, the gateway through its /ready) and has a restart policy and a stop grace period,
+the two model services an shm size; each command is one its service's parser accepts; the GPU override reserves GPUs and shares the host's IPC; and the test override puts every
 service in the host's network namespace with every address on 127.0.0.1, so CI's traffic never
 crosses a Docker bridge. Pure Python (PyYAML comes with transformers); where `docker compose` is
 installed, the merged test configuration is also checked as Compose itself resolves it."""
@@ -19,13 +19,15 @@ import pytest
 import yaml
 
 from diffusion_service.settings import parse_settings
+from gateway.__main__ import parse_settings as parse_gateway_settings
 from prefill_service.settings import build_parser, settings_from_args
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = ROOT / "docker-compose.yml"
 GPU = ROOT / "docker-compose.gpu.yml"
 TEST = ROOT / "docker-compose.test.yml"
-SERVICES = {"diffusion", "prefill"}
+SERVICES = {"diffusion", "prefill", "gateway"}
+MODEL_SERVICES = {"diffusion", "prefill"}  # they load the checkpoint and speak gRPC
 ADDRESS_FLAGS = ("--listen", "--diffusion", "--server")
 
 
@@ -71,7 +73,7 @@ def flag(argv: list[str], name: str) -> str:
     return argv[argv.index(name) + 1]
 
 
-def test_every_file_parses_and_names_only_the_two_services():
+def test_every_file_parses_and_names_only_the_three_services():
     assert set(services(BASE)) == SERVICES
     assert set(services(GPU)) == SERVICES
     assert set(services(TEST)) == SERVICES
@@ -83,11 +85,16 @@ def test_each_service_is_health_checked_on_its_own_port_with_restart_shm_and_gra
     for name, service in base.items():
         merged = {**service, **(services(override)[name] if override else {})}
         port = flag(command(merged), "--listen").rsplit(":", 1)[1]
-        assert merged["healthcheck"]["test"] == [
-            "CMD", "python", "-m", "client", "health", "--server", f"127.0.0.1:{port}",
-        ], name  # fmt: skip
+        if name in MODEL_SERVICES:
+            assert merged["healthcheck"]["test"] == [
+                "CMD", "python", "-m", "client", "health", "--server", f"127.0.0.1:{port}",
+            ], name  # fmt: skip
+            assert merged["shm_size"], name
+        else:
+            assert merged["healthcheck"]["test"] == [
+                "CMD", "python", "-m", "gateway.health_check", f"127.0.0.1:{port}",
+            ], name  # fmt: skip
         assert merged["restart"] in {"unless-stopped", "always", "on-failure", "no"}, name
-        assert merged["shm_size"], name
         assert merged["stop_grace_period"], name
 
 
@@ -104,6 +111,17 @@ def test_each_command_is_accepted_by_its_services_parser(override):
     assert settings_from_args(parser.parse_args(prefill[3:])).model_dir == "/models/bagel"
     port = flag(diffusion, "--listen").rsplit(":", 1)[1]
     assert flag(prefill, "--diffusion").endswith(f":{port}")
+    gateway = command({**services(BASE)["gateway"], **merged["gateway"]})
+    assert gateway[:3] == ["python", "-m", "gateway"]
+    gateway_settings = parse_gateway_settings(gateway[3:])
+    assert gateway_settings.prefill.endswith(":" + flag(prefill, "--listen").rsplit(":", 1)[1])
+
+
+def test_the_gateway_publishes_http_on_the_loopback_after_the_prefill_service_is_healthy():
+    gateway = services(BASE)["gateway"]
+    port = flag(command(gateway), "--listen").rsplit(":", 1)[1]
+    assert gateway["ports"] == [f"${{GATEWAY_PUBLISH:-127.0.0.1:{port}}}:{port}"]
+    assert gateway["depends_on"] == {"prefill": {"condition": "service_healthy"}}
 
 
 def test_the_test_override_keeps_every_service_on_the_host_network_and_the_loopback():
@@ -118,7 +136,8 @@ def test_the_test_override_keeps_every_service_on_the_host_network_and_the_loopb
         for address_flag in ADDRESS_FLAGS:
             if address_flag in argv:
                 assert flag(argv, address_flag).startswith("127.0.0.1:"), (name, address_flag)
-        assert flag(argv, "--metrics-host") == "127.0.0.1", name
+        if name in MODEL_SERVICES:  # the gateway's metrics are on its own port
+            assert flag(argv, "--metrics-host") == "127.0.0.1", name
         assert service["healthcheck"]["test"][-1].startswith("127.0.0.1:"), name
 
 
@@ -128,13 +147,16 @@ def test_the_test_script_talks_to_the_addresses_the_test_override_serves_on():
     listens = {name: flag(command(test[name]), "--listen") for name in SERVICES}
     assert f"PREFILL={listens['prefill']}\n" in script
     assert f"DIFFUSION={listens['diffusion']}\n" in script
+    assert f"GATEWAY={listens['gateway']}\n" in script
+    assert "phase http generate_http" in script  # one image over HTTP, through the gateway
 
 
 def test_the_gpu_override_reserves_gpus_shares_ipc_and_takes_the_topology_from_the_environment():
     gpu = services(GPU)
     diffusion = gpu["diffusion"]
     assert diffusion["ipc"] == "host"
-    for service in gpu.values():
+    assert gpu["gateway"]["image"] == diffusion["image"]  # the CUDA image, needing no GPU
+    for service in (gpu[name] for name in MODEL_SERVICES):
         [device] = service["deploy"]["resources"]["reservations"]["devices"]
         assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
         assert flag(command(service), "--device") == "cuda"

@@ -23,6 +23,7 @@ MODEL = ROOT / "examples" / "tiny_shapes" / "checkpoint"
 PROMPT = "a red circle on a white background"
 SIZE = "128x128"  # the checkpoint's native size
 STEPS = 6
+MAX_QUEUE = 2  # the test diffusion service's: room for n=2 behind a request still finishing
 
 
 class GatewayProcess(ServiceProcess):
@@ -90,8 +91,8 @@ def wait_for(condition, timeout: float, interval: float = 0.1) -> bool:
 
 @pytest.fixture(scope="module")
 def diffusion() -> Iterator[ServiceProcess]:
-    # A queue of 1 behind the running job, so that a full queue is easy to provoke.
-    args = ["--model", str(MODEL), "--max-queue", "1"]
+    # A short queue behind the running job, so that a full queue is easy to provoke.
+    args = ["--model", str(MODEL), "--max-queue", str(MAX_QUEUE)]
     with ServiceProcess("diffusion_service", args) as service:
         yield service.wait_serving()
 

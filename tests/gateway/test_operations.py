@@ -17,7 +17,16 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.gateway.conftest import MODEL, PROMPT, SIZE, STEPS, GatewayProcess, decoded
+from tests.gateway.conftest import (
+    MODEL,
+    PROMPT,
+    SIZE,
+    STEPS,
+    GatewayProcess,
+    decoded,
+    http_status,
+    wait_for,
+)
 from tests.helpers.certs import TestCertificates, make_certificates
 from tests.helpers.processes import ROOT, ServiceProcess
 from tests.helpers.ranks import free_port
@@ -172,8 +181,9 @@ def test_access_logs_carry_the_request_id_and_never_a_token(secured):
     reply = client.images.with_raw_response.generate(prompt=PROMPT, size=SIZE, extra_body=SMALL)
     assert reply.headers["x-request-id"] == "trace-42"
     assert reply.parse().data[0].model_extra["bagel"]["request_id"] == "trace-42"
+    assert wait_for(lambda: "request_id=trace-42" in secured.log(), 5)  # logged once it ends
     log = secured.log()
-    assert "POST /v1/images/generations 200" in log and "request_id=trace-42" in log
+    assert "POST /v1/images/generations 200" in log
     for secret in (*TOKENS, HOP_TOKEN):
         assert secret not in log
 
@@ -211,6 +221,7 @@ def start(*args: str) -> subprocess.CompletedProcess:
         (["--max-concurrency", "0"], "--max-concurrency must be positive"),
         (["--tls-cert", "cert.pem"], "--tls-cert and --tls-key go together"),
         (["--auth-token-file", "/nonexistent/tokens"], "cannot read the token file"),
+        (["--tls-cert", "/nonexistent/c.pem", "--tls-key", "/nonexistent/k.pem"], "--tls-cert"),
         (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     ],
 )
@@ -242,3 +253,31 @@ def test_the_listening_socket_is_tcp_so_answers_go_out_without_nagle_delay():
         assert sock.proto == socket.IPPROTO_TCP
     finally:
         sock.close()
+
+
+def test_a_token_file_every_user_may_read_is_refused_unless_allowed(tmp_path: Path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text(TOKENS[0] + "\n")
+    tokens.chmod(0o644)
+    run = start("--auth-token-file", str(tokens), "--listen", "127.0.0.1:0", "--prefill", "x:1")
+    assert run.returncode == 2 and "chmod 600 it" in run.stderr, run.stderr
+    assert run.stderr.count("\n") == 1
+    with GatewayProcess(
+        "127.0.0.1:1", "--auth-token-file", str(tokens), "--allow-insecure-token-file"
+    ) as gateway:
+        gateway.wait_serving()
+        assert http_status(f"{gateway.url}/v1/models") == 401
+
+
+def test_a_request_without_a_token_is_refused_before_its_body_is_read(secured):
+    """An oversized or malformed body from a caller without a token gets 401, not 413 or 400."""
+    for body in (b"{" * (MAX_BODY + 1), b"not json"):
+        connection = https(secured)
+        try:
+            headers = {"Content-Type": "application/json"}
+            connection.request("POST", "/v1/images/generations", body, headers)
+            reply = connection.getresponse()
+            assert reply.status == 401
+            assert json.loads(reply.read())["error"]["code"] == "missing_api_key"
+        finally:
+            connection.close()
