@@ -33,9 +33,11 @@ RUN if ls /tmp/wheels/*.whl >/dev/null 2>&1; \
     then printf '[global]\nno-index = true\nfind-links = /tmp/wheels\n' >/tmp/pip.conf; \
     else printf '[global]\n' >/tmp/pip.conf; fi
 COPY --from=requirements /tmp/requirements.txt /tmp/requirements.txt
+# The versions tested (every dependency but torch), as `make` installs them.
+COPY constraints.txt /tmp/constraints.txt
 RUN python3 -m venv /opt/bagel \
  && /opt/bagel/bin/pip install --index-url "$TORCH_INDEX_URL" "$TORCH_SPEC" \
- && /opt/bagel/bin/pip install -r /tmp/requirements.txt
+ && /opt/bagel/bin/pip install -c /tmp/constraints.txt -r /tmp/requirements.txt
 
 # The product packages as one wheel (only these: no tests, examples or benchmarks).
 FROM deps AS build

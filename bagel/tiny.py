@@ -22,9 +22,11 @@ from bagel.autoencoder import AutoEncoder, AutoEncoderParams
 from bagel.config import BagelConfig, LLMConfig
 from bagel.layers import RMSNorm
 from bagel.model import Bagel
+from bagel.model_info import CheckpointFacts, write_checkpoint_facts
 from bagel.presets import CheckpointShape, sincos_position_table, write_random_checkpoint
 from bagel.tokenizer import write_tiny_tokenizer
 
+TINY_NATIVE_SIZE = 64
 TINY_VIT = {
     "hidden_size": 32,
     "intermediate_size": 64,
@@ -134,6 +136,8 @@ def write_tiny_checkpoint(directory: str | Path, seed: int = 0) -> BagelConfig:
 
     (directory / "llm_config.json").write_text(json.dumps(config.llm.to_qwen2_json(), indent=2))
     (directory / "vit_config.json").write_text(json.dumps(_vit_config_json(), indent=2))
+    # Random weights have no training size; a small default keeps an unsized request cheap.
+    write_checkpoint_facts(directory, CheckpointFacts("bagel-tiny-random", TINY_NATIVE_SIZE))
     return config
 
 

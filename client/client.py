@@ -10,10 +10,11 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from client.errors import Unimplemented, error_from_rpc
 from client.events import GenerationResult, ResultAssembler
 from client.request import ImageInput, build_request, image_bytes
 from client.text import Message, TextResult, collect_answer, understand_request
-from protos import GenerateEvent, PrefillStub
+from protos import GenerateEvent, ModelInfo, ModelInfoRequest, PrefillStub
 from protos.options import channel_options
 from serving.security import open_channel
 
@@ -22,17 +23,25 @@ HEALTH_TIMEOUT_S = 10.0
 
 class EventStream:
     """The events of one Generate call. Iterate it; `cancel()` or `close()` ends the call (the
-    server sees CANCELLED), as does leaving a `with` block early. Iteration raises grpc.RpcError
-    when the call fails, CANCELLED included."""
+    server sees CANCELLED), as does leaving a `with` block early. Iteration raises a
+    `client.errors.BagelError` (a grpc.RpcError) when the call fails, CANCELLED included;
+    `request_id` is the caller's or, once accepted, the server's."""
 
-    def __init__(self, call: Any) -> None:
+    def __init__(self, call: Any, request_id: str = "") -> None:
         self._call = call
+        self.request_id = request_id
 
     def __iter__(self) -> EventStream:
         return self
 
     def __next__(self) -> GenerateEvent:
-        return next(self._call)
+        try:
+            event = next(self._call)
+        except grpc.RpcError as e:
+            raise error_from_rpc(e, self.request_id) from None
+        if event.WhichOneof("event") == "accepted":
+            self.request_id = event.accepted.request_id
+        return event
 
     def cancel(self) -> bool:
         return self._call.cancel()
@@ -81,6 +90,7 @@ class BagelClient:
         )
         self._stub = PrefillStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._model_info: ModelInfo | None = None
 
     def close(self) -> None:
         self._channel.close()
@@ -105,7 +115,8 @@ class BagelClient:
         `params`: see `client.request.build_request`; unknown names raise TypeError."""
         images = [image_bytes(i) for i in input_images]
         request = build_request(prompt, input_images=images, **params)
-        return EventStream(self._stub.Generate(request, timeout=self._deadline(timeout)))
+        call = self._stub.Generate(request, timeout=self._deadline(timeout))
+        return EventStream(call, request.request_id)
 
     def generate(
         self,
@@ -116,7 +127,13 @@ class BagelClient:
         **params: Any,
     ) -> GenerationResult:
         """Run a whole generation and return the image; `on_event` sees every event as it comes
-        (e.g. to show progress). Raises grpc.RpcError on failure; cancels the call if interrupted."""
+        (e.g. to show progress). A text-to-image request that sets neither height nor width gets
+        the model's native size (`model_info`). Raises a `client.errors.BagelError` subclass
+        (`InvalidArgument`, `Unavailable`, ...) on failure; cancels the call if interrupted."""
+        if not params.get("input_images") and params.get("height") is params.get("width") is None:
+            native = self.native_size(timeout=timeout)
+            if native:
+                params = {**params, "height": native, "width": native}
         assembler = ResultAssembler(str(params.get("request_id") or ""))
         with self.stream(prompt, timeout=timeout, **params) as events:
             for event in events:  # to the end, so a status after the image still raises
@@ -182,12 +199,34 @@ class BagelClient:
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The server's grpc.health.v1 status name (SERVING, NOT_SERVING, ...) for `service`
-        ("" = the whole server); raises grpc.RpcError if the server cannot be asked."""
+        ("" = the whole server); raises a BagelError if the server cannot be asked."""
         deadline = self._deadline(timeout) or HEALTH_TIMEOUT_S
-        response = self._health.Check(
-            health_pb2.HealthCheckRequest(service=service), timeout=deadline
-        )
+        try:
+            response = self._health.Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=deadline
+            )
+        except grpc.RpcError as e:
+            raise error_from_rpc(e) from None
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    def model_info(self, *, timeout: float | None = None) -> ModelInfo:
+        """What the service serves: the model's name, native and largest size, default timesteps
+        and guidance, whether it edits, its precision and layout (asked once, then kept).
+        Raises `Unimplemented` from a server without GetModelInfo."""
+        if self._model_info is None:
+            deadline = self._deadline(timeout) or HEALTH_TIMEOUT_S
+            try:
+                self._model_info = self._stub.GetModelInfo(ModelInfoRequest(), timeout=deadline)
+            except grpc.RpcError as e:
+                raise error_from_rpc(e) from None
+        return self._model_info
+
+    def native_size(self, *, timeout: float | None = None) -> int | None:
+        """The model's native side in pixels; None from a server that does not say."""
+        try:
+            return self.model_info(timeout=timeout).native_size or None
+        except Unimplemented:
+            return None
 
     def _deadline(self, timeout: float | None) -> float | None:
         return timeout if timeout is not None else self.timeout

@@ -4,7 +4,9 @@ name, plus `steps` (alias of `num_timesteps`), `request_id`, and `think` with it
 (`think_temperature`, ... from `serving.text_params.TextSampling`); an edit adds its input
 images.
 
-Only what a caller passes is set, so every unset field keeps the server's default.
+Only what a caller passes is set, so every unset field keeps the server's default. A seed of -1
+(what ComfyUI and A1111 users write for "random") is left unset too: the server picks one, and
+the result says which.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from serving.text_params import sampling_message, sampling_names
 
 _FIELDS = {f.name: f for f in dataclasses.fields(GenerationParams)}
 ALIASES = {"steps": "num_timesteps"}
+SERVER_PICKS_SEED = -1
 THINK_PREFIX = "think_"  # think mode's sampling settings: `think_temperature`, ...
 THINK_NAMES = sampling_names(THINK_PREFIX)
 PARAM_NAMES = frozenset((*_FIELDS, *ALIASES, "request_id", "think", *THINK_NAMES))
@@ -59,7 +62,7 @@ def build_request(
         request.request_id = request_id
     for name, f in _FIELDS.items():
         value = params.get(name)
-        if value is None:
+        if value is None or (name == "seed" and value == SERVER_PICKS_SEED):
             continue
         codec = f.metadata["codec"]
         codec.to_proto(request.params, name, codec.from_user(name, value))

@@ -10,18 +10,32 @@ from __future__ import annotations
 import logging
 import sys
 
+from bagel.check_checkpoint import model_dir_fault
+from bagel.devices import device_fault
 from diffusion_service.ranks import serve_rank, validate_settings
 from diffusion_service.server import run
-from diffusion_service.settings import parse_settings
+from diffusion_service.settings import ServiceSettings, parse_settings
 from diffusion_service.torchrun import TorchrunWorld
 from serving.server import configure_logging
+from serving.startup import StartupError, check_port_free, exit_on_misconfiguration, require
 
 log = logging.getLogger("diffusion_service")
+
+
+def check_startup(settings: ServiceSettings, serves_grpc: bool) -> None:
+    """Refuse a misconfiguration in one line (exit 2) before any rank or model loads."""
+    with exit_on_misconfiguration():
+        if serves_grpc:
+            check_port_free(settings.listen)
+        gpus = 1 if settings.torchrun else settings.world_size  # torchrun: one GPU per process
+        require(device_fault(settings.device, gpus))
+        require(model_dir_fault(settings.model_dir))
 
 
 def main() -> None:
     configure_logging()
     settings = parse_settings()
+    check_startup(settings, serves_grpc=not settings.torchrun or TorchrunWorld.from_env().rank == 0)
     try:
         if settings.torchrun:
             world = TorchrunWorld.from_env()
@@ -32,7 +46,7 @@ def main() -> None:
                 serve_rank(settings, world.rank, "env://")
                 return
         status = run(settings)
-    except ValueError as e:  # an invalid topology or checkpoint: say why and exit
+    except (ValueError, StartupError) as e:  # an invalid topology or checkpoint, a taken port
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     if status:

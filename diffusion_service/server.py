@@ -10,10 +10,12 @@ import time
 from collections.abc import AsyncIterator
 
 import grpc
+import torch
 
 from bagel.checkpoint import load_autoencoder
 from bagel.config import BagelConfig
 from bagel.devices import default_dtype
+from bagel.model_info import read_checkpoint_facts
 from diffusion_service.engine import Engine
 from diffusion_service.memory import peaks_note, publish_peaks
 from diffusion_service.metrics import DiffusionMetrics
@@ -21,9 +23,10 @@ from diffusion_service.ranks import rank_device, validate_settings
 from diffusion_service.servicer import DiffusionServicer
 from diffusion_service.settings import ServiceSettings
 from diffusion_service.world import RankWorld
-from protos import DIFFUSION_SERVICE, GenerateEvent
+from protos import DIFFUSION_SERVICE, GenerateEvent, ModelInfo
 from serving.access import RefusalLog
 from serving.credentials import CredentialReloader, ServerCredentialStore
+from serving.model_info import model_info, model_info_handler
 from serving.security import risky_settings
 from serving.server import GrpcServer, serve_until_signal
 from transport.buffers import tune_malloc
@@ -49,11 +52,27 @@ class DiffusionServer:
         credentials = ServerCredentialStore(settings.security, secrets)
         self.reloader = CredentialReloader([credentials])
         self.engine: Engine | None = None
+        facts = read_checkpoint_facts(settings.model_dir, config)
+        self.model_info = model_info(
+            name=facts.name,
+            fingerprint=config.fingerprint(),
+            native_size=facts.native_size,
+            max_size=config.max_image_size,
+            size_step=config.pixels_per_token,
+            can_edit=True,  # the edit's contexts arrive as KV like any other
+            precision=precision_name(settings),
+            layout=f"{settings.world_size} rank(s): {settings.parallel.describe()}",
+        )
         self.servicer: DiffusionServicer | None = None
         self.grpc = GrpcServer(
             DIFFUSION_SERVICE,
             settings.listen,
-            lambda server: server.add_generic_rpc_handlers((diffusion_handler(self._generate),)),
+            lambda server: server.add_generic_rpc_handlers(
+                (
+                    diffusion_handler(self._generate),
+                    model_info_handler(DIFFUSION_SERVICE, self.describe),
+                )
+            ),
             self.metrics,
             settings.metrics_host,
             settings.metrics_port,
@@ -99,6 +118,9 @@ class DiffusionServer:
             peaks_note(runtime.peak_memory, device),
         )
 
+    async def describe(self) -> ModelInfo:
+        return self.model_info
+
     async def _generate(
         self, frames: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[GenerateEvent]:
@@ -123,6 +145,12 @@ class DiffusionServer:
     def close(self) -> None:
         if self.world.launcher is not None:
             self.world.launcher.close()
+
+
+def precision_name(settings: ServiceSettings) -> str:
+    """The weights' precision as the ranks load them: fp32 on CPU, bf16 on CUDA, FP8 linears."""
+    name = "bf16" if default_dtype(settings.device) == torch.bfloat16 else "fp32"
+    return name + (" + fp8 linears" if settings.linear_precision == "fp8" else "")
 
 
 def run(settings: ServiceSettings) -> int:

@@ -13,6 +13,7 @@ from serving.params import CACHE_SPEC, CachePolicy, NoCache
 from serving.security import ServerSecurity
 from serving.settings import (
     DEFAULT_METRICS_HOST,
+    DefaultsHelpFormatter,
     add_server_security_arguments,
     default,
     server_security_from_args,
@@ -56,6 +57,7 @@ class ServiceSettings:
 def build_parser() -> argparse.ArgumentParser:
     s, p = ServiceSettings, ParallelConfig
     parser = argparse.ArgumentParser(
+        formatter_class=DefaultsHelpFormatter,
         prog="python -m diffusion_service",
         description="BAGEL diffusion service: receives a KV cache, denoises on all ranks, streams the image.",
     )
@@ -83,7 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=default(p, "sp_attention"),
         help="SP attention variant by name (default: the one the degrees imply)",
     )
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=default(s, "device"))
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default=default(s, "device"),
+        help="where the model runs: cpu (fp32) or cuda (bf16, one GPU per rank)",
+    )
     parser.add_argument(
         "--linear-precision",
         choices=LINEAR_PRECISIONS,

@@ -6,12 +6,15 @@ from __future__ import annotations
 import asyncio
 import sys
 
+from bagel.check_checkpoint import model_dir_fault
 from bagel.contexts import EditResize
+from bagel.devices import device_fault
 from bagel.image_transforms import ResizeRule
 from prefill_service.prefill import LanguageModelKV
 from prefill_service.server import serve
 from prefill_service.settings import PrefillSettings, build_parser, settings_from_args
 from serving.server import configure_logging
+from serving.startup import check_port_free, exit_on_misconfiguration, require
 
 
 def edit_resize(settings: PrefillSettings) -> EditResize | None:
@@ -31,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
         "BAGEL prefill service: prompt -> KV cache (streamed to the diffusion service) -> events.",
     )
     settings = settings_from_args(parser.parse_args(argv))
+    with exit_on_misconfiguration():  # one line and exit status 2, before the model loads
+        check_port_free(settings.listen)
+        require(device_fault(settings.device))
+        require(model_dir_fault(settings.model_dir))
     configure_logging()
 
     def load() -> LanguageModelKV:
@@ -41,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
             edit_resize=edit_resize(settings),
         )
 
-    return asyncio.run(serve(settings, load))
+    with exit_on_misconfiguration():  # e.g. an address gRPC cannot bind
+        return asyncio.run(serve(settings, load))
 
 
 if __name__ == "__main__":

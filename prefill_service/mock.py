@@ -29,6 +29,7 @@ from prefill_service.server import serve
 from prefill_service.settings import build_parser, settings_from_args
 from serving.params import GenerationParams
 from serving.server import configure_logging
+from serving.startup import check_port_free, exit_on_misconfiguration, require
 from transport import ContextSpec
 
 KEY_STD, VALUE_STD = 1.0, 0.5
@@ -106,6 +107,15 @@ class SyntheticKV:
         )
 
 
+def config_fault(model_dir: str | Path) -> str | None:
+    """Why the mock cannot read the model's shapes from `model_dir`, or None."""
+    try:
+        BagelConfig.from_dir(model_dir)
+    except (OSError, ValueError, KeyError) as e:
+        return f"--model {model_dir}: {e}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser(
         "python -m prefill_service.mock",
@@ -114,13 +124,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="KV dtype")
     settings = settings_from_args(parser.parse_args(argv))
+    with exit_on_misconfiguration():  # the mock reads only the configs, not the weights
+        check_port_free(settings.listen)
+        require(config_fault(settings.model_dir))
     configure_logging()
     dtype = DTYPES[settings.dtype or "fp32"]
 
     def load() -> SyntheticKV:
         return SyntheticKV(settings.model_dir, dtype)
 
-    return asyncio.run(serve(settings, load))
+    with exit_on_misconfiguration():  # e.g. an address gRPC cannot bind
+        return asyncio.run(serve(settings, load))
 
 
 if __name__ == "__main__":

@@ -10,22 +10,28 @@ import logging
 import time
 from collections.abc import Callable
 
+import grpc
 import torch
 
+from bagel.model_info import read_checkpoint_facts
 from prefill_service.metrics import PrefillMetrics
-from prefill_service.prefill import KVSource
+from prefill_service.prefill import EditKVSource, KVSource
 from prefill_service.relay import DiffusionLink
 from prefill_service.routing import DiffusionRouter
 from prefill_service.servicer import PrefillServicer, prefill_handler
 from prefill_service.settings import PrefillSettings
 from prefill_service.text import TextSide
-from protos import PREFILL_SERVICE
+from protos import PREFILL_SERVICE, DiffusionStub, ModelInfo, ModelInfoRequest
 from serving.access import RefusalLog
 from serving.credentials import ClientCredentialStore, CredentialReloader, ServerCredentialStore
+from serving.errors import ServiceError
+from serving.model_info import model_info, model_info_handler
 from serving.security import SecurityError, is_loopback, risky_settings
 from serving.server import GrpcServer, serve_until_signal
 
 log = logging.getLogger(__name__)
+DIFFUSION_INFO_TIMEOUT_S = 2.0
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 class PrefillServer:
@@ -65,7 +71,12 @@ class PrefillServer:
         self.grpc = GrpcServer(
             PREFILL_SERVICE,
             settings.listen,
-            lambda server: server.add_generic_rpc_handlers((prefill_handler(self.servicer),)),
+            lambda server: server.add_generic_rpc_handlers(
+                (
+                    prefill_handler(self.servicer),
+                    model_info_handler(PREFILL_SERVICE, self.describe),
+                )
+            ),
             self.metrics,
             settings.metrics_host,
             settings.metrics_port,
@@ -73,6 +84,8 @@ class PrefillServer:
             interceptors=credentials.interceptors(RefusalLog(self.metrics.auth_failures)),
         )
         self.loaded: asyncio.Future | None = None
+        self._logged_serving: bool | None = None
+        self._model_info: ModelInfo | None = None
 
     @property
     def port(self) -> int | None:
@@ -88,8 +101,22 @@ class PrefillServer:
 
     async def _publish_health(self) -> None:
         """SERVING only while the model is loaded and the health of the diffusion service (of at
-        least one, with several), asked every second, says SERVING."""
-        await self.grpc.set_serving(self.servicer.source is not None and self.router.serving)
+        least one, with several), asked every second, says SERVING. The log says "serving" only
+        when that is so."""
+        serving = self.servicer.source is not None and self.router.serving
+        await self.grpc.set_serving(serving)
+        if self.servicer.source is None or serving == self._logged_serving:
+            return
+        self._logged_serving = serving
+        if serving:
+            log.info(
+                "serving on %s: diffusion service %s", self.settings.listen, self.router.describe()
+            )
+        else:
+            log.warning(
+                "not serving: no diffusion service is serving (%s); requests wait for one",
+                self.router.describe(),
+            )
 
     async def _load(self) -> None:
         started = time.perf_counter()
@@ -98,13 +125,47 @@ class PrefillServer:
         watch_peak_memory(self.metrics)
         self.servicer.source = source
         await self.router.check_health()
+        log.info("model %s loaded, KV dtype %s", source.config.fingerprint(), source.dtype)
         await self._publish_health()
-        log.info(
-            "serving: model %s, KV dtype %s, diffusion service at %s",
-            source.config.fingerprint(),
-            source.dtype,
-            ", ".join(self.router.addresses),
-        )
+
+    async def describe(self) -> ModelInfo:
+        """GetModelInfo: the checkpoint's facts from here; precision and layout from the diffusion
+        service that serves (this service's own when none answers)."""
+        source = self.servicer.source
+        if source is None:
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
+        if self._model_info is None:
+            config = source.config
+            facts = await asyncio.to_thread(read_checkpoint_facts, self.settings.model_dir, config)
+            self._model_info = model_info(
+                name=facts.name,
+                fingerprint=config.fingerprint(),
+                native_size=facts.native_size,
+                max_size=config.max_image_size,
+                size_step=config.pixels_per_token,
+                can_edit=isinstance(source, EditKVSource) and source.supports_edits,
+                precision=DTYPE_NAMES.get(source.dtype, str(source.dtype)),
+                layout="prefill only",
+            )
+        info = ModelInfo()
+        info.CopyFrom(self._model_info)
+        diffusion = await self._diffusion_model_info()
+        if diffusion is not None:
+            info.precision, info.layout = diffusion.precision, diffusion.layout
+        return info
+
+    async def _diffusion_model_info(self) -> ModelInfo | None:
+        for group in self.router.groups:
+            if not group.serving:
+                continue
+            stub = DiffusionStub(group.link.channel)
+            try:
+                return await asyncio.to_thread(
+                    stub.GetModelInfo, ModelInfoRequest(), timeout=DIFFUSION_INFO_TIMEOUT_S
+                )
+            except grpc.RpcError as e:
+                log.info("GetModelInfo of the diffusion service at %s: %s", group.address, e.code())
+        return None
 
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING at once; in-flight calls get `grace` seconds, then are cancelled."""

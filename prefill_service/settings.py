@@ -13,6 +13,7 @@ from prefill_service.text import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS
 from serving.security import ClientSecurity, SecurityError, ServerSecurity
 from serving.settings import (
     DEFAULT_METRICS_HOST,
+    DefaultsHelpFormatter,
     add_server_security_arguments,
     default,
     server_security_from_args,
@@ -50,7 +51,9 @@ class PrefillSettings:
 def build_parser(prog: str, description: str, *, device: bool = True) -> argparse.ArgumentParser:
     """The service's flags; `device=False` leaves out --device (the mock runs no model)."""
     s = PrefillSettings
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=DefaultsHelpFormatter
+    )
     parser.add_argument("--model", required=True, help="checkpoint directory")
     parser.add_argument("--listen", default=default(s, "listen"), help="HOST:PORT to serve on")
     parser.add_argument(
@@ -61,7 +64,12 @@ def build_parser(prog: str, description: str, *, device: bool = True) -> argpars
         "one with the fewest of this service's requests in flight",
     )
     if device:
-        parser.add_argument("--device", choices=("cpu", "cuda"), default=default(s, "device"))
+        parser.add_argument(
+            "--device",
+            choices=("cpu", "cuda"),
+            default=default(s, "device"),
+            help="where the model runs: cpu (fp32) or cuda (bf16)",
+        )
         parser.add_argument(
             "--no-image-input",
             dest="image_input",

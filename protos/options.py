@@ -36,4 +36,7 @@ def server_options(*, max_message_bytes: int = MAX_MESSAGE_BYTES) -> Options:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
         ("grpc.http2.max_ping_strikes", 0),
+        # gRPC's default SO_REUSEPORT lets a second server bind a port in use and take half its
+        # connections at random; without it the second server fails to start.
+        ("grpc.so_reuseport", 0),
     ]

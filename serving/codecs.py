@@ -94,9 +94,13 @@ class Range:
             raise InvalidParams(f"{name}={value!r} must be in {self}")
 
     def __str__(self) -> str:
-        return (
-            f"{'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
-        )
+        lo, hi = _number(self.lo), _number(self.hi)
+        return f"{'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}"
+
+
+def _number(value: float) -> str:
+    """An integer bound exactly (a seed's 2**63 - 1, not 9.22337e+18), a float one short."""
+    return str(value) if isinstance(value, int) else f"{value:g}"
 
 
 class Codec:

@@ -64,7 +64,7 @@ class GenerationParams:
         default=50,
         metadata=spec(
             IntCodec(),
-            "timesteps of the schedule (Euler steps + 1)",
+            "number of timesteps of the schedule (the sampler takes one step fewer)",
             flags=("--steps",),
             bounds=Range(2, 1000),
         ),
@@ -100,7 +100,9 @@ class GenerationParams:
     seed: int = field(
         default=0,
         metadata=spec(
-            IntCodec(), "noise seed (unset: the server picks one)", bounds=Range(0, MAX_SEED)
+            IntCodec(),
+            "noise seed (unset or -1 through the client: the server picks one)",
+            bounds=Range(0, MAX_SEED),
         ),
     )
     negative_prompt: str = field(

@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from protos.options import server_options
 from serving.metrics import ServiceMetrics
+from serving.startup import StartupError
 
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -66,12 +67,18 @@ class GrpcServer:
             (self.service_name, HEALTH_SERVICE, reflection.SERVICE_NAME), server
         )
         await self.set_serving(False)
-        if self._credentials is None:
-            self.port = server.add_insecure_port(self.listen)
-        else:
-            self.port = server.add_secure_port(self.listen, self._credentials)
+        try:
+            if self._credentials is None:
+                self.port = server.add_insecure_port(self.listen)
+            else:
+                self.port = server.add_secure_port(self.listen, self._credentials)
+        except RuntimeError:  # gRPC's "Failed to bind": taken since `check_port_free` looked
+            self.port = 0
         if not self.port:
-            raise RuntimeError(f"cannot listen on {self.listen}")
+            raise StartupError(
+                f"--listen {self.listen}: cannot bind (the port is in use, or the address is not "
+                "this host's)"
+            )
         await server.start()
         self._server = server
         if self.metrics_port is not None:

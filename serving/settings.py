@@ -25,6 +25,23 @@ def default(settings_cls: type, name: str) -> Any:
     raise KeyError(name)
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """`--help` states each option's default, unless its help says it already or it has none
+    (a required flag, an on/off switch, an unset optional)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            not action.option_strings
+            or action.nargs == 0
+            or action.default in (None, argparse.SUPPRESS)
+            or "(default" in text
+            or "%(default)" in text
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def add_server_security_arguments(
     parser: argparse.ArgumentParser, *, allowed_clients: bool = False
 ) -> None:

@@ -19,6 +19,8 @@ from protos import (
     GenerateRequest,
     Image,
     Latents,
+    ModelInfo,
+    ModelInfoRequest,
     OutputFormat,
     PrefillServicer,
     Progress,
@@ -42,6 +44,14 @@ class FakePrefill(PrefillServicer):
         self.fail_with: tuple[grpc.StatusCode, str] | None = None
         self.cancelled = threading.Event()
         self.metadata: list[tuple[str, str]] = []  # the last call's
+        self.model_info: ModelInfo | None = None  # None: GetModelInfo is UNIMPLEMENTED
+        self.model_info_calls = 0
+
+    def GetModelInfo(self, request: ModelInfoRequest, context: grpc.ServicerContext) -> ModelInfo:
+        self.model_info_calls += 1
+        if self.model_info is None:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not implemented!")
+        return self.model_info
 
     def Generate(self, request: GenerateRequest, context: grpc.ServicerContext):
         self.requests.append(request)

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -36,8 +39,9 @@ def test_the_help_names_the_program_its_commands_and_what_each_flag_does():
     )
     [commands] = parser._subparsers._group_actions
     assert {c.dest: c.help for c in commands._choices_actions} == {
-        "generate": "text to image; writes a PNG",
-        "edit": "image editing: INPUT (PNG or JPEG) changed as PROMPT says; writes a PNG",
+        "generate": "text to image; writes a PNG, JPEG or WebP",
+        "edit": "image editing: INPUT (PNG or JPEG) changed as PROMPT says; writes a PNG, JPEG "
+        "or WebP",
         "understand": "ask about an image (PNG or JPEG); prints the answer as it comes",
         "chat": "send a message; prints the answer as it comes",
         "health": "print the server's health; exit 0 iff SERVING",
@@ -45,18 +49,44 @@ def test_the_help_names_the_program_its_commands_and_what_each_flag_does():
     assert help_of(commands.choices["edit"])["input"] == ("the image to edit (PNG or JPEG)", None)
     generate = help_of(commands.choices["generate"])
     assert generate["output"] == (
-        "PNG file to write (with --output-format latents: a .npy file of the fp32 latents)",
+        "image file to write, its format from the extension: .png, .jpg/.jpeg or .webp (with "
+        "--output-format latents: a .npy file of the fp32 latents)",
         None,
     )
-    assert generate["size"] == ("square image side in pixels (multiple of 16)", None)
-    assert generate["request_id"] == ("unset: the server assigns one", None)
+    assert generate["size"] == (
+        "square image side in pixels, a multiple of the model's size step (default: the model's "
+        "native size; edit: the input's size)",
+        None,
+    )
+    assert generate["num_timesteps"][0] == (
+        "number of timesteps of the schedule (the sampler takes one step fewer) (default: the "
+        "model's, 50 for BAGEL)"
+    )
+    assert generate["request_id"] == (
+        "1 to 128 printable ASCII characters (default: the server assigns one)",
+        None,
+    )
     assert generate["summary_json"] == (
-        "write request_id, seed, steps, cached_steps (0-based) and timings as JSON",
+        "write request_id, seed, steps, cached_steps (0-based) and timings as JSON (default: none)",
         "FILE",
     )
     health = help_of(commands.choices["health"])
-    assert health["server"] == ("HOST:PORT (127.0.0.1:50051)", None)
-    assert health["timeout"] == ("deadline of the call in seconds", None)
+    assert health["server"] == (
+        "HOST:PORT of the prefill service (default: %(default)s)",
+        None,
+    )
+    assert health["timeout"] == ("deadline of the call in seconds (default: none)", None)
+
+
+@pytest.mark.parametrize("command", ["generate", "edit", "health"])
+def test_help_states_every_flags_default(command: str):
+    [commands] = build_parser()._subparsers._group_actions
+    parser = commands.choices[command]
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help" or action.required:
+            continue
+        text = action.help or ""
+        assert "(default: " in text or "unset:" in text, (action.option_strings, text)
 
 
 def test_a_command_is_required():
@@ -111,27 +141,77 @@ def test_latents_are_written_as_npy_with_their_shape_in_the_report(fake, tmp_pat
     assert summary.read_text().endswith("}\n") and '\n  "seed": 5' in summary.read_text()
 
 
-def test_an_output_that_cannot_be_written_is_exit_1_naming_the_file(fake, tmp_path, capsys):
+def test_an_output_that_cannot_be_written_fails_before_the_call_naming_the_flag(
+    fake, tmp_path, capsys
+):
     blocker = tmp_path / "file"
     blocker.write_text("")
     out = blocker / "x.png"
-    assert main(["generate", "A cat", "-o", str(out), "--server", fake.address]) == 1
-    assert capsys.readouterr().err.splitlines()[-1].startswith(f"error: cannot write {out}: ")
+    assert main(["generate", "A cat", "-o", str(out), "--server", fake.address]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: -o/--output: cannot create {blocker}: File exists"
+    )
+    assert fake.servicer.requests == []
 
 
-def test_a_summary_that_cannot_be_written_is_exit_1_naming_the_file(fake, tmp_path, capsys):
+def test_an_output_in_a_read_only_folder_fails_before_the_call(fake, tmp_path, capsys):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        code = main(["generate", "A cat", "-o", str(folder / "x.png"), "--server", fake.address])
+    finally:
+        folder.chmod(0o700)
+    if os.geteuid() == 0:  # root writes anywhere: the call goes ahead and succeeds
+        assert code == 0
+        return
+    assert code == 2
+    assert (
+        capsys.readouterr().err.splitlines()[-1] == f"error: -o/--output: {folder} is not writable"
+    )
+    assert fake.servicer.requests == []
+
+
+def test_a_summary_that_cannot_be_written_fails_before_the_call_naming_the_flag(
+    fake, tmp_path, capsys
+):
     blocker = tmp_path / "file"
     blocker.write_text("")
     summary = blocker / "s.json"
     argv = ["generate", "A cat", "-o", str(tmp_path / "x.png"), "--summary-json", str(summary)]
-    assert main([*argv, "--server", fake.address]) == 1
-    assert capsys.readouterr().err.splitlines()[-1].startswith(f"error: cannot write {summary}: ")
+    assert main([*argv, "--server", fake.address]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: --summary-json: cannot create {blocker}: File exists"
+    )
+    assert fake.servicer.requests == []
 
 
-def test_a_value_the_wire_cannot_carry_is_exit_2_invalid_argument(fake, tmp_path, capsys):
-    code = main(["generate", "A cat", "-o", str(tmp_path / "x.png"), "--width", "-16"])
-    assert code == 2
-    assert capsys.readouterr().err.startswith("error: INVALID_ARGUMENT: ")
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--width", "-16"], "--width -16: must be a positive number of pixels"),
+        (["--size", "-16"], "--size -16: must be a positive number of pixels"),
+        (["--steps", "1"], "--steps 1: must be in [2, 1000]"),
+        (["--cfg-text", "101"], "--cfg-text 101.0: must be in [0, 100]"),
+        (["--cfg-interval", "0.9", "0.1"], "--cfg-interval 0.9 0.1: must satisfy LO <= HI"),
+        (
+            ["--seed", "-2"],
+            "--seed -2: must be -1 (the server picks) or in 0..9223372036854775807",
+        ),
+        (["--seed", str(2**63)], f"--seed {2**63}: must be -1 (the server picks) or in 0.."),
+        (["--quality", "0"], "--quality 0: must be in 1..100"),
+        (["-o", "x.gif"], "-o/--output x.gif: unknown image extension '.gif'; use one of"),
+    ],
+)
+def test_a_bad_flag_is_exit_2_naming_the_flag_before_any_call(fake, capsys, flags, message):
+    argv = ["generate", "A cat", "-o", "x.png", *flags, "--server", fake.address]
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert (
+        capsys.readouterr().err.splitlines()[-1].startswith(f"python -m client: error: {message}")
+    )
+    assert fake.servicer.requests == []
 
 
 def test_a_stream_without_an_image_is_exit_1_internal(no_image, tmp_path, capsys):
@@ -217,10 +297,19 @@ def test_the_timing_summary_puts_unknown_phases_last_and_the_client_in_ms():
 def test_both_commands_take_the_connection_flags_with_their_help(command):
     [commands] = build_parser()._subparsers._group_actions
     flags = help_of(commands.choices[command[0]])
-    assert flags["tls_ca"] == ("use TLS, verifying the server with this CA certificate", "PEM")
-    assert flags["tls_cert"] == ("use TLS with this client certificate (mTLS)", "PEM")
-    assert flags["tls_key"] == ("private key of --tls-cert", "PEM")
-    assert flags["auth_token_file"] == ("send the bearer token in FILE (health needs none)", "FILE")
+    assert flags["tls_ca"] == (
+        "use TLS, verifying the server with this CA certificate (default: plaintext)",
+        "PEM",
+    )
+    assert flags["tls_cert"] == (
+        "use TLS with this client certificate, for mTLS (default: none)",
+        "PEM",
+    )
+    assert flags["tls_key"] == ("private key of --tls-cert (default: none)", "PEM")
+    assert flags["auth_token_file"] == (
+        "send the bearer token in FILE; health needs none (default: no token)",
+        "FILE",
+    )
     args = parse_args([*command, "--auth-token-file", "t.txt"])
     assert args.auth_token_file.name == "t.txt"
 
@@ -269,3 +358,26 @@ def test_an_input_that_cannot_be_read_is_exit_2_naming_the_file(fake, tmp_path, 
     assert code == 2
     assert f"cannot read {missing}" in capsys.readouterr().err
     assert fake.servicer.requests == []
+
+
+def test_health_wait_asks_until_serving(fake, capsys):
+    fake.set_health("NOT_SERVING")
+    timer = threading.Timer(0.6, fake.set_health, ("SERVING",))
+    timer.start()
+    started = time.monotonic()
+    assert main(["health", "--server", fake.address, "--wait", "20"]) == 0
+    assert 0.5 <= time.monotonic() - started < 10
+    assert capsys.readouterr().out == "SERVING\n"
+
+
+def test_health_wait_gives_up_after_its_seconds(fake, capsys):
+    fake.set_health("NOT_SERVING")
+    started = time.monotonic()
+    assert main(["health", "--server", fake.address, "--wait", "0.5"]) == 1
+    assert 0.5 <= time.monotonic() - started < 5
+    assert capsys.readouterr().out == "NOT_SERVING\n"
+
+
+def test_health_wait_outlasts_a_server_that_is_not_up_yet(capsys):
+    assert main(["health", "--server", "127.0.0.1:1", "--wait", "0.5"]) == 1
+    assert capsys.readouterr().err.startswith("error: UNAVAILABLE: ")

@@ -258,3 +258,9 @@ def test_a_policy_member_the_codec_does_not_know_is_invalid_params():
     assert cache_codec().from_proto(msg, "cache") == TeaCache()
     with pytest.raises(InvalidParams, match=re.escape("cache.tea_cache is not a known policy")):
         CachePolicyCodec({"none": NoCache}).from_proto(msg, "cache")
+
+
+def test_a_range_names_integer_bounds_exactly_and_float_bounds_short():
+    assert str(Range(0, 2**63 - 1)) == "[0, 9223372036854775807]"
+    assert str(Range(0.0, 100.0, lo_open=True)) == "(0, 100]"
+    assert str(Range(0.0, 0.25, hi_open=True)) == "[0, 0.25)"
