@@ -249,7 +249,7 @@ def add_param_arguments(parser: argparse.ArgumentParser) -> None:
         "--think",
         action="store_true",
         default=None,
-        help="the model first writes a plan (printed), then draws from it",
+        help="the model first writes a plan (printed), then draws from it (default: off)",
     )
     add_sampling_arguments(parser, THINK_PREFIX)
 

@@ -144,6 +144,7 @@ class PrefillServer:
                 max_size=config.max_image_size,
                 size_step=config.pixels_per_token,
                 can_edit=isinstance(source, EditKVSource) and source.supports_edits,
+                can_understand=TextSide.can_decode(source),
                 precision=DTYPE_NAMES.get(source.dtype, str(source.dtype)),
                 layout="prefill only",
             )

@@ -89,11 +89,17 @@ class TextSide:
         self._source: object | None = None
         self._lock = threading.Lock()
 
+    @staticmethod
+    def can_decode(source) -> bool:
+        """Whether `source`'s model decodes text (it was loaded with its LM head)."""
+        model = getattr(source, "model", None)
+        return model is not None and bool(getattr(model, "with_lm_head", False))
+
     def scheduler(self, source) -> DecodeScheduler:
         """The scheduler over `source`'s model; ServiceError if the source cannot decode."""
-        model = getattr(source, "model", None)
-        if model is None or not getattr(model, "with_lm_head", False):
+        if not self.can_decode(source):
             raise ServiceError(grpc.StatusCode.UNIMPLEMENTED, NO_TEXT)
+        model = source.model
         with self._lock:
             if self._scheduler is None or self._source is not source:
                 if self._scheduler is not None:

@@ -131,10 +131,12 @@ def sampling_names(prefix: str = "") -> frozenset[str]:
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> None:
     """One flag per schema field (`--temperature`, or `--think-temperature` with a prefix);
-    every flag defaults to unset, i.e. the server's default."""
+    every flag defaults to unset, i.e. the server's default, which its help states."""
     group = parser.add_argument_group(f"{prefix.replace('_', ' ')}text sampling".strip())
     for f in dataclasses.fields(TextSampling):
         help_text = f.metadata["help"]
+        if "default:" not in help_text and "unset:" not in help_text:
+            help_text = f"{help_text} (default: {f.default})"
         meta = {**f.metadata, "help": help_text, "flags": ()}
         f.metadata["codec"].add_argument(group, prefix + f.name, meta)
 

@@ -51,7 +51,7 @@ def test_unset_fields_take_defaults_and_an_unset_seed_a_random_one():
         ({"top_p": 0.0}, "top_p=0.0 must be in (0, 1]"),
         ({"top_p": 1.01}, "top_p=1.01 must be in (0, 1]"),
         ({"max_new_tokens": 0}, "max_new_tokens=0 must be in [1, 32768]"),
-        ({"top_k": -1}, "top_k=-1 must be in [0, 1e+06]"),
+        ({"top_k": -1}, "top_k=-1 must be in [0, 1000000]"),
         ({"temperature": float("nan")}, "temperature=nan must be finite"),
     ],
 )
