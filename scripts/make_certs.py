@@ -11,6 +11,7 @@ its own secrets:
                                              what the diffusion service's --tls-allowed-clients names)
                      hop.token, client.token the hop's token; the tokens it accepts from clients
     OUT/client/      ca.crt, client.token    what a client of the front door needs
+    OUT/gateway/     ca.crt, client.token    the same, for the HTTP gateway's hop to the prefill
 
 Server certificates also name localhost and 127.0.0.1 (health checks inside the container, the
 published port on the host). EC P-256 keys, made with `cryptography`. Keys and tokens are written
@@ -47,6 +48,7 @@ LOCAL_NAMES = ("localhost", "127.0.0.1")
 TOKEN_BYTES = 32
 ROTATION_PAUSE_S = 5.0  # more than twice the services' file watch (serving.credentials.POLL_S)
 ACCEPTING = ("diffusion/hop.token", "prefill/client.token")
+CONTAINERS = ("diffusion", "prefill", "gateway")  # the folders the containers mount
 
 
 def _name(common_name: str) -> x509.Name:
@@ -175,7 +177,6 @@ def make_certs(out: Path, days: int) -> None:
         _leaf(out / service, "server", service, ca, days, server, (service, *LOCAL_NAMES))
     client = (ExtendedKeyUsageOID.CLIENT_AUTH,)
     _leaf(out / "prefill", "client", "prefill", ca, days, client, ("prefill",))
-    _write(out / "client" / "ca.crt", ca_pem, 0o644)
     # The accepting side lists the old and the new token; the sending side switches to the new
     # one only once the accepting side has had time to reload.
     rotating = (out / ACCEPTING[0]).exists()
@@ -185,7 +186,9 @@ def make_certs(out: Path, days: int) -> None:
         print(f"new tokens accepted; the senders switch in {ROTATION_PAUSE_S:g} s")
         time.sleep(ROTATION_PAUSE_S)
     _copy_token(out / "diffusion" / "hop.token", out / "prefill" / "hop.token", last_only=True)
-    _copy_token(out / "prefill" / "client.token", out / "client" / "client.token", last_only=True)
+    for sender in ("client", "gateway"):
+        _write(out / sender / "ca.crt", ca_pem, 0o644)
+        _copy_token(out / "prefill" / "client.token", out / sender / "client.token", last_only=True)
 
 
 def drop_old_tokens(out: Path) -> None:
@@ -200,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--owner",
         metavar="UID:GID",
-        help="hand the diffusion and prefill folders to this user (the image's is 10001:10001)",
+        help="hand the containers' folders (diffusion, prefill, gateway) to this user (the image's "
+        "is 10001:10001)",
     )
     parser.add_argument(
         "--drop-old-tokens",
@@ -215,10 +219,12 @@ def main(argv: list[str] | None = None) -> int:
     make_certs(args.out, args.days)
     if args.owner:
         uid, _, gid = args.owner.partition(":")
-        for service in ("diffusion", "prefill"):
+        for service in CONTAINERS:
             for path in [args.out / service, *(args.out / service).iterdir()]:
                 os.chown(path, int(uid), int(gid or uid))
-    print(f"certificates, keys and tokens in {args.out}/ (diffusion, prefill, client; CA in ca/)")
+    print(
+        f"certificates, keys and tokens in {args.out}/ ({', '.join(CONTAINERS)}, client; CA in ca/)"
+    )
     return 0
 
 

@@ -17,6 +17,7 @@ import grpc
 import pytest
 
 from diffusion_service.settings import parse_settings
+from gateway.__main__ import parse_settings as parse_gateway_settings
 from prefill_service.settings import build_parser, settings_from_args
 from serving.access import RefusalLog
 from serving.credentials import ServerCredentialStore
@@ -78,6 +79,8 @@ def test_both_hops_get_tls_and_tokens_and_hop_2_mtls_with_the_prefill_certificat
     hop = prefill.diffusion_security
     assert hop.tls_ca and hop.tls_cert and hop.auth_token_file and hop.private_token_file
     assert prefill.diffusion_addresses == ("diffusion:50052",)
+    gateway = parse_gateway_settings(command(secure["gateway"])[3:]).prefill_security()
+    assert gateway.tls_ca and gateway.auth_token_file  # the front door's TLS and token
 
 
 def test_every_file_the_commands_and_health_checks_name_is_made_by_make_certs(made: Path):
@@ -159,7 +162,7 @@ def test_running_make_certs_again_rotates_all_but_the_ca_and_accepts_new_tokens_
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     make_certs.main(["--out", str(out)])
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    ca = {Path("ca/ca.crt"), Path("ca/ca.key"), *(Path(f"{s}/ca.crt") for s in ("diffusion", "prefill", "client"))}  # fmt: skip
+    ca = {Path("ca/ca.crt"), Path("ca/ca.key"), *(Path(f"{s}/ca.crt") for s in ("diffusion", "prefill", "client", "gateway"))}  # fmt: skip
     assert all(after[p] == before[p] for p in ca)
     assert all(after[p] != before[p] for p in set(after) - ca)
     accepted = (out / "diffusion" / "hop.token").read_text().split()
@@ -167,9 +170,10 @@ def test_running_make_certs_again_rotates_all_but_the_ca_and_accepts_new_tokens_
     assert (out / "prefill" / "hop.token").read_text().split() == accepted[1:]
     make_certs.main(["--out", str(out), "--drop-old-tokens"])
     assert (out / "diffusion" / "hop.token").read_text().split() == accepted[1:]
-    assert (out / "prefill" / "client.token").read_text().split() == (
-        (out / "client" / "client.token").read_text().split()
-    )
+    for sender in ("client", "gateway"):
+        assert (out / "prefill" / "client.token").read_text().split() == (
+            (out / sender / "client.token").read_text().split()
+        )
 
 
 def test_make_certs_is_a_make_target():
