@@ -195,3 +195,21 @@ def test_compose_itself_resolves_the_test_configuration_to_host_networking_only(
         assert service["network_mode"] == "host", name
         assert not service.get("networks") and not service.get("ports"), name
     assert not config.get("networks")
+
+
+def test_every_product_package_is_in_the_build_context_and_copied_into_the_image():
+    """The image installs what `pyproject.toml` packages: each package must pass `.dockerignore`
+    (a whitelist) and have its `COPY` in the Dockerfile, or the build fails (or, worse, the
+    package is missing at run time)."""
+    import tomllib
+
+    includes = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "packages"
+    ]["find"]["include"]
+    packages = {pattern.rstrip("*") for pattern in includes}
+    allowed = set((ROOT / ".dockerignore").read_text().splitlines())
+    copied = set(re.findall(r"^COPY (\w+) /src/\1$", (ROOT / "Dockerfile").read_text(), re.M))
+    assert packages, includes
+    for package in sorted(packages):
+        assert f"!{package}/" in allowed, f".dockerignore leaves {package}/ out of the context"
+        assert package in copied, f"the Dockerfile does not COPY {package}"
