@@ -29,6 +29,7 @@ from bagel.autoencoder import AutoEncoder
 from bagel.config import BagelConfig
 from bagel.generation import latent_position_ids
 from bagel.model import Bagel
+from bagel.model_info import CheckpointFacts, write_checkpoint_facts
 from bagel.pipeline import Pipeline
 from bagel.tiny import _unused_tensors, _vit_config_json
 from bagel.tokenizer import PromptTokenizer, load_tokenizer, write_tiny_tokenizer
@@ -38,6 +39,8 @@ from examples.tiny_shapes.check import EVAL_PROMPTS, check_prompt
 from examples.tiny_shapes.data import IMAGE_SIZE, ShapeGenerator
 from examples.tiny_shapes.flow import flow_loss, pad_prompts, patchify_batch, sample_t
 from serving.params import GenerationParams
+
+MODEL_NAME = "tiny-shapes"  # model_info.json: what GetModelInfo calls it
 
 
 @dataclass
@@ -322,6 +325,7 @@ def write_checkpoint(
     save_file(ae_tensors, out / "ae.safetensors")
     (out / "llm_config.json").write_text(json.dumps(config.llm.to_qwen2_json(), indent=2))
     (out / "vit_config.json").write_text(json.dumps(_vit_config_json(), indent=2))
+    write_checkpoint_facts(out, CheckpointFacts(name=MODEL_NAME, native_size=IMAGE_SIZE))
 
 
 def evaluate(out: Path, device: str, timesteps: int, count: int) -> dict:

@@ -37,6 +37,8 @@ from tests.helpers.processes import ROOT
 
 MARKERS = (500, 501)
 
+CHECKPOINT = Path(__file__).resolve().parents[2] / "examples" / "tiny_shapes" / "checkpoint"
+
 
 @pytest.fixture(scope="module")
 def model():
@@ -206,7 +208,11 @@ def test_smoke_training_writes_the_published_layout(smoke_dir):
         "vocab.json",
         "merges.txt",
         "train_log.json",
+        "model_info.json",
     } <= names
+    info = json.loads((smoke_dir / "model_info.json").read_text())
+    shipped = json.loads((CHECKPOINT / "model_info.json").read_text())
+    assert info == shipped == {"model_name": "tiny-shapes", "native_size": 128}
     size = (smoke_dir / "ema.safetensors").stat().st_size + (
         smoke_dir / "ae.safetensors"
     ).stat().st_size
