@@ -113,7 +113,9 @@ class DiffusionServicer:
                 if isinstance(item, BaseException):
                     raise item
                 yield item
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
+            # The caller went away or its deadline passed: gRPC cancels the handler, or closes
+            # this generator where it waits at a `yield` for the caller to take an event.
             remaining = context.time_remaining()
             expired = remaining is not None and remaining <= DEADLINE_SLACK_S
             status = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
