@@ -144,6 +144,19 @@ def create_app(settings: GatewaySettings, tokens: tuple[str, ...] = ()) -> FastA
             )
         return model_card()
 
+    def event_stream_response(stream) -> StreamingResponse:
+        """Server-sent events of an open stream: counted in flight, and the stream's resources
+        (the concurrency slot among them) released however the response ends."""
+        metrics.streams_in_flight.inc()
+        stream.resources.callback(metrics.streams_in_flight.dec)
+        stream.resources.callback(limit.release)
+        return StreamingResponse(
+            stream.events,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+            background=BackgroundTask(stream.close),  # runs however the response ends
+        )
+
     async def answer(request: Request, drawing: Drawing) -> Response:
         limit.acquire()
         painter: Painter = state["painter"]
@@ -153,15 +166,7 @@ def create_app(settings: GatewaySettings, tokens: tuple[str, ...] = ()) -> FastA
             except BaseException:
                 limit.release()
                 raise
-            metrics.streams_in_flight.inc()
-            stream.resources.callback(metrics.streams_in_flight.dec)
-            stream.resources.callback(limit.release)
-            return StreamingResponse(
-                stream.events,
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache"},
-                background=BackgroundTask(stream.close),  # runs however the response ends
-            )
+            return event_stream_response(stream)
         try:
             results = await until_disconnect(request.receive, painter.images(drawing))
         finally:
@@ -223,15 +228,7 @@ def create_app(settings: GatewaySettings, tokens: tuple[str, ...] = ()) -> FastA
             except BaseException:
                 limit.release()
                 raise
-            metrics.streams_in_flight.inc()
-            stream.resources.callback(metrics.streams_in_flight.dec)
-            stream.resources.callback(limit.release)
-            return StreamingResponse(
-                stream.events,
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache"},
-                background=BackgroundTask(stream.close),  # runs however the response ends
-            )
+            return event_stream_response(stream)
         try:
             answer = await until_disconnect(request.receive, chat.completion(body, request_id))
         except ClientGone:
