@@ -3,6 +3,7 @@ A bad setting, an unreadable file or a taken port ends it at once with one line 
 
 from __future__ import annotations
 
+import argparse
 import logging
 import socket
 import sys
@@ -12,7 +13,7 @@ import uvicorn
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
 from serving.addresses import parse_host_port
-from serving.flags import OneLineArgumentParser, add_arguments, from_args
+from serving import flags
 from serving.security import SecurityError, read_pem
 from serving.server import configure_logging
 
@@ -20,18 +21,15 @@ PROG = "python -m gateway"
 log = logging.getLogger("gateway")
 
 
+DESCRIPTION = "OpenAI-compatible HTTP gateway (Images API) in front of BAGEL prefill services."
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return flags.build_parser(GatewaySettings, PROG, DESCRIPTION)
+
+
 def parse_settings(argv: list[str] | None = None) -> GatewaySettings:
-    parser = OneLineArgumentParser(
-        prog=PROG,
-        description="OpenAI-compatible HTTP gateway (Images API) in front of BAGEL prefill "
-        "services.",
-    )
-    add_arguments(parser, GatewaySettings)
-    args = parser.parse_args(argv)
-    try:
-        return from_args(GatewaySettings, args)
-    except ValueError as e:
-        parser.error(str(e))
+    return flags.parse_settings(GatewaySettings, build_parser(), argv)
 
 
 def bind(listen: str) -> socket.socket:
@@ -55,11 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # As the services check theirs: the PEM files, the key pair, the token file's mode.
         tokens = settings.server_security().load().tokens
-        settings.prefill_security().read_token()
+        prefill = settings.prefill_security
+        prefill.read_token()
         for path, what in (
-            (settings.prefill_tls_ca, "--prefill-tls-ca"),
-            (settings.prefill_tls_cert, "--prefill-tls-cert"),
-            (settings.prefill_tls_key, "--prefill-tls-key"),
+            (prefill.tls_ca, "--prefill-tls-ca"),
+            (prefill.tls_cert, "--prefill-tls-cert"),
+            (prefill.tls_key, "--prefill-tls-key"),
         ):
             if path:
                 read_pem(path, what)

@@ -75,7 +75,7 @@ def create_app(settings: GatewaySettings, tokens: tuple[str, ...] = ()) -> FastA
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         pool = PrefillPool(
-            settings.prefill_addresses, settings.prefill_security(), settings.request_timeout
+            settings.prefill_addresses, settings.prefill_security, settings.request_timeout
         )
         state["pool"] = pool
         state["painter"] = Painter(pool, settings.retry_after)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from serving.addresses import parse_host_port, split_addresses
-from serving.flags import option
+from serving.flags import group, option
 from serving.security import ClientSecurity, ServerSecurity
 
 DEFAULT_MAX_BODY_BYTES = 32 << 20
@@ -61,24 +61,10 @@ class GatewaySettings:
     tls_key: str | None = field(
         default=None, metadata=option("serve HTTPS: private key", metavar="PEM")
     )
-    prefill_tls_ca: str | None = field(
-        default=None,
-        metadata=option(
-            "reach the prefill service over TLS, verifying it with this CA", metavar="PEM"
-        ),
-    )
-    prefill_tls_cert: str | None = field(
-        default=None,
-        metadata=option(
-            "client certificate for a prefill service that requires mTLS", metavar="PEM"
-        ),
-    )
-    prefill_tls_key: str | None = field(
-        default=None, metadata=option("private key of --prefill-tls-cert", metavar="PEM")
-    )
-    prefill_auth_token_file: str | None = field(
-        default=None,
-        metadata=option("bearer token to send to the prefill service", metavar="FILE"),
+    # The hop's TLS and token: --prefill-tls-ca, --prefill-tls-cert, ...
+    prefill_security: ClientSecurity = field(
+        default_factory=ClientSecurity,
+        metadata=group(prefix="prefill-", peer="the prefill service"),
     )
 
     def __post_init__(self) -> None:
@@ -95,8 +81,6 @@ class GatewaySettings:
         if self.request_timeout is not None and not self.request_timeout > 0:
             raise ValueError("--request-timeout must be positive")
         self.server_security()
-        if (self.prefill_tls_cert is None) != (self.prefill_tls_key is None):
-            raise ValueError("--prefill-tls-cert and --prefill-tls-key go together")
 
     @property
     def prefill_addresses(self) -> tuple[str, ...]:
@@ -108,12 +92,4 @@ class GatewaySettings:
             tls_key=self.tls_key,
             auth_token_file=self.auth_token_file,
             allow_insecure_token_file=self.allow_insecure_token_file,
-        )
-
-    def prefill_security(self) -> ClientSecurity:
-        return ClientSecurity(
-            tls_ca=self.prefill_tls_ca,
-            tls_cert=self.prefill_tls_cert,
-            tls_key=self.prefill_tls_key,
-            auth_token_file=self.prefill_auth_token_file,
         )

@@ -12,12 +12,12 @@ from bagel.devices import device_fault
 from bagel.image_transforms import ResizeRule
 from prefill_service.prefill import LanguageModelKV
 from prefill_service.server import serve
-from prefill_service.settings import PrefillSettings, build_parser, settings_from_args
+from prefill_service.settings import ModelPrefillSettings, parse_settings
 from serving.server import configure_logging
 from serving.startup import check_port_free, exit_on_misconfiguration, require
 
 
-def edit_resize(settings: PrefillSettings) -> EditResize | None:
+def edit_resize(settings: ModelPrefillSettings) -> EditResize | None:
     """The input-image resize rules the flags ask for (None: the reference's)."""
     vae, vit = settings.edit_vae_resize, settings.edit_vit_resize
     if vae is None and vit is None:
@@ -29,11 +29,7 @@ def edit_resize(settings: PrefillSettings) -> EditResize | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser(
-        "python -m prefill_service",
-        "BAGEL prefill service: prompt -> KV cache (streamed to the diffusion service) -> events.",
-    )
-    settings = settings_from_args(parser.parse_args(argv))
+    settings = parse_settings(argv)
     with exit_on_misconfiguration():  # one line and exit status 2, before the model loads
         check_port_free(settings.listen)
         require(device_fault(settings.device))

@@ -18,6 +18,7 @@ import hashlib
 import math
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,7 +27,9 @@ from bagel.config import BagelConfig
 from bagel.kv import Branch, ContextKV
 from prefill_service.prefill import LayerKV, PlannedKV, check_prompt_text
 from prefill_service.server import serve
-from prefill_service.settings import build_parser, settings_from_args
+from prefill_service.settings import PrefillSettings
+from serving import flags
+from serving.flags import option
 from serving.params import GenerationParams
 from serving.server import configure_logging
 from serving.startup import check_port_free, exit_on_misconfiguration, require
@@ -34,6 +37,15 @@ from transport import ContextSpec
 
 KEY_STD, VALUE_STD = 1.0, 0.5
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PROG = "python -m prefill_service.mock"
+DESCRIPTION = "Mock BAGEL prefill service: synthetic, seed-deterministic KV; no language model."
+
+
+@dataclass(frozen=True)
+class MockPrefillSettings(PrefillSettings):
+    """The mock's settings: the service's, and the dtype of its synthetic KV."""
+
+    dtype: str = field(default="fp32", metadata=option("KV dtype", choices=tuple(sorted(DTYPES))))
 
 
 def synthetic_token_count(text: str) -> int:
@@ -117,18 +129,13 @@ def config_fault(model_dir: str | Path) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser(
-        "python -m prefill_service.mock",
-        "Mock BAGEL prefill service: synthetic, seed-deterministic KV; no language model.",
-        device=False,
-    )
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="KV dtype")
-    settings = settings_from_args(parser.parse_args(argv))
+    parser = flags.build_parser(MockPrefillSettings, PROG, DESCRIPTION)
+    settings = flags.parse_settings(MockPrefillSettings, parser, argv)
     with exit_on_misconfiguration():  # the mock reads only the configs, not the weights
         check_port_free(settings.listen)
         require(config_fault(settings.model_dir))
     configure_logging()
-    dtype = DTYPES[settings.dtype or "fp32"]
+    dtype = DTYPES[settings.dtype]
 
     def load() -> SyntheticKV:
         return SyntheticKV(settings.model_dir, dtype)

@@ -45,7 +45,9 @@ class PrefillServer:
         # A bad file or an empty token fails here, at start-up; SIGHUP reloads them all.
         credentials = ServerCredentialStore(settings.security)
         link_credentials = ClientCredentialStore(
-            settings.diffusion_security, on_tls_change=self._reopen_links
+            settings.diffusion_security,
+            on_tls_change=self._reopen_links,
+            private_flag=settings.diffusion_token_flag,
         )
         self.reloader = CredentialReloader([credentials, link_credentials])
         warn_about_risky_settings(settings)

@@ -116,15 +116,18 @@ def _configuration(secrets: ServerSecrets) -> grpc.ServerCertificateConfiguratio
 class ClientCredentialStore:
     """The credentials of a service's link to another (the prefill service's to the diffusion
     service): the token goes through a `TokenHolder`, so a reload reaches the next call on the
-    same channel; new TLS files need a new channel, which `on_tls_change` is given."""
+    same channel; new TLS files need a new channel, which `on_tls_change` is given.
+    `private_flag`: refuse a token file that every user may read, naming it by this flag."""
 
     def __init__(
         self,
         security: ClientSecurity,
         on_tls_change: Callable[[], None] | None = None,
+        private_flag: str | None = None,
     ) -> None:
         self.security = security
-        token = security.read_token()
+        self._private_flag = private_flag
+        token = security.read_token(private_flag)
         self.token = None if token is None else TokenHolder(token)
         self._on_tls_change = on_tls_change
         self._tls = _read_all(security.tls_ca, security.tls_cert, security.tls_key)
@@ -135,7 +138,7 @@ class ClientCredentialStore:
 
     def reload(self) -> bool:
         try:
-            token = self.security.read_token()
+            token = self.security.read_token(self._private_flag)
             tls = _read_all(self.security.tls_ca, self.security.tls_cert, self.security.tls_key)
         except (SecurityError, OSError) as e:
             log.error("link credentials not reloaded, the previous ones stay: %s", e)

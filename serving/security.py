@@ -10,6 +10,7 @@ so load balancers and `grpcurl list` work without it. The threat model is in doc
 
 from __future__ import annotations
 
+import argparse
 import collections
 import hmac
 import ipaddress
@@ -22,6 +23,8 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2
+
+from serving.flags import option
 
 AUTHORIZATION = "authorization"  # gRPC metadata keys are lower case
 BEARER = "bearer"
@@ -112,20 +115,51 @@ def read_pem(path: str | Path, what: str) -> bytes:
     return data
 
 
+def client_names(text: str) -> tuple[str, ...]:
+    """`--tls-allowed-clients`'s comma-separated names."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise argparse.ArgumentTypeError("name at least one SAN DNS name or URI")
+    return names
+
+
 @dataclass(frozen=True)
 class ServerSecurity:
     """A service's own security options, as paths. `tls_cert` + `tls_key`: serve TLS; `tls_ca` as
     well: mTLS (require a client certificate signed by that CA); `auth_token_file`: require one of
     the bearer tokens it holds (one per line) on every call but health and reflection."""
 
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_ca: str | None = None
-    auth_token_file: str | None = None
-    # mTLS only: the SAN DNS names or URIs of the client certificates that may call; empty: any
-    # certificate that `tls_ca` signed.
-    allowed_clients: tuple[str, ...] = ()
-    allow_insecure_token_file: bool = False  # accept a token file that every user may read
+    tls_cert: str | None = field(
+        default=None, metadata=option("serve TLS: certificate", metavar="PEM")
+    )
+    tls_key: str | None = field(
+        default=None, metadata=option("serve TLS: private key", metavar="PEM")
+    )
+    tls_ca: str | None = field(
+        default=None,
+        metadata=option("mTLS: require client certificates signed by this CA", metavar="PEM"),
+    )
+    auth_token_file: str | None = field(
+        default=None,
+        metadata=option(
+            "require 'authorization: Bearer <token>' with a token in FILE, one per line (health "
+            "stays open); SIGHUP or a change of the file reloads it, like the TLS files",
+            metavar="FILE",
+        ),
+    )
+    allowed_clients: tuple[str, ...] = field(
+        default=(),
+        metadata=option(
+            "mTLS: only client certificates with one of these SAN DNS names or URIs may call; "
+            "others get PERMISSION_DENIED (default: any certificate --tls-ca signed)",
+            metavar="NAME[,NAME...]",
+            flag="tls-allowed-clients",
+            parse=client_names,
+        ),
+    )
+    allow_insecure_token_file: bool = field(
+        default=False, metadata=option("start even if a token file is readable by every user")
+    )
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -237,18 +271,29 @@ def risky_settings(listen: str, security: ServerSecurity) -> list[str]:
 class ClientSecurity:
     """How a client reaches a service, as paths. Any of `tls_ca` / `tls_cert`: TLS (`tls_ca`
     verifies the server; without it the system roots do); `tls_cert` + `tls_key`: present a
-    client certificate (mTLS); `auth_token_file`: send its bearer token on every call.
-    `private_token_file`: refuse a token file that every user may read (a service's own link)."""
+    client certificate (mTLS); `auth_token_file`: send its bearer token on every call. As flags,
+    a service's link to `{peer}` (`serving.flags.group`)."""
 
-    tls_ca: str | None = None
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    auth_token_file: str | None = None
-    private_token_file: bool = False
+    tls_ca: str | None = field(
+        default=None,
+        metadata=option("reach {peer} over TLS, verifying it with this CA", metavar="PEM"),
+    )
+    tls_cert: str | None = field(
+        default=None,
+        metadata=option("client certificate for {peer} when it requires mTLS", metavar="PEM"),
+    )
+    tls_key: str | None = field(
+        default=None, metadata=option("private key of the client certificate", metavar="PEM")
+    )
+    auth_token_file: str | None = field(
+        default=None, metadata=option("bearer token to send to {peer}", metavar="FILE")
+    )
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
-            raise SecurityError("a client certificate and its key go together")
+            raise SecurityError(
+                "--tls-cert and --tls-key (a client certificate and its key) go together"
+            )
 
     @property
     def tls(self) -> bool:
@@ -260,11 +305,13 @@ class ClientSecurity:
         names = (self.tls_ca, self.tls_cert, self.tls_key, self.auth_token_file)
         return tuple(p for p in names if p is not None)
 
-    def read_token(self) -> str | None:
+    def read_token(self, private_flag: str | None = None) -> str | None:
+        """The token to send (None: no token file). `private_flag`: refuse a token file that
+        every user may read, naming it by this flag (a service's own link)."""
         if self.auth_token_file is None:
             return None
-        if self.private_token_file:
-            check_token_file_mode(self.auth_token_file, "--diffusion-auth-token-file")
+        if private_flag is not None:
+            check_token_file_mode(self.auth_token_file, private_flag)
         return read_token_file(self.auth_token_file)
 
     def open_channel(

@@ -1,12 +1,13 @@
 """The parallel layout of the diffusion ranks, in one validated dataclass: the degrees and the SP
-attention variant. The CLI builds it, the rank launcher sizes the world from it, and the mesh is
-built from it."""
+attention variant. Its fields are the diffusion service's flags (`serving.flags`); the rank
+launcher sizes the world from it, and the mesh is built from it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from diffusion_service.parallel import registry
+from serving.flags import option
 
 # BAGEL has at most three CFG branches (cond, uncond-text, uncond-image).
 MAX_CFG_PARALLEL = 3
@@ -23,11 +24,20 @@ class ParallelConfig:
     `sp_attention` names an entry of the SP attention registry; None picks the default for the
     degrees."""
 
-    ulysses: int = 1
-    ring: int = 1
-    cfg_parallel: int = 1
-    sp_attention: str | None = None
-    kv_gather: int = 1
+    ulysses: int = field(default=1, metadata=option("Ulysses degree (divides the KV heads)"))
+    ring: int = field(default=1, metadata=option("Ring degree"))
+    cfg_parallel: int = field(default=1, metadata=option("CFG-parallel degree"))
+    sp_attention: str | None = field(
+        default=None,
+        metadata=option("SP attention variant by name (default: the one the degrees imply)"),
+    )
+    kv_gather: int = field(
+        default=1,
+        metadata=option(
+            "KV all-gather degree: the inner group splits the latents and gathers only K and V "
+            "(instead of --ulysses; composes with --ring and --cfg-parallel)"
+        ),
+    )
 
     @property
     def inner_degree(self) -> int:
