@@ -12,8 +12,8 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
-from serving.addresses import parse_host_port
 from serving import flags
+from serving.addresses import parse_host_port
 from serving.security import SecurityError, read_pem
 from serving.server import configure_logging
 

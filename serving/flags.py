@@ -71,6 +71,29 @@ class Flag:
         return self.name.removeprefix("--").replace("-", "_")
 
     @property
+    def required(self) -> bool:
+        f = self.field
+        return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+    @property
+    def default(self) -> Any:
+        """The field's default (None for a required flag)."""
+        if self.required:
+            return None
+        if self.field.default is not dataclasses.MISSING:
+            return self.field.default
+        return self.field.default_factory()  # type: ignore[misc]
+
+    @property
+    def kind(self) -> tuple[Any, tuple[str, ...] | None]:
+        """(what turns the flag's text into the value, the choices)."""
+        meta = self.field.metadata
+        if meta["parse"] is not None:
+            return meta["parse"], meta["choices"]
+        kind, choices = scalar_type(self.annotation)
+        return kind, meta["choices"] or choices
+
+    @property
     def help(self) -> str:
         text = self.field.metadata["help"]
         return text if self.peer is None else text.replace("{peer}", self.peer)
@@ -91,6 +114,10 @@ def flags(settings_cls: type, prefix: str = "", peer: str | None = None) -> Iter
             continue
         if "help" not in meta:
             raise TypeError(f"{settings_cls.__name__}.{f.name} has no option(...) metadata")
+        if "{peer}" in meta["help"] and peer is None:
+            raise TypeError(
+                f"{settings_cls.__name__}.{f.name}'s help names a peer; no group gives it"
+            )
         yield Flag((f.name,), f, hints[f.name], "--" + prefix + _name(f), peer)
 
 
@@ -101,14 +128,7 @@ def add_arguments(parser: argparse.ArgumentParser, settings_cls: type) -> None:
 
 
 def _add(parser: argparse.ArgumentParser, flag: Flag) -> None:
-    f, meta = flag.field, flag.field.metadata
-    required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    default = None if required else _default(f)
-    if meta["parse"] is not None:
-        kind, choices = meta["parse"], meta["choices"]
-    else:
-        kind, choices = scalar_type(flag.annotation)
-        choices = meta["choices"] or choices
+    (kind, choices), default = flag.kind, flag.default
     if kind is bool:
         if default:
             name = "--no-" + flag.name.removeprefix("--")
@@ -122,8 +142,8 @@ def _add(parser: argparse.ArgumentParser, flag: Flag) -> None:
         dest=flag.dest,
         type=kind,
         default=default,
-        required=required,
-        metavar=meta["metavar"],
+        required=flag.required,
+        metavar=flag.field.metadata["metavar"],
         choices=choices,
         help=flag.help + shown,
     )
@@ -179,12 +199,6 @@ def _build(settings_cls: type, args: argparse.Namespace, prefix: str, path: tupl
 def _name(f: dataclasses.Field) -> str:
     """The flag's name without its dashes and any group prefix."""
     return f.metadata.get("flag") or f.name.replace("_", "-")
-
-
-def _default(f: dataclasses.Field) -> Any:
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    return f.default_factory()  # type: ignore[misc]
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):

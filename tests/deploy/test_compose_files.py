@@ -20,7 +20,7 @@ import yaml
 
 from diffusion_service.settings import parse_settings
 from gateway.__main__ import parse_settings as parse_gateway_settings
-from prefill_service.settings import build_parser, settings_from_args
+from prefill_service.settings import parse_settings as parse_prefill_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = ROOT / "docker-compose.yml"
@@ -107,8 +107,7 @@ def test_each_command_is_accepted_by_its_services_parser(override):
     assert prefill[:3] == ["python", "-m", "prefill_service"]
     settings = parse_settings(diffusion[3:])
     assert settings.model_dir == "/models/bagel"
-    parser = build_parser("python -m prefill_service", "")
-    assert settings_from_args(parser.parse_args(prefill[3:])).model_dir == "/models/bagel"
+    assert parse_prefill_settings(prefill[3:]).model_dir == "/models/bagel"
     port = flag(diffusion, "--listen").rsplit(":", 1)[1]
     assert flag(prefill, "--diffusion").endswith(f":{port}")
     gateway = command({**services(BASE)["gateway"], **merged["gateway"]})

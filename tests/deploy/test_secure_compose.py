@@ -18,7 +18,7 @@ import pytest
 
 from diffusion_service.settings import parse_settings
 from gateway.__main__ import parse_settings as parse_gateway_settings
-from prefill_service.settings import build_parser, settings_from_args
+from prefill_service.settings import parse_settings as parse_prefill_settings
 from serving.access import RefusalLog
 from serving.credentials import ServerCredentialStore
 from serving.metrics import ServiceMetrics
@@ -73,13 +73,13 @@ def test_both_hops_get_tls_and_tokens_and_hop_2_mtls_with_the_prefill_certificat
     d = diffusion.security
     assert d.tls_cert and d.tls_key and d.tls_ca and d.auth_token_file
     assert d.allowed_clients == ("prefill",)
-    parser = build_parser("python -m prefill_service", "")
-    prefill = settings_from_args(parser.parse_args(command(secure["prefill"])[3:]))
+    prefill = parse_prefill_settings(command(secure["prefill"])[3:])
     assert prefill.security.tls_cert and prefill.security.auth_token_file
     hop = prefill.diffusion_security
-    assert hop.tls_ca and hop.tls_cert and hop.auth_token_file and hop.private_token_file
+    assert hop.tls_ca and hop.tls_cert and hop.auth_token_file
+    assert prefill.diffusion_token_flag == "--diffusion-auth-token-file"
     assert prefill.diffusion_addresses == ("diffusion:50052",)
-    gateway = parse_gateway_settings(command(secure["gateway"])[3:]).prefill_security()
+    gateway = parse_gateway_settings(command(secure["gateway"])[3:]).prefill_security
     assert gateway.tls_ca and gateway.auth_token_file  # the front door's TLS and token
 
 

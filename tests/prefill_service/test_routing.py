@@ -12,7 +12,7 @@ import pytest
 from prefill_service.metrics import PrefillMetrics
 from prefill_service.relay import DiffusionLink
 from prefill_service.routing import DiffusionGroup, DiffusionRouter, rotation, split_addresses
-from prefill_service.settings import build_parser, settings_from_args
+from prefill_service.settings import parse_settings
 from serving.errors import ServiceError
 from tests.helpers.ranks import free_port
 
@@ -185,18 +185,19 @@ def test_the_router_serves_while_any_group_does_and_counts_routed_requests():
     assert a.closed and b.closed
 
 
-def test_diffusion_addresses_are_split_and_checked():
+def test_diffusion_addresses_are_split_and_checked(capsys):
     assert split_addresses("127.0.0.1:1") == ("127.0.0.1:1",)
     assert split_addresses("a:1, b:2,c:3") == ("a:1", "b:2", "c:3")
     with pytest.raises(ValueError, match="an address is empty"):
         split_addresses("a:1,,b:2")
     with pytest.raises(ValueError, match="a:1 given more than once"):
         split_addresses("a:1,b:2,a:1")
-    parser = build_parser("prefill", "test")
-    settings = settings_from_args(parser.parse_args(["--model", "m", "--diffusion", "a:1,b:2"]))
+    settings = parse_settings(["--model", "m", "--diffusion", "a:1,b:2"])
     assert settings.diffusion_addresses == ("a:1", "b:2")
-    with pytest.raises(SystemExit, match="given more than once"):
-        settings_from_args(parser.parse_args(["--model", "m", "--diffusion", "a:1,a:1"]))
+    with pytest.raises(SystemExit) as exited:
+        parse_settings(["--model", "m", "--diffusion", "a:1,a:1"])
+    assert exited.value.code == 2
+    assert "given more than once" in capsys.readouterr().err
 
 
 def test_probe_fails_fast_on_a_refused_connection_and_succeeds_on_a_live_service(

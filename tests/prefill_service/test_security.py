@@ -13,7 +13,7 @@ import pytest
 
 from client import BagelClient
 from prefill_service.server import serve
-from prefill_service.settings import PrefillSettings, build_parser, settings_from_args
+from prefill_service.settings import PrefillSettings, parse_settings
 from serving.security import ClientSecurity, ServerSecurity
 from tests.helpers.certs import TestCertificates, make_certificates
 from tests.helpers.processes import ServiceProcess
@@ -127,8 +127,7 @@ def test_prefill_with_the_wrong_hop_token_is_refused_by_the_diffusion_service(
 
 
 def test_prefill_flags_reach_the_settings(certs, tokens, capsys):
-    parser = build_parser("prefill", "test")
-    args = parser.parse_args(
+    settings = parse_settings(
         [
             *("--model", "m", "--tls-cert", certs.server_cert, "--tls-key", certs.server_key),
             *("--tls-ca", certs.ca, "--auth-token-file", tokens["client"]),
@@ -137,22 +136,30 @@ def test_prefill_flags_reach_the_settings(certs, tokens, capsys):
             *("--diffusion-auth-token-file", tokens["hop"]),
         ]
     )
-    settings = settings_from_args(args)
     assert settings.security == ServerSecurity(
         certs.server_cert, certs.server_key, certs.ca, tokens["client"]
     )
     assert settings.diffusion_security == ClientSecurity(
-        certs.ca, certs.client_cert, certs.client_key, tokens["hop"], private_token_file=True
+        certs.ca, certs.client_cert, certs.client_key, tokens["hop"]
     )
-    plain = settings_from_args(parser.parse_args(["--model", "m"]))
+    assert settings.diffusion_token_flag == "--diffusion-auth-token-file"
+    plain = parse_settings(["--model", "m"])
     assert plain.security == ServerSecurity()
-    assert plain.diffusion_security == ClientSecurity(private_token_file=True)
-    with pytest.raises(SystemExit, match="--diffusion-tls-cert and --diffusion-tls-key"):
-        settings_from_args(parser.parse_args(["--model", "m", "--diffusion-tls-cert", "c"]))
-    with pytest.raises(SystemExit) as exited:
-        settings_from_args(parser.parse_args(["--model", "m", "--tls-key", "k"]))
-    assert exited.value.code == 2
-    assert capsys.readouterr().err == "error: --tls-cert and --tls-key go together\n"
+    assert plain.diffusion_security == ClientSecurity()
+    insecure = parse_settings(["--model", "m", "--allow-insecure-token-file"])
+    assert insecure.diffusion_token_flag is None
+    for argv, line in [
+        (
+            ["--diffusion-tls-cert", "c"],
+            "--diffusion-tls-cert and --diffusion-tls-key (a client certificate and its key) go "
+            "together",
+        ),
+        (["--tls-key", "k"], "--tls-cert and --tls-key go together"),
+    ]:
+        with pytest.raises(SystemExit) as exited:
+            parse_settings(["--model", "m", *argv])
+        assert exited.value.code == 2
+        assert capsys.readouterr().err == f"python -m prefill_service: error: {line}\n"
 
 
 def test_prefill_with_an_empty_token_file_exits_at_start_up(tmp_path: Path, caplog):

@@ -6,11 +6,20 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
 from serving.addresses import parse_host_port, split_addresses
-from serving.flags import OneLineArgumentParser, add_arguments, from_args, option
+from serving.flags import (
+    OneLineArgumentParser,
+    add_arguments,
+    detected,
+    from_args,
+    group,
+    option,
+    parse_settings,
+)
 from serving.security import SecurityError, read_token_set, token_accepted
 
 
@@ -85,6 +94,80 @@ def test_the_one_line_parser_exits_2_with_one_line(capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("prog: error: ") and err.count("\n") == 1
+
+
+@dataclass(frozen=True)
+class Link:
+    """`{peer}` in a group's helps reads the group's peer; its checks name flags unprefixed."""
+
+    cert: str | None = field(default=None, metadata=option("certificate for {peer}"))
+    key: str | None = field(default=None, metadata=option("its key"))
+    sizes: tuple[int, ...] = field(
+        default=(1,),
+        metadata=option("sizes", flag="size-list", parse=lambda t: tuple(map(int, t.split(",")))),
+    )
+
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("--cert and --key go together (not --certificate)")
+
+
+DETECTED = []
+
+
+@dataclass(frozen=True)
+class Outer:
+    model_dir: str = field(metadata=option("checkpoint", flag="model"))
+    precision: Literal["bf16", "fp8"] = field(default="bf16", metadata=option("weights"))
+    upstream: Link = field(default_factory=Link, metadata=group(prefix="up-", peer="the origin"))
+    own: Link = field(default_factory=Link, metadata=group(peer="the mirror"))
+    found: int = field(default=0, metadata=detected("set by the environment", DETECTED.pop))
+
+
+def parse_outer(*argv: str) -> Outer:
+    DETECTED.append(7)
+    return parse_settings(Outer, _outer_parser(), list(argv))
+
+
+def _outer_parser() -> OneLineArgumentParser:
+    parser = OneLineArgumentParser(prog="prog")
+    add_arguments(parser, Outer)
+    return parser
+
+
+def test_groups_flag_names_parsers_literals_and_detected_fields():
+    got = parse_outer(
+        *("--model", "m", "--precision", "fp8", "--up-cert", "c", "--up-key", "k"),
+        *("--up-size-list", "2,3", "--size-list", "4"),
+    )
+    assert got == Outer("m", "fp8", Link("c", "k", (2, 3)), Link(sizes=(4,)), 7)
+    text = " ".join(_outer_parser().format_help().split())
+    assert "--up-cert UP_CERT certificate for the origin" in text
+    assert "--cert CERT certificate for the mirror" in text
+    assert "--precision {bf16,fp8}" in text and "--model MODEL checkpoint" in text
+    assert "--found" not in text and "set by the environment" not in text
+
+
+def test_a_group_whose_helps_name_a_peer_needs_one():
+    @dataclass
+    class NoPeer:
+        link: Link = field(default_factory=Link, metadata=group(prefix="x-"))
+
+    with pytest.raises(TypeError, match="peer"):
+        add_arguments(argparse.ArgumentParser(), NoPeer)
+
+
+def test_a_group_error_names_the_flags_as_spelled(capsys):
+    for argv, said in [
+        (("--up-cert", "c"), "prog: error: --up-cert and --up-key go together (not --certificate)"),
+        (("--key", "k"), "prog: error: --cert and --key go together (not --certificate)"),
+        (("--precision", "fp16"), "prog: error: argument --precision: invalid choice"),
+    ]:
+        with pytest.raises(SystemExit) as exited:
+            parse_outer("--model", "m", *argv)
+        assert exited.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(said) and err.count("\n") == 1, err
 
 
 @pytest.mark.parametrize(

@@ -444,7 +444,7 @@ def test_start_up_refuses_a_readable_token_file_a_long_token_and_a_mismatched_ke
         ServerSecurity(auth_token_file=str(readable)).load()
     assert ServerSecurity(auth_token_file=str(readable), allow_insecure_token_file=True).load()
     with pytest.raises(SecurityError, match="readable by every user"):
-        ClientSecurity(auth_token_file=str(readable), private_token_file=True).read_token()
+        ClientSecurity(auth_token_file=str(readable)).read_token("--diffusion-auth-token-file")
     long = tmp_path / "long"
     long.write_text("x" * (MAX_TOKEN_BYTES + 1))
     long.chmod(0o600)
