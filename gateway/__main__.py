@@ -3,7 +3,6 @@ A bad setting, an unreadable file or a taken port ends it at once with one line 
 
 from __future__ import annotations
 
-import argparse
 import logging
 import socket
 import sys
@@ -21,15 +20,8 @@ PROG = "python -m gateway"
 log = logging.getLogger("gateway")
 
 
-DESCRIPTION = "OpenAI-compatible HTTP gateway (Images API) in front of BAGEL prefill services."
-
-
-def build_parser() -> argparse.ArgumentParser:
-    return flags.build_parser(GatewaySettings, PROG, DESCRIPTION)
-
-
 def parse_settings(argv: list[str] | None = None) -> GatewaySettings:
-    return flags.parse_settings(GatewaySettings, build_parser(), argv)
+    return flags.parse_settings(GatewaySettings, PROG, argv)
 
 
 def bind(listen: str) -> socket.socket:

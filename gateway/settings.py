@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from serving.addresses import parse_host_port, split_addresses
 from serving.flags import group, option
@@ -13,58 +13,44 @@ DEFAULT_MAX_BODY_BYTES = 32 << 20
 
 @dataclass(frozen=True)
 class GatewaySettings:
-    listen: str = field(
+    """OpenAI-compatible HTTP gateway (Images API) in front of BAGEL prefill services."""
+
+    listen: str = option(
+        "HOST:PORT to serve HTTP on (port 0: any free one)",
         default="127.0.0.1:8000",
-        metadata=option("HOST:PORT to serve HTTP on (port 0: any free one)", metavar="HOST:PORT"),
+        metavar="HOST:PORT",
     )
-    prefill: str = field(
+    prefill: str = option(
+        "the prefill service; several, comma-separated: each request goes to the one with the "
+        "fewest of this gateway's requests in flight",
         default="127.0.0.1:50051",
-        metadata=option(
-            "the prefill service; several, comma-separated: each request goes to the one with "
-            "the fewest of this gateway's requests in flight",
-            metavar="HOST:PORT[,HOST:PORT...]",
-        ),
+        metavar="HOST:PORT[,HOST:PORT...]",
     )
-    model_name: str = field(
-        default="bagel", metadata=option("the model id /v1/models lists and requests may name")
+    model_name: str = option("the model id /v1/models lists and requests may name", default="bagel")
+    max_body_bytes: int = option(
+        "largest request body accepted, in bytes (larger: 413)", default=DEFAULT_MAX_BODY_BYTES
     )
-    max_body_bytes: int = field(
-        default=DEFAULT_MAX_BODY_BYTES,
-        metadata=option("largest request body accepted, in bytes (larger: 413)"),
+    max_concurrency: int = option(
+        "image requests in flight beyond which a request gets 429", default=16
     )
-    max_concurrency: int = field(
-        default=16,
-        metadata=option("image requests in flight beyond which a request gets 429"),
+    request_timeout: float | None = option(
+        "deadline of each prefill call in seconds (unset: none)", default=None, metavar="S"
     )
-    request_timeout: float | None = field(
+    retry_after: int = option("seconds a 429 answer's Retry-After asks a client to wait", default=1)
+    auth_token_file: str | None = option(
+        "require 'Authorization: Bearer <token>' with one of the tokens in FILE, one per line "
+        "(/health, /ready, /metrics and /docs stay open)",
         default=None,
-        metadata=option("deadline of each prefill call in seconds (unset: none)", metavar="S"),
+        metavar="FILE",
     )
-    retry_after: int = field(
-        default=1, metadata=option("seconds a 429 answer's Retry-After asks a client to wait")
+    allow_insecure_token_file: bool = option(
+        "start even if --auth-token-file is readable by every user", default=False
     )
-    auth_token_file: str | None = field(
-        default=None,
-        metadata=option(
-            "require 'Authorization: Bearer <token>' with one of the tokens in FILE, one per "
-            "line (/health, /ready, /metrics and /docs stay open)",
-            metavar="FILE",
-        ),
-    )
-    allow_insecure_token_file: bool = field(
-        default=False,
-        metadata=option("start even if --auth-token-file is readable by every user"),
-    )
-    tls_cert: str | None = field(
-        default=None, metadata=option("serve HTTPS: certificate", metavar="PEM")
-    )
-    tls_key: str | None = field(
-        default=None, metadata=option("serve HTTPS: private key", metavar="PEM")
-    )
+    tls_cert: str | None = option("serve HTTPS: certificate", default=None, metavar="PEM")
+    tls_key: str | None = option("serve HTTPS: private key", default=None, metavar="PEM")
     # The hop's TLS and token: --prefill-tls-ca, --prefill-tls-cert, ...
-    prefill_security: ClientSecurity = field(
-        default_factory=ClientSecurity,
-        metadata=group(prefix="prefill-", peer="the prefill service"),
+    prefill_security: ClientSecurity = group(
+        ClientSecurity, prefix="prefill-", peer="the prefill service"
     )
 
     def __post_init__(self) -> None:

@@ -18,7 +18,7 @@ import hashlib
 import math
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,14 +38,13 @@ from transport import ContextSpec
 KEY_STD, VALUE_STD = 1.0, 0.5
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PROG = "python -m prefill_service.mock"
-DESCRIPTION = "Mock BAGEL prefill service: synthetic, seed-deterministic KV; no language model."
 
 
 @dataclass(frozen=True)
 class MockPrefillSettings(PrefillSettings):
-    """The mock's settings: the service's, and the dtype of its synthetic KV."""
+    """Mock BAGEL prefill service: synthetic, seed-deterministic KV; no language model."""
 
-    dtype: str = field(default="fp32", metadata=option("KV dtype", choices=tuple(sorted(DTYPES))))
+    dtype: str = option("KV dtype", default="fp32", choices=tuple(sorted(DTYPES)))
 
 
 def synthetic_token_count(text: str) -> int:
@@ -129,8 +128,7 @@ def config_fault(model_dir: str | Path) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = flags.build_parser(MockPrefillSettings, PROG, DESCRIPTION)
-    settings = flags.parse_settings(MockPrefillSettings, parser, argv)
+    settings = flags.parse_settings(MockPrefillSettings, PROG, argv)
     with exit_on_misconfiguration():  # the mock reads only the configs, not the weights
         check_port_free(settings.listen)
         require(config_fault(settings.model_dir))

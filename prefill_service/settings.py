@@ -5,7 +5,7 @@ share it); `ModelPrefillSettings` adds the language model's options."""
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from prefill_service.prefill import DEFAULT_MAX_PROMPT_TOKENS
 from prefill_service.relay import DEFAULT_CONNECT_TIMEOUT_S
@@ -17,49 +17,37 @@ from serving.security import ClientSecurity
 from serving.settings import GrpcServiceSettings
 from transport import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE
 
-PROG = "python -m prefill_service"
-DESCRIPTION = (
-    "BAGEL prefill service: prompt -> KV cache (streamed to the diffusion service) -> events."
-)
-
 
 @dataclass(frozen=True)
 class PrefillSettings(GrpcServiceSettings):
-    listen: str = field(default="127.0.0.1:50051", metadata=option("HOST:PORT to serve on"))
-    diffusion: str = field(
+    listen: str = option("HOST:PORT to serve on", default="127.0.0.1:50051")
+    diffusion: str = option(
+        "the diffusion service; several, comma-separated: each request goes to the serving one "
+        "with the fewest of this service's requests in flight",
         default="127.0.0.1:50052",
-        metadata=option(
-            "the diffusion service; several, comma-separated: each request goes to the serving "
-            "one with the fewest of this service's requests in flight",
-            metavar="HOST:PORT[,HOST:PORT...]",
-        ),
+        metavar="HOST:PORT[,HOST:PORT...]",
     )
-    max_prompt_tokens: int = field(
+    max_prompt_tokens: int = option(
+        "longest prompt (and negative prompt) accepted, in tokens",
         default=DEFAULT_MAX_PROMPT_TOKENS,
-        metadata=option("longest prompt (and negative prompt) accepted, in tokens"),
     )
-    connect_timeout_s: float = field(
+    connect_timeout_s: float = option(
+        "seconds to keep retrying the diffusion service when the caller sets no deadline",
         default=DEFAULT_CONNECT_TIMEOUT_S,
-        metadata=option(
-            "seconds to keep retrying the diffusion service when the caller sets no deadline",
-            flag="connect-timeout",
-        ),
+        flag="connect-timeout",
     )
-    chunk_size: int = field(
-        default=DEFAULT_CHUNK_SIZE, metadata=option("largest KV chunk in bytes")
-    )
-    max_decode_batch: int = field(
+    chunk_size: int = option("largest KV chunk in bytes", default=DEFAULT_CHUNK_SIZE)
+    max_decode_batch: int = option(
+        "text requests (Understand, think plans) decoded together; more wait",
         default=DEFAULT_MAX_BATCH,
-        metadata=option("text requests (Understand, think plans) decoded together; more wait"),
     )
-    max_decode_tokens: int = field(
+    max_decode_tokens: int = option(
+        "longest text request: prompt (image tokens included) plus max_new_tokens",
         default=DEFAULT_MAX_TOKENS,
-        metadata=option("longest text request: prompt (image tokens included) plus max_new_tokens"),
     )
     # The hop's TLS and token: --diffusion-tls-ca, --diffusion-tls-cert, ...
-    diffusion_security: ClientSecurity = field(
-        default_factory=ClientSecurity,
-        metadata=group(prefix="diffusion-", peer="the diffusion service"),
+    diffusion_security: ClientSecurity = group(
+        ClientSecurity, prefix="diffusion-", peer="the diffusion service"
     )
 
     def __post_init__(self) -> None:
@@ -97,42 +85,31 @@ def size_pair(text: str) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class ModelPrefillSettings(PrefillSettings):
-    """The service with BAGEL's language model (`python -m prefill_service`)."""
+    """BAGEL prefill service: prompt -> KV cache (streamed to the diffusion service) -> events."""
 
-    device: str = field(
-        default="cpu",
-        metadata=option("where the model runs: cpu (fp32) or cuda (bf16)", choices=("cpu", "cuda")),
+    device: str = option(
+        "where the model runs: cpu (fp32) or cuda (bf16)", default="cpu", choices=("cpu", "cuda")
     )
-    image_input: bool = field(
+    image_input: bool = option(
+        "text-to-image only: do not load the ViT, the VAE encoder and the gen expert (about half "
+        "the memory); requests with an input image get INVALID_ARGUMENT",
         default=True,
-        metadata=option(
-            "text-to-image only: do not load the ViT, the VAE encoder and the gen expert "
-            "(about half the memory); requests with an input image get INVALID_ARGUMENT"
-        ),
     )
     # (longest, shortest); None: the reference's.
-    edit_vae_resize: tuple[int, int] | None = field(
+    edit_vae_resize: tuple[int, int] | None = option(
+        "resize an input image for the VAE to these sides, stride 16 (default: the reference's "
+        "1024,512)",
         default=None,
-        metadata=option(
-            "resize an input image for the VAE to these sides, stride 16 (default: the "
-            "reference's 1024,512)",
-            metavar="LONGEST,SHORTEST",
-            parse=size_pair,
-        ),
+        metavar="LONGEST,SHORTEST",
+        parse=size_pair,
     )
-    edit_vit_resize: tuple[int, int] | None = field(
+    edit_vit_resize: tuple[int, int] | None = option(
+        "then for the ViT, stride 14 (default: the reference's 980,224)",
         default=None,
-        metadata=option(
-            "then for the ViT, stride 14 (default: the reference's 980,224)",
-            metavar="LONGEST,SHORTEST",
-            parse=size_pair,
-        ),
+        metavar="LONGEST,SHORTEST",
+        parse=size_pair,
     )
-
-
-def build_parser() -> argparse.ArgumentParser:
-    return flags.build_parser(ModelPrefillSettings, PROG, DESCRIPTION)
 
 
 def parse_settings(argv: list[str] | None = None) -> ModelPrefillSettings:
-    return flags.parse_settings(ModelPrefillSettings, build_parser(), argv)
+    return flags.parse_settings(ModelPrefillSettings, "python -m prefill_service", argv)

@@ -1,14 +1,15 @@
 """Command-line flags generated from a settings dataclass: each field is one flag, `--field-name`,
-whose help (and optional metavar, choices, flag name or parser) sits beside the field as
-`option(...)` metadata, and whose type and default come from the field itself. Writing a flag is
-writing a field; the settings are built from the parsed flags by the same walk.
+declared as `name: type = option(help, default=...)` with an optional metavar, choices, flag name
+or parser; its type comes from the annotation. Writing a flag is writing a field; the settings
+are built from the parsed flags by the same walk.
 
 Field types: str, int, float, bool (default False: `--name` sets it; default True: `--no-name`
 clears it), a `Literal` of strings (its values are the choices), each optionally `| None`
 (default None: unset); any other type names its `parse=` (text -> value). A field without a
-default is a required flag. A field whose type is a settings dataclass and whose metadata is
-`group(...)` contributes that dataclass's flags, named with the group's prefix; a field whose
-metadata is `detected(...)` is no flag: its value is read from the process's environment.
+default is a required flag. A field declared `group(SettingsClass, prefix=...)` contributes that
+dataclass's flags, named with the group's prefix; a field declared `detected(...)` is no flag: its
+value is read from the process's environment. The parser's description is the settings
+dataclass's docstring.
 
 Errors of a group's own checks name its flags unprefixed (`--tls-cert`); the walk renames them
 as the command line spells them (`--diffusion-tls-cert`).
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import re
 import sys
 import types
@@ -32,27 +34,30 @@ FLAG = re.compile(r"--[a-z][a-z0-9-]*")
 def option(
     help: str,
     *,
+    default: Any = dataclasses.MISSING,
     metavar: str | None = None,
     choices: tuple[str, ...] | None = None,
     flag: str | None = None,
     parse: Callable[[str], Any] | None = None,
-) -> dict[str, Any]:
-    """A settings field's flag metadata: `field(default=..., metadata=option("..."))`. `flag`:
-    the flag's name without the dashes when it is not the field's (`model` for `model_dir`);
-    `parse`: text -> value, for a field of another type than those above (it raises ValueError,
-    TypeError or argparse.ArgumentTypeError on bad text)."""
-    return {"help": help, "metavar": metavar, "choices": choices, "flag": flag, "parse": parse}
+) -> Any:
+    """A settings field that is a flag: `listen: str = option("HOST:PORT to serve on",
+    default="127.0.0.1:1")` (no default: a required flag). `flag`: the flag's name without the
+    dashes when it is not the field's (`model` for `model_dir`); `parse`: text -> value, for a
+    field of another type than those above (it raises ValueError, TypeError or
+    argparse.ArgumentTypeError on bad text)."""
+    meta = {"help": help, "metavar": metavar, "choices": choices, "flag": flag, "parse": parse}
+    return dataclasses.field(default=default, metadata=meta)
 
 
-def group(*, prefix: str = "", peer: str | None = None) -> dict[str, Any]:
-    """Metadata of a field whose type is a settings dataclass: its fields are flags too, each
-    named `--{prefix}{name}`; `{peer}` in their helps reads `peer`."""
-    return {"group": prefix, "peer": peer}
+def group(settings_cls: type, *, prefix: str = "", peer: str | None = None) -> Any:
+    """A field of the settings dataclass `settings_cls` (its defaults by default) whose fields
+    are flags too, each named `--{prefix}{name}`; `{peer}` in their helps reads `peer`."""
+    return dataclasses.field(default_factory=settings_cls, metadata={"group": prefix, "peer": peer})
 
 
-def detected(help: str, detect: Callable[[], Any]) -> dict[str, Any]:
-    """Metadata of a field that is no flag: `detect()` gives its value when the flags are read."""
-    return {"help": help, "detect": detect}
+def detected(help: str, detect: Callable[[], Any], *, default: Any) -> Any:
+    """A settings field that is no flag: `detect()` gives its value when the flags are read."""
+    return dataclasses.field(default=default, metadata={"help": help, "detect": detect})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,13 +145,25 @@ def _add(parser: argparse.ArgumentParser, flag: Flag) -> None:
     parser.add_argument(
         flag.name,
         dest=flag.dest,
-        type=kind,
+        type=kind if flag.field.metadata["parse"] is None else _saying_why(kind),
         default=default,
         required=flag.required,
         metavar=flag.field.metadata["metavar"],
         choices=choices,
         help=flag.help + shown,
     )
+
+
+def _saying_why(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """`parse`, its ValueError's own words in argparse's one-line error."""
+
+    def parsed(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parsed
 
 
 def scalar_type(annotation: Any) -> tuple[Any, tuple[str, ...] | None]:
@@ -209,15 +226,17 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def build_parser(settings_cls: type, prog: str, description: str) -> OneLineArgumentParser:
-    parser = OneLineArgumentParser(prog=prog, description=description)
+def build_parser(settings_cls: type, prog: str) -> OneLineArgumentParser:
+    """The flags of `settings_cls`; its docstring is what `--help` says the program is."""
+    parser = OneLineArgumentParser(prog=prog, description=inspect.getdoc(settings_cls))
     add_arguments(parser, settings_cls)
     return parser
 
 
-def parse_settings(settings_cls: type, parser: argparse.ArgumentParser, argv: list[str] | None):
+def parse_settings(settings_cls: type, prog: str, argv: list[str] | None = None) -> Any:
     """The settings `argv` (None: the command line) gives; a bad flag or a setting the
     dataclasses refuse ends the process with one line and exit status 2."""
+    parser = build_parser(settings_cls, prog)
     args = parser.parse_args(argv)
     try:
         return from_args(settings_cls, args)

@@ -129,36 +129,28 @@ class ServerSecurity:
     well: mTLS (require a client certificate signed by that CA); `auth_token_file`: require one of
     the bearer tokens it holds (one per line) on every call but health and reflection."""
 
-    tls_cert: str | None = field(
-        default=None, metadata=option("serve TLS: certificate", metavar="PEM")
+    tls_cert: str | None = option("serve TLS: certificate", default=None, metavar="PEM")
+    tls_key: str | None = option("serve TLS: private key", default=None, metavar="PEM")
+    tls_ca: str | None = option(
+        "mTLS: require client certificates signed by this CA", default=None, metavar="PEM"
     )
-    tls_key: str | None = field(
-        default=None, metadata=option("serve TLS: private key", metavar="PEM")
-    )
-    tls_ca: str | None = field(
+    auth_token_file: str | None = option(
+        "require 'authorization: Bearer <token>' with a token in FILE, one per line (health "
+        "stays open); SIGHUP or a change of the file reloads it, like the TLS files",
         default=None,
-        metadata=option("mTLS: require client certificates signed by this CA", metavar="PEM"),
+        metavar="FILE",
     )
-    auth_token_file: str | None = field(
-        default=None,
-        metadata=option(
-            "require 'authorization: Bearer <token>' with a token in FILE, one per line (health "
-            "stays open); SIGHUP or a change of the file reloads it, like the TLS files",
-            metavar="FILE",
-        ),
-    )
-    allowed_clients: tuple[str, ...] = field(
+    # mTLS only: the SAN DNS names or URIs of the client certificates that may call.
+    allowed_clients: tuple[str, ...] = option(
+        "mTLS: only client certificates with one of these SAN DNS names or URIs may call; "
+        "others get PERMISSION_DENIED (default: any certificate --tls-ca signed)",
         default=(),
-        metadata=option(
-            "mTLS: only client certificates with one of these SAN DNS names or URIs may call; "
-            "others get PERMISSION_DENIED (default: any certificate --tls-ca signed)",
-            metavar="NAME[,NAME...]",
-            flag="tls-allowed-clients",
-            parse=client_names,
-        ),
+        metavar="NAME[,NAME...]",
+        flag="tls-allowed-clients",
+        parse=client_names,
     )
-    allow_insecure_token_file: bool = field(
-        default=False, metadata=option("start even if a token file is readable by every user")
+    allow_insecure_token_file: bool = option(
+        "start even if a token file is readable by every user", default=False
     )
 
     def __post_init__(self) -> None:
@@ -274,19 +266,17 @@ class ClientSecurity:
     client certificate (mTLS); `auth_token_file`: send its bearer token on every call. As flags,
     a service's link to `{peer}` (`serving.flags.group`)."""
 
-    tls_ca: str | None = field(
-        default=None,
-        metadata=option("reach {peer} over TLS, verifying it with this CA", metavar="PEM"),
+    tls_ca: str | None = option(
+        "reach {peer} over TLS, verifying it with this CA", default=None, metavar="PEM"
     )
-    tls_cert: str | None = field(
-        default=None,
-        metadata=option("client certificate for {peer} when it requires mTLS", metavar="PEM"),
+    tls_cert: str | None = option(
+        "client certificate for {peer} when it requires mTLS", default=None, metavar="PEM"
     )
-    tls_key: str | None = field(
-        default=None, metadata=option("private key of the client certificate", metavar="PEM")
+    tls_key: str | None = option(
+        "private key of the client certificate", default=None, metavar="PEM"
     )
-    auth_token_file: str | None = field(
-        default=None, metadata=option("bearer token to send to {peer}", metavar="FILE")
+    auth_token_file: str | None = option(
+        "bearer token to send to {peer}", default=None, metavar="FILE"
     )
 
     def __post_init__(self) -> None:

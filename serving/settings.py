@@ -4,7 +4,7 @@ dataclass extends this one with its own fields."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from serving.flags import group, option
 from serving.security import ServerSecurity
@@ -14,13 +14,9 @@ DEFAULT_METRICS_HOST = "127.0.0.1"
 
 @dataclass(frozen=True)
 class GrpcServiceSettings:
-    model_dir: str = field(metadata=option("checkpoint directory", flag="model"))
-    metrics_host: str = field(
-        default=DEFAULT_METRICS_HOST, metadata=option("address metrics bind to")
-    )
-    metrics_port: int | None = field(default=None, metadata=option("Prometheus metrics port"))
-    drain_s: float = field(
-        default=10.0, metadata=option("seconds to finish work on SIGTERM", flag="drain-timeout")
-    )
+    model_dir: str = option("checkpoint directory", flag="model")
+    metrics_host: str = option("address metrics bind to", default=DEFAULT_METRICS_HOST)
+    metrics_port: int | None = option("Prometheus metrics port", default=None)
+    drain_s: float = option("seconds to finish work on SIGTERM", default=10.0, flag="drain-timeout")
     # TLS/mTLS and the bearer token: --tls-cert, --tls-key, --tls-ca, --auth-token-file, ...
-    security: ServerSecurity = field(default_factory=ServerSecurity, metadata=group())
+    security: ServerSecurity = group(ServerSecurity)

@@ -4,7 +4,7 @@ launcher sizes the world from it, and the mesh is built from it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from diffusion_service.parallel import registry
 from serving.flags import option
@@ -24,19 +24,16 @@ class ParallelConfig:
     `sp_attention` names an entry of the SP attention registry; None picks the default for the
     degrees."""
 
-    ulysses: int = field(default=1, metadata=option("Ulysses degree (divides the KV heads)"))
-    ring: int = field(default=1, metadata=option("Ring degree"))
-    cfg_parallel: int = field(default=1, metadata=option("CFG-parallel degree"))
-    sp_attention: str | None = field(
-        default=None,
-        metadata=option("SP attention variant by name (default: the one the degrees imply)"),
+    ulysses: int = option("Ulysses degree (divides the KV heads)", default=1)
+    ring: int = option("Ring degree", default=1)
+    cfg_parallel: int = option("CFG-parallel degree", default=1)
+    sp_attention: str | None = option(
+        "SP attention variant by name (default: the one the degrees imply)", default=None
     )
-    kv_gather: int = field(
+    kv_gather: int = option(
+        "KV all-gather degree: the inner group splits the latents and gathers only K and V "
+        "(instead of --ulysses; composes with --ring and --cfg-parallel)",
         default=1,
-        metadata=option(
-            "KV all-gather degree: the inner group splits the latents and gathers only K and V "
-            "(instead of --ulysses; composes with --ring and --cfg-parallel)"
-        ),
     )
 
     @property

@@ -4,7 +4,7 @@ token file with several tokens."""
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -14,6 +14,7 @@ from serving.addresses import parse_host_port, split_addresses
 from serving.flags import (
     OneLineArgumentParser,
     add_arguments,
+    build_parser,
     detected,
     from_args,
     group,
@@ -25,13 +26,13 @@ from serving.security import SecurityError, read_token_set, token_accepted
 
 @dataclass(frozen=True)
 class Example:
-    model: str = field(metadata=option("checkpoint"))
-    listen: str = field(default="127.0.0.1:1", metadata=option("where", metavar="HOST:PORT"))
-    workers: int = field(default=2, metadata=option("how many"))
-    timeout: float | None = field(default=None, metadata=option("seconds"))
-    colour: str = field(default="red", metadata=option("paint", choices=("red", "blue")))
-    verbose: bool = field(default=False, metadata=option("say more"))
-    cache: bool = field(default=True, metadata=option("keep a cache"))
+    model: str = option("checkpoint")
+    listen: str = option("where", default="127.0.0.1:1", metavar="HOST:PORT")
+    workers: int = option("how many", default=2)
+    timeout: float | None = option("seconds", default=None)
+    colour: str = option("paint", default="red", choices=("red", "blue"))
+    verbose: bool = option("say more", default=False)
+    cache: bool = option("keep a cache", default=True)
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -79,7 +80,7 @@ def test_a_field_without_option_metadata_or_of_an_unknown_type_is_refused():
 
     @dataclass
     class Listy:
-        x: list = field(default_factory=list, metadata=option("no"))
+        x: list = option("no", default=None)
 
     for cls in (NoHelp, Listy):
         with pytest.raises(TypeError):
@@ -100,11 +101,10 @@ def test_the_one_line_parser_exits_2_with_one_line(capsys):
 class Link:
     """`{peer}` in a group's helps reads the group's peer; its checks name flags unprefixed."""
 
-    cert: str | None = field(default=None, metadata=option("certificate for {peer}"))
-    key: str | None = field(default=None, metadata=option("its key"))
-    sizes: tuple[int, ...] = field(
-        default=(1,),
-        metadata=option("sizes", flag="size-list", parse=lambda t: tuple(map(int, t.split(",")))),
+    cert: str | None = option("certificate for {peer}", default=None)
+    key: str | None = option("its key", default=None)
+    sizes: tuple[int, ...] = option(
+        "sizes", default=(1,), flag="size-list", parse=lambda t: tuple(map(int, t.split(",")))
     )
 
     def __post_init__(self) -> None:
@@ -117,22 +117,18 @@ DETECTED = []
 
 @dataclass(frozen=True)
 class Outer:
-    model_dir: str = field(metadata=option("checkpoint", flag="model"))
-    precision: Literal["bf16", "fp8"] = field(default="bf16", metadata=option("weights"))
-    upstream: Link = field(default_factory=Link, metadata=group(prefix="up-", peer="the origin"))
-    own: Link = field(default_factory=Link, metadata=group(peer="the mirror"))
-    found: int = field(default=0, metadata=detected("set by the environment", DETECTED.pop))
+    """What the program is."""
+
+    model_dir: str = option("checkpoint", flag="model")
+    precision: Literal["bf16", "fp8"] = option("weights", default="bf16")
+    upstream: Link = group(Link, prefix="up-", peer="the origin")
+    own: Link = group(Link, peer="the mirror")
+    found: int = detected("set by the environment", DETECTED.pop, default=0)
 
 
 def parse_outer(*argv: str) -> Outer:
     DETECTED.append(7)
-    return parse_settings(Outer, _outer_parser(), list(argv))
-
-
-def _outer_parser() -> OneLineArgumentParser:
-    parser = OneLineArgumentParser(prog="prog")
-    add_arguments(parser, Outer)
-    return parser
+    return parse_settings(Outer, "prog", list(argv))
 
 
 def test_groups_flag_names_parsers_literals_and_detected_fields():
@@ -141,7 +137,8 @@ def test_groups_flag_names_parsers_literals_and_detected_fields():
         *("--up-size-list", "2,3", "--size-list", "4"),
     )
     assert got == Outer("m", "fp8", Link("c", "k", (2, 3)), Link(sizes=(4,)), 7)
-    text = " ".join(_outer_parser().format_help().split())
+    text = " ".join(build_parser(Outer, "prog").format_help().split())
+    assert "What the program is." in text
     assert "--up-cert UP_CERT certificate for the origin" in text
     assert "--cert CERT certificate for the mirror" in text
     assert "--precision {bf16,fp8}" in text and "--model MODEL checkpoint" in text
@@ -151,7 +148,7 @@ def test_groups_flag_names_parsers_literals_and_detected_fields():
 def test_a_group_whose_helps_name_a_peer_needs_one():
     @dataclass
     class NoPeer:
-        link: Link = field(default_factory=Link, metadata=group(prefix="x-"))
+        link: Link = group(Link, prefix="x-")
 
     with pytest.raises(TypeError, match="peer"):
         add_arguments(argparse.ArgumentParser(), NoPeer)
@@ -162,6 +159,10 @@ def test_a_group_error_names_the_flags_as_spelled(capsys):
         (("--up-cert", "c"), "prog: error: --up-cert and --up-key go together (not --certificate)"),
         (("--key", "k"), "prog: error: --cert and --key go together (not --certificate)"),
         (("--precision", "fp16"), "prog: error: argument --precision: invalid choice"),
+        (
+            ("--size-list", "1,x"),
+            "prog: error: argument --size-list: invalid literal for int() with base 10: 'x'",
+        ),
     ]:
         with pytest.raises(SystemExit) as exited:
             parse_outer("--model", "m", *argv)
