@@ -40,14 +40,10 @@ class ServiceSettings(GrpcServiceSettings):
         default=4 << 30,
     )
     kv_idle_timeout_s: float = option(
-        "seconds an upload may go without sending a frame; then DEADLINE_EXCEEDED",
-        default=30.0,
-        flag="kv-idle-timeout",
+        "seconds an upload may go without sending a frame; then DEADLINE_EXCEEDED", default=30.0
     )
     kv_first_frame_timeout_s: float = option(
-        "seconds an upload may take to send its header; then DEADLINE_EXCEEDED",
-        default=5.0,
-        flag="kv-first-frame-timeout",
+        "seconds an upload may take to send its header; then DEADLINE_EXCEEDED", default=5.0
     )
     # An upload silent this long (or slower than transport.admission's minimum rate) gives its
     # room to one that does not fit; a newcomer waits this long for room.
@@ -66,14 +62,10 @@ class ServiceSettings(GrpcServiceSettings):
         parse=CACHE_SPEC.parse,
     )
     collective_timeout_s: float = option(
-        "seconds any collective may take before the group counts as failed",
-        default=60.0,
-        flag="collective-timeout",
+        "seconds any collective may take before the group counts as failed", default=60.0
     )
     heartbeat_s: float = option(
-        "seconds the idle engine waits between probes of the ranks",
-        default=2.0,
-        flag="heartbeat-interval",
+        "seconds the idle engine waits between probes of the ranks", default=2.0
     )
     torchrun: bool = detected(
         "ranks started by torchrun (env:// rendezvous) instead of by this service",

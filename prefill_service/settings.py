@@ -34,7 +34,6 @@ class PrefillSettings(GrpcServiceSettings):
     connect_timeout_s: float = option(
         "seconds to keep retrying the diffusion service when the caller sets no deadline",
         default=DEFAULT_CONNECT_TIMEOUT_S,
-        flag="connect-timeout",
     )
     chunk_size: int = option("largest KV chunk in bytes", default=DEFAULT_CHUNK_SIZE)
     max_decode_batch: int = option(

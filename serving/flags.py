@@ -6,7 +6,8 @@ are built from the parsed flags by the same walk.
 Field types: str, int, float, bool (default False: `--name` sets it; default True: `--no-name`
 clears it), a `Literal` of strings (its values are the choices), each optionally `| None`
 (default None: unset); any other type names its `parse=` (text -> value). A field without a
-default is a required flag. A field declared `group(SettingsClass, prefix=...)` contributes that
+default is a required flag. A field named `..._s` holds seconds: its flag leaves the `_s` out
+(`connect_timeout_s`: `--connect-timeout S`). A field declared `group(SettingsClass, prefix=...)` contributes that
 dataclass's flags, named with the group's prefix; a field declared `detected(...)` is no flag: its
 value is read from the process's environment. The parser's description is the settings
 dataclass's docstring.
@@ -28,6 +29,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 SCALARS = (str, int, float)
+SECONDS = "_s"  # the name of a field in seconds ends so: `drain_s`
 FLAG = re.compile(r"--[a-z][a-z0-9-]*")
 
 
@@ -148,7 +150,8 @@ def _add(parser: argparse.ArgumentParser, flag: Flag) -> None:
         type=kind if flag.field.metadata["parse"] is None else _saying_why(kind),
         default=default,
         required=flag.required,
-        metavar=flag.field.metadata["metavar"],
+        metavar=flag.field.metadata["metavar"]
+        or ("S" if flag.field.name.endswith(SECONDS) else None),
         choices=choices,
         help=flag.help + shown,
     )
@@ -214,8 +217,9 @@ def _build(settings_cls: type, args: argparse.Namespace, prefix: str, path: tupl
 
 
 def _name(f: dataclasses.Field) -> str:
-    """The flag's name without its dashes and any group prefix."""
-    return f.metadata.get("flag") or f.name.replace("_", "-")
+    """The flag's name without its dashes and any group prefix; a duration's (`..._s`, in
+    seconds) leaves the unit out."""
+    return f.metadata.get("flag") or f.name.removesuffix(SECONDS).replace("_", "-")
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
