@@ -7,10 +7,10 @@ Field types: str, int, float, bool (default False: `--name` sets it; default Tru
 clears it), a `Literal` of strings (its values are the choices), each optionally `| None`
 (default None: unset); any other type names its `parse=` (text -> value). A field without a
 default is a required flag. A field named `..._s` holds seconds: its flag leaves the `_s` out
-(`connect_timeout_s`: `--connect-timeout S`). A field declared `group(SettingsClass, prefix=...)` contributes that
-dataclass's flags, named with the group's prefix; a field declared `detected(...)` is no flag: its
-value is read from the process's environment. The parser's description is the settings
-dataclass's docstring.
+(`connect_timeout_s`: `--connect-timeout S`). A field declared `group(SettingsClass,
+prefix=...)` contributes that dataclass's flags, named with the group's prefix; a field declared
+`detected(...)` is no flag: its value is read from the process's environment. The parser's
+description is the settings dataclass's docstring.
 
 Errors of a group's own checks name its flags unprefixed (`--tls-cert`); the walk renames them
 as the command line spells them (`--diffusion-tls-cert`).
@@ -192,16 +192,16 @@ def scalar_type(annotation: Any) -> tuple[Any, tuple[str, ...] | None]:
 def from_args(settings_cls: type, args: argparse.Namespace) -> Any:
     """The settings the parsed flags give (the dataclasses' own checks run; a group's errors
     name its flags as the command line spells them)."""
-    return _build(settings_cls, args, "", ())
+    return _build(settings_cls, args, "")
 
 
-def _build(settings_cls: type, args: argparse.Namespace, prefix: str, path: tuple[str, ...]):
+def _build(settings_cls: type, args: argparse.Namespace, prefix: str) -> Any:
     hints = typing.get_type_hints(settings_cls)
     values = {}
     for f in dataclasses.fields(settings_cls):
         meta = f.metadata
         if "group" in meta:
-            values[f.name] = _build(hints[f.name], args, prefix + meta["group"], (*path, f.name))
+            values[f.name] = _build(hints[f.name], args, prefix + meta["group"])
         elif "detect" in meta:
             values[f.name] = meta["detect"]()
         else:
