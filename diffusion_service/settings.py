@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 from bagel.fp8 import LINEAR_PRECISIONS, LinearPrecision
 from diffusion_service.parallel.config import ParallelConfig
-from diffusion_service.torchrun import started_by_torchrun
 from serving.params import CACHE_SPEC, CachePolicy, NoCache
 from serving.security import ServerSecurity
 from serving.settings import (
@@ -162,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_server_security_arguments(parser, allowed_clients=True)
     return parser
+
+
+def started_by_torchrun(env: Mapping[str, str] = os.environ) -> bool:
+    return "TORCHELASTIC_RUN_ID" in env or (
+        "RANK" in env and "WORLD_SIZE" in env and "MASTER_ADDR" in env
+    )
 
 
 def parse_settings(argv: list[str] | None = None) -> ServiceSettings:

@@ -1,5 +1,6 @@
-"""The torchrun mode's pieces alone: reading torchrun's environment, checking the topology
-against its world, and the rendezvous store that keeps each restart's keys apart."""
+"""The launch paths' pieces alone: reading torchrun's environment, checking the topology
+against its world, the rendezvous store that keeps each restart's keys apart, and our own ranks'
+meeting place."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from datetime import timedelta
 import pytest
 import torch.distributed as dist
 
+from diffusion_service.launch import TorchrunWorld, group_store
 from diffusion_service.parallel.config import ParallelConfig
-from diffusion_service.torchrun import TorchrunWorld, group_store, started_by_torchrun
+from diffusion_service.settings import started_by_torchrun
 from tests.helpers.ranks import free_port
 
 NODE1_OF_2 = {  # what torchrun --nnodes 2 --nproc-per-node 2 sets for global rank 3
@@ -64,7 +66,7 @@ def test_a_topology_that_does_not_fill_torchruns_world_is_refused_with_the_valid
 
 def test_rank_0_warns_when_restarts_across_nodes_share_torchruns_store(caplog):
     rank0 = TorchrunWorld.from_env({**NODE1_OF_2, "RANK": "0", "LOCAL_RANK": "0"})
-    with caplog.at_level(logging.WARNING, "diffusion_service.torchrun"):
+    with caplog.at_level(logging.WARNING, "diffusion_service.launch"):
         rank0.warn_about_restarts()
         TorchrunWorld.from_env(NODE1_OF_2).warn_about_restarts()  # not rank 0: silent
         TorchrunWorld.from_env(
@@ -93,7 +95,7 @@ def test_each_restart_meets_in_keys_of_its_own_in_torchruns_store(monkeypatch):
 
 
 def test_our_own_ranks_keep_gloo_on_the_loopback_unless_the_operator_chose():
-    from diffusion_service.ranks import keep_gloo_on_loopback
+    from diffusion_service.launch import keep_gloo_on_loopback
 
     env: dict[str, str] = {}
     keep_gloo_on_loopback(env)
