@@ -26,7 +26,7 @@ from diffusion_service.launch import RankGroup, exit_for_restart
 from diffusion_service.memory import peaks_note, publish_peaks
 from diffusion_service.metrics import DiffusionMetrics
 from diffusion_service.settings import ServiceSettings
-from diffusion_service.worker import JobCancelled, model_contexts, run_job
+from diffusion_service.worker import JobCancelled, RankRuntime, model_contexts, run_job
 from protos import GenerateEvent, Image, Latents, PartialImage, Progress, Timings
 from serving.errors import ServiceError
 from serving.params import cache_policy_name
@@ -82,6 +82,10 @@ class JobHandle:
 
 
 class Engine:
+    """Rank 0's job loop: one thread takes jobs from a bounded queue and runs each with every
+    rank (`_run`); while idle it sends heartbeats, and it restarts the group when a collective
+    fails."""
+
     def __init__(
         self,
         settings: ServiceSettings,
@@ -239,15 +243,7 @@ class Engine:
                 shared.release()
             handle.cache.release()
         self._report_timings(handle, marks)
-        handle.emit(result)
-        handle.emit(DONE)
-        publish_peaks(self.metrics, runtime.peak_memory, runtime.device)
-        log.info(
-            "request %s: done in %.0f ms%s",
-            handle.request_id,
-            (marks[-1] - marks[0]) * 1e3,
-            peaks_note(runtime.peak_memory, runtime.device),
-        )
+        self._report_result(handle, result, runtime, marks[-1] - marks[0])
 
     def _broadcast(self, handle: JobHandle) -> KVCache:
         """Tell every rank of the new job and hand them its KV cache; returns rank 0's copy."""
@@ -295,8 +291,24 @@ class Engine:
             self.metrics.phase_seconds.labels(phase.removesuffix("_ms")).observe(value / 1e3)
         handle.emit(GenerateEvent(timings=Timings(**ms)))
 
+    def _report_result(
+        self, handle: JobHandle, result: GenerateEvent, runtime: RankRuntime, took_s: float
+    ) -> None:
+        """The result and the end of the stream to the caller; every rank's peak memory into the
+        metrics and the log."""
+        handle.emit(result)
+        handle.emit(DONE)
+        publish_peaks(self.metrics, runtime.peak_memory, runtime.device)
+        log.info(
+            "request %s: done in %.0f ms%s",
+            handle.request_id,
+            took_s * 1e3,
+            peaks_note(runtime.peak_memory, runtime.device),
+        )
+
     def _report_failure(self, handle: JobHandle, error: Exception) -> None:
-        """The one place a job's failure becomes the caller's status; a failed collective also
+        """What the caller is told when a job fails, by the kind of failure (the servicer's
+        `status_of` turns an unexpected exception into INTERNAL); a failed collective also
         restarts the group."""
         if isinstance(error, JobCancelled):
             log.info("request %s: stopped", handle.request_id)
