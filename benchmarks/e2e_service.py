@@ -45,10 +45,9 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from client import BagelClient
+from diffusion_service.launch import free_port, validate_settings
 from diffusion_service.parallel.config import ParallelConfig
-from diffusion_service.ranks import validate_settings
 from diffusion_service.settings import parse_settings
-from diffusion_service.world import free_port
 from serving.params import GenerationParams
 
 PROMPT = "A cute cat"

@@ -36,7 +36,7 @@ from benchmarks._report import emit_json
 from diffusion_service.job import JobSpec
 from diffusion_service.parallel.config import ParallelConfig
 from diffusion_service.parallel.mesh import ParallelMesh
-from diffusion_service.runner import RankRuntime, run_job
+from diffusion_service.worker import RankRuntime, run_job
 from examples.tiny_shapes.check import EVAL_PROMPTS, check_prompt
 from serving.params import CACHE_SPEC, GenerationParams
 from step_cache.collective import make_step_cache

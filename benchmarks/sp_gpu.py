@@ -48,8 +48,8 @@ from diffusion_service.job import JobSpec
 from diffusion_service.parallel.config import ParallelConfig
 from diffusion_service.parallel.lse import _explicit_attention_with_lse
 from diffusion_service.parallel.mesh import ParallelMesh
-from diffusion_service.runner import RankRuntime, run_job
 from diffusion_service.velocity import ShardedVelocity
+from diffusion_service.worker import RankRuntime, run_job
 from serving.params import CACHE_SPEC, GenerationParams
 from step_cache.collective import make_step_cache
 

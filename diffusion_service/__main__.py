@@ -2,7 +2,7 @@
 
 Starts its own ranks on this host, or, under `torchrun [--nnodes N] --nproc-per-node G -m
 diffusion_service ...` on every node, joins the world torchrun started
-(`diffusion_service.torchrun`): global rank 0 serves gRPC, the other ranks follow its commands.
+(`diffusion_service.launch`): global rank 0 serves gRPC, the other ranks follow its commands.
 """
 
 from __future__ import annotations
@@ -12,10 +12,9 @@ import sys
 
 from bagel.check_checkpoint import model_dir_fault
 from bagel.devices import device_fault
-from diffusion_service.ranks import serve_rank, validate_settings
+from diffusion_service.launch import TorchrunWorld, serve_torchrun_rank
 from diffusion_service.server import run
 from diffusion_service.settings import ServiceSettings, parse_settings
-from diffusion_service.torchrun import TorchrunWorld
 from serving.server import configure_logging
 from serving.startup import StartupError, check_port_free, exit_on_misconfiguration, require
 
@@ -42,8 +41,7 @@ def main() -> None:
             log.info("torchrun: %s", world.describe())
             world.warn_about_restarts()
             if world.rank != 0:  # only global rank 0 serves gRPC (--listen); the rest follow it
-                validate_settings(settings)
-                serve_rank(settings, world.rank, "env://")
+                serve_torchrun_rank(settings, world)
                 return
         status = run(settings)
     except (ValueError, StartupError) as e:  # an invalid topology or checkpoint, a taken port

@@ -22,13 +22,11 @@ from bagel.generation import ForwardGraphs
 from bagel.pixels import decode_pixels
 from bagel.preview import LatentRGB, fit_latent_rgb
 from diffusion_service.job import Command, JobSpec
+from diffusion_service.launch import RankGroup, exit_for_restart
 from diffusion_service.memory import peaks_note, publish_peaks
 from diffusion_service.metrics import DiffusionMetrics
-from diffusion_service.ranks import model_contexts
-from diffusion_service.runner import JobCancelled, run_job
 from diffusion_service.settings import ServiceSettings
-from diffusion_service.torchrun import exit_for_restart
-from diffusion_service.world import RankWorld
+from diffusion_service.worker import JobCancelled, RankRuntime, model_contexts, run_job
 from protos import GenerateEvent, Image, Latents, PartialImage, Progress, Timings
 from serving.errors import ServiceError
 from serving.params import cache_policy_name
@@ -84,18 +82,22 @@ class JobHandle:
 
 
 class Engine:
+    """Rank 0's job loop: one thread takes jobs from a bounded queue and runs each with every
+    rank (`_run`); while idle it sends heartbeats, and it restarts the group when a collective
+    fails."""
+
     def __init__(
         self,
         settings: ServiceSettings,
         config: BagelConfig,
-        world: RankWorld,
+        group: RankGroup,
         autoencoder: AutoEncoder,
         metrics: DiffusionMetrics,
         on_health: Callable[[bool], None],
     ) -> None:
         self.settings = settings
         self.config = config
-        self.world = world
+        self.group = group
         self.autoencoder = autoencoder
         self.metrics = metrics
         self.on_health = on_health  # called with True/False from the engine thread
@@ -167,7 +169,7 @@ class Engine:
             finally:
                 self._running = None
         self._fail_queued("the diffusion service shut down")
-        self.world.shutdown()
+        self.group.shutdown()
 
     def _fail_queued(self, message: str) -> None:
         while True:
@@ -179,7 +181,7 @@ class Engine:
 
     def _heartbeat(self) -> None:
         try:
-            self.world.send(Command.HEARTBEAT)
+            self.group.send(Command.HEARTBEAT)
         except Exception as e:  # noqa: BLE001 - any collective failure means a rank is gone
             log.error("rank group heartbeat failed: %s", e)
             self._restart()
@@ -190,21 +192,21 @@ class Engine:
             log.warning("a rank failed while the service is stopping: not restarting the group")
             return
         self.metrics.restarts.inc()
-        if not self.world.can_restart:  # torchrun owns the ranks and restarts all of them
+        if not self.group.can_restart:  # torchrun owns the ranks and restarts all of them
             self._lost, self._lost_message = True, TORCHRUN_LOST_MESSAGE
             self._fail_queued(TORCHRUN_LOST_MESSAGE)
             exit_for_restart("a collective failed")
         while not self.stopping:
-            if not self.world.launcher_alive:
+            if not self.group.alive:
                 log.error("the rank launcher has exited: %s", LOST_MESSAGE)
                 self._lost = True
                 return
             try:
-                self.world.restart()
+                self.group.restart()
                 self.on_health(True)
                 return
             except Exception as e:  # noqa: BLE001
-                if self.stopping or not self.world.launcher_alive:
+                if self.stopping or not self.group.alive:
                     continue  # said once, above or by the caller
                 log.error("restarting the rank group failed, retrying: %s", e)
                 time.sleep(1.0)
@@ -214,6 +216,8 @@ class Engine:
         handle.emit(error)
 
     def _run(self, handle: JobHandle) -> None:
+        """One job: broadcast it, denoise it, make its output, and report timings and result;
+        a failure anywhere leaves through `_report_failure`."""
         if not handle.keep_going() or self._stop.is_set():
             self._fail(handle, handle.stop_reason())
             return
@@ -221,66 +225,62 @@ class Engine:
             self._fail(handle, ServiceError(grpc.StatusCode.UNAVAILABLE, self._lost_message))
             return
         log.info("request %s: job %d starts", handle.request_id, handle.spec.job_id)
-        cache = handle.cache
         shared: KVCache | None = None
-        started = time.perf_counter()
+        marks = [time.perf_counter()]  # started, broadcast, denoised, decoded
         try:
-            runtime = self.world.runtime
-            self.world.send(Command.NEW_JOB, handle.spec)
-            shared = broadcast_kv(
-                cache,
-                group=dist.group.WORLD,
-                device=runtime.device,
-                timeout=self.settings.collective_timeout,
-            )
-            broadcast_done = time.perf_counter()
-
-            policy = cache_policy_name(handle.spec.params.cache)
-
-            def progress(done: int, total: int, cached: bool) -> None:
-                self.metrics.steps.labels(policy=policy, cached=str(cached).lower()).inc()
-                handle.emit(
-                    GenerateEvent(progress=Progress(step=done, total_steps=total, cached=cached))
-                )
-
-            def preview(index: int, step: int, estimate: torch.Tensor) -> None:
-                handle.emit(self._partial_image(handle.spec, index, step, estimate))
-
-            latents = run_job(
-                runtime,
-                handle.spec,
-                model_contexts(shared, runtime.model, runtime.device),
-                keep_going=lambda: handle.keep_going() and not self._stop.is_set(),
-                on_progress=progress,
-                on_preview=preview,
-            )
-            denoise_done = time.perf_counter()
+            runtime = self.group.runtime
+            shared = self._broadcast(handle)
+            marks.append(time.perf_counter())
+            latents = self._denoise(handle, shared)
+            marks.append(time.perf_counter())
             result = self._output(handle.spec, latents, runtime.graphs)
-            decode_done = time.perf_counter()
-        except JobCancelled:
-            log.info("request %s: stopped", handle.request_id)
-            error = handle.stop_reason()
-            if self._stop.is_set():
-                error = ServiceError(grpc.StatusCode.UNAVAILABLE, "the diffusion service shut down")
-            handle.emit(error)
-            return
-        except (RuntimeError, TransportError) as e:  # a collective failed: a rank is gone or hung
-            log.error("request %s: rank group failed: %s", handle.request_id, e)
-            handle.emit(ServiceError(grpc.StatusCode.UNAVAILABLE, f"a diffusion rank failed: {e}"))
-            self._restart()
-            return
-        except ServiceError as e:  # the job's result is unusable: said with its own status
-            log.warning("request %s: %s: %s", handle.request_id, e.code.name, e.message)
-            handle.emit(e)
-            return
-        except Exception as e:  # noqa: BLE001 - reported to the caller as INTERNAL
-            log.exception("request %s failed", handle.request_id)
-            handle.emit(e)
+            marks.append(time.perf_counter())
+        except Exception as e:  # noqa: BLE001 - each kind is mapped to the caller's status
+            self._report_failure(handle, e)
             return
         finally:
-            if shared is not None and shared is not cache:
+            if shared is not None and shared is not handle.cache:
                 shared.release()
-            cache.release()
+            handle.cache.release()
+        self._report_timings(handle, marks)
+        self._report_result(handle, result, runtime, marks[-1] - marks[0])
+
+    def _broadcast(self, handle: JobHandle) -> KVCache:
+        """Tell every rank of the new job and hand them its KV cache; returns rank 0's copy."""
+        self.group.send(Command.NEW_JOB, handle.spec)
+        return broadcast_kv(
+            handle.cache,
+            group=dist.group.WORLD,
+            device=self.group.runtime.device,
+            timeout=self.settings.collective_timeout,
+        )
+
+    def _denoise(self, handle: JobHandle, shared: KVCache) -> torch.Tensor:
+        """Rank 0's part of the job, streaming progress and previews to the caller."""
+        runtime = self.group.runtime
+        policy = cache_policy_name(handle.spec.params.cache)
+
+        def progress(done: int, total: int, cached: bool) -> None:
+            self.metrics.steps.labels(policy=policy, cached=str(cached).lower()).inc()
+            handle.emit(
+                GenerateEvent(progress=Progress(step=done, total_steps=total, cached=cached))
+            )
+
+        def preview(index: int, step: int, estimate: torch.Tensor) -> None:
+            handle.emit(self._partial_image(handle.spec, index, step, estimate))
+
+        return run_job(
+            runtime,
+            handle.spec,
+            model_contexts(shared, runtime.model, runtime.device),
+            keep_going=lambda: handle.keep_going() and not self._stop.is_set(),
+            on_progress=progress,
+            on_preview=preview,
+        )
+
+    def _report_timings(self, handle: JobHandle, marks: list[float]) -> None:
+        """The job's phases into the metrics and to the caller."""
+        started, broadcast_done, denoise_done, decode_done = marks
         ms = {
             "receive_ms": handle.receive_ms,
             "broadcast_ms": (broadcast_done - started) * 1e3,
@@ -290,15 +290,46 @@ class Engine:
         for phase, value in ms.items():
             self.metrics.phase_seconds.labels(phase.removesuffix("_ms")).observe(value / 1e3)
         handle.emit(GenerateEvent(timings=Timings(**ms)))
+
+    def _report_result(
+        self, handle: JobHandle, result: GenerateEvent, runtime: RankRuntime, took_s: float
+    ) -> None:
+        """The result and the end of the stream to the caller; every rank's peak memory into the
+        metrics and the log."""
         handle.emit(result)
         handle.emit(DONE)
         publish_peaks(self.metrics, runtime.peak_memory, runtime.device)
         log.info(
             "request %s: done in %.0f ms%s",
             handle.request_id,
-            (decode_done - started) * 1e3,
+            took_s * 1e3,
             peaks_note(runtime.peak_memory, runtime.device),
         )
+
+    def _report_failure(self, handle: JobHandle, error: Exception) -> None:
+        """What the caller is told when a job fails, by the kind of failure (the servicer's
+        `status_of` turns an unexpected exception into INTERNAL); a failed collective also
+        restarts the group."""
+        if isinstance(error, JobCancelled):
+            log.info("request %s: stopped", handle.request_id)
+            status = handle.stop_reason()
+            if self._stop.is_set():
+                status = ServiceError(
+                    grpc.StatusCode.UNAVAILABLE, "the diffusion service shut down"
+                )
+            handle.emit(status)
+        elif isinstance(error, (RuntimeError, TransportError)):  # a rank is gone or hung
+            log.error("request %s: rank group failed: %s", handle.request_id, error)
+            handle.emit(
+                ServiceError(grpc.StatusCode.UNAVAILABLE, f"a diffusion rank failed: {error}")
+            )
+            self._restart()
+        elif isinstance(error, ServiceError):  # the job's result is unusable: its own status
+            log.warning("request %s: %s: %s", handle.request_id, error.code.name, error.message)
+            handle.emit(error)
+        else:  # reported to the caller as INTERNAL
+            log.exception("request %s failed", handle.request_id, exc_info=error)
+            handle.emit(error)
 
     def _partial_image(
         self, spec: JobSpec, index: int, step: int, estimate: torch.Tensor

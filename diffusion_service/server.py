@@ -17,12 +17,12 @@ from bagel.config import BagelConfig
 from bagel.devices import default_dtype
 from bagel.model_info import read_checkpoint_facts
 from diffusion_service.engine import Engine
+from diffusion_service.launch import rank_group, validate_settings
 from diffusion_service.memory import peaks_note, publish_peaks
 from diffusion_service.metrics import DiffusionMetrics
-from diffusion_service.ranks import rank_device, validate_settings
 from diffusion_service.servicer import DiffusionServicer
 from diffusion_service.settings import ServiceSettings
-from diffusion_service.world import RankWorld
+from diffusion_service.worker import rank_device
 from protos import DIFFUSION_SERVICE, GenerateEvent, ModelInfo
 from serving.access import RefusalLog
 from serving.credentials import CredentialReloader, ServerCredentialStore
@@ -46,7 +46,7 @@ class DiffusionServer:
         secrets = settings.security.load()  # a bad file fails before any process starts
         for warning in risky_settings(settings.listen, settings.security):
             log.warning("%s", warning)
-        self.world = RankWorld(settings)  # forks the rank launcher
+        self.group = rank_group(settings)  # our own ranks fork their launcher here
         self.metrics = DiffusionMetrics()
         # gRPC objects only after the fork
         credentials = ServerCredentialStore(settings.security, secrets)
@@ -91,7 +91,7 @@ class DiffusionServer:
         loop = asyncio.get_running_loop()
         settings = self.settings
         started = time.perf_counter()
-        runtime = await asyncio.to_thread(self.world.start)
+        runtime = await asyncio.to_thread(self.group.start)
         device = rank_device(settings, 0)
         autoencoder = await asyncio.to_thread(
             load_autoencoder, settings.model_dir, default_dtype(device), device
@@ -100,7 +100,7 @@ class DiffusionServer:
         def on_health(serving: bool) -> None:  # called from the engine thread
             asyncio.run_coroutine_threadsafe(self.grpc.set_serving(serving), loop)
 
-        engine = Engine(settings, self.config, self.world, autoencoder, self.metrics, on_health)
+        engine = Engine(settings, self.config, self.group, autoencoder, self.metrics, on_health)
         self.servicer = DiffusionServicer(settings, self.config, engine, self.metrics)
         self.engine = engine
         engine.start()
@@ -143,8 +143,7 @@ class DiffusionServer:
         await self.grpc.stop(grace=1.0)
 
     def close(self) -> None:
-        if self.world.launcher is not None:
-            self.world.launcher.close()
+        self.group.close()
 
 
 def precision_name(settings: ServiceSettings) -> str:

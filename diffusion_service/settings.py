@@ -3,12 +3,13 @@ one dataclass, each field one flag (`serving.flags`)."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
 from bagel.fp8 import LinearPrecision
 from diffusion_service.parallel.config import ParallelConfig
-from diffusion_service.torchrun import started_by_torchrun
 from serving import flags
 from serving.flags import detected, group, option
 from serving.params import CACHE_SPEC, CachePolicy, NoCache
@@ -80,6 +81,12 @@ class ServiceSettings(GrpcServiceSettings):
     @property
     def collective_timeout(self) -> timedelta:
         return timedelta(seconds=self.collective_timeout_s)
+
+
+def started_by_torchrun(env: Mapping[str, str] = os.environ) -> bool:
+    return "TORCHELASTIC_RUN_ID" in env or (
+        "RANK" in env and "WORLD_SIZE" in env and "MASTER_ADDR" in env
+    )
 
 
 def parse_settings(argv: list[str] | None = None) -> ServiceSettings:

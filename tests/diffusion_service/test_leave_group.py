@@ -9,7 +9,7 @@ import pytest
 import torch.distributed as dist
 
 from bagel.generation import ForwardGraphs
-from diffusion_service import ranks
+from diffusion_service import worker
 
 
 class _Runtime:
@@ -29,7 +29,7 @@ def test_captures_are_dropped_before_the_group_is_destroyed(initialized, monkeyp
     monkeypatch.setattr(
         dist, "destroy_process_group", lambda: seen.append(len(runtime.graphs._entries))
     )
-    ranks.leave_group(runtime)
+    worker.leave_group(runtime)
     assert seen == [0]
 
 
@@ -37,7 +37,7 @@ def test_a_hanging_destroy_is_left_behind_after_the_timeout(initialized, monkeyp
     release = threading.Event()
     monkeypatch.setattr(dist, "destroy_process_group", lambda: release.wait(30))
     start = time.monotonic()
-    ranks.leave_group(_Runtime(), timeout=0.3)
+    worker.leave_group(_Runtime(), timeout=0.3)
     assert time.monotonic() - start < 5
     assert "left behind" in caplog.text
     release.set()
@@ -49,4 +49,4 @@ def test_a_failing_destroy_still_raises(initialized, monkeypatch):
 
     monkeypatch.setattr(dist, "destroy_process_group", fail)
     with pytest.raises(RuntimeError, match="broken group"):
-        ranks.leave_group(None)
+        worker.leave_group(None)

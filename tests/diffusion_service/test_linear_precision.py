@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from bagel import fp8
-from diffusion_service.ranks import load_rank_model
 from diffusion_service.settings import parse_settings
+from diffusion_service.worker import load_rank_model
 
 
 def test_linear_precision_defaults_to_bf16_and_parses_fp8():

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from diffusion_service.world import free_port
+from diffusion_service.launch import free_port
 
 RankFn = Callable[..., dict[str, torch.Tensor] | None]
 

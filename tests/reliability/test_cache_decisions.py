@@ -15,10 +15,10 @@ import torch
 from bagel.pipeline import Pipeline
 from bagel.sampler import in_cfg_window, schedule
 from diffusion_service.job import JobSpec
-from diffusion_service.runner import run_job
+from diffusion_service.worker import run_job
 from serving.params import CACHE_SPEC, GenerationParams
 from step_cache.collective import make_step_cache
-from tests.diffusion_service.test_runner import _contexts, _runtime
+from tests.diffusion_service.test_worker import _contexts, _runtime
 from tests.helpers.ranks import run_ranks
 from tests.reliability.conftest import pixels
 

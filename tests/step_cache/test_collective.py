@@ -13,7 +13,7 @@ from bagel.kv import Branch
 from bagel.pipeline import Pipeline
 from serving.params import DBCache, GenerationParams, NoCache, TeaCache
 from step_cache.collective import CollectiveStepCache, make_step_cache, world_sum
-from tests.diffusion_service.test_runner import _contexts
+from tests.diffusion_service.test_worker import _contexts
 from tests.helpers.ranks import run_ranks
 
 # 15 latent tokens (padded shards), 12 Euler steps, CFG on every step.

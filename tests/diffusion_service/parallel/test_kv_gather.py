@@ -11,8 +11,8 @@ from bagel.pipeline import Pipeline
 from diffusion_service.job import JobSpec
 from diffusion_service.parallel.config import ParallelConfig
 from diffusion_service.parallel.mesh import ParallelMesh
-from diffusion_service.runner import RankRuntime, run_job
-from tests.diffusion_service.test_runner import PARAMS, _contexts
+from diffusion_service.worker import RankRuntime, run_job
+from tests.diffusion_service.test_worker import PARAMS, _contexts
 from tests.helpers.ranks import run_ranks
 
 LAYOUTS = {

@@ -19,7 +19,7 @@ from diffusion_service.parallel.kv_gather import KVGatherRingAttention
 from diffusion_service.parallel.mesh import ParallelMesh
 from diffusion_service.parallel.registry import make_block_attention
 from diffusion_service.parallel.sharding import LatentSharding
-from diffusion_service.runner import RankRuntime, run_job
+from diffusion_service.worker import RankRuntime, run_job
 from serving.params import GenerationParams
 from tests.diffusion_service.parallel.reference import (
     HEADS,
@@ -29,7 +29,7 @@ from tests.diffusion_service.parallel.reference import (
     relative_error,
     with_garbage_pad,
 )
-from tests.diffusion_service.test_runner import _contexts
+from tests.diffusion_service.test_worker import _contexts
 from tests.helpers.ranks import run_ranks
 
 CONFIG = ParallelConfig(ring=2, kv_gather=2)

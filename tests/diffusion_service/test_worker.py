@@ -14,7 +14,7 @@ from bagel.pipeline import Pipeline
 from diffusion_service.job import JobSpec
 from diffusion_service.parallel.config import ParallelConfig
 from diffusion_service.parallel.mesh import ParallelMesh
-from diffusion_service.runner import JobCancelled, RankRuntime, run_job
+from diffusion_service.worker import JobCancelled, RankRuntime, run_job
 from serving.params import GenerationParams
 from tests.helpers.ranks import run_ranks
 

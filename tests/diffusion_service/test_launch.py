@@ -1,16 +1,21 @@
-"""The torchrun mode's pieces alone: reading torchrun's environment, checking the topology
-against its world, and the rendezvous store that keeps each restart's keys apart."""
+"""The launch paths' pieces alone: reading torchrun's environment, checking the topology
+against its world, the rendezvous store that keeps each restart's keys apart, and our own ranks'
+meeting place."""
 
 from __future__ import annotations
 
 import logging
+import os
+import time
 from datetime import timedelta
 
 import pytest
 import torch.distributed as dist
 
+from diffusion_service import launch
+from diffusion_service.launch import TorchrunWorld, group_store
 from diffusion_service.parallel.config import ParallelConfig
-from diffusion_service.torchrun import TorchrunWorld, group_store, started_by_torchrun
+from diffusion_service.settings import ServiceSettings, started_by_torchrun
 from tests.helpers.ranks import free_port
 
 NODE1_OF_2 = {  # what torchrun --nnodes 2 --nproc-per-node 2 sets for global rank 3
@@ -64,7 +69,7 @@ def test_a_topology_that_does_not_fill_torchruns_world_is_refused_with_the_valid
 
 def test_rank_0_warns_when_restarts_across_nodes_share_torchruns_store(caplog):
     rank0 = TorchrunWorld.from_env({**NODE1_OF_2, "RANK": "0", "LOCAL_RANK": "0"})
-    with caplog.at_level(logging.WARNING, "diffusion_service.torchrun"):
+    with caplog.at_level(logging.WARNING, "diffusion_service.launch"):
         rank0.warn_about_restarts()
         TorchrunWorld.from_env(NODE1_OF_2).warn_about_restarts()  # not rank 0: silent
         TorchrunWorld.from_env(
@@ -93,7 +98,7 @@ def test_each_restart_meets_in_keys_of_its_own_in_torchruns_store(monkeypatch):
 
 
 def test_our_own_ranks_keep_gloo_on_the_loopback_unless_the_operator_chose():
-    from diffusion_service.ranks import keep_gloo_on_loopback
+    from diffusion_service.launch import keep_gloo_on_loopback
 
     env: dict[str, str] = {}
     keep_gloo_on_loopback(env)
@@ -101,3 +106,54 @@ def test_our_own_ranks_keep_gloo_on_the_loopback_unless_the_operator_chose():
     chosen = {"GLOO_SOCKET_IFNAME": "eth1"}
     keep_gloo_on_loopback(chosen)
     assert chosen == {"GLOO_SOCKET_IFNAME": "eth1"}
+
+
+def _settings(tmp_path, **kw) -> ServiceSettings:
+    return ServiceSettings(model_dir=str(tmp_path), **kw)
+
+
+def test_the_settings_pick_the_launch_path_and_only_ours_may_restart(tmp_path):
+    own = launch.rank_group(_settings(tmp_path))
+    torchrun = launch.rank_group(_settings(tmp_path, torchrun=True))
+    assert isinstance(own, launch.OwnRanks) and own.can_restart
+    assert isinstance(torchrun, launch.TorchrunRanks) and not torchrun.can_restart
+    assert own.launcher_pid is None  # a group of one forks no launcher
+    assert own.alive and torchrun.alive
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_our_launcher_starts_the_workers_at_a_loopback_port_stops_them_and_leaves_none(
+    tmp_path, monkeypatch
+):
+    def worker(settings, rank, world, port):  # stands in for a rank: says who it is, then waits
+        (tmp_path / f"rank{rank}").write_text(f"{os.getpid()} {world} {port}")
+        time.sleep(60)
+
+    monkeypatch.setattr(launch, "worker_main", worker)
+    group = launch.rank_group(_settings(tmp_path, parallel=ParallelConfig(ring=3)))
+    try:
+        meeting = group._start_others()
+        host, port = meeting["init_method"].removeprefix("tcp://").split(":")
+        assert host == "127.0.0.1"
+        files = [tmp_path / "rank1", tmp_path / "rank2"]
+        deadline = time.monotonic() + 30
+        while not all(f.exists() and f.read_text() for f in files):
+            assert time.monotonic() < deadline, "the workers did not start"
+            time.sleep(0.05)
+        said = [f.read_text().split() for f in files]
+        assert [(world, p) for _, world, p in said] == [("3", port), ("3", port)]
+        pids = [int(pid) for pid, _, _ in said]
+        group._stop_others()
+        assert all(_gone(pid) for pid in pids)
+        assert group.alive
+    finally:
+        group.close()
+    assert not group.alive
+    assert _gone(group.launcher_pid)
