@@ -20,9 +20,8 @@ from diffusion_service.metrics import DiffusionMetrics
 from diffusion_service.settings import ServiceSettings
 from protos import Accepted, GenerateEvent
 from serving.errors import status_of
-from serving.params import GenerationParams, check_cache_fits
+from serving.params import GenerationParams, RequestLimits, validate
 from serving.requests import check_request_id, loggable
-from step_cache.collective import check_step_cache
 from transport.admission import UploadBudget
 from transport.assembler import FrameAssembler, KVSpec, check_finite
 from transport.buffers import BufferPool
@@ -49,6 +48,11 @@ class DiffusionServicer:
         self.metrics = metrics
         llm = config.llm
         self.expect = KVSpec(config.fingerprint(), llm.num_layers, llm.num_kv_heads, llm.head_dim)
+        self.limits = RequestLimits(
+            pixel_step=config.pixels_per_token,
+            max_side=config.max_image_size,
+            num_layers=llm.num_layers,
+        )
         self._job_ids = itertools.count(1)
         # Flat KV buffers stay allocated (and their pages warm) from one request to the next;
         # pinned on a GPU host so the one host-to-device copy runs at full speed. Once no upload
@@ -66,9 +70,7 @@ class DiffusionServicer:
     def checked_params(self, msg) -> GenerationParams:
         """The request's parameters with defaults filled in, or InvalidParams naming the fault."""
         params = GenerationParams.from_proto(msg).with_cache_default(self.settings.default_cache)
-        params.validate(self.config.pixels_per_token, self.config.max_image_size)
-        check_step_cache(params.cache)
-        check_cache_fits(params.cache, self.config.llm.num_layers)
+        validate(params, self.limits)
         return params
 
     async def generate(

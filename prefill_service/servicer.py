@@ -9,9 +9,11 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 
 import grpc
 from google.protobuf.message import DecodeError
+from PIL import Image
 
 from bagel.kv import Branch
 from prefill_service.metrics import PrefillMetrics
@@ -41,7 +43,7 @@ from protos import (
 )
 from serving.errors import InvalidParams, ServiceError, status_of
 from serving.images import EDIT_DEFAULTS, decode_input_images
-from serving.params import GenerationParams, check_cache_fits
+from serving.params import GenerationParams, RequestLimits, validate
 from serving.requests import (
     MAX_REQUEST_ID_CHARS,
     check_request_id,
@@ -89,6 +91,16 @@ def prefill_handler(servicer: PrefillServicer) -> grpc.GenericRpcHandler:
     )
 
 
+@dataclass(frozen=True)
+class CheckedRequest:
+    """A Generate request past `PrefillServicer._check`: the source that serves it, its validated
+    parameters and its decoded input images."""
+
+    source: KVSource
+    params: GenerationParams
+    images: list[Image.Image]
+
+
 class RequestLog(logging.LoggerAdapter):
     """Prefixes every message with the request id."""
 
@@ -132,15 +144,16 @@ class PrefillServicer(service_pb2_grpc.PrefillServicer):
                     f"the request ({request.size} bytes) is not a valid GenerateRequest: "
                     f"{request.error}"
                 )
+            checked = await self._check(request, request_id)
             plan: Answer | None = None
             if request.think:
-                async for item in self._think(request):
+                async for item in self._think(request, checked):
                     if isinstance(item, str):
                         yield GenerateEvent(thinking=TextDelta(text=item))
                     else:
                         plan = item
             batches, usage = await self._prepare(
-                request, request_id, prefill, request_log, plan and plan.text
+                request, checked, request_id, prefill, request_log, plan and plan.text
             )
             if plan is not None:
                 usage.usage.completion_tokens = plan.completion_tokens
@@ -251,21 +264,41 @@ class PrefillServicer(service_pb2_grpc.PrefillServicer):
             )
             await context.abort(code, message)
 
-    async def _think(self, request: GenerateRequest) -> AsyncIterator[str | Answer]:
-        """A think request's plan: deltas, then the `Answer` (its text is the decode of all
-        its tokens); every check of the request first."""
+    async def _check(self, request: GenerateRequest, request_id: str) -> CheckedRequest:
+        """Every check of a Generate request that needs no model compute, each once: the model is
+        loaded, the request id, the input images (decoded; only where the source edits) and the
+        parameters (`serving.params.validate`, an edit's defaulting to its input's size)."""
         source = self.source
         if source is None:
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
-        loop = asyncio.get_running_loop()
-        image = None
+        check_request_id(request_id)
+        config = source.config
+        images = []
+        defaults = None
         if request.input_images:
-            image = (await loop.run_in_executor(None, decode_input_images, request.input_images))[0]
-        defaults = EDIT_DEFAULTS if image is not None else None
+            if not (isinstance(source, EditKVSource) and source.supports_edits):
+                raise InvalidParams(NO_IMAGE_INPUT)
+            loop = asyncio.get_running_loop()
+            images = await loop.run_in_executor(None, decode_input_images, request.input_images)
+            width, height = source.edit_size(images[0])
+            defaults = {**EDIT_DEFAULTS, "width": width, "height": height}
         params = GenerationParams.from_proto(request.params, defaults)
-        params.validate(source.config.pixels_per_token, source.config.max_image_size)
-        check_cache_fits(params.cache, source.config.llm.num_layers)
-        planned = await loop.run_in_executor(
+        limits = RequestLimits(
+            pixel_step=config.pixels_per_token,
+            max_side=config.max_image_size,
+            num_layers=config.llm.num_layers,
+        )
+        validate(params, limits)
+        return CheckedRequest(source, params, images)
+
+    async def _think(
+        self, request: GenerateRequest, checked: CheckedRequest
+    ) -> AsyncIterator[str | Answer]:
+        """A think request's plan: deltas, then the `Answer` (its text is the decode of all
+        its tokens)."""
+        source = checked.source
+        image = checked.images[0] if checked.images else None
+        planned = await asyncio.get_running_loop().run_in_executor(
             None, self.text.plan_request, source, request.prompt, request.think_sampling, image
         )
         async for item in self.text.decode(source, planned):
@@ -275,31 +308,18 @@ class PrefillServicer(service_pb2_grpc.PrefillServicer):
     async def _prepare(
         self,
         request: GenerateRequest,
+        checked: CheckedRequest,
         request_id: str,
         stats: PrefillStats,
         request_log: RequestLog,
         think_plan: str | None = None,
     ) -> tuple[Iterator[list[bytes]], GenerateEvent]:
-        """Every check, before any compute; returns the lazy frame batches and the usage event
-        (the conditional context's tokens, image tokens included). `think_plan`: the decoded
-        plan of a think request, which its conditional context ends with."""
-        source = self.source
-        if source is None:
-            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
-        check_request_id(request_id)
+        """The plan of a checked request, before any compute; returns the lazy frame batches and
+        the usage event (the conditional context's tokens, image tokens included). `think_plan`:
+        the decoded plan of a think request, which its conditional context ends with."""
+        source, params, images = checked.source, checked.params, checked.images
         config = source.config
         loop = asyncio.get_running_loop()
-        images = []
-        defaults = None
-        if request.input_images:
-            if not (isinstance(source, EditKVSource) and source.supports_edits):
-                raise InvalidParams(NO_IMAGE_INPUT)
-            images = await loop.run_in_executor(None, decode_input_images, request.input_images)
-            width, height = source.edit_size(images[0])
-            defaults = {**EDIT_DEFAULTS, "width": width, "height": height}
-        params = GenerationParams.from_proto(request.params, defaults)
-        params.validate(config.pixels_per_token, config.max_image_size)
-        check_cache_fits(params.cache, config.llm.num_layers)
         think = {} if think_plan is None else {"think_plan": think_plan}
         if images:
             planned = await loop.run_in_executor(

@@ -1,4 +1,5 @@
-"""The request schema: `GenerationParams`, the one dataclass every layer derives a request from.
+"""The request schema: `GenerationParams`, the one dataclass every layer derives a request from,
+and `validate`, the one check of a request against a service's `RequestLimits`.
 
 Each field's metadata names the codec that moves it to and from `bagel.v1.GenerationParams` and
 checks a caller's value, its command-line help, and its valid range. The proto conversion, the
@@ -137,31 +138,13 @@ class GenerationParams:
         """These params with `default` where the request left the cache policy unset."""
         return self if self.cache is not None else dataclasses.replace(self, cache=default)
 
-    def validate(self, pixel_step: int, max_side: int) -> None:
-        """Raise InvalidParams naming the first bad field. `pixel_step` and `max_side` are the
-        model's (a multiple of 16 and 1024 for BAGEL-7B-MoT)."""
-        for name in ("height", "width"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0 or value % pixel_step or value > max_side:
-                raise InvalidParams(
-                    f"{name}={value!r} must be a positive multiple of {pixel_step} and at most "
-                    f"{max_side}"
-                )
-        for path, value, meta in walk(self):
-            meta["codec"].check(path, value)
-            if meta["bounds"] is not None:
-                meta["bounds"].check(path, value)
-        lo, hi = self.cfg_interval
-        if not lo <= hi:
-            raise InvalidParams(f"cfg_interval={self.cfg_interval!r} must satisfy lo <= hi")
-
     @classmethod
     def from_proto(
         cls, msg: params_pb2.GenerationParams, defaults: Mapping[str, Any] | None = None
     ) -> GenerationParams:
         """Unset fields take `defaults` where given (e.g. an edit's), else the defaults above; an
         unset seed becomes a random one. Raises InvalidParams for a value no field can hold (call
-        `validate` for the model's limits)."""
+        `validate` for the service's limits)."""
         values = {**(defaults or {}), **fields_from_message(cls, msg)}
         if not msg.HasField("seed"):
             values["seed"] = secrets.randbelow(2**31)
@@ -198,9 +181,39 @@ def cache_policy_name(policy: CachePolicy | None) -> str:
     return CACHE_SPEC.display_name(policy)
 
 
-def check_cache_fits(policy: CachePolicy | None, num_layers: int) -> None:
-    """InvalidParams unless `policy` leaves at least one of the model's `num_layers` blocks to
-    cache (a DBCache's Fn + Bn must be below it). None (unset) passes: the diffusion service
-    checks the default it fills in."""
-    if policy is not None:
-        policy.check_fits(num_layers)
+@dataclass(frozen=True)
+class RequestLimits:
+    """What a service allows one request, from its model: image sides that are positive multiples
+    of `pixel_step` and at most `max_side` pixels (both ends inclusive: `pixel_step` and
+    `max_side` themselves pass), and a step cache that leaves at least one of the model's
+    `num_layers` transformer blocks to cache. Which cache policies a request may name is the
+    policy registry's to say (the `cache` field's codec)."""
+
+    pixel_step: int
+    max_side: int
+    num_layers: int
+
+
+def validate(params: GenerationParams, limits: RequestLimits) -> None:
+    """The one check of a request's parameters: raise InvalidParams naming the first bad field.
+
+    Checks the image size against the limits, every field's codec and range (the cache policy
+    among them: a registered one), the CFG interval, and that the cache policy leaves a block to
+    cache. An unset cache passes: the diffusion service fills in its default before validating.
+    """
+    step, most = limits.pixel_step, limits.max_side
+    for name in ("height", "width"):
+        value = getattr(params, name)
+        if not isinstance(value, int) or value <= 0 or value % step or value > most:
+            raise InvalidParams(
+                f"{name}={value!r} must be a positive multiple of {step} and at most {most}"
+            )
+    for path, value, meta in walk(params):
+        meta["codec"].check(path, value)
+        if meta["bounds"] is not None:
+            meta["bounds"].check(path, value)
+    lo, hi = params.cfg_interval
+    if not lo <= hi:
+        raise InvalidParams(f"cfg_interval={params.cfg_interval!r} must satisfy lo <= hi")
+    if params.cache is not None:
+        params.cache.check_fits(limits.num_layers)

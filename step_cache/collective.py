@@ -26,9 +26,7 @@ from torch import Tensor
 
 from bagel.kv import Branch
 from bagel.step_cache import BlockStates, NoStepCache, StepCache
-from serving.errors import InvalidParams
 from step_cache.policy import PolicyConfig, Statistic, Step
-from step_cache.registry import POLICIES
 from step_cache.store import ResidualStore, stack
 from step_cache.taylorseer import TaylorSeer
 
@@ -166,19 +164,9 @@ class CollectiveStepCache:
         self.store.add(self._step.index, branches, residual)
 
 
-def check_step_cache(config: PolicyConfig | None) -> None:
-    """InvalidParams unless `config` is a registered policy (None: no caching)."""
-    if config is not None and type(config) not in POLICIES.values():
-        served = ", ".join(cls.__name__ for cls in POLICIES.values())
-        raise InvalidParams(
-            f"cache policy {type(config).__name__} is not served by this diffusion service "
-            f"(served: {served})"
-        )
-
-
 def make_step_cache(config: PolicyConfig | None, valid_rows: int, reduce: ReduceSum) -> StepCache:
-    """The step cache of one job on this rank (None: no caching)."""
-    check_step_cache(config)
+    """The step cache of one job on this rank (None: no caching); `config` passed the request's
+    validation (`serving.params.validate`) on the service."""
     if config is None or config.policy() is None:
         return NoStepCache()
     return CollectiveStepCache(config, valid_rows, reduce)

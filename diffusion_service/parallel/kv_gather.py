@@ -16,13 +16,13 @@ from torch import Tensor
 from bagel.attention import BlockQKV, attend_block
 from diffusion_service.parallel.collectives import all_gather_single
 from diffusion_service.parallel.ring import ring_attention_with_lse
-from diffusion_service.parallel.sharding import LatentSharding, check_group_holds_shards
+from diffusion_service.parallel.sharding import LatentSharding, check_group
 
 
-def gather_kv(group: dist.ProcessGroup, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    """All-gather `[B, S, Hkv, D]` shards of K and V over `group` (group rank `i` holds shard
-    `i`) in one collective; returns `[B, degree * S, Hkv, D]` each, pad included."""
-    degree = dist.get_world_size(group)
+def gather_kv(group: dist.ProcessGroup, degree: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """All-gather `[B, S, Hkv, D]` shards of K and V over the `degree` ranks of `group` (group
+    rank `i` holds shard `i`) in one collective; returns `[B, degree * S, Hkv, D]` each, pad
+    included."""
     local = torch.stack([k, v])  # [2, B, S, Hkv, D]: one collective for both
     gathered = local.new_empty((degree * 2, *local.shape[1:]))
     all_gather_single(gathered, local, group=group)
@@ -32,15 +32,16 @@ def gather_kv(group: dist.ProcessGroup, k: Tensor, v: Tensor) -> tuple[Tensor, T
 
 
 class KVGatherAttention:
-    """`BlockAttention` over a KV-gather group; `sharding` is this rank's shard of the latents."""
+    """`BlockAttention` over a KV-gather group; `sharding` is this rank's shard of the latents,
+    its degree the KV-gather degree and its rank this rank's place in the group."""
 
     def __init__(self, group: dist.ProcessGroup, sharding: LatentSharding) -> None:
-        check_group_holds_shards(group, sharding, "KV gather")
+        check_group(group, sharding.degree, sharding.rank, "KV gather")
         self.group = group
         self.sharding = sharding
 
     def __call__(self, x: BlockQKV) -> tuple[Tensor, Tensor]:
-        keys, values = gather_kv(self.group, x.latent_k, x.latent_v)
+        keys, values = gather_kv(self.group, self.sharding.degree, x.latent_k, x.latent_v)
         # Pad keys all sit at the end of the gathered sequence: cut them off rather than mask.
         n = self.sharding.num_tokens
         k = torch.cat([x.joint_k, keys[:, :n]], dim=1)
@@ -55,34 +56,41 @@ class KVGatherAttention:
 class KVGatherRingAttention:
     """`BlockAttention` for KV gather (inner, contiguous ranks) inside Ring (outer, strided): the
     inner group gathers its K/V shards into its ring block, which then travels the ring while
-    every rank's queries stay its own shard."""
+    every rank's queries stay its own shard.
+
+    `inner` and `ring` are the KV-gather and Ring degrees; SP rank `ring_rank * inner +
+    inner_rank` holds shard `sharding.rank` of `sharding.degree = ring * inner`.
+    """
 
     def __init__(
         self,
         inner_group: dist.ProcessGroup,
         ring_group: dist.ProcessGroup,
         sharding: LatentSharding,
+        *,
+        inner: int,
+        ring: int,
     ) -> None:
-        inner, ring = dist.get_world_size(inner_group), dist.get_world_size(ring_group)
-        inner_rank, ring_rank = dist.get_rank(inner_group), dist.get_rank(ring_group)
-        if sharding.degree != ring * inner or sharding.rank != ring_rank * inner + inner_rank:
-            raise ValueError(
-                f"shard {sharding.rank} of {sharding.degree} is not held by ring rank "
-                f"{ring_rank} x inner rank {inner_rank} of ring {ring} x inner {inner}"
-            )
+        if sharding.degree != ring * inner:
+            raise ValueError(f"sharding degree {sharding.degree} != ring {ring} x inner {inner}")
+        ring_rank, inner_rank = divmod(sharding.rank, inner)
+        check_group(inner_group, inner, inner_rank, "KV gather")
+        check_group(ring_group, ring, ring_rank, "ring")
         self.inner_group = inner_group
         self.ring_group = ring_group
+        self.inner = inner
+        self.ring_rank = ring_rank
         # Real tokens in each ring block: the sum over the inner shards it is made of.
         self.block_valid = [
             sum(sharding.valid_len(j * inner + i) for i in range(inner)) for j in range(ring)
         ]
 
     def __call__(self, x: BlockQKV) -> tuple[Tensor, Tensor]:
-        keys, values = gather_kv(self.inner_group, x.latent_k, x.latent_v)
+        keys, values = gather_kv(self.inner_group, self.inner, x.latent_k, x.latent_v)
         block = BlockQKV(
             x.joint_q, x.joint_k, x.joint_v, x.joint_key_mask, x.latent_q, keys, values
         )
-        out, _ = ring_attention_with_lse(self.ring_group, block, self.block_valid)
+        out, _ = ring_attention_with_lse(self.ring_group, self.ring_rank, block, self.block_valid)
         out = out.to(x.latent_q.dtype)
         joint_len = x.joint_q.shape[1]
         return out[:, :joint_len], out[:, joint_len:]

@@ -1,10 +1,10 @@
 """The diffusion service's rank topology, built from a validated `ParallelConfig`: CFG parallel
-outermost, then Ring, then Ulysses.
+outermost, then Ring, then the inner group (Ulysses or KV gather, whichever splits it).
 
-`rank = cfg_rank * (ring * ulysses) + ring_rank * ulysses + ulysses_rank`: Ulysses groups are
-contiguous ranks because their all-to-all is the heaviest traffic and neighbouring ranks share
+`rank = cfg_rank * (ring * inner) + ring_rank * inner + inner_rank`: inner groups are contiguous
+ranks because their all-to-all or all-gather is the heaviest traffic and neighbouring ranks share
 the fastest links; Ring groups are strided; a CFG branch owns one contiguous block of
-`ring * ulysses` ranks (its sequence-parallel group).
+`ring * inner` ranks (its sequence-parallel group).
 """
 
 from __future__ import annotations
@@ -22,26 +22,22 @@ from diffusion_service.parallel.sharding import LatentSharding
 def mesh_rank_groups(config: ParallelConfig) -> dict[str, list[list[int]]]:
     """Global ranks of every group of each kind, in the order the groups are created.
 
-    Kinds: `ulysses`, `ring` (ordered by ring rank), `sp` (one per CFG branch, ordered by
-    sp rank = `ring_rank * ulysses + ulysses_rank`), `cfg` (the ranks with the same sp rank).
+    Kinds: `inner` (the Ulysses or the KV-gather ranks), `ring` (ordered by ring rank), `sp` (one
+    per CFG branch, ordered by sp rank = `ring_rank * inner + inner_rank`), `cfg` (the ranks with
+    the same sp rank).
     """
-    # The inner kind holds the Ulysses or the KV-gather ranks, whichever splits the group.
-    cfg_parallel, ring, ulysses = config.cfg_parallel, config.ring, config.inner_degree
+    cfg_parallel, ring, inner = config.cfg_parallel, config.ring, config.inner_degree
     sp = config.sp_degree
 
-    def rank(c: int, r: int, u: int) -> int:
-        return c * sp + r * ulysses + u
+    def rank(c: int, r: int, i: int) -> int:
+        return c * sp + r * inner + i
 
     return {
-        "ulysses": [
-            [rank(c, r, u) for u in range(ulysses)]
-            for c in range(cfg_parallel)
-            for r in range(ring)
+        "inner": [
+            [rank(c, r, i) for i in range(inner)] for c in range(cfg_parallel) for r in range(ring)
         ],
         "ring": [
-            [rank(c, r, u) for r in range(ring)]
-            for c in range(cfg_parallel)
-            for u in range(ulysses)
+            [rank(c, r, i) for r in range(ring)] for c in range(cfg_parallel) for i in range(inner)
         ],
         "sp": [[c * sp + s for s in range(sp)] for c in range(cfg_parallel)],
         "cfg": [[c * sp + s for c in range(cfg_parallel)] for s in range(sp)],
@@ -59,11 +55,11 @@ class ParallelMesh:
     config: ParallelConfig
     rank: int
     world: int
-    ulysses_group: dist.ProcessGroup | None
+    inner_group: dist.ProcessGroup | None
     ring_group: dist.ProcessGroup | None
     sp_group: dist.ProcessGroup | None
     cfg_group: dist.ProcessGroup | None
-    ulysses_ranks: tuple[int, ...]
+    inner_ranks: tuple[int, ...]
     ring_ranks: tuple[int, ...]
     sp_ranks: tuple[int, ...]
     cfg_ranks: tuple[int, ...]
@@ -94,8 +90,8 @@ class ParallelMesh:
             if timeout is None:
                 timeout = _world_timeout()
             # new_group is collective over the whole world: every rank creates every group in
-            # the same order. Groups with the same members (ring == sp when ulysses is 1) share
-            # one handle and the whole world reuses WORLD, so NCCL builds no redundant
+            # the same order. Groups with the same members (ring == sp when the inner degree is
+            # 1) share one handle and the whole world reuses WORLD, so NCCL builds no redundant
             # communicators.
             for groups in layout.values():
                 for members in map(tuple, groups):
@@ -111,11 +107,11 @@ class ParallelMesh:
             config=config,
             rank=rank,
             world=world,
-            ulysses_group=handles[tuple(mine["ulysses"])],
+            inner_group=handles[tuple(mine["inner"])],
             ring_group=handles[tuple(mine["ring"])],
             sp_group=handles[tuple(mine["sp"])],
             cfg_group=handles[tuple(mine["cfg"])],
-            ulysses_ranks=tuple(mine["ulysses"]),
+            inner_ranks=tuple(mine["inner"]),
             ring_ranks=tuple(mine["ring"]),
             sp_ranks=tuple(mine["sp"]),
             cfg_ranks=tuple(mine["cfg"]),
@@ -130,7 +126,7 @@ class ParallelMesh:
         return self.config.ring
 
     @property
-    def ulysses(self) -> int:
+    def inner(self) -> int:
         """The inner degree: Ulysses' or KV gather's (the same contiguous-rank arithmetic)."""
         return self.config.inner_degree
 
@@ -144,16 +140,16 @@ class ParallelMesh:
 
     @property
     def sp_rank(self) -> int:
-        """Rank within the sequence-parallel group: `ring_rank * ulysses + ulysses_rank`."""
+        """Rank within the sequence-parallel group: `ring_rank * inner + inner_rank`."""
         return self.rank % self.sp_degree
 
     @property
     def ring_rank(self) -> int:
-        return self.sp_rank // self.ulysses
+        return self.sp_rank // self.inner
 
     @property
-    def ulysses_rank(self) -> int:
-        return self.rank % self.ulysses
+    def inner_rank(self) -> int:
+        return self.rank % self.inner
 
     @property
     def ring_next(self) -> int:

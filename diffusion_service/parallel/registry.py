@@ -1,7 +1,7 @@
 """SP attention variants by name: a new variant is one file plus one `register` call.
 
-Each entry builds this rank's `BlockAttention` from the mesh and the latent sharding, and says
-which degrees it runs on; `ParallelConfig.validate` checks the configured name against it, and
+Each entry builds this rank's `BlockAttention` from the mesh and the latent sharding, handing
+the variant its degrees from the mesh's config, and says which degrees it runs on; `ParallelConfig.validate` checks the configured name against it, and
 `make_block_attention` looks it up. The config and the mesh depend on this module, so it sees
 them through the two protocols below: what a variant may read of them.
 """
@@ -38,17 +38,25 @@ class Degrees(Protocol):
 
 
 class SPMesh(Protocol):
-    """A `ParallelMesh`, as a variant's `build` sees it: the groups of this rank's SP group."""
+    """A `ParallelMesh`, as a variant's `build` sees it: the groups of this rank's SP group and
+    their degrees."""
 
     @property
     def config(self) -> Degrees: ...
     @property
-    def ulysses_group(self) -> dist.ProcessGroup | None:
+    def inner_group(self) -> dist.ProcessGroup | None:
         """The inner (contiguous) group: the Ulysses or the KV-gather ranks."""
         ...
 
     @property
+    def inner(self) -> int:
+        """The inner group's degree: Ulysses' or KV gather's."""
+        ...
+
+    @property
     def ring_group(self) -> dist.ProcessGroup | None: ...
+    @property
+    def ring(self) -> int: ...
     @property
     def sp_group(self) -> dist.ProcessGroup | None: ...
     @property
@@ -135,7 +143,7 @@ register(
 register(
     "ulysses",
     SPAttention(
-        build=lambda mesh, sharding: UlyssesAttention(mesh.ulysses_group, sharding),
+        build=lambda mesh, sharding: UlyssesAttention(mesh.inner_group, sharding),
         supports=lambda c: c.ring == 1 < c.ulysses and c.kv_gather == 1,
         requires="ring == 1 < ulysses, no kv_gather",
     ),
@@ -152,7 +160,7 @@ register(
     "usp",
     SPAttention(
         build=lambda mesh, sharding: UnifiedSequenceAttention(
-            mesh.ulysses_group, mesh.ring_group, sharding
+            mesh.inner_group, mesh.ring_group, sharding, ulysses=mesh.inner, ring=mesh.ring
         ),
         supports=lambda c: c.ring > 1 and c.ulysses > 1,
         requires="ring > 1 and ulysses > 1",
@@ -161,7 +169,7 @@ register(
 register(
     "kv_gather",
     SPAttention(
-        build=lambda mesh, sharding: KVGatherAttention(mesh.ulysses_group, sharding),
+        build=lambda mesh, sharding: KVGatherAttention(mesh.inner_group, sharding),
         supports=lambda c: c.ring == 1 < c.kv_gather and c.ulysses == 1,
         requires="ring == ulysses == 1 < kv_gather",
     ),
@@ -170,7 +178,7 @@ register(
     "kv_gather_ring",
     SPAttention(
         build=lambda mesh, sharding: KVGatherRingAttention(
-            mesh.ulysses_group, mesh.ring_group, sharding
+            mesh.inner_group, mesh.ring_group, sharding, inner=mesh.inner, ring=mesh.ring
         ),
         supports=lambda c: c.ring > 1 and c.kv_gather > 1 and c.ulysses == 1,
         requires="ring > 1 and kv_gather > 1, no ulysses",

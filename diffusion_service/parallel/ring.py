@@ -15,22 +15,22 @@ from torch import Tensor
 
 from bagel.attention import BlockQKV
 from diffusion_service.parallel.lse import attention_with_lse, merge_attention
-from diffusion_service.parallel.sharding import LatentSharding, check_group_holds_shards
+from diffusion_service.parallel.sharding import LatentSharding, check_group
 
 
 def ring_attention_with_lse(
-    group: dist.ProcessGroup, x: BlockQKV, block_valid: Sequence[int]
+    group: dist.ProcessGroup, ring_rank: int, x: BlockQKV, block_valid: Sequence[int]
 ) -> tuple[Tensor, Tensor]:
-    """Attention of `[joint_q; latent_q]` to the joint keys and every ring rank's latent block.
+    """Attention of `[joint_q; latent_q]` to the joint keys and every ring rank's latent block,
+    on ring rank `ring_rank` of `group`.
 
     `x.latent_*` is this rank's block (`[B, S, *, D]`, the same S on every rank); `block_valid[j]`
-    counts the real tokens at the front of ring rank `j`'s block (the rest is pad, never read).
+    counts the real tokens at the front of ring rank `j`'s block (the rest is pad, never read),
+    one entry per ring rank, so its length is the ring degree.
     Returns fp32 `out [B, Lj + S, H, D]` and `lse [B, Lj + S, H]`.
     """
-    size = dist.get_world_size(group)
-    me = dist.get_rank(group)
-    peers = dist.get_process_group_ranks(group)
-    send_to, recv_from = peers[(me + 1) % size], peers[(me - 1) % size]
+    size, me = len(block_valid), ring_rank
+    send_to, recv_from = (me + 1) % size, (me - 1) % size
 
     q = torch.cat([x.joint_q, x.latent_q], dim=1)
     # K and V travel as one tensor so each step is one send and one receive.
@@ -43,8 +43,8 @@ def ring_attention_with_lse(
             # Post the next block's transfer first so it overlaps this block's computation.
             transfers = dist.batch_isend_irecv(
                 [
-                    dist.P2POp(dist.isend, block, send_to, group),
-                    dist.P2POp(dist.irecv, incoming, recv_from, group),
+                    dist.P2POp(dist.isend, block, group=group, group_peer=send_to),
+                    dist.P2POp(dist.irecv, incoming, group=group, group_peer=recv_from),
                 ]
             )
         owner = (me - step) % size  # the ring rank whose latent block we hold at this step
@@ -76,17 +76,18 @@ def _attend_joint_and_own(
 
 
 class RingAttention:
-    """`BlockAttention` over a ring group; `sharding` is this rank's shard of the latents."""
+    """`BlockAttention` over a ring group; `sharding` is this rank's shard of the latents, its
+    degree the ring degree and its rank this rank's ring rank."""
 
     def __init__(self, group: dist.ProcessGroup, sharding: LatentSharding) -> None:
-        check_group_holds_shards(group, sharding, "ring")
+        check_group(group, sharding.degree, sharding.rank, "ring")
         self.group = group
         self.sharding = sharding
         self.block_valid = [sharding.valid_len(j) for j in range(sharding.degree)]
 
     def attend_with_lse(self, x: BlockQKV) -> tuple[Tensor, Tensor]:
         """fp32 output and LSE for the rows `[joint_q; latent_q]`."""
-        return ring_attention_with_lse(self.group, x, self.block_valid)
+        return ring_attention_with_lse(self.group, self.sharding.rank, x, self.block_valid)
 
     def __call__(self, x: BlockQKV) -> tuple[Tensor, Tensor]:
         out, _ = self.attend_with_lse(x)

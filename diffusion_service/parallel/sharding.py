@@ -105,14 +105,11 @@ class LatentSharding:
             )
 
 
-def check_group_holds_shards(group: dist.ProcessGroup, sharding: LatentSharding, name: str) -> None:
-    """Group rank `i` must hold shard `i` of a sharding over exactly the group's ranks."""
-    if dist.get_world_size(group) != sharding.degree:
-        raise ValueError(
-            f"{name} group has {dist.get_world_size(group)} ranks, "
-            f"sharding degree is {sharding.degree}"
-        )
-    if dist.get_rank(group) != sharding.rank:
-        raise ValueError(
-            f"group rank {dist.get_rank(group)} holds shard {sharding.rank}; they must match"
-        )
+def check_group(group: dist.ProcessGroup, size: int, rank: int, name: str) -> None:
+    """ValueError unless `group` has the `size` ranks a variant was given, with this rank at group
+    rank `rank`: the degrees come from the mesh's config, and this only confirms the group the
+    mesh built agrees with them."""
+    if dist.get_world_size(group) != size:
+        raise ValueError(f"{name} group has {dist.get_world_size(group)} ranks, expected {size}")
+    if dist.get_rank(group) != rank:
+        raise ValueError(f"{name} group rank is {dist.get_rank(group)}, expected {rank}")

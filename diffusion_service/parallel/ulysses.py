@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bagel.attention import BlockQKV
-from diffusion_service.parallel.sharding import LatentSharding, check_group_holds_shards
+from diffusion_service.parallel.sharding import LatentSharding, check_group
 
 
 def _all_to_all(send: Tensor, group: dist.ProcessGroup) -> Tensor:
@@ -51,15 +51,18 @@ def head_chunk(x: Tensor, degree: int, index: int) -> Tensor:
 
 
 def seq_to_heads(
-    group: dist.ProcessGroup, shards: Sequence[Tensor], fronts: Sequence[Tensor] | None = None
+    group: dist.ProcessGroup,
+    degree: int,
+    shards: Sequence[Tensor],
+    fronts: Sequence[Tensor] | None = None,
 ) -> list[Tensor]:
-    """Trade sequence shards `[B, S, Hx, D]` for the whole sequence with `Hx/u` heads.
+    """Trade sequence shards `[B, S, Hx, D]` over the `degree` (u) ranks of `group` for the whole
+    sequence with `Hx/u` heads.
 
     All tensors travel in one all-to-all. Result `j` is `[B, F + u*S, Hx/u, D]`: `fronts[j]`
     (`[B, F, Hx/u, D]`, already this rank's heads) followed by the shards of group ranks
     0..u-1 in order, written straight into one buffer so joining the front costs no extra copy.
     """
-    degree = dist.get_world_size(group)
     batch, shard_len, _, head_dim = shards[0].shape
     counts = []
     for x in shards:
@@ -90,15 +93,17 @@ def seq_to_heads(
     return results
 
 
-def heads_to_seq(group: dist.ProcessGroup, out: Tensor, front_len: int) -> tuple[Tensor, Tensor]:
-    """Inverse of `seq_to_heads` for an attention output `[B, F + u*S, H/u, D]`.
+def heads_to_seq(
+    group: dist.ProcessGroup, degree: int, out: Tensor, front_len: int
+) -> tuple[Tensor, Tensor]:
+    """Inverse of `seq_to_heads` over the `degree` (u) ranks of `group`, for an attention output
+    `[B, F + u*S, H/u, D]`.
 
     Returns the front rows `[B, F, H, D]` and this rank's sequence shard `[B, S, H, D]`, all
     heads. The front (the two marker rows) rides in every destination's chunk of the same
     all-to-all: it adds `(u-1) * F` rows per rank, the same bytes an all-gather would move,
     without a second collective and its latency.
     """
-    degree = dist.get_world_size(group)
     batch, total, heads, head_dim = out.shape
     shard_len = (total - front_len) // degree
     send = out.new_empty((degree, batch, front_len + shard_len, heads, head_dim))
@@ -114,22 +119,23 @@ def heads_to_seq(group: dist.ProcessGroup, out: Tensor, front_len: int) -> tuple
 
 
 class UlyssesAttention:
-    """`BlockAttention` over a Ulysses group; `sharding` is this rank's shard of the latents."""
+    """`BlockAttention` over a Ulysses group; `sharding` is this rank's shard of the latents, its
+    degree the Ulysses degree and its rank this rank's Ulysses rank."""
 
     def __init__(self, group: dist.ProcessGroup, sharding: LatentSharding) -> None:
-        check_group_holds_shards(group, sharding, "Ulysses")
+        check_group(group, sharding.degree, sharding.rank, "Ulysses")
         self.group = group
         self.sharding = sharding
 
     def __call__(self, x: BlockQKV) -> tuple[Tensor, Tensor]:
         degree, index = self.sharding.degree, self.sharding.rank
         fronts = [head_chunk(t, degree, index) for t in (x.joint_q, x.joint_k, x.joint_v)]
-        q, k, v = seq_to_heads(self.group, [x.latent_q, x.latent_k, x.latent_v], fronts)
+        q, k, v = seq_to_heads(self.group, degree, [x.latent_q, x.latent_k, x.latent_v], fronts)
         # Pad keys all sit at the end of the gathered sequence: cut them off rather than mask
         # them, so the unmasked case keeps the fastest kernel.
         num_keys = x.joint_k.shape[1] + self.sharding.num_tokens
         out = attend_local(q, k[:, :num_keys], v[:, :num_keys], x.joint_key_mask)
-        return heads_to_seq(self.group, out, x.joint_q.shape[1])
+        return heads_to_seq(self.group, degree, out, x.joint_q.shape[1])
 
 
 def attend_local(q: Tensor, k: Tensor, v: Tensor, joint_key_mask: Tensor | None) -> Tensor:

@@ -15,34 +15,36 @@ from torch import Tensor
 
 from bagel.attention import BlockQKV
 from diffusion_service.parallel.ring import ring_attention_with_lse
-from diffusion_service.parallel.sharding import LatentSharding
+from diffusion_service.parallel.sharding import LatentSharding, check_group
 from diffusion_service.parallel.ulysses import head_chunk, heads_to_seq, seq_to_heads
 
 
 class UnifiedSequenceAttention:
-    """`BlockAttention` for Ulysses (inner, contiguous ranks) inside Ring (outer, strided)."""
+    """`BlockAttention` for Ulysses (inner, contiguous ranks) inside Ring (outer, strided), of
+    degrees `ulysses` and `ring`; SP rank `ring_rank * ulysses + ulysses_rank` holds shard
+    `sharding.rank` of `sharding.degree = ring * ulysses`."""
 
     def __init__(
         self,
         ulysses_group: dist.ProcessGroup,
         ring_group: dist.ProcessGroup,
         sharding: LatentSharding,
+        *,
+        ulysses: int,
+        ring: int,
     ) -> None:
-        ulysses, ring = dist.get_world_size(ulysses_group), dist.get_world_size(ring_group)
-        ulysses_rank, ring_rank = dist.get_rank(ulysses_group), dist.get_rank(ring_group)
         if sharding.degree != ring * ulysses:
             raise ValueError(
                 f"sharding degree {sharding.degree} != ring {ring} x ulysses {ulysses}"
             )
-        if sharding.rank != ring_rank * ulysses + ulysses_rank:
-            raise ValueError(
-                f"shard {sharding.rank} held by ring rank {ring_rank}, ulysses rank "
-                f"{ulysses_rank}; expected shard ring_rank * ulysses + ulysses_rank"
-            )
+        ring_rank, ulysses_rank = divmod(sharding.rank, ulysses)
+        check_group(ulysses_group, ulysses, ulysses_rank, "Ulysses")
+        check_group(ring_group, ring, ring_rank, "ring")
         self.ulysses_group = ulysses_group
         self.ring_group = ring_group
         self.ulysses = ulysses
         self.ulysses_rank = ulysses_rank
+        self.ring_rank = ring_rank
         self.sharding = sharding
         # Real tokens in each ring block: the sum over the Ulysses shards it is made of.
         self.block_valid = [
@@ -54,7 +56,10 @@ class UnifiedSequenceAttention:
             head_chunk(t, self.ulysses, self.ulysses_rank)
             for t in (x.joint_q, x.joint_k, x.joint_v)
         )
-        q, k, v = seq_to_heads(self.ulysses_group, [x.latent_q, x.latent_k, x.latent_v])
+        q, k, v = seq_to_heads(
+            self.ulysses_group, self.ulysses, [x.latent_q, x.latent_k, x.latent_v]
+        )
         heads = BlockQKV(jq, jk, jv, x.joint_key_mask, q, k, v)
-        out, _ = ring_attention_with_lse(self.ring_group, heads, self.block_valid)
-        return heads_to_seq(self.ulysses_group, out.to(x.latent_q.dtype), x.joint_q.shape[1])
+        out, _ = ring_attention_with_lse(self.ring_group, self.ring_rank, heads, self.block_valid)
+        out = out.to(x.latent_q.dtype)
+        return heads_to_seq(self.ulysses_group, self.ulysses, out, x.joint_q.shape[1])

@@ -16,7 +16,7 @@ from client import BagelClient, build_request
 from prefill_service.mock import SyntheticKV, synthetic_contexts, synthetic_token_count
 from prefill_service.settings import PrefillSettings
 from protos import kv_pb2
-from serving.params import GenerationParams
+from serving.params import GenerationParams, RequestLimits, validate
 from tests.helpers.processes import ROOT, ServiceProcess
 from tests.prefill_service.conftest import RunningPrefill
 
@@ -25,7 +25,12 @@ SMALL = {"height": 64, "width": 64}
 
 def options(config, **params) -> GenerationParams:
     parsed = GenerationParams.from_proto(build_request("unused", **params).params)
-    parsed.validate(config.pixels_per_token, config.max_image_size)
+    limits = RequestLimits(
+        pixel_step=config.pixels_per_token,
+        max_side=config.max_image_size,
+        num_layers=config.llm.num_layers,
+    )
+    validate(parsed, limits)
     return parsed
 
 

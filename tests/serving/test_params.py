@@ -25,13 +25,19 @@ from serving.params import (
     DBCache,
     GenerationParams,
     NoCache,
+    RequestLimits,
     TeaCache,
     cache_policy_name,
-    check_cache_fits,
     spec,
+    validate,
     walk,
 )
 from tests.serving.examples import EVERY_FIELD, fields_left_at_default
+
+PIXEL_STEP, MAX_SIDE = BAGEL_7B.pixels_per_token, BAGEL_7B.max_image_size
+BAGEL_7B_LIMITS = RequestLimits(
+    pixel_step=PIXEL_STEP, max_side=MAX_SIDE, num_layers=BAGEL_7B.llm.num_layers
+)
 
 
 @pytest.mark.parametrize(
@@ -54,19 +60,16 @@ from tests.serving.examples import EVERY_FIELD, fields_left_at_default
 )
 def test_invalid_params_name_the_field(field, value, message):
     with pytest.raises(InvalidParams, match=message.replace("(", r"\(").replace("[", r"\[")):
-        GenerationParams(**{field: value}).validate(
-            BAGEL_7B.pixels_per_token, BAGEL_7B.max_image_size
-        )
+        validate(GenerationParams(**{field: value}), BAGEL_7B_LIMITS)
 
 
 def test_default_params_are_valid_for_bagel_7b():
-    GenerationParams().validate(BAGEL_7B.pixels_per_token, BAGEL_7B.max_image_size)
+    validate(GenerationParams(), BAGEL_7B_LIMITS)
     assert BAGEL_7B.latent_grid(1024, 1024) == (64, 64)
 
 
 # --- every field, every limit ---------------------------------------------------------------
 
-PIXEL_STEP, MAX_SIDE = BAGEL_7B.pixels_per_token, BAGEL_7B.max_image_size
 POLICY_MESSAGES = {
     f.name: f.message_type
     for f in params_pb2.CacheConfig.DESCRIPTOR.oneofs_by_name["policy"].fields
@@ -78,7 +81,7 @@ def test_the_every_field_example_leaves_no_field_at_its_default():
     left = fields_left_at_default(GenerationParams(cache=DBCache()))
     assert {f"cache.{f.name}" for f in dataclasses.fields(DBCache)} <= set(left)
     assert "cache" not in left and "height" in left
-    EVERY_FIELD.validate(PIXEL_STEP, MAX_SIDE)
+    validate(EVERY_FIELD, BAGEL_7B_LIMITS)
 
 
 def test_every_field_survives_proto_and_bytes_unchanged():
@@ -190,7 +193,7 @@ def test_a_new_field_is_one_dataclass_line_and_one_proto_field():
         f.name for f in back.DESCRIPTOR.fields
     ]
     with pytest.raises(InvalidParams, match=r"guidance_rescale=1.5 must be in \[0, 1\]"):
-        extended(guidance_rescale=1.5).validate(PIXEL_STEP, MAX_SIDE)
+        validate(extended(guidance_rescale=1.5), BAGEL_7B_LIMITS)
     with patch.object(cli, "GenerationParams", extended):
         parser = argparse.ArgumentParser()
         cli.add_param_arguments(parser)
@@ -224,6 +227,10 @@ def outside(value, direction: int, is_int: bool):
     return value + direction if is_int else math.nextafter(value, direction * math.inf)
 
 
+# A model deep enough that the ranges' ends, not whether a cache leaves a block, decide.
+DEEP_MODEL = RequestLimits(pixel_step=PIXEL_STEP, max_side=MAX_SIDE, num_layers=10**6)
+
+
 @pytest.mark.parametrize(("name", "kind", "bounds", "policy"), list(ranged_fields()))
 def test_each_range_holds_its_closed_ends_and_rejects_just_past_them(name, kind, bounds, policy):
     is_int = kind in ("int", int)
@@ -232,13 +239,13 @@ def test_each_range_holds_its_closed_ends_and_rejects_just_past_them(name, kind,
         at_end = with_value(name, end, policy)
         if is_open:
             with pytest.raises(InvalidParams, match=re.escape(name)):
-                at_end.validate(PIXEL_STEP, MAX_SIDE)
+                validate(at_end, DEEP_MODEL)
             inside = end + 1 if is_int else math.nextafter(end, -direction * math.inf)
-            with_value(name, inside, policy).validate(PIXEL_STEP, MAX_SIDE)
+            validate(with_value(name, inside, policy), DEEP_MODEL)
         else:
-            at_end.validate(PIXEL_STEP, MAX_SIDE)
+            validate(at_end, DEEP_MODEL)
         with pytest.raises(InvalidParams, match=re.escape(f"{name}=")):
-            with_value(name, outside(end, direction, is_int), policy).validate(PIXEL_STEP, MAX_SIDE)
+            validate(with_value(name, outside(end, direction, is_int), policy), DEEP_MODEL)
 
 
 def test_the_ranges_say_what_the_help_and_proto_say():
@@ -252,7 +259,7 @@ def test_the_ranges_say_what_the_help_and_proto_say():
 @pytest.mark.parametrize("name", ["height", "width"])
 def test_image_sides_hold_the_step_and_the_maximum_and_nothing_between(name):
     for ok in (PIXEL_STEP, 2 * PIXEL_STEP, MAX_SIDE):
-        GenerationParams(**{name: ok}).validate(PIXEL_STEP, MAX_SIDE)
+        validate(GenerationParams(**{name: ok}), BAGEL_7B_LIMITS)
     for bad in (
         0,
         -PIXEL_STEP,
@@ -262,12 +269,12 @@ def test_image_sides_hold_the_step_and_the_maximum_and_nothing_between(name):
         MAX_SIDE - 1,
     ):
         with pytest.raises(InvalidParams, match=f"{name}={bad}"):
-            GenerationParams(**{name: bad}).validate(PIXEL_STEP, MAX_SIDE)
+            validate(GenerationParams(**{name: bad}), BAGEL_7B_LIMITS)
 
 
 @pytest.mark.parametrize("interval", [(0.0, 1.0), (0.0, 0.0), (1.0, 1.0), (0.5, 0.5)])
 def test_cfg_interval_holds_both_ends_of_0_1_and_an_empty_window(interval):
-    GenerationParams(cfg_interval=interval).validate(PIXEL_STEP, MAX_SIDE)
+    validate(GenerationParams(cfg_interval=interval), BAGEL_7B_LIMITS)
 
 
 @pytest.mark.parametrize(
@@ -276,26 +283,61 @@ def test_cfg_interval_holds_both_ends_of_0_1_and_an_empty_window(interval):
 )
 def test_cfg_interval_just_outside_0_1_or_reversed_is_invalid(interval):
     with pytest.raises(InvalidParams, match="cfg_interval"):
-        GenerationParams(cfg_interval=interval).validate(PIXEL_STEP, MAX_SIDE)
+        validate(GenerationParams(cfg_interval=interval), BAGEL_7B_LIMITS)
 
 
 def test_negative_prompt_holds_exactly_its_limit_of_characters():
-    GenerationParams(negative_prompt="x" * MAX_NEGATIVE_PROMPT_CHARS).validate(PIXEL_STEP, MAX_SIDE)
+    validate(GenerationParams(negative_prompt="x" * MAX_NEGATIVE_PROMPT_CHARS), BAGEL_7B_LIMITS)
     with pytest.raises(InvalidParams, match="negative_prompt is longer than 16384 characters"):
-        GenerationParams(negative_prompt="x" * (MAX_NEGATIVE_PROMPT_CHARS + 1)).validate(
-            PIXEL_STEP, MAX_SIDE
+        validate(
+            GenerationParams(negative_prompt="x" * (MAX_NEGATIVE_PROMPT_CHARS + 1)), BAGEL_7B_LIMITS
         )
 
 
+def with_cache(policy) -> GenerationParams:
+    return GenerationParams(height=16, width=16, cache=policy)
+
+
 def test_db_cache_must_leave_exactly_one_block_or_more_to_cache():
-    check_cache_fits(DBCache(fn_compute_blocks=3, bn_compute_blocks=0), num_layers=4)
-    check_cache_fits(DBCache(fn_compute_blocks=2, bn_compute_blocks=1), num_layers=4)
+    four = RequestLimits(pixel_step=16, max_side=1024, num_layers=4)
+    validate(with_cache(DBCache(fn_compute_blocks=3, bn_compute_blocks=0)), four)
+    validate(with_cache(DBCache(fn_compute_blocks=2, bn_compute_blocks=1)), four)
     for fn, bn in ((4, 0), (3, 1), (2, 2)):
         with pytest.raises(InvalidParams, match=f"= {fn + bn} leaves none of the model's 4"):
-            check_cache_fits(DBCache(fn_compute_blocks=fn, bn_compute_blocks=bn), num_layers=4)
-    check_cache_fits(TeaCache(), num_layers=1)
-    check_cache_fits(NoCache(), num_layers=1)
-    check_cache_fits(None, num_layers=1)  # unset: the service's default
+            validate(with_cache(DBCache(fn_compute_blocks=fn, bn_compute_blocks=bn)), four)
+    one = RequestLimits(pixel_step=16, max_side=1024, num_layers=1)
+    validate(with_cache(TeaCache()), one)
+    validate(with_cache(NoCache()), one)
+    validate(with_cache(None), one)  # unset: the service's default
+
+
+def test_each_request_limit_holds_its_bound_and_rejects_one_step_past_it():
+    """The sides are inclusive at `pixel_step` and `max_side`; a cache must leave one of
+    `num_layers` blocks: Fn + Bn = num_layers - 1 passes, num_layers fails."""
+    limits = RequestLimits(pixel_step=8, max_side=64, num_layers=3)
+    validate(GenerationParams(height=8, width=64), limits)
+    validate(GenerationParams(height=64, width=8), limits)
+    for name, bad in (("height", 72), ("width", 72), ("height", 0), ("width", 12)):
+        with pytest.raises(InvalidParams, match=f"{name}={bad} must be a positive multiple of 8 "):
+            validate(GenerationParams(**{"height": 8, "width": 8, name: bad}), limits)
+    small = {"height": 8, "width": 8}
+    validate(
+        GenerationParams(**small, cache=DBCache(fn_compute_blocks=1, bn_compute_blocks=1)), limits
+    )
+    with pytest.raises(InvalidParams, match="leaves none of the model's 3 blocks to cache"):
+        validate(
+            GenerationParams(**small, cache=DBCache(fn_compute_blocks=2, bn_compute_blocks=1)),
+            limits,
+        )
+
+
+def test_a_policy_the_registry_does_not_hold_is_refused_as_unknown():
+    @dataclasses.dataclass(frozen=True)
+    class Unregistered(TeaCache):
+        pass
+
+    with pytest.raises(InvalidParams, match="cache=.* is not a known policy"):
+        validate(with_cache(Unregistered()), BAGEL_7B_LIMITS)
 
 
 def test_unset_seed_becomes_a_random_one_and_zero_stays_zero():
@@ -341,7 +383,9 @@ def test_walk_names_top_level_fields_plainly_and_policy_fields_under_cache():
 
 
 def test_a_side_of_one_pixel_is_valid_where_the_step_is_one():
-    GenerationParams(height=1, width=1).validate(pixel_step=1, max_side=16)
+    validate(
+        GenerationParams(height=1, width=1), RequestLimits(pixel_step=1, max_side=16, num_layers=1)
+    )
 
 
 def test_an_unset_seed_is_drawn_from_the_whole_31_bit_range():

@@ -16,7 +16,13 @@ from bagel.pipeline import Pipeline
 from protos import params_pb2
 from serving.codecs import fields_from_message, fields_to_message
 from serving.errors import InvalidParams
-from serving.params import CACHE_SPEC, GenerationParams, cache_policy_name, check_cache_fits
+from serving.params import (
+    CACHE_SPEC,
+    GenerationParams,
+    RequestLimits,
+    cache_policy_name,
+    validate,
+)
 from step_cache.collective import CollectiveStepCache, make_step_cache
 from step_cache.registry import POLICIES, register, unregister
 from tests.step_cache.synthetic import assert_reuses_when_nothing_changes, constant, drive
@@ -73,6 +79,10 @@ def test_a_new_policy_is_named_parsed_and_listed_in_the_help(policy):
     assert "none, teacache, dbcache, everyotherstep" in parser.format_help().replace("\n", " ")
 
 
+def limits(num_layers: int) -> RequestLimits:
+    return RequestLimits(pixel_step=16, max_side=1024, num_layers=num_layers)
+
+
 def test_a_new_policy_travels_on_the_wire_and_is_validated(policy):
     wire = wire_types()
     params = GenerationParams(seed=3, cache=policy(period=5, taylorseer_order=1))
@@ -81,10 +91,10 @@ def test_a_new_policy_travels_on_the_wire_and_is_validated(policy):
     back = wire.FromString(msg.SerializeToString())
     assert GenerationParams(**fields_from_message(GenerationParams, back)) == params
     with pytest.raises(InvalidParams, match=r"cache.period=1 must be in \[2, 100\]"):
-        GenerationParams(cache=policy(period=1)).validate(16, 1024)
-    check_cache_fits(policy(), num_layers=2)
+        validate(GenerationParams(cache=policy(period=1)), limits(num_layers=2))
+    validate(GenerationParams(cache=policy()), limits(num_layers=2))
     with pytest.raises(InvalidParams, match="leaves none of the model's 1 blocks to cache"):
-        check_cache_fits(policy(), num_layers=1)
+        validate(GenerationParams(cache=policy()), limits(num_layers=1))
 
 
 def test_a_new_policy_passes_the_generic_tests_and_decides_without_communicating(policy):

@@ -27,18 +27,18 @@ def _mesh_rank(rank: int, world: int, config: ParallelConfig) -> dict:
                 mesh.cfg_rank,
                 mesh.sp_rank,
                 mesh.ring_rank,
-                mesh.ulysses_rank,
+                mesh.inner_rank,
                 mesh.ring_next,
                 mesh.ring_prev,
             ]  # fmt: skip
         ),
         **{
             f"{kind}_talks": _members(getattr(mesh, f"{kind}_group"))
-            for kind in ("ulysses", "ring", "sp", "cfg")
+            for kind in ("inner", "ring", "sp", "cfg")
         },
         **{
             f"{kind}_ranks": torch.tensor(getattr(mesh, f"{kind}_ranks"))
-            for kind in ("ulysses", "ring", "sp", "cfg")
+            for kind in ("inner", "ring", "sp", "cfg")
         },
     }
 
@@ -49,13 +49,13 @@ def _groups_of(results: list[dict], kind: str) -> set[tuple[int, ...]]:
     return {tuple(r[f"{kind}_ranks"].tolist()) for r in results}
 
 
-def test_ring2_ulysses2_groups_ulysses_contiguous_ring_strided():
+def test_ring2_ulysses2_groups_inner_contiguous_ring_strided():
     results = run_ranks(4, _mesh_rank, ParallelConfig(ulysses=2, ring=2))
-    assert _groups_of(results, "ulysses") == {(0, 1), (2, 3)}
+    assert _groups_of(results, "inner") == {(0, 1), (2, 3)}
     assert _groups_of(results, "ring") == {(0, 2), (1, 3)}
     assert _groups_of(results, "sp") == {(0, 1, 2, 3)}
     assert _groups_of(results, "cfg") == {(0,), (1,), (2,), (3,)}
-    # cfg_rank, sp_rank, ring_rank, ulysses_rank, ring_next, ring_prev
+    # cfg_rank, sp_rank, ring_rank, inner_rank, ring_next, ring_prev
     assert [r["coords"].tolist() for r in results] == [
         [0, 0, 0, 0, 2, 2],
         [0, 1, 0, 1, 3, 3],
@@ -66,7 +66,7 @@ def test_ring2_ulysses2_groups_ulysses_contiguous_ring_strided():
 
 def test_cfg2_ulysses2_groups_cfg_outermost():
     results = run_ranks(4, _mesh_rank, ParallelConfig(ulysses=2, cfg_parallel=2))
-    assert _groups_of(results, "ulysses") == {(0, 1), (2, 3)}
+    assert _groups_of(results, "inner") == {(0, 1), (2, 3)}
     assert _groups_of(results, "sp") == {(0, 1), (2, 3)}
     assert _groups_of(results, "ring") == {(0,), (1,), (2,), (3,)}
     assert _groups_of(results, "cfg") == {(0, 2), (1, 3)}
@@ -80,10 +80,16 @@ def test_cfg2_ulysses2_groups_cfg_outermost():
 
 def test_rank_groups_for_cfg2_ring2_ulysses2():
     groups = mesh_rank_groups(ParallelConfig(ulysses=2, ring=2, cfg_parallel=2))
-    assert groups["ulysses"] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert groups["inner"] == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert groups["ring"] == [[0, 2], [1, 3], [4, 6], [5, 7]]
     assert groups["sp"] == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert groups["cfg"] == [[0, 4], [1, 5], [2, 6], [3, 7]]
+
+
+def test_rank_groups_for_ring2_kv_gather2_put_the_kv_gather_ranks_in_the_inner_group():
+    groups = mesh_rank_groups(ParallelConfig(kv_gather=2, ring=2))
+    assert groups["inner"] == [[0, 1], [2, 3]]
+    assert groups["ring"] == [[0, 2], [1, 3]]
 
 
 def test_single_process_mesh_has_degree_one_and_no_groups():

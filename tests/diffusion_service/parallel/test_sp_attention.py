@@ -15,10 +15,12 @@ import torch
 from bagel.attention import BlockQKV, full_block_attention
 from diffusion_service.parallel import registry
 from diffusion_service.parallel.config import ParallelConfig
+from diffusion_service.parallel.kv_gather import KVGatherRingAttention
 from diffusion_service.parallel.mesh import ParallelMesh
 from diffusion_service.parallel.registry import SPAttention, make_block_attention
 from diffusion_service.parallel.ring import RingAttention
 from diffusion_service.parallel.sharding import LatentSharding
+from diffusion_service.parallel.usp import UnifiedSequenceAttention
 from tests.diffusion_service.parallel.reference import (
     HEADS,
     KV_HEADS,
@@ -145,3 +147,21 @@ def test_factory_rejects_a_sharding_from_another_topology():
     mesh = ParallelMesh.build(ParallelConfig(), num_heads=HEADS, num_kv_heads=KV_HEADS)
     with pytest.raises(ValueError, match="use mesh.latent_sharding"):
         make_block_attention(mesh, LatentSharding(37, 2, 0))
+
+
+def _hybrids_with_degrees_their_groups_lack(rank: int, world: int) -> None:
+    mesh = ParallelMesh.build(
+        ParallelConfig(ring=2, ulysses=2), num_heads=HEADS, num_kv_heads=KV_HEADS
+    )
+    sharding = mesh.latent_sharding(13)
+    # The products match the sharding's degree 4; the groups hold 2 ranks each, not 1 and 4.
+    with pytest.raises(ValueError, match="Ulysses group has 2 ranks, expected 1"):
+        UnifiedSequenceAttention(mesh.inner_group, mesh.ring_group, sharding, ulysses=1, ring=4)
+    with pytest.raises(ValueError, match="KV gather group has 2 ranks, expected 4"):
+        KVGatherRingAttention(mesh.inner_group, mesh.ring_group, sharding, inner=4, ring=1)
+    with pytest.raises(ValueError, match="sharding degree 4 != ring 2 x ulysses 1"):
+        UnifiedSequenceAttention(mesh.inner_group, mesh.ring_group, sharding, ulysses=1, ring=2)
+
+
+def test_a_hybrid_runs_on_the_degrees_it_is_given_and_refuses_groups_that_disagree():
+    run_ranks(4, _hybrids_with_degrees_their_groups_lack)
