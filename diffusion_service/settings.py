@@ -16,6 +16,12 @@ from serving.params import CACHE_SPEC, CachePolicy, NoCache
 from serving.settings import GrpcServiceSettings
 
 
+def started_by_torchrun(env: Mapping[str, str] = os.environ) -> bool:
+    return "TORCHELASTIC_RUN_ID" in env or (
+        "RANK" in env and "WORLD_SIZE" in env and "MASTER_ADDR" in env
+    )
+
+
 @dataclass(frozen=True)
 class ServiceSettings(GrpcServiceSettings):
     """BAGEL diffusion service: receives a KV cache, denoises on all ranks, streams the image."""
@@ -81,12 +87,6 @@ class ServiceSettings(GrpcServiceSettings):
     @property
     def collective_timeout(self) -> timedelta:
         return timedelta(seconds=self.collective_timeout_s)
-
-
-def started_by_torchrun(env: Mapping[str, str] = os.environ) -> bool:
-    return "TORCHELASTIC_RUN_ID" in env or (
-        "RANK" in env and "WORLD_SIZE" in env and "MASTER_ADDR" in env
-    )
 
 
 def parse_settings(argv: list[str] | None = None) -> ServiceSettings:
