@@ -233,7 +233,6 @@ class LanguageModelKV:
 class PrefillStats:
     """Measured while the frames of one request are produced (on the producer thread)."""
 
-    payload_bytes: int = 0
     layers_done: int = 0
     compute_s: float = 0.0  # time spent computing layers, encoding excluded
 
@@ -263,7 +262,6 @@ def request_frames(
         params=params.to_proto(),
         chunk_size=chunk_size,
     )
-    stats.payload_bytes = layout.total_bytes
     yield [encoder.header()]
     layers = planned.compute()
     try:
