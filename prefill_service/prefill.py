@@ -66,9 +66,12 @@ class KVSource(Protocol):
     config: BagelConfig
     dtype: torch.dtype
 
-    def plan(self, prompt: str, params: GenerationParams) -> PlannedKV:
+    def plan(
+        self, prompt: str, params: GenerationParams, think_plan: str | None = None
+    ) -> PlannedKV:
         """Check the prompt text (raise InvalidParams) and tokenize it into the contexts it makes;
-        no model compute."""
+        no model compute. `think_plan`: a think request's decoded plan, which the conditional
+        context ends with."""
         ...
 
 
@@ -80,7 +83,13 @@ class EditKVSource(KVSource, Protocol):
         """(width, height) the input is resized to: an edit's default output size."""
         ...
 
-    def plan_edit(self, prompt: str, params: GenerationParams, image: Image.Image) -> PlannedKV:
+    def plan_edit(
+        self,
+        prompt: str,
+        params: GenerationParams,
+        image: Image.Image,
+        think_plan: str | None = None,
+    ) -> PlannedKV:
         """As `plan`, for an edit's three contexts (`bagel.contexts.edit_segments`)."""
         ...
 
