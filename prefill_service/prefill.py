@@ -79,6 +79,11 @@ class KVSource(Protocol):
 class EditKVSource(KVSource, Protocol):
     """A source that also prefills image edits (an input image and a prompt)."""
 
+    @property
+    def supports_edits(self) -> bool:
+        """Whether this source's checkpoint can encode input images."""
+        ...
+
     def edit_size(self, image: Image.Image) -> tuple[int, int]:
         """(width, height) the input is resized to: an edit's default output size."""
         ...

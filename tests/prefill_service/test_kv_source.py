@@ -35,3 +35,9 @@ def test_an_implementation_takes_the_protocols_parameters(protocol, name, implem
 def test_the_protocol_takes_a_think_plan():
     assert "think_plan" in dict(parameters(KVSource.plan))
     assert "think_plan" in dict(parameters(EditKVSource.plan_edit))
+
+
+def test_the_protocols_name_the_attributes_the_servicer_reads():
+    assert {"config", "dtype"} <= set(KVSource.__annotations__)
+    assert isinstance(EditKVSource.__dict__["supports_edits"], property)
+    assert isinstance(LanguageModelKV.supports_edits, property)
