@@ -94,10 +94,9 @@ def attend_block(
 ) -> tuple[Tensor, Tensor]:
     """The joint and the latent queries against the same keys `[joint; latent]` (`key_mask`
     `[B, Lk]` or None), in one attention call over `[joint_q; latent_q]`. Two calls would spare
-    the concatenation and the copy of the output's latent rows (~1.5 ms per forward at 1024²),
-    but the call of the two joint rows alone reads every key with one thread block per head:
-    attention took 31.1 ms per forward instead of 27.2 on an H200 (`benchmarks.profile_forward`,
-    2026-11-30)."""
+    the concatenation and the copy of the output's latent rows, but the call of the two joint
+    rows alone reads every key with one thread block per head, which costs more than it spares
+    (docs/benchmarks.md, "Where one forward's GPU time goes")."""
     out = sdpa(torch.cat([joint_q, latent_q], dim=1), k, v, key_mask)
     joint_len = joint_q.shape[1]
     return out[:, :joint_len], out[:, joint_len:]

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor, nn
 
 GROUPNORM_GROUPS = 32
@@ -263,8 +262,3 @@ def to_rgb(x: Tensor) -> np.ndarray:
     # steps between 0.5 and 1 exactly.
     pixels = torch.clamp(x.detach().float() * 0.5 + 0.5, 0.0, 1.0) * 255.0
     return np.ascontiguousarray(pixels.to(torch.uint8).permute(1, 2, 0).cpu().numpy())
-
-
-def to_pil(x: Tensor) -> Image.Image:
-    """A decoded image [1, 3, H, W] (or [3, H, W]) in [-1, 1] -> an RGB PIL image."""
-    return Image.fromarray(to_rgb(x))

@@ -106,10 +106,6 @@ class BagelConfig:
     timestep_embed_dim: int = 256
 
     @property
-    def latent_channels(self) -> int:
-        return self.vae.z_channels
-
-    @property
     def patch_dim(self) -> int:
         """Features per latent token: p * p * z_channels (64 for BAGEL)."""
         return self.latent_patch_size**2 * self.vae.z_channels

@@ -2,8 +2,8 @@
 
 Eager PyTorch runs QK-norm plus RoPE as about ten passes over q and k (casts, the norm, the
 scale, the rotate-half concatenation, two products and a sum), SwiGLU's activation as two and
-RMSNorm as two. On BAGEL-7B at 1024² those passes cost about a quarter of a generation forward
-on an H100. Each kernel here reads its inputs once and writes its output once, with the
+RMSNorm as two, a large share of a generation forward (docs/benchmarks.md, "Figures behind
+code defaults"). Each kernel here reads its inputs once and writes its output once, with the
 arithmetic of the eager definitions in `bagel.layers` (fp32 inside, the same bf16 roundings), so
 results agree with eager to the last bit or within one rounding of the output.
 

@@ -1,8 +1,8 @@
 """Triton kernels of the FP8 linear layers (`bagel.fp8`): activations quantized where they are
 produced, and the und expert's weight-streaming matrix-vector product.
 
-A separate pass that quantizes an activation costs about as much as FP8 GEMMs save (measured
-2.0 ms against a 2.2 ms gain per layer at 1024², two branches), so each producer of a linear
+A separate pass that quantizes an activation costs about as much as FP8 GEMMs save
+(docs/benchmarks.md, "Figures behind code defaults"), so each producer of a linear
 layer's input writes e4m3 values and one fp32 scale per row itself: the RMSNorm before q/k/v and
 before gate/up, the SwiGLU product before down. Only o_proj's input comes from an attention
 kernel we do not own; `quantize_rows` reads it once.
@@ -206,7 +206,7 @@ def fp8_weight_matmul(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | N
     n = weight.shape[0]
     out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     if rows and n:
-        # The fastest of the tiles tried on an H200 (docs/benchmarks.md, FP8 section).
+        # The fastest of the tiles tried (docs/benchmarks.md, FP8 section).
         block_m, block_n, block_k = 16, 32, 256
         grid = (triton.cdiv(n, block_n), triton.cdiv(rows, block_m))
         _fp8_weight_matmul_kernel[grid](

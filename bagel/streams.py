@@ -1,8 +1,8 @@
 """A second CUDA stream for the marker tokens' side of a generation forward.
 
-The two marker rows run through the und expert: seven matmuls a layer that read ~0.45 GB of
-bf16 weights for 4 rows (2 branches), bound by memory bandwidth, ~4 ms per forward on an H200.
-The latent rows run through the gen expert at the same time, bound by compute. On one stream
+The two marker rows run through the und expert: seven matmuls a layer that read all of its
+weights for 4 rows (2 branches), bound by memory bandwidth (docs/benchmarks.md, "Where one
+forward's GPU time goes"). The latent rows run through the gen expert at the same time, bound by compute. On one stream
 they take turns; on two the marker work fills the gaps. Ordering between the streams is explicit
 (`beside`, `join`); `BAGEL_MARKER_STREAM=0` keeps everything on one stream.
 """

@@ -12,7 +12,6 @@ from PIL import Image
 
 # extension -> PIL format name
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
-LATENTS_SUFFIX = ".npy"
 DEFAULT_QUALITY = 90
 
 

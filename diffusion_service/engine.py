@@ -36,9 +36,8 @@ from transport.errors import TransportError
 from transport.layout import KVCache
 
 log = logging.getLogger(__name__)
-# zlib level 1: a 1024x1024 picture encoded in ~70 ms instead of ~640 ms at zlib's default 6 (PIL,
-# smooth content), for a file ~20% larger. `serving.png` spreads the work over threads
-# (python -m benchmarks.png_encode).
+# zlib level 1: several times faster than zlib's default 6 for a slightly larger file
+# (docs/benchmarks.md, "Figures behind code defaults"). `serving.png` spreads the work over threads.
 PNG_COMPRESS_LEVEL = 1
 
 DONE = object()

@@ -49,6 +49,11 @@ class Drawing:
     def event_prefix(self) -> str:
         return EVENT_PREFIX[self.kind]
 
+    @property
+    def think(self) -> bool:
+        """Think mode: the model writes a plan first and draws from it."""
+        return bool(self.params.get("think"))
+
 
 def plan(
     body: ImageRequest, kind: str, model_name: str, request_id: str, input_image: bytes | None
@@ -188,14 +193,19 @@ class Painter:
                 if event is None:
                     break
                 assembler.add(event)
-                if event.WhichOneof("event") == "partial_image":
+                kind = event.WhichOneof("event")
+                if kind == "partial_image":
                     yield sse(await self._partial(drawing, event))
+                elif kind == "thinking":
+                    yield sse(
+                        {"type": f"{drawing.event_prefix}.thinking", "delta": event.thinking.text}
+                    )
             result = assembler.result(args)
             completed = {
                 "type": f"{drawing.event_prefix}.completed",
                 **await image_fields(drawing, result.png, result.width, result.height),
                 "usage": usage([result], drawing.kind),
-                "bagel": reproduction(result),
+                "bagel": reproduction(result, drawing.think),
             }
             yield sse(completed)
         except (grpc.aio.AioRpcError, IncompleteGeneration) as e:
@@ -226,23 +236,33 @@ async def image_fields(drawing: Drawing, png: bytes, width: int, height: int) ->
     }
 
 
-def reproduction(result: GenerationResult) -> dict[str, Any]:
-    """The extra `bagel` object: what reproduces the image, and where its time went."""
-    return {
+def reproduction(result: GenerationResult, think: bool) -> dict[str, Any]:
+    """The extra `bagel` object: what reproduces the image, where its time went and, in think
+    mode, the plan it was drawn from."""
+    fields = {
         "seed": result.seed,
         "request_id": result.request_id,
         "steps": result.steps,
         "cached_steps": result.cached_steps,
         "timings_ms": result.timings,
     }
+    if think:
+        fields["thinking"] = result.thinking
+    return fields
 
 
 def usage(results: list[GenerationResult], kind: str) -> dict[str, Any]:
-    """OpenAI's usage object: the prompts' tokens as the prefill service counted them. Only a
-    generation's are known to be all text; an edit's also count the input image's tokens, which
-    the service does not report apart, so an edit's usage has no `input_tokens_details`."""
+    """OpenAI's usage object: the prompts' tokens as the prefill service counted them, and the
+    tokens of think mode's plans as output (no image-token count is reported). Only a
+    generation's input is known to be all text; an edit's also counts the input image's tokens,
+    which the service does not report apart, so an edit's usage has no `input_tokens_details`."""
     tokens = sum(r.prompt_tokens for r in results)
-    counted: dict[str, Any] = {"input_tokens": tokens, "output_tokens": 0, "total_tokens": tokens}
+    planned = sum(r.completion_tokens for r in results)
+    counted: dict[str, Any] = {
+        "input_tokens": tokens,
+        "output_tokens": planned,
+        "total_tokens": tokens + planned,
+    }
     if kind == "generation":
         counted["input_tokens_details"] = {"text_tokens": tokens, "image_tokens": 0}
     return counted
@@ -257,7 +277,7 @@ async def images_response(drawing: Drawing, results: list[GenerationResult]) -> 
     return {
         "created": int(time.time()),
         "data": [
-            {"b64_json": b64_json, "bagel": reproduction(r)}
+            {"b64_json": b64_json, "bagel": reproduction(r, drawing.think)}
             for b64_json, r in zip(encoded, results, strict=True)
         ],
         "usage": usage(results, drawing.kind),

@@ -1,6 +1,8 @@
 """The HTTP request bodies: OpenAI's image fields, plus every `GenerationParams` field by its
-schema name (what the `openai` SDK's `extra_body` sends), derived from the schema and its codecs:
-the type each codec carries in JSON, the help as the description, the bounds as constraints."""
+schema name (what the `openai` SDK's `extra_body` sends), and think mode (`think` with the plan's
+`think_*` sampling fields of `TextSampling`, as the gRPC request takes them), derived from the
+schemas and their codecs: the type each codec carries in JSON, the help as the description, the
+bounds as constraints."""
 
 from __future__ import annotations
 
@@ -10,8 +12,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from client.request import THINK_PREFIX
 from serving.codecs import IntervalCodec
 from serving.params import GenerationParams
+from serving.text_params import TextSampling
 
 MAX_IMAGES = 4
 IMAGE_FORMATS = ("png", "jpeg", "webp")
@@ -22,6 +26,10 @@ SCHEMA_FIELDS = tuple(
     f for f in dataclasses.fields(GenerationParams) if f.name not in COVERED_BY_OPENAI
 )
 SCHEMA_FIELD_NAMES = tuple(f.name for f in SCHEMA_FIELDS)
+THINK_FIELD = "think"
+THINK_SAMPLING_FIELDS = tuple(dataclasses.fields(TextSampling))
+# What `client.request.build_request` takes besides the schema: think and its plan's sampling.
+THINK_FIELD_NAMES = (THINK_FIELD, *(THINK_PREFIX + f.name for f in THINK_SAMPLING_FIELDS))
 PAIR_FIELDS = frozenset(
     f.name for f in SCHEMA_FIELDS if isinstance(f.metadata["codec"], IntervalCodec)
 )
@@ -55,7 +63,7 @@ class ImageRequest(BaseModel):
     style: str | None = Field(None, description="accepted and ignored")
 
 
-def _schema_field(f: dataclasses.Field) -> tuple[Any, Any]:
+def _schema_field(f: dataclasses.Field, about: str = "") -> tuple[Any, Any]:
     meta = f.metadata
     bounds = meta["bounds"]
     constraints: dict[str, float] = {}
@@ -63,15 +71,26 @@ def _schema_field(f: dataclasses.Field) -> tuple[Any, Any]:
         constraints["gt" if bounds.lo_open else "ge"] = bounds.lo
         constraints["lt" if bounds.hi_open else "le"] = bounds.hi
     kind = meta["codec"].json_type()
-    return kind | None, Field(None, description=meta["help"], **constraints)
+    return kind | None, Field(None, description=about + meta["help"], **constraints)
+
+
+THINK_HELP = (
+    "the model first writes a plan for the image and draws from it; the plan streams as "
+    "*.thinking events and comes back as bagel.thinking"
+)
 
 
 def _with_schema_fields(name: str) -> type[ImageRequest]:
     return create_model(
         name,
         __base__=ImageRequest,
-        __doc__=f"{ImageRequest.__doc__} Plus the request schema's fields.",
+        __doc__=f"{ImageRequest.__doc__} Plus the request schema's fields and think mode's.",
         **{f.name: _schema_field(f) for f in SCHEMA_FIELDS},
+        **{THINK_FIELD: (bool | None, Field(None, description=THINK_HELP))},
+        **{
+            THINK_PREFIX + f.name: _schema_field(f, "think mode's plan: ")
+            for f in THINK_SAMPLING_FIELDS
+        },
     )
 
 
@@ -80,8 +99,9 @@ ImageEditRequest = _with_schema_fields("ImageEditRequest")
 
 
 def schema_values(body: ImageRequest) -> dict[str, Any]:
-    """The schema fields the body sets, as `client.request.build_request` takes them."""
-    values = {name: getattr(body, name) for name in SCHEMA_FIELD_NAMES}
+    """The schema and think fields the body sets, as `client.request.build_request` takes
+    them."""
+    values = {name: getattr(body, name) for name in (*SCHEMA_FIELD_NAMES, *THINK_FIELD_NAMES)}
     return {name: value for name, value in values.items() if value is not None}
 
 

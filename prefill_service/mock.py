@@ -109,8 +109,14 @@ class SyntheticKV:
         self.config = BagelConfig.from_dir(model_dir)
         self.dtype = dtype
 
-    def plan(self, prompt: str, params: GenerationParams) -> PlannedKV:
+    def plan(
+        self, prompt: str, params: GenerationParams, think_plan: str | None = None
+    ) -> PlannedKV:
+        """The mock decodes no text, so no think request reaches it (the text side refuses
+        those first); a plan would only lengthen the conditional text."""
         check_prompt_text(prompt)
+        if think_plan is not None:
+            prompt += think_plan
         counts = {k: synthetic_token_count(t) for k, t in _context_texts(prompt, params).items()}
         contexts = tuple(ContextSpec(int(kind), n, n) for kind, n in counts.items())
         return PlannedKV(

@@ -66,9 +66,12 @@ class KVSource(Protocol):
     config: BagelConfig
     dtype: torch.dtype
 
-    def plan(self, prompt: str, params: GenerationParams) -> PlannedKV:
+    def plan(
+        self, prompt: str, params: GenerationParams, think_plan: str | None = None
+    ) -> PlannedKV:
         """Check the prompt text (raise InvalidParams) and tokenize it into the contexts it makes;
-        no model compute."""
+        no model compute. `think_plan`: a think request's decoded plan, which the conditional
+        context ends with."""
         ...
 
 
@@ -76,11 +79,22 @@ class KVSource(Protocol):
 class EditKVSource(KVSource, Protocol):
     """A source that also prefills image edits (an input image and a prompt)."""
 
+    @property
+    def supports_edits(self) -> bool:
+        """Whether this source's checkpoint can encode input images."""
+        ...
+
     def edit_size(self, image: Image.Image) -> tuple[int, int]:
         """(width, height) the input is resized to: an edit's default output size."""
         ...
 
-    def plan_edit(self, prompt: str, params: GenerationParams, image: Image.Image) -> PlannedKV:
+    def plan_edit(
+        self,
+        prompt: str,
+        params: GenerationParams,
+        image: Image.Image,
+        think_plan: str | None = None,
+    ) -> PlannedKV:
         """As `plan`, for an edit's three contexts (`bagel.contexts.edit_segments`)."""
         ...
 
@@ -233,7 +247,6 @@ class LanguageModelKV:
 class PrefillStats:
     """Measured while the frames of one request are produced (on the producer thread)."""
 
-    payload_bytes: int = 0
     layers_done: int = 0
     compute_s: float = 0.0  # time spent computing layers, encoding excluded
 
@@ -263,7 +276,6 @@ def request_frames(
         params=params.to_proto(),
         chunk_size=chunk_size,
     )
-    stats.payload_bytes = layout.total_bytes
     yield [encoder.header()]
     layers = planned.compute()
     try:

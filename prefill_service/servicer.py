@@ -320,14 +320,13 @@ class PrefillServicer(service_pb2_grpc.PrefillServicer):
         source, params, images = checked.source, checked.params, checked.images
         config = source.config
         loop = asyncio.get_running_loop()
-        think = {} if think_plan is None else {"think_plan": think_plan}
         if images:
             planned = await loop.run_in_executor(
-                None, lambda: source.plan_edit(request.prompt, params, images[0], **think)
+                None, lambda: source.plan_edit(request.prompt, params, images[0], think_plan)
             )
         else:
             planned = await loop.run_in_executor(
-                None, lambda: source.plan(request.prompt, params, **think)
+                None, lambda: source.plan(request.prompt, params, think_plan)
             )
         check_token_counts(planned, token_limit(config, self.max_prompt_tokens))
         p = params

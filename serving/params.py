@@ -5,7 +5,8 @@ Each field's metadata names the codec that moves it to and from `bagel.v1.Genera
 checks a caller's value, its command-line help, and its valid range. The proto conversion, the
 client's keyword arguments, the CLI flags, validation and the message rank 0 sends the other
 ranks are all derived from these fields: a new request field is one line here plus one line in
-`params.proto`.
+`params.proto`. Fields travel by name, never by position, so the dataclass may list them in any
+order (the CLI's `--help` follows this order).
 """
 
 from __future__ import annotations

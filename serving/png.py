@@ -1,10 +1,11 @@
 """PNG encoding for the services' image responses: row bands are filtered and deflated in parallel
 threads (zlib and numpy release the GIL) and joined into one zlib stream, the way pigz does for
-gzip, because PIL's single-threaded encode of a 1024x1024 picture costs ~100-250 ms per request.
+gzip, because PIL's single-threaded encode of a 1024x1024 picture is a large part of a request
+(docs/benchmarks.md, "PNG encoding").
 
 Every row takes the Up filter (each byte minus the byte above it): one vectorised subtraction; at
-zlib level 1 its files are 0-12% larger than those of PIL's per-row adaptive choice (measured on
-gradients, a photo and a BAGEL output), and noise does not compress under any filter.
+zlib level 1 its files are only a little larger than those of PIL's per-row adaptive choice, and
+noise does not compress under any filter.
 Each band ends on a sync flush, so its bytes are whole and its back-references stay inside it; the
 band boundaries depend only on the image's size, so the output is the same for any thread count.
 """

@@ -107,3 +107,53 @@ def test_the_real_model_memory_figures_are_the_benchmarks():
     assert len(totals) == 4
     for ms in totals:
         assert ms in benchmarks, ms
+
+
+PRODUCT_PACKAGES = [
+    "bagel",
+    "serving",
+    "step_cache",
+    "transport",
+    "diffusion_service",
+    "prefill_service",
+    "client",
+    "gateway",
+]
+# A date, or a card or machine a figure was measured on: such figures live in docs/benchmarks.md
+# with their command, card and date; code comments say what the code does and why.
+MEASUREMENT = [
+    re.compile(r"\b20\d\d-\d\d-\d\d\b"),
+    re.compile(r"\bmeasured (on|at|with)\b", re.I),
+    re.compile(r"\bon (an? |the )?(H100|H200|A100|CI VM|CI machine)\b", re.I),
+]
+
+
+def dated_measurements(text: str) -> list[tuple[int, str]]:
+    """(line number, the words) of every dated or card-bound measurement in `text`."""
+    found = []
+    for number, line in enumerate(text.splitlines(), 1):
+        for pattern in MEASUREMENT:
+            found += [(number, m.group(0)) for m in pattern.finditer(line)]
+    return found
+
+
+def test_product_code_carries_no_dated_measurements():
+    found = {
+        str(path.relative_to(ROOT)): hits
+        for package in PRODUCT_PACKAGES
+        for path in sorted((ROOT / package).rglob("*.py"))
+        if (hits := dated_measurements(path.read_text()))
+    }
+    assert found == {}, f"move these figures to docs/benchmarks.md: {found}"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "# measured on an H200 at K = 18944",
+        "attention took 31.1 ms (2026-11-30)",
+        "halved throughput on the CI VM",
+    ],
+)
+def test_the_measurement_check_finds_each_kind(text: str):
+    assert dated_measurements(text)

@@ -33,8 +33,8 @@ from transport.layout import (
 from transport.wire import MAX_CHUNK_SIZE, PROTOCOL_VERSION
 
 DEFAULT_MAX_KV_BYTES = 1 << 30
-# Copy-then-checksum granularity: small enough that the copied bytes are still in L2 when the
-# CRC reads them back (measured on the CI VM, 1 MiB L2 per core).
+# Copy-then-checksum granularity: small enough that the copied bytes are still in L2 (1 MiB per
+# core on common servers) when the CRC reads them back.
 _CACHE_PIECE = 256 << 10
 _WIRE_TO_KV = {kv_pb2.KV_TENSOR_KEY: KEY, kv_pb2.KV_TENSOR_VALUE: VALUE}
 ALL_DTYPES = tuple(DTYPE_TO_WIRE)
@@ -437,8 +437,8 @@ class FrameAssembler:
 def check_finite(cache: KVCache) -> None:
     """Raise TransportError (NOT_FINITE: INVALID_ARGUMENT) naming the first K or V tensor that
     holds NaN or Inf. One `aminmax` pass over the whole buffer finds either (NaN propagates to
-    both ends, an Inf becomes one): 28 ms for the 287 MB bf16 editing cache on the 2-core CI VM
-    (2026-12-02), where `isfinite(...).all()` takes 1.2 s. Only a failed pass looks per tensor."""
+    both ends, an Inf becomes one), many times faster than `isfinite(...).all()`
+    (docs/benchmarks.md, "Figures behind code defaults"). Only a failed pass looks per tensor."""
     layout = cache.layout
     if cache.flat.numel() == 0 or _finite(cache.flat.view(layout.dtype)):
         return

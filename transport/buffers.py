@@ -1,7 +1,7 @@
 """Flat uint8 host buffers for received caches, optionally reused across requests.
 
-Touching fresh memory costs more than copying into it on the CI VM (first-touch page faults run at
-0.4-2 GB/s against ~18 GB/s for a warm memcpy), and pinned memory is slow to allocate, so a
+Touching fresh memory costs more than copying into it (first-touch page faults are several times
+slower than a warm memcpy: docs/benchmarks.md, "Figures behind code defaults"), and pinned memory is slow to allocate, so a
 service keeps released buffers in a `BufferPool` instead of allocating one per request (and gives
 memory above a bound back once the pool has been idle a while), and calls `tune_malloc` once so
 gRPC's own message buffers stay warm too. (`transport.admission` bounds the bytes that all
@@ -141,8 +141,8 @@ def tune_malloc(
     process start. Returns False where glibc's `mallopt` is not available (nothing changes).
 
     By default glibc trims the heap whenever ~2 MiB at its top is free, so a stream of ~1 MiB
-    messages keeps faulting in fresh pages; on the CI VM this halved loopback gRPC throughput, for
-    bare byte streams and KV frames alike, and mixed message sizes made it worse.
+    messages keeps faulting in fresh pages, which costs loopback gRPC much of its throughput, for
+    bare byte streams and KV frames alike (docs/benchmarks.md, KV transport).
     """
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt

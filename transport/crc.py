@@ -69,12 +69,7 @@ def combine(crc_a: int, crc_b: int, len_b: int) -> int:
     return _multiply(_shift_operator(len_b), crc_a) ^ crc_b
 
 
-def crc32c_of_tail(crc_whole: int, crc_head: int, len_tail: int) -> int:
-    """CRC-32C of B from the CRC of A + B, the CRC of A and the length of B."""
-    return _multiply(_shift_operator(len_tail), crc_head) ^ crc_whole
-
-
-# A length must recur this often in one `combine_all` before its tables (~0.3 ms to build) pay.
+# A length must recur this often in one `combine_all` before its tables (costly to build) pay.
 _TABLE_AFTER = 16
 
 

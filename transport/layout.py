@@ -175,9 +175,6 @@ class KVLayout:
             offsets.append(offsets[-1] + 2 * self.num_layers * self.tensor_bytes(c))
         return tuple(offsets)
 
-    def context_offset(self, context: int) -> int:
-        return self._context_offsets[context]
-
     @property
     def total_bytes(self) -> int:
         return self._context_offsets[-1]

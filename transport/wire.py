@@ -18,7 +18,7 @@ from protos import kv_pb2
 from transport.errors import Fault, TransportError
 
 PROTOCOL_VERSION = 1
-DEFAULT_CHUNK_SIZE = 1 << 20  # measured best for Python gRPC on the CI machine
+DEFAULT_CHUNK_SIZE = 1 << 20  # the best for Python gRPC (docs/benchmarks.md)
 MAX_CHUNK_SIZE = 16 << 20
 
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5

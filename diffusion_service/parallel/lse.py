@@ -66,8 +66,8 @@ def _fused_applies(q: Tensor) -> bool:
 
 
 def _use_cudnn(q: Tensor) -> bool:
-    # Measured on H100 (torch 2.11, 28 heads, 2050 x 2050): cuDNN's Hopper kernel 130 us, the
-    # FlashAttention-2 kernel behind the flash op 211 us. cuDNN needs sm80+ and can be disabled.
+    # cuDNN's Hopper kernel is faster than the FlashAttention-2 kernel behind the flash op
+    # (docs/benchmarks.md, "Figures behind code defaults"). cuDNN needs sm80+ and can be disabled.
     return (
         torch.backends.cudnn.is_available()
         and torch.backends.cuda.cudnn_sdp_enabled()
@@ -79,7 +79,7 @@ def _fused_attention_with_lse(
     q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None
 ) -> tuple[Tensor, Tensor]:
     # Both aten ops work on [B, H, L, D] views of our [B, L, H, D] tensors, take GQA KV heads as
-    # they are (checked on H100, torch 2.11) and return an fp32 LSE laid out [B, H, Lq(, 1)].
+    # they are and return an fp32 LSE laid out [B, H, Lq(, 1)].
     batch, q_len, heads, _ = q.shape
     cudnn = _use_cudnn(q)
     if key_mask is not None and not cudnn:

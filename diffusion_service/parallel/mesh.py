@@ -151,16 +151,6 @@ class ParallelMesh:
     def inner_rank(self) -> int:
         return self.rank % self.inner
 
-    @property
-    def ring_next(self) -> int:
-        """Global rank this rank sends K/V to in the ring."""
-        return self.ring_ranks[(self.ring_rank + 1) % self.ring]
-
-    @property
-    def ring_prev(self) -> int:
-        """Global rank this rank receives K/V from in the ring."""
-        return self.ring_ranks[(self.ring_rank - 1) % self.ring]
-
     def latent_sharding(self, num_tokens: int) -> LatentSharding:
         """This rank's shard of a latent sequence of `num_tokens` over its SP group."""
         return LatentSharding(num_tokens, self.sp_degree, self.sp_rank)

@@ -65,7 +65,7 @@ def _attend_joint_and_own(
     q: Tensor, x: BlockQKV, own_k: Tensor, own_v: Tensor
 ) -> tuple[Tensor, Tensor]:
     # One block: the joint keys in front of this rank's latent keys (one kernel, not two plus a
-    # merge; on H100 a masked block costs less than a separate joint block and its merge).
+    # merge: a masked block costs less than a separate joint block and its merge).
     mask = None
     if x.joint_key_mask is not None:
         own = x.joint_key_mask.new_ones((own_k.shape[0], own_k.shape[1]))

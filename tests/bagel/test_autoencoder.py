@@ -3,11 +3,12 @@ fp64 re-computation written with torch.nn.functional."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from bagel.autoencoder import AutoEncoder, AutoEncoderParams, to_pil
+from bagel.autoencoder import AutoEncoder, AutoEncoderParams, to_rgb
 
 # --- The real FLUX.1 `ae.safetensors` layout, written out from the published key names. ---------
 
@@ -268,13 +269,13 @@ def test_encode_sample_draws_from_the_posterior_reproducibly(tiny_ae: AutoEncode
     assert not torch.equal(a, c)
 
 
-def test_to_pil_maps_minus_one_to_zero_and_one_to_255_clamping_and_truncating_like_bagel() -> None:
+def test_to_rgb_maps_minus_one_to_zero_and_one_to_255_clamping_and_truncating_like_bagel() -> None:
     x = torch.tensor([-2.0, -1.0, 0.0, 0.5, 1.0, 3.0]).reshape(1, 1, 1, 6).expand(1, 3, 1, 6)
-    image = to_pil(x)
-    assert image.mode == "RGB" and image.size == (6, 1)
-    assert [image.getpixel((i, 0))[0] for i in range(6)] == [0, 0, 127, 191, 255, 255]
+    pixels = to_rgb(x)
+    assert pixels.dtype == np.uint8 and pixels.shape == (1, 6, 3)
+    assert pixels[0, :, 0].tolist() == [0, 0, 127, 191, 255, 255]
 
 
-def test_to_pil_rejects_a_batch() -> None:
+def test_to_rgb_rejects_a_batch() -> None:
     with pytest.raises(ValueError, match="one image"):
-        to_pil(torch.zeros(2, 3, 4, 4))
+        to_rgb(torch.zeros(2, 3, 4, 4))

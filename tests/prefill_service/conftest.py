@@ -35,8 +35,10 @@ class InstrumentedSource:
         self.before_layer = None
         self.layer_done_times = []
 
-    def plan(self, prompt: str, params: GenerationParams) -> PlannedKV:
-        planned = self.inner.plan(prompt, params)
+    def plan(
+        self, prompt: str, params: GenerationParams, think_plan: str | None = None
+    ) -> PlannedKV:
+        planned = self.inner.plan(prompt, params, think_plan)
         return PlannedKV(planned.contexts, lambda: self._observed(planned.compute()))
 
     @property
@@ -46,8 +48,10 @@ class InstrumentedSource:
     def edit_size(self, image):
         return self.inner.edit_size(image)
 
-    def plan_edit(self, prompt: str, params: GenerationParams, image) -> PlannedKV:
-        planned = self.inner.plan_edit(prompt, params, image)
+    def plan_edit(
+        self, prompt: str, params: GenerationParams, image, think_plan: str | None = None
+    ) -> PlannedKV:
+        planned = self.inner.plan_edit(prompt, params, image, think_plan)
         return dataclasses.replace(planned, compute=lambda: self._observed(planned.compute()))
 
     def _observed(self, layers: Iterator[LayerKV]) -> Iterator[LayerKV]:

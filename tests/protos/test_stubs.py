@@ -13,6 +13,7 @@ from google.protobuf import descriptor_pb2
 import protos
 from protos import generate as gen
 from protos.bagel.v1 import generate_pb2, kv_pb2, params_pb2, service_pb2
+from step_cache.registry import POLICIES
 
 STUBS = gen.PROTO_ROOT / gen.PACKAGE_DIR
 MODULES = {"generate": generate_pb2, "kv": kv_pb2, "params": params_pb2, "service": service_pb2}
@@ -123,7 +124,7 @@ def test_oneofs_carry_exactly_the_contract_messages():
         "usage",
     ]
     assert members(protos.UnderstandEvent, "event") == ["accepted", "delta", "finished"]
-    assert members(protos.CacheConfig, "policy") == ["none", "tea_cache", "db_cache"]
+    assert members(protos.CacheConfig, "policy") == list(POLICIES)  # one module per member
 
 
 def test_kv_chunk_data_is_the_last_field_the_hand_framing_relies_on():

@@ -174,12 +174,15 @@ def cache_codec() -> CachePolicyCodec:
     return CachePolicyCodec(CACHE_POLICIES)
 
 
+KNOWN = ", ".join(name.replace("_", "") for name in CACHE_POLICIES)
+
+
 def test_a_cache_flag_takes_a_spec_and_its_help_shows_the_grammar_and_the_names():
     parser, action = parser_with(cache_codec(), "cache", flags=("--step-cache",))
     assert action.option_strings == ["--cache", "--step-cache"]
     assert action.metavar == "SPEC"
     assert action.help == (
-        "the help: NAME[:KEY=VALUE,...][+taylorseer:order=N], NAME one of none, teacache, dbcache "
+        f"the help: NAME[:KEY=VALUE,...][+taylorseer:order=N], NAME one of {KNOWN} "
         "(e.g. dbcache:fn=4,bn=0,warmup=8,threshold=0.24)"
     )
     args = parser.parse_args(["--step-cache", "teacache"])
@@ -187,7 +190,8 @@ def test_a_cache_flag_takes_a_spec_and_its_help_shows_the_grammar_and_the_names(
 
 
 def test_cache_spec_names_are_the_policy_names_without_underscores():
-    assert cache_codec().spec_names() == "none, teacache, dbcache"
+    assert cache_codec().spec_names().startswith("none, teacache, dbcache")
+    assert cache_codec().spec_names().split(", ") == [n.replace("_", "") for n in CACHE_POLICIES]
 
 
 def test_a_cache_option_is_found_by_its_field_name_as_well_as_its_key():
@@ -203,7 +207,7 @@ def test_taylorseer_without_an_order_forecasts_at_order_one():
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("lru", "unknown cache policy 'lru'; known: none, teacache, dbcache"),
+        ("lru", f"unknown cache policy 'lru'; known: {KNOWN}"),
         ("teacache+fast", "cache spec 'teacache+fast': unknown modifier 'fast'"),
         ("none+taylorseer", "cache spec 'none+taylorseer': none takes no taylorseer"),
         (

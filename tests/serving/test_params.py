@@ -102,10 +102,11 @@ def test_each_cache_policy_survives_the_bytes_unchanged(policy):
 
 def test_schema_and_proto_list_the_same_fields_policies_included():
     """The proto conversion, client keywords, CLI flags and rank message are derived from the
-    dataclass fields: this bijection is what makes them cover a new field automatically."""
-    assert [f.name for f in dataclasses.fields(GenerationParams)] == [
+    dataclass fields: this bijection is what makes them cover a new field automatically. Fields
+    travel by name, so the dataclass may list them in any order."""
+    assert sorted(f.name for f in dataclasses.fields(GenerationParams)) == sorted(
         f.name for f in params_pb2.GenerationParams.DESCRIPTOR.fields
-    ]
+    )
     assert list(CACHE_POLICIES) == list(POLICY_MESSAGES)
     for name, cls in CACHE_POLICIES.items():
         # Fields travel by name, so a policy's dataclass may list them in any order.
@@ -113,6 +114,29 @@ def test_schema_and_proto_list_the_same_fields_policies_included():
             f.name for f in POLICY_MESSAGES[name].fields
         }, name
         assert cls.wire_number == params_pb2.CacheConfig.DESCRIPTOR.fields_by_name[name].number
+
+
+def test_fields_travel_by_name_so_the_schema_may_list_them_in_any_order():
+    reordered = dataclasses.make_dataclass(
+        "ReorderedParams",
+        [
+            (
+                f.name,
+                f.type,
+                dataclasses.field(
+                    default=f.default, default_factory=f.default_factory, metadata=f.metadata
+                ),
+            )
+            for f in reversed(dataclasses.fields(GenerationParams))
+        ],
+        frozen=True,
+    )
+    value = reordered(
+        **{f.name: getattr(EVERY_FIELD, f.name) for f in dataclasses.fields(EVERY_FIELD)}
+    )
+    msg = fields_to_message(value, params_pb2.GenerationParams())
+    assert msg == EVERY_FIELD.to_proto()
+    assert reordered(**fields_from_message(reordered, msg)) == value
 
 
 def test_every_field_has_a_client_keyword_and_a_cli_flag():
@@ -189,9 +213,9 @@ def test_a_new_field_is_one_dataclass_line_and_one_proto_field():
     assert msg.guidance_rescale == 0.75
     back = wire_type.FromString(msg.SerializeToString())
     assert extended(**fields_from_message(extended, back)) == value
-    assert [f.name for f in dataclasses.fields(extended)] == [
+    assert sorted(f.name for f in dataclasses.fields(extended)) == sorted(
         f.name for f in back.DESCRIPTOR.fields
-    ]
+    )
     with pytest.raises(InvalidParams, match=r"guidance_rescale=1.5 must be in \[0, 1\]"):
         validate(extended(guidance_rescale=1.5), BAGEL_7B_LIMITS)
     with patch.object(cli, "GenerationParams", extended):
