@@ -5,6 +5,8 @@ lean on: the residual store, the base config's errors and DBCache's fit check.""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -17,6 +19,7 @@ from step_cache.policies.dbcache import DBCache
 from step_cache.policies.none import NoCache
 from step_cache.policies.teacache import TeaCache
 from step_cache.policy import Policy, PolicyConfig, Step
+from step_cache.registry import POLICIES, _load_policies, register
 from step_cache.store import ResidualStore
 from tests.helpers.thread_ranks import ThreadGroup, ThreadWorld
 
@@ -240,3 +243,77 @@ def test_db_cache_fits_while_one_block_is_left_between_fn_and_bn():
         "cache.fn_compute_blocks + cache.bn_compute_blocks = 4 leaves none of the model's 4 "
         "blocks to cache; the sum must be below 4"
     )
+
+
+def test_world_sum_over_a_group_of_one_is_the_identity_in_a_larger_world(threads):
+    world = threads(2)
+    x = torch.ones(2)
+    assert world.run(lambda rank: world_sum(group=ThreadGroup((rank,)))(x) is x) == [True, True]
+    assert world.all_reduces == 0
+
+
+def test_world_sum_moves_the_sums_to_the_given_device(threads):
+    def run(rank: int) -> str:
+        return world_sum(device="meta")(torch.ones(2)).device.type
+
+    assert threads(2).run(run) == ["meta", "meta"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Unserved(PolicyConfig):
+    name = "unserved"
+    wire_number = 97
+
+    def policy(self) -> None:
+        return None
+
+
+def test_a_policy_this_service_does_not_serve_is_invalid_params_naming_the_served_ones():
+    with pytest.raises(InvalidParams) as err:
+        make_step_cache(Unserved(), 3, world_sum())
+    assert str(err.value) == (
+        "cache policy Unserved is not served by this diffusion service "
+        "(served: NoCache, TeaCache, DBCache)"
+    )
+
+
+def test_make_step_cache_hands_the_runtime_its_reduce():
+    def reduce(x):
+        return x
+
+    assert make_step_cache(TeaCache(), 3, reduce).reduce is reduce
+
+
+def test_a_policy_clashing_by_name_or_by_wire_number_is_refused():
+    @dataclasses.dataclass(frozen=True)
+    class SameName(Unserved):
+        name = "tea_cache"
+        wire_number = 96
+
+    @dataclasses.dataclass(frozen=True)
+    class SameNumber(Unserved):
+        name = "other"
+        wire_number = 2
+
+    with pytest.raises(ValueError) as err:
+        register(SameName)
+    assert str(err.value) == (
+        "cache policy SameName (tea_cache, field 96) clashes with TeaCache (tea_cache, field 2)"
+    )
+    with pytest.raises(ValueError, match=r"^cache policy SameNumber \(other, field 2\) clashes"):
+        register(SameNumber)
+    assert list(POLICIES) == ["none", "tea_cache", "db_cache"]
+
+
+def test_loading_the_policies_again_keeps_the_registry_as_it_is():
+    _load_policies()
+    assert list(POLICIES) == ["none", "tea_cache", "db_cache"]
+
+
+def test_the_rules_split_the_layers_into_front_middle_and_back():
+    db = DBCache(fn_compute_blocks=2, bn_compute_blocks=3).policy()
+    assert db.layer_ranges(10) == (range(0, 2), range(2, 7), range(7, 10))
+    cache = CollectiveStepCache(DBCache(fn_compute_blocks=1), 3, world_sum())
+    assert cache.layer_ranges(4) == (range(0, 1), range(1, 4), range(4, 4))
+    tea = TeaCache().policy()
+    assert tea.layer_ranges(6) == (range(0, 0), range(0, 6), range(6, 6))
