@@ -14,13 +14,14 @@ from bagel.kv import Branch
 from bagel.step_cache import NoStepCache
 from serving.errors import InvalidParams
 from step_cache import collective
-from step_cache.collective import CollectiveStepCache, make_step_cache, world_sum
+from step_cache.collective import CollectiveStepCache, make_step_cache, measure, world_sum
 from step_cache.policies.dbcache import DBCache
 from step_cache.policies.none import NoCache
 from step_cache.policies.teacache import TeaCache
-from step_cache.policy import Policy, PolicyConfig, Step
+from step_cache.policy import Policy, PolicyConfig, Statistic, Step
 from step_cache.registry import POLICIES, _load_policies, register
-from step_cache.store import ResidualStore
+from step_cache.store import ResidualStore, stack
+from step_cache.taylorseer import TaylorSeer
 from tests.helpers.thread_ranks import ThreadGroup, ThreadWorld
 
 COND = (Branch.COND,)
@@ -317,3 +318,62 @@ def test_the_rules_split_the_layers_into_front_middle_and_back():
     assert cache.layer_ranges(4) == (range(0, 1), range(1, 4), range(4, 4))
     tea = TeaCache().policy()
     assert tea.layer_ranges(6) == (range(0, 0), range(0, 6), range(6, 6))
+
+
+def test_the_statistics_read_the_input_or_what_the_front_layers_added():
+    markers = torch.zeros(1, 2, 2)
+    before, after = torch.full((1, 3, 2), 2.0), torch.full((1, 3, 2), 7.0)
+    assert torch.equal(measure(Statistic.FRONT_INPUT, (markers, before), (markers, after)), before)
+    added = measure(Statistic.FRONT_RESIDUAL, (markers, before), (markers, after))
+    assert torch.equal(added, torch.full((1, 3, 2), 5.0))
+
+
+def test_a_branch_whose_reference_sums_to_zero_is_left_out_of_the_change():
+    """COND's reference is all zeros (no relative change can be taken); UNCOND_TEXT's rows are
+    small (their sum is below 1) and still: the step reuses on UNCOND_TEXT's change of 0."""
+    cache = CollectiveStepCache(TeaCache(rel_l1_threshold=0.5), 3, lambda x: x)
+    branches = (Branch.COND, Branch.UNCOND_TEXT)
+    markers = torch.zeros(2, 2, 2)
+    decisions = []
+    for step, cond in enumerate((0.0, 1.0)):
+        cache.begin_step(step, 4, branches)
+        latents = torch.stack([torch.full((3, 2), cond), torch.full((3, 2), 0.01)])
+        decisions.append(cache.reuse_middle(branches, (markers, latents), (markers, latents)))
+        if not decisions[-1]:
+            cache.store_middle_residual(branches, (markers, latents))
+    assert decisions == [False, True]
+
+
+def test_the_store_and_stack_keep_the_markers_and_the_latents_apart():
+    markers = torch.arange(4.0).reshape(2, 2, 1)
+    latents = torch.arange(10.0, 16.0).reshape(2, 3, 1)
+    store = ResidualStore(1)
+    store.add(0, (Branch.COND, Branch.UNCOND_TEXT), (markers, latents))
+    [(step, (m, x))] = store.history(Branch.UNCOND_TEXT)
+    assert step == 0 and torch.equal(m, markers[1]) and torch.equal(x, latents[1])
+    stacked = stack([store.history(b)[0][1] for b in (Branch.UNCOND_TEXT, Branch.COND)])
+    assert torch.equal(stacked[0], markers.flip(0)) and torch.equal(stacked[1], latents.flip(0))
+
+
+def test_a_forecast_uses_only_the_last_order_plus_one_residuals_in_their_dtype():
+    def entry(step: int, value: float):
+        return step, (torch.tensor([value], dtype=torch.bfloat16), torch.tensor([value]))
+
+    # The first point is off the line through the last two: order 1 ignores it.
+    history = [entry(0, 100.0), entry(1, 2.0), entry(2, 4.0)]
+    markers, latents = TaylorSeer(1).forecast(history, 4)
+    assert markers.dtype == torch.bfloat16 and latents.dtype == torch.float32
+    assert markers.item() == 8.0 and latents.item() == 8.0
+
+
+def test_tea_cache_starts_with_nothing_accumulated():
+    rule = TeaCache(rel_l1_threshold=0.5).policy()
+    assert rule.accumulated == 0.0
+    assert rule.reuse(Step(1, 4, 0, 0), 0.4)
+
+
+def test_the_eager_settings_are_the_loosest_each_rule_allows():
+    assert DBCache.eager() == DBCache(
+        fn_compute_blocks=1, max_warmup_steps=1, residual_diff_threshold=10.0
+    )
+    assert TeaCache.eager() == TeaCache(rel_l1_threshold=10.0)
