@@ -11,7 +11,15 @@ import pytest
 
 from prefill_service.metrics import PrefillMetrics
 from prefill_service.relay import DiffusionLink
-from prefill_service.routing import DiffusionGroup, DiffusionRouter, rotation, split_addresses
+from prefill_service.routing import (
+    MIN_PROBE_S,
+    PROBE_TIMEOUT_S,
+    DiffusionGroup,
+    DiffusionRouter,
+    GroupLease,
+    rotation,
+    split_addresses,
+)
 from prefill_service.settings import parse_settings
 from serving.errors import ServiceError
 from tests.helpers.ranks import free_port
@@ -218,3 +226,81 @@ def test_probe_fails_fast_on_a_refused_connection_and_succeeds_on_a_live_service
     assert (ok, serving) == (False, False) and took < 1.0
     ok, serving, took = loop_thread.run(probe(fake_diffusion.address))
     assert (ok, serving) == (True, True) and took < 1.0
+
+
+class RecordingLink(FakeLink):
+    """A FakeLink that records each probe's timeout and the in-flight counts seen meanwhile."""
+
+    def __init__(self, address: str, serving: bool | None = True, **kwargs) -> None:
+        super().__init__(address, serving, **kwargs)
+        self.timeouts: list[float] = []
+        self.router: DiffusionRouter | None = None
+        self.in_flight_seen: list[list[int]] = []
+
+    async def probe(self, timeout: float) -> bool:
+        self.timeouts.append(timeout)
+        if self.router is not None:
+            self.in_flight_seen.append([g.in_flight for g in self.router.groups])
+        return await super().probe(timeout)
+
+
+def test_a_router_needs_at_least_one_link():
+    with pytest.raises(ValueError, match="^at least one diffusion service address is needed$"):
+        DiffusionRouter([])
+
+
+def test_describe_names_each_group_its_health_and_its_requests_in_flight():
+    router = DiffusionRouter([FakeLink("A"), FakeLink("B", False), FakeLink("C", None)])
+    router.groups[1].in_flight = 2
+    assert router.describe() == (
+        "A (serving, 0 in flight), B (not serving, 2 in flight), C (not serving, 0 in flight)"
+    )
+    assert router.addresses == ["A", "B", "C"]
+
+
+def test_a_probed_group_counts_the_probe_in_flight_and_a_lease_adds_one_to_its_count():
+    a, b = RecordingLink("A"), RecordingLink("B")
+    router = DiffusionRouter([a, b])
+    a.router = b.router = router
+
+    async def run() -> list[GroupLease]:
+        return [await router.lease(2.0) for _ in range(3)]  # A, B, then A again
+
+    held = asyncio.run(run())
+    assert [lease.link.address for lease in held] == ["A", "B", "A"]
+    assert a.in_flight_seen == [[1, 0], [2, 1]]  # the probe's reservation on top of the leases
+    assert b.in_flight_seen == [[1, 1]]
+    assert [g.in_flight for g in router.groups] == [2, 1]
+    for lease in held:
+        lease.__exit__(None, None, None)
+    assert [g.in_flight for g in router.groups] == [0, 0]
+
+
+def test_a_probe_waits_at_most_the_probe_timeout_and_at_least_the_minimum():
+    a, b = RecordingLink("A"), RecordingLink("B")
+    router = DiffusionRouter([a, b])
+    lease_addresses(router, 2, deadline=None)
+    assert a.timeouts == [PROBE_TIMEOUT_S] and b.timeouts == [PROBE_TIMEOUT_S]
+    a.connect_timeout_s = 0.2  # the first group's timeout bounds the wait without a deadline
+    lease_addresses(router, 1, deadline=None)
+    assert 0.1 < a.timeouts[-1] <= 0.2
+    a.connect_timeout_s = 0.0  # no time left: the probe still gets the minimum
+    lease_addresses(router, 1, deadline=None)
+    assert b.timeouts[-1] == MIN_PROBE_S
+
+
+def test_without_a_deadline_the_first_groups_connect_timeout_bounds_the_wait():
+    a, b = FakeLink("A", False), FakeLink("B", False)
+    a.connect_timeout_s, b.connect_timeout_s = 0.3, 30.0
+    router = DiffusionRouter([a, b])
+    started = time.monotonic()
+    with pytest.raises(ServiceError) as err:
+        lease_addresses(router, 1, deadline=None)
+    assert err.value.code == grpc.StatusCode.UNAVAILABLE
+    assert 0.3 <= time.monotonic() - started < 2.0
+
+
+def test_repeated_addresses_are_each_named_once_in_order():
+    with pytest.raises(ValueError) as err:
+        split_addresses("b:2,a:1,b:2,a:1,c:3")
+    assert str(err.value) == "--diffusion 'b:2,a:1,b:2,a:1,c:3': a:1, b:2 given more than once"
