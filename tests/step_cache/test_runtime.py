@@ -269,15 +269,6 @@ class Unserved(PolicyConfig):
         return None
 
 
-def test_a_policy_this_service_does_not_serve_is_invalid_params_naming_the_served_ones():
-    with pytest.raises(InvalidParams) as err:
-        make_step_cache(Unserved(), 3, world_sum())
-    assert str(err.value) == (
-        "cache policy Unserved is not served by this diffusion service "
-        "(served: NoCache, TeaCache, DBCache)"
-    )
-
-
 def test_make_step_cache_hands_the_runtime_its_reduce():
     def reduce(x):
         return x
