@@ -306,6 +306,7 @@ def test_health_goes_not_serving_on_sigterm_and_no_rank_process_is_left(tiny_mod
         svc.__exit__()
 
 
+@pytest.mark.slow  # four interpreters for the torchrun form of the refusal tested above
 def test_a_torchrun_world_that_is_not_the_product_of_the_degrees_fails_listing_valid_choices(
     tiny_model_dir,
 ):
