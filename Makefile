@@ -9,7 +9,7 @@ TRAINED := examples/tiny_shapes/checkpoint
 # A CPU torch from local disk on the dev/CI machines; GPU users: see README.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test lint fmt venv clean mutation compose-test certs
+.PHONY: demo test test-all lint fmt venv clean mutation compose-test certs
 
 venv: $(STAMP)
 
@@ -36,8 +36,18 @@ fmt: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# `make test`: the quick set, every test but the `slow` ones; `make test-all`: every test, as CI
+# runs it. Both spread the test files over PYTEST_WORKERS processes (pytest-xdist; `auto`: one per
+# core): most tests wait on services, sockets and ranks rather than compute, and a file stays on one
+# worker, so its module-scoped services start once.
+PYTEST_WORKERS ?= auto
+PYTEST_PARALLEL = -n $(PYTEST_WORKERS) --dist loadfile
+
 test: lint
-	$(BIN)/python -m pytest -q -x
+	$(BIN)/python -m pytest -q -x $(PYTEST_PARALLEL) -m "not slow"
+
+test-all: lint
+	$(BIN)/python -m pytest -q -x $(PYTEST_PARALLEL)
 
 # Mutation run over the sampler, serving/, transport/, client/, step_cache/, the parallel package
 # and the prefill routing ([tool.mutmut] in pyproject.toml); a fresh run each time, so the

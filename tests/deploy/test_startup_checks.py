@@ -21,7 +21,12 @@ from protos import DIFFUSION_SERVICE
 from tests.helpers.processes import ROOT, ServiceProcess, health_status
 from tests.helpers.ranks import free_port
 
-SERVICES = ["diffusion_service", "prefill_service", "prefill_service.mock"]
+# The mock prefill service starts through the same checks as the real one: `slow` (CI runs it).
+SERVICES = [
+    "diffusion_service",
+    "prefill_service",
+    pytest.param("prefill_service.mock", marks=pytest.mark.slow),
+]
 GEN_KEY = "language_model.model.layers.1.mlp_moe_gen.up_proj.weight"
 
 

@@ -45,7 +45,14 @@ def reference_previews(pipeline, contexts) -> list[np.ndarray]:
     return [pipeline.preview(estimates[s], PARAMS.height, PARAMS.width) for s in steps]
 
 
-@pytest.fixture(scope="module", params=[["--ulysses", "2"], ["--cfg-parallel", "2"]], ids=str)
+# Each topology starts a service of its own; `make test` keeps CFG parallelism, Ulysses is `slow`.
+@pytest.fixture(
+    scope="module",
+    params=[
+        pytest.param(["--ulysses", "2"], id="['--ulysses', '2']", marks=pytest.mark.slow),
+        pytest.param(["--cfg-parallel", "2"], id="['--cfg-parallel', '2']"),
+    ],
+)
 def diffusion(request, tiny_model_dir):
     args = ["--model", str(tiny_model_dir), *request.param]
     with ServiceProcess("diffusion_service", args) as svc:

@@ -77,16 +77,17 @@ def test_png_through_the_service_equals_the_in_process_reference(ulysses2, pipel
     assert timings.denoise_ms > 0 and timings.decode_ms > 0 and timings.HasField("broadcast_ms")
 
 
+# Each topology starts a service of its own; `make test` keeps the two that combine two kinds of
+# parallelism, the single kinds are `slow` (CI runs every one).
 @pytest.mark.parametrize(
     "topology",
     [
-        ("--ring", "2"),
-        ("--ulysses", "2", "--ring", "2"),
-        ("--cfg-parallel", "2"),
-        ("--cfg-parallel", "2", "--ulysses", "2"),
-        ("--ring", "3"),
+        pytest.param(("--ring", "2"), id="ring2", marks=pytest.mark.slow),
+        pytest.param(("--ulysses", "2", "--ring", "2"), id="u2xr2"),
+        pytest.param(("--cfg-parallel", "2"), id="cfg2", marks=pytest.mark.slow),
+        pytest.param(("--cfg-parallel", "2", "--ulysses", "2"), id="cfg2xu2"),
+        pytest.param(("--ring", "3"), id="ring3", marks=pytest.mark.slow),
     ],
-    ids=["ring2", "u2xr2", "cfg2", "cfg2xu2", "ring3"],
 )
 def test_every_topology_through_the_service_equals_the_single_process_latents(
     tiny_model_dir, pipeline, contexts, topology
@@ -305,6 +306,7 @@ def test_health_goes_not_serving_on_sigterm_and_no_rank_process_is_left(tiny_mod
         svc.__exit__()
 
 
+@pytest.mark.slow  # four interpreters for the torchrun form of the refusal tested above
 def test_a_torchrun_world_that_is_not_the_product_of_the_degrees_fails_listing_valid_choices(
     tiny_model_dir,
 ):

@@ -182,15 +182,17 @@ def test_a_60_mb_request_without_a_token_is_refused_before_it_is_read(
             )
             assert health_status(services.prefill.address, tls=ClientSecurity(tls_ca=services.secrets.certs.ca)) == "SERVING"  # fmt: skip
             times = []
-            for _ in range(5):
+            # At least five calls, and up to 20 until one is under 100 ms: the best is what the
+            # refusal costs when the machine's other work (on CI, other test processes and
+            # pytest-xdist workers) leaves it the cores; reading the request first took 400 ms
+            # and more, so no number of calls gets such a service under 100 ms.
+            while len(times) < 5 or (min(times) >= 0.1 and len(times) < 20):
                 started = time.perf_counter()
                 with pytest.raises(grpc.RpcError) as err:
                     list(call(data, timeout=30))
                 times.append(time.perf_counter() - started)
                 assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
         print(f"refused 60 MB requests: {', '.join(f'{t * 1e3:.0f} ms' for t in times)}")
-        # The best of five: what the refusal costs when the machine's other work (on CI, other
-        # test processes) leaves it the cores; reading the request first took 400 ms and more.
         assert min(times) < 0.1, times
 
 

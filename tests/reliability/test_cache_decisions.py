@@ -125,7 +125,18 @@ def _layout_rank(rank, world, model_dir, cfg, ring, ulysses):
     return out
 
 
-@pytest.mark.parametrize("layout", ["1", *LAYOUTS])
+# `make test` keeps one process and the CFG layouts (the window closing over groups, editing's
+# uneven split, a group owning no branch); the sequence-parallel ones are `slow` (CI runs them).
+QUICK_LAYOUTS = ("1", "CFG2", "CFG3")
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        pytest.param(name, marks=() if name in QUICK_LAYOUTS else pytest.mark.slow)
+        for name in ["1", *LAYOUTS]
+    ],
+)
 def test_every_layout_takes_the_single_process_decisions_and_ends_with_its_image(
     reference, pipeline, tiny_model_dir, layout, tally
 ):

@@ -34,7 +34,14 @@ SEED = 21
 
 @pytest.fixture(scope="module")
 def pair(tiny_model_dir: Path) -> Iterator[ServicePair]:
-    pair = ServicePair(tiny_model_dir, diffusion_args=["--collective-timeout", "10"])
+    # A restarted diffusion service can take more than the default 10 s to serve again when the
+    # two cores are shared (pytest-xdist workers, CI): the request sent meanwhile waits for it
+    # within its own 120 s deadline, not the connect budget's.
+    pair = ServicePair(
+        tiny_model_dir,
+        diffusion_args=["--collective-timeout", "10"],
+        prefill_args=["--connect-timeout", "60"],
+    )
     try:
         yield pair.start().wait_serving()
     finally:

@@ -19,7 +19,8 @@ from bagel.pipeline import Pipeline
 from client import BagelClient
 from serving.params import GenerationParams
 from tests.helpers.processes import pids_with_arg
-from tests.reliability.conftest import LoadFigures, ServicePair, Tally, pixels
+from tests.helpers.tally import LoadFigures
+from tests.reliability.conftest import ServicePair, Tally, pixels
 
 CLIENTS = 16
 SECONDS = 60.0
