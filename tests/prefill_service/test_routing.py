@@ -282,7 +282,7 @@ def test_a_probe_waits_at_most_the_probe_timeout_and_at_least_the_minimum():
     assert a.timeouts == [PROBE_TIMEOUT_S] and b.timeouts == [PROBE_TIMEOUT_S]
     a.connect_timeout_s = 0.2  # the first group's timeout bounds the wait without a deadline
     lease_addresses(router, 1, deadline=None)
-    assert 0.1 < a.timeouts[-1] <= 0.2
+    assert MIN_PROBE_S <= a.timeouts[-1] <= 0.2
     a.connect_timeout_s = 0.0  # no time left: the probe still gets the minimum
     lease_addresses(router, 1, deadline=None)
     assert b.timeouts[-1] == MIN_PROBE_S
@@ -296,7 +296,7 @@ def test_without_a_deadline_the_first_groups_connect_timeout_bounds_the_wait():
     with pytest.raises(ServiceError) as err:
         lease_addresses(router, 1, deadline=None)
     assert err.value.code == grpc.StatusCode.UNAVAILABLE
-    assert 0.3 <= time.monotonic() - started < 2.0
+    assert 0.3 <= time.monotonic() - started < 10.0  # not the second group's 30 s
 
 
 def test_repeated_addresses_are_each_named_once_in_order():
