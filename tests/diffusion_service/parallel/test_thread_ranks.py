@@ -9,6 +9,7 @@ against the fp64 reference of `reference.py`.
 from __future__ import annotations
 
 from dataclasses import replace
+from datetime import timedelta
 
 import pytest
 import torch
@@ -381,3 +382,27 @@ def test_a_group_of_another_size_is_refused_naming_the_variant(threads, make, me
 
     with pytest.raises(ValueError, match=f"^{message}, sharding degree is 3$"):
         threads(2).run(run)
+
+
+def test_new_groups_get_the_timeout_given_or_else_the_worlds(threads):
+    config = ParallelConfig(ulysses=2, ring=2)
+    build = _mesh_coords(config)
+    world = threads(4)
+    world.group.WORLD = replace(world.group.WORLD, timeout=timedelta(seconds=42))
+    world.run(build)
+    assert world.new_group_timeouts == [timedelta(seconds=42)] * 8  # all but sp (the world)
+
+    world = threads(4)
+
+    def given(rank: int):
+        ParallelMesh.build(config, num_heads=8, num_kv_heads=4, timeout=timedelta(seconds=3))
+
+    world.run(given)
+    assert world.new_group_timeouts == [timedelta(seconds=3)] * 8
+
+
+def test_a_world_whose_backend_keeps_no_timeout_gives_new_groups_none(threads):
+    world = threads(2)
+    world.group.WORLD = ThreadGroup((0, 1))  # no backend options to read
+    world.run(_mesh_coords(ParallelConfig(ulysses=2, cfg_parallel=1)))
+    assert world.new_group_timeouts == [None, None]  # the two one-rank ring groups
