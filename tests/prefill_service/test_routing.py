@@ -303,3 +303,11 @@ def test_repeated_addresses_are_each_named_once_in_order():
     with pytest.raises(ValueError) as err:
         split_addresses("b:2,a:1,b:2,a:1,c:3")
     assert str(err.value) == "--diffusion 'b:2,a:1,b:2,a:1,c:3': a:1, b:2 given more than once"
+
+
+def test_while_no_group_serves_the_health_checks_are_spaced_by_the_retry_interval():
+    a, b = FakeLink("A", False), FakeLink("B", False)
+    router = DiffusionRouter([a, b])
+    with pytest.raises(ServiceError):
+        lease_addresses(router, 1, deadline=0.6)  # 0.4 s to wait, checks 0.1 s apart
+    assert 1 <= a.checks <= 6 and 1 <= b.checks <= 6
