@@ -38,6 +38,7 @@ class FakeLink:
         self.back_after: int | None = None
         self.probes = 0
         self.checks = 0
+        self.check_timeouts: list[float] = []
         self.on_change = None
         self.closed = False
 
@@ -49,6 +50,7 @@ class FakeLink:
 
     async def check_health(self, timeout: float = 0.5) -> bool:
         self.checks += 1
+        self.check_timeouts.append(timeout)
         if self.back_after is not None and self.checks >= self.back_after:
             self.serving, self.connects = True, True
         return bool(self.serving)
@@ -311,3 +313,5 @@ def test_while_no_group_serves_the_health_checks_are_spaced_by_the_retry_interva
     with pytest.raises(ServiceError):
         lease_addresses(router, 1, deadline=0.6)  # 0.4 s to wait, checks 0.1 s apart
     assert 1 <= a.checks <= 6 and 1 <= b.checks <= 6
+    # Each check waits at most what is left of the 0.4 s, under HEALTH_CHECK_TIMEOUT_S (0.5 s).
+    assert all(0 < t <= 0.4 for t in a.check_timeouts + b.check_timeouts)
