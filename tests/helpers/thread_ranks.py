@@ -13,6 +13,7 @@ import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from types import SimpleNamespace
 from typing import Any
 
@@ -28,6 +29,19 @@ class ThreadGroup:
     """A process group: its members' global ranks, group rank `i` being `ranks[i]`."""
 
     ranks: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class WorldGroup(ThreadGroup):
+    """The whole world; its CPU backend's options carry the timeout given to `ThreadWorld`, where
+    torch keeps the one given to `init_process_group`."""
+
+    timeout: timedelta | None = None
+
+    def _get_backend(self, device: torch.device) -> Any:
+        if device.type != "cpu":
+            raise RuntimeError(f"no backend for {device.type} in a gloo world")
+        return SimpleNamespace(options=SimpleNamespace(_timeout=self.timeout))
 
 
 @dataclass(frozen=True)
@@ -56,15 +70,16 @@ class ThreadWorld:
     """`world` ranks; `run(fn)` calls `fn(rank)` on one thread per rank and returns the results
     in rank order (an exception on any rank is raised, the lowest rank's first)."""
 
-    def __init__(self, world: int) -> None:
+    def __init__(self, world: int, timeout: timedelta | None = None) -> None:
         self.world = world
-        self.group = SimpleNamespace(WORLD=ThreadGroup(tuple(range(world))))
+        self.group = SimpleNamespace(WORLD=WorldGroup(tuple(range(world)), timeout))
         self._local = threading.local()
         self._lock = threading.Lock()
         self._barriers: dict[tuple[int, ...], threading.Barrier] = {}
         self._slots: dict[tuple[int, ...], list[Any]] = {}
         self._boxes: dict[tuple[int, int], queue.Queue] = {}
         self.new_groups: list[tuple[int, ...]] = []  # every new_group call of rank 0, in order
+        self.new_group_timeouts: list[Any] = []  # the timeout of each, in the same order
         self.all_reduces = 0  # all_reduce calls, summed over the ranks
 
     # ---- running ------------------------------------------------------------------------
@@ -118,6 +133,7 @@ class ThreadWorld:
     def new_group(self, ranks: list[int], timeout: Any = None) -> ThreadGroup:
         if self._local.rank == 0:
             self.new_groups.append(tuple(ranks))
+            self.new_group_timeouts.append(timeout)
         return ThreadGroup(tuple(ranks))
 
     def all_gather_into_tensor(

@@ -38,6 +38,7 @@ class FakeLink:
         self.back_after: int | None = None
         self.probes = 0
         self.checks = 0
+        self.check_timeouts: list[float] = []
         self.on_change = None
         self.closed = False
 
@@ -49,6 +50,7 @@ class FakeLink:
 
     async def check_health(self, timeout: float = 0.5) -> bool:
         self.checks += 1
+        self.check_timeouts.append(timeout)
         if self.back_after is not None and self.checks >= self.back_after:
             self.serving, self.connects = True, True
         return bool(self.serving)
@@ -283,7 +285,7 @@ def test_a_probe_waits_at_most_the_probe_timeout_and_at_least_the_minimum():
     assert a.timeouts == [PROBE_TIMEOUT_S] and b.timeouts == [PROBE_TIMEOUT_S]
     a.connect_timeout_s = 0.2  # the first group's timeout bounds the wait without a deadline
     lease_addresses(router, 1, deadline=None)
-    assert 0.1 < a.timeouts[-1] <= 0.2
+    assert MIN_PROBE_S <= a.timeouts[-1] <= 0.2
     a.connect_timeout_s = 0.0  # no time left: the probe still gets the minimum
     lease_addresses(router, 1, deadline=None)
     assert b.timeouts[-1] == MIN_PROBE_S
@@ -297,10 +299,20 @@ def test_without_a_deadline_the_first_groups_connect_timeout_bounds_the_wait():
     with pytest.raises(ServiceError) as err:
         lease_addresses(router, 1, deadline=None)
     assert err.value.code == grpc.StatusCode.UNAVAILABLE
-    assert 0.3 <= time.monotonic() - started < 2.0
+    assert 0.3 <= time.monotonic() - started < 10.0  # not the second group's 30 s
 
 
 def test_repeated_addresses_are_each_named_once_in_order():
     with pytest.raises(ValueError) as err:
         split_addresses("b:2,a:1,b:2,a:1,c:3")
     assert str(err.value) == "--diffusion 'b:2,a:1,b:2,a:1,c:3': a:1, b:2 given more than once"
+
+
+def test_while_no_group_serves_the_health_checks_are_spaced_by_the_retry_interval():
+    a, b = FakeLink("A", False), FakeLink("B", False)
+    router = DiffusionRouter([a, b])
+    with pytest.raises(ServiceError):
+        lease_addresses(router, 1, deadline=0.6)  # 0.4 s to wait, checks 0.1 s apart
+    assert 1 <= a.checks <= 6 and 1 <= b.checks <= 6
+    # Each check waits at most what is left of the 0.4 s, under HEALTH_CHECK_TIMEOUT_S (0.5 s).
+    assert all(0 < t <= 0.4 for t in a.check_timeouts + b.check_timeouts)

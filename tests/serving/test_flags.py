@@ -190,6 +190,9 @@ def test_address_lists():
     for bad in ("a:1,", "a:1,a:1", "a:1,b"):
         with pytest.raises(ValueError, match="--prefill"):
             split_addresses(bad, "--prefill")
+    with pytest.raises(ValueError) as err:
+        split_addresses("b:2,a:1,b:2,a:1", "--prefill")
+    assert str(err.value) == "--prefill 'b:2,a:1,b:2,a:1': a:1, b:2 given more than once"
 
 
 def test_a_token_file_holds_one_token_per_line(tmp_path: Path):

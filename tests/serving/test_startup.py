@@ -65,6 +65,12 @@ def test_port_zero_and_a_free_port_pass():
     check_port_free(f"127.0.0.1:{port}")
 
 
+def test_port_zero_needs_no_lookup_and_a_bad_address_names_its_flag():
+    check_port_free("no-such-host.invalid:0")  # any free port: nothing to check
+    with pytest.raises(StartupError, match=r"^--metrics-listen 'x' is not HOST:PORT"):
+        check_port_free("x", "--metrics-listen")
+
+
 def test_an_unresolvable_host_is_named():
     with pytest.raises(StartupError, match=r"^--listen 'no-such-host\.invalid:5': cannot resolve"):
         check_port_free("no-such-host.invalid:5")

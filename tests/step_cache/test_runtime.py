@@ -6,6 +6,7 @@ lean on: the residual store, the base config's errors and DBCache's fit check.""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -130,19 +131,22 @@ def test_abstaining_alone_reuses_nothing_and_sends_zero_sums():
 
 
 class _Stepwise(PolicyConfig):
-    """A rule without a statistic that reuses odd steps and records the change it is given."""
+    """A rule that reuses odd steps and records the change and the step it is given; it reads
+    `statistic` (None: no statistic)."""
 
     name = "stepwise"
     wire_number = 98
 
-    def __init__(self) -> None:
+    def __init__(self, statistic: Statistic | None = None) -> None:
         self.changes: list[float] = []
+        self.steps: list[Step] = []
+        self.statistic = statistic
 
     def policy(self) -> Policy:
-        changes = self.changes
+        changes, steps = self.changes, self.steps
 
         class Rule(Policy):
-            statistic = None
+            statistic = self.statistic
 
             def layer_ranges(self, num_layers: int) -> tuple[range, range, range]:
                 return range(1), range(1, num_layers), range(num_layers, num_layers)
@@ -152,6 +156,7 @@ class _Stepwise(PolicyConfig):
 
             def record(self, step: Step, change: float, reused: bool) -> None:
                 changes.append(change)
+                steps.append(step)
 
         return Rule()
 
@@ -172,6 +177,12 @@ def test_a_rule_without_a_statistic_decides_from_the_step_with_a_zero_change():
         # Every rank knows step 0 computed the conditional branch, abstaining or not.
         assert decisions == [False, True, False, True], abstaining
         assert config.changes == [0.0] * 4
+        assert config.steps == [
+            Step(0, 4, 0, 0),
+            Step(1, 4, 0, 0),
+            Step(2, 4, 1, 1),
+            Step(3, 4, 1, 0),
+        ]
 
 
 def test_world_sum_adds_every_ranks_tensor_into_a_copy(threads):
@@ -368,3 +379,31 @@ def test_the_eager_settings_are_the_loosest_each_rule_allows():
         fn_compute_blocks=1, max_warmup_steps=1, residual_diff_threshold=10.0
     )
     assert TeaCache.eager() == TeaCache(rel_l1_threshold=10.0)
+
+
+def test_the_change_is_taken_in_fp32_and_summed_in_fp64_over_the_valid_rows():
+    """The rule is handed exactly sum|current - reference| / sum|reference| with fp64 sums,
+    and every rank's sums travel as one fp64 tensor."""
+    gen = torch.Generator().manual_seed(0)
+    first, second = torch.rand(1, 5000, 3, generator=gen), torch.rand(1, 5000, 3, generator=gen)
+    config = _Stepwise(Statistic.FRONT_INPUT)
+    sent = []
+
+    def reduce(x: torch.Tensor) -> torch.Tensor:
+        sent.append(x.dtype)
+        return x
+
+    cache = CollectiveStepCache(config, 4000, reduce)
+    for step, latents in enumerate((first, second)):
+        cache.begin_step(step, 4, COND)
+        cache.reuse_middle(COND, (torch.zeros(1, 2, 3), latents), (torch.zeros(1, 2, 3), latents))
+    current, reference = second[0, :4000], first[0, :4000]
+    expected = (current - reference).abs().double().sum() / reference.abs().double().sum()
+    assert config.changes[0] == math.inf  # nothing to compare with yet
+    assert config.changes[1] == pytest.approx(expected.item(), rel=1e-13, abs=0)
+    assert sent == [torch.float64, torch.float64]
+
+
+def test_a_config_without_a_forecast_reuses_its_residual_as_it_is():
+    assert TaylorSeer.of(_Stepwise()).order == 0
+    assert TaylorSeer.of(DBCache(taylorseer_order=2)).order == 2

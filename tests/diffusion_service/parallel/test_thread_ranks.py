@@ -9,13 +9,18 @@ against the fp64 reference of `reference.py`.
 from __future__ import annotations
 
 from dataclasses import replace
+from datetime import timedelta
 
 import pytest
 import torch
 
 from diffusion_service.parallel import kv_gather, mesh, ring, sharding, ulysses, usp
 from diffusion_service.parallel.config import ParallelConfig
-from diffusion_service.parallel.kv_gather import KVGatherRingAttention, gather_kv
+from diffusion_service.parallel.kv_gather import (
+    KVGatherAttention,
+    KVGatherRingAttention,
+    gather_kv,
+)
 from diffusion_service.parallel.mesh import ParallelMesh
 from diffusion_service.parallel.registry import make_block_attention
 from diffusion_service.parallel.ring import RingAttention
@@ -34,6 +39,7 @@ from tests.diffusion_service.parallel.test_sp_attention import CASES, TOPOLOGIES
 from tests.helpers.thread_ranks import ThreadGroup, ThreadWorld
 
 TOL = 1e-6
+BF16 = ("ulysses2", "ring2", "ring2_ulysses2", "kv_gather2", "ring2_kv_gather2")
 
 
 @pytest.fixture
@@ -98,10 +104,10 @@ def test_sp_attention_on_thread_ranks_equals_fp64_attention(threads, config):
                     assert relative_error(r[case, "lse"][:, :joint_len], ref_joint_lse) < TOL
 
 
-def test_sp_attention_keeps_bf16_inputs_in_bf16(threads):
-    config = ParallelConfig(ring=2, ulysses=2)
+@pytest.mark.parametrize("config", [TOPOLOGIES[name] for name in BF16], ids=list(BF16))
+def test_sp_attention_keeps_bf16_inputs_in_bf16(threads, config):
     x = make_block_inputs(3, (7, 4), 13, dtype=torch.bfloat16)
-    _, ref_latent, _, _ = block_reference(x)
+    ref_joint, ref_latent, _, _ = block_reference(x)
 
     def run(rank: int):
         m = ParallelMesh.build(config, num_heads=HEADS, num_kv_heads=KV_HEADS)
@@ -109,10 +115,11 @@ def test_sp_attention_keeps_bf16_inputs_in_bf16(threads):
         qkv = replace(x, **{f"latent_{n}": shards.shard(getattr(x, f"latent_{n}")) for n in "qkv"})
         return make_block_attention(m, shards)(qkv)
 
-    results = threads(4).run(run)
+    results = threads(config.world_size).run(run)
     latent = torch.cat([r[1] for r in results], dim=1)[:, :13]
-    assert latent.dtype == torch.bfloat16
+    assert latent.dtype == results[0][0].dtype == torch.bfloat16
     assert relative_error(latent, ref_latent) < 2e-2
+    assert relative_error(results[0][0], ref_joint) < 2e-2
 
 
 def _mesh_coords(config: ParallelConfig):
@@ -335,3 +342,67 @@ def test_ring_and_kv_gather_ring_count_the_real_tokens_of_each_ring_block(thread
 
     # 3 tokens over 2 shards of 2; 5 over 4 shards of 2, two shards per ring block.
     assert threads(4).run(run)[0] == ([2, 1], [4, 1], [4, 1])
+
+
+def test_sharding_gather_over_subgroups_keeps_each_groups_sequence(threads):
+    """Four ranks in two groups of two, each group with a sequence of its own."""
+    pairs = [ThreadGroup((0, 1)), ThreadGroup((2, 3))]
+
+    def full(group: int) -> torch.Tensor:
+        return torch.arange(5.0).reshape(1, 5, 1) + 100 * group
+
+    def run(rank: int):
+        s = LatentSharding(5, 2, rank % 2)
+        return s.gather(s.shard(full(rank // 2)), pairs[rank // 2])
+
+    for rank, result in enumerate(threads(4).run(run)):
+        assert torch.equal(result, full(rank // 2))
+
+
+def test_sharding_gather_names_the_size_of_the_group_it_was_given(threads):
+    def run(rank: int):
+        if rank == 0:
+            LatentSharding(8, 2, 0).gather(torch.zeros(1, 4), ThreadGroup((0, 1, 2)))
+
+    with pytest.raises(ValueError, match="^group has 3 ranks, sharding degree is 2$"):
+        threads(4).run(run)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda g: RingAttention(g, LatentSharding(8, 3, 0)), "ring group has 2 ranks"),
+        (lambda g: KVGatherAttention(g, LatentSharding(8, 3, 0)), "KV gather group has 2 ranks"),
+    ],
+)
+def test_a_group_of_another_size_is_refused_naming_the_variant(threads, make, message):
+    def run(rank: int):
+        if rank == 0:
+            make(ThreadGroup((0, 1)))
+
+    with pytest.raises(ValueError, match=f"^{message}, sharding degree is 3$"):
+        threads(2).run(run)
+
+
+def test_new_groups_get_the_timeout_given_or_else_the_worlds(threads):
+    config = ParallelConfig(ulysses=2, ring=2)
+    build = _mesh_coords(config)
+    world = threads(4)
+    world.group.WORLD = replace(world.group.WORLD, timeout=timedelta(seconds=42))
+    world.run(build)
+    assert world.new_group_timeouts == [timedelta(seconds=42)] * 8  # all but sp (the world)
+
+    world = threads(4)
+
+    def given(rank: int):
+        ParallelMesh.build(config, num_heads=8, num_kv_heads=4, timeout=timedelta(seconds=3))
+
+    world.run(given)
+    assert world.new_group_timeouts == [timedelta(seconds=3)] * 8
+
+
+def test_a_world_whose_backend_keeps_no_timeout_gives_new_groups_none(threads):
+    world = threads(2)
+    world.group.WORLD = ThreadGroup((0, 1))  # no backend options to read
+    world.run(_mesh_coords(ParallelConfig(ulysses=2, cfg_parallel=1)))
+    assert world.new_group_timeouts == [None, None]  # the two one-rank ring groups
