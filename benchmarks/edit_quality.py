@@ -25,7 +25,7 @@ from benchmarks._report import emit_json
 from examples.tiny_shapes.check import EDIT_EVAL_PROMPTS, check_edit
 from examples.tiny_shapes.data import EDIT_KINDS, IMAGE_SIZE
 from examples.tiny_shapes.edit_inputs import EDIT_RESIZE
-from serving.images import EDIT_DEFAULTS
+from serving.imaging.input_images import EDIT_DEFAULTS
 from serving.params import GenerationParams
 
 CHECKPOINT = Path(__file__).resolve().parents[1] / "examples" / "tiny_shapes" / "checkpoint"

@@ -1,4 +1,4 @@
-"""PNG encoding of one picture: PIL's `save(compress_level=...)` against `serving.png.encode_png`
+"""PNG encoding of one picture: PIL's `save(compress_level=...)` against `serving.imaging.png.encode_png`
 with 1, 2, 4 and 8 threads (those up to the CPU count), on a noise picture (what random weights
 decode to) and a smooth one (a sinusoidal gradient plus a little noise). Prints the median ms of
 `--repeats` encodes and the file size in KB; the last line is one JSON object.
@@ -25,7 +25,7 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image
 
-from serving.png import encode_png
+from serving.imaging.png import encode_png
 
 
 def pictures(size: int) -> dict[str, np.ndarray]:

@@ -24,7 +24,7 @@ import torch
 from bagel.autoencoder import AutoEncoder, AutoEncoderParams
 from bagel.preview import fit_latent_rgb
 from benchmarks._report import emit_json
-from serving.png import encode_png
+from serving.imaging.png import encode_png
 
 PNG_LEVEL = 1  # the diffusion service's
 

@@ -1,5 +1,5 @@
 """What a unary request costs the service to refuse for want of a token, against serving one of the
-same size: a grpc.aio server on 127.0.0.1 with the services' access check (`serving.access`,
+same size: a grpc.aio server on 127.0.0.1 with the services' access check (`serving.service.access`,
 shared server shape and options) and an echo method, reached by a synchronous client over
 plaintext and over TLS. The refusal answers without reading the request; the accepted call reads
 and decodes it. Prints the median and best ms of `--repeats` calls per row; the last line is one
@@ -28,11 +28,11 @@ import time
 import grpc
 
 from benchmarks._report import emit_json
-from serving.access import RefusalLog
-from serving.credentials import ServerCredentialStore
-from serving.metrics import ServiceMetrics
-from serving.security import ServerSecurity, open_channel
-from serving.server import GrpcServer
+from serving.service.access import RefusalLog
+from serving.service.credentials import ServerCredentialStore
+from serving.service.metrics import ServiceMetrics
+from serving.service.security import ServerSecurity, open_channel
+from serving.service.server import GrpcServer
 
 TOKEN = "benchmark-token"
 
@@ -93,7 +93,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the JSON here")
     args = parser.parse_args()
-    logging.getLogger("serving.access").setLevel(logging.ERROR)  # one refusal line per row
+    logging.getLogger("serving.service.access").setLevel(logging.ERROR)  # one refusal line per row
     payload = os.urandom(1 << 20) * args.mb
     with tempfile.TemporaryDirectory() as scratch:
         token = Path(scratch) / "token"

@@ -16,7 +16,7 @@ from client.request import ImageInput, build_request, image_bytes
 from client.text import Message, TextResult, collect_answer, understand_request
 from protos import GenerateEvent, PrefillStub
 from protos.options import channel_options
-from serving.security import open_aio_channel
+from serving.service.security import open_aio_channel
 
 
 class AsyncEventStream:

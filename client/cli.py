@@ -28,9 +28,9 @@ from client.request import SERVER_PICKS_SEED, THINK_PREFIX
 from client.text_cli import add_text_commands, run_text
 from protos import GenerateEvent, ModelInfo, Timings
 from serving.codecs import flag
-from serving.images import EDIT_DEFAULTS
+from serving.imaging.input_images import EDIT_DEFAULTS
 from serving.params import MAX_SEED, GenerationParams
-from serving.security import SecurityError, read_token_file
+from serving.service.security import SecurityError, read_token_file
 from serving.text_params import add_sampling_arguments, sampling_from_cli
 
 DEFAULT_SERVER = "127.0.0.1:50051"

@@ -16,7 +16,7 @@ from client.request import ImageInput, build_request, image_bytes
 from client.text import Message, TextResult, collect_answer, understand_request
 from protos import GenerateEvent, ModelInfo, ModelInfoRequest, PrefillStub
 from protos.options import channel_options
-from serving.security import open_channel
+from serving.service.security import open_channel
 
 HEALTH_TIMEOUT_S = 10.0
 

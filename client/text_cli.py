@@ -12,7 +12,7 @@ import grpc
 
 from client.client import BagelClient
 from client.text import IncompleteAnswer
-from serving.security import SecurityError
+from serving.service.security import SecurityError
 from serving.text_params import add_sampling_arguments, sampling_from_cli
 
 

@@ -15,8 +15,8 @@ from bagel.devices import device_fault
 from diffusion_service.launch import TorchrunWorld, serve_torchrun_rank
 from diffusion_service.server import run
 from diffusion_service.settings import ServiceSettings, parse_settings
-from serving.server import configure_logging
-from serving.startup import StartupError, check_port_free, exit_on_misconfiguration, require
+from serving.service.server import configure_logging
+from serving.service.startup import StartupError, check_port_free, exit_on_misconfiguration, require
 
 log = logging.getLogger("diffusion_service")
 

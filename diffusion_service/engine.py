@@ -29,15 +29,15 @@ from diffusion_service.settings import ServiceSettings
 from diffusion_service.worker import JobCancelled, RankRuntime, model_contexts, run_job
 from protos import GenerateEvent, Image, Latents, PartialImage, Progress, Timings
 from serving.errors import ServiceError
+from serving.imaging.png import encode_png
 from serving.params import cache_policy_name
-from serving.png import encode_png
 from transport.broadcast import broadcast_kv
 from transport.errors import TransportError
 from transport.layout import KVCache
 
 log = logging.getLogger(__name__)
 # zlib level 1: several times faster than zlib's default 6 for a slightly larger file
-# (docs/benchmarks.md, "Figures behind code defaults"). `serving.png` spreads the work over threads.
+# (docs/benchmarks.md, "Figures behind code defaults"). `serving.imaging.png` spreads the work over threads.
 PNG_COMPRESS_LEVEL = 1
 
 DONE = object()

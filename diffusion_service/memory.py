@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from serving.metrics import ServiceMetrics
+from serving.service.metrics import ServiceMetrics
 
 GIB = 1024**3
 

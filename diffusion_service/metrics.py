@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge
 
-from serving.metrics import ServiceMetrics
+from serving.service.metrics import ServiceMetrics
 
 
 class DiffusionMetrics(ServiceMetrics):

@@ -1,5 +1,5 @@
 """The diffusion service's server: `bagel.v1.Diffusion` on the shared server shape
-(`serving.server.GrpcServer`: health, reflection, metrics), the rank group and the engine started
+(`serving.service.server.GrpcServer`: health, reflection, metrics), the rank group and the engine started
 in the background (health NOT_SERVING until they are), and a graceful stop on SIGTERM/SIGINT."""
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from diffusion_service.servicer import DiffusionServicer
 from diffusion_service.settings import ServiceSettings
 from diffusion_service.worker import rank_device
 from protos import DIFFUSION_SERVICE, GenerateEvent, ModelInfo
-from serving.access import RefusalLog
-from serving.credentials import CredentialReloader, ServerCredentialStore
-from serving.model_info import model_info, model_info_handler
-from serving.security import risky_settings
-from serving.server import GrpcServer, serve_until_signal
+from serving.service.access import RefusalLog
+from serving.service.credentials import CredentialReloader, ServerCredentialStore
+from serving.service.model_info import model_info, model_info_handler
+from serving.service.security import risky_settings
+from serving.service.server import GrpcServer, serve_until_signal
 from transport.buffers import tune_malloc
 from transport.rpc import diffusion_handler
 

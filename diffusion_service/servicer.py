@@ -21,7 +21,7 @@ from diffusion_service.settings import ServiceSettings
 from protos import Accepted, GenerateEvent
 from serving.errors import status_of
 from serving.params import GenerationParams, RequestLimits, validate
-from serving.requests import check_request_id, loggable
+from serving.service.requests import check_request_id, loggable
 from transport.admission import UploadBudget
 from transport.assembler import FrameAssembler, KVSpec, check_finite
 from transport.buffers import BufferPool

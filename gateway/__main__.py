@@ -12,9 +12,9 @@ import uvicorn
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
 from serving import flags
-from serving.addresses import parse_host_port
-from serving.security import SecurityError, read_pem
-from serving.server import configure_logging
+from serving.service.addresses import parse_host_port
+from serving.service.security import SecurityError, read_pem
+from serving.service.server import configure_logging
 
 PROG = "python -m gateway"
 log = logging.getLogger("gateway")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from serving.metrics import LATENCY_BUCKETS
+from serving.service.metrics import LATENCY_BUCKETS
 
 
 class GatewayMetrics:

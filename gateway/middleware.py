@@ -14,7 +14,7 @@ from typing import Any
 
 from gateway.errors import OpenAIError
 from gateway.metrics import GatewayMetrics
-from serving.security import presented_token, token_accepted
+from serving.service.security import presented_token, token_accepted
 
 log = logging.getLogger("gateway.access")
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Sequence
 import grpc
 
 from client import AsyncBagelClient
-from serving.security import ClientSecurity, read_token_file
+from serving.service.security import ClientSecurity, read_token_file
 
 READY_TIMEOUT_S = 2.0
 

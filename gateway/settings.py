@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from serving.addresses import parse_host_port, split_addresses
 from serving.flags import group, option
-from serving.security import ClientSecurity, ServerSecurity
+from serving.service.addresses import parse_host_port, split_addresses
+from serving.service.security import ClientSecurity, ServerSecurity
 
 DEFAULT_MAX_BODY_BYTES = 32 << 20
 

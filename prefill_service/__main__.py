@@ -13,8 +13,8 @@ from bagel.image_transforms import ResizeRule
 from prefill_service.prefill import LanguageModelKV
 from prefill_service.server import serve
 from prefill_service.settings import ModelPrefillSettings, parse_settings
-from serving.server import configure_logging
-from serving.startup import check_port_free, exit_on_misconfiguration, require
+from serving.service.server import configure_logging
+from serving.service.startup import check_port_free, exit_on_misconfiguration, require
 
 
 def edit_resize(settings: ModelPrefillSettings) -> EditResize | None:

@@ -31,8 +31,8 @@ from prefill_service.settings import PrefillSettings
 from serving import flags
 from serving.flags import option
 from serving.params import GenerationParams
-from serving.server import configure_logging
-from serving.startup import check_port_free, exit_on_misconfiguration, require
+from serving.service.server import configure_logging
+from serving.service.startup import check_port_free, exit_on_misconfiguration, require
 from transport import ContextSpec
 
 KEY_STD, VALUE_STD = 1.0, 0.5

@@ -26,7 +26,7 @@ from prefill_service.prefill import PrefillStats
 from protos import DIFFUSION_SERVICE, GenerateEvent, Timings
 from protos.options import channel_options
 from serving.errors import ServiceError
-from serving.security import ClientSecurity, TokenHolder
+from serving.service.security import ClientSecurity, TokenHolder
 from transport import diffusion_generate
 
 # gRPC's own reconnect backoff (1 s initial by default) would waste most of a short deadline.

@@ -1,5 +1,5 @@
 """The prefill service's server: `bagel.v1.Prefill` on the shared server shape
-(`serving.server.GrpcServer`: health, reflection, metrics), the KV source loaded in the background,
+(`serving.service.server.GrpcServer`: health, reflection, metrics), the KV source loaded in the background,
 health SERVING only while the source is loaded and the diffusion service (one of them, with several:
 `routing.DiffusionRouter`) is SERVING, and a graceful stop on SIGTERM/SIGINT."""
 
@@ -22,12 +22,16 @@ from prefill_service.servicer import PrefillServicer, prefill_handler
 from prefill_service.settings import PrefillSettings
 from prefill_service.text import TextSide
 from protos import PREFILL_SERVICE, DiffusionStub, ModelInfo, ModelInfoRequest
-from serving.access import RefusalLog
-from serving.credentials import ClientCredentialStore, CredentialReloader, ServerCredentialStore
 from serving.errors import ServiceError
-from serving.model_info import model_info, model_info_handler
-from serving.security import SecurityError, is_loopback, risky_settings
-from serving.server import GrpcServer, serve_until_signal
+from serving.service.access import RefusalLog
+from serving.service.credentials import (
+    ClientCredentialStore,
+    CredentialReloader,
+    ServerCredentialStore,
+)
+from serving.service.model_info import model_info, model_info_handler
+from serving.service.security import SecurityError, is_loopback, risky_settings
+from serving.service.server import GrpcServer, serve_until_signal
 
 log = logging.getLogger(__name__)
 DIFFUSION_INFO_TIMEOUT_S = 2.0

@@ -42,9 +42,9 @@ from protos import (
     service_pb2_grpc,
 )
 from serving.errors import InvalidParams, ServiceError, status_of
-from serving.images import EDIT_DEFAULTS, decode_input_images
+from serving.imaging.input_images import EDIT_DEFAULTS, decode_input_images
 from serving.params import GenerationParams, RequestLimits, validate
-from serving.requests import (
+from serving.service.requests import (
     MAX_REQUEST_ID_CHARS,
     check_request_id,
     loggable,

@@ -13,7 +13,7 @@ from prefill_service.routing import split_addresses
 from prefill_service.text import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS
 from serving import flags
 from serving.flags import group, option
-from serving.security import ClientSecurity
+from serving.service.security import ClientSecurity
 from serving.settings import GrpcServiceSettings
 from transport import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE
 

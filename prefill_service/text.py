@@ -34,7 +34,7 @@ from prefill_service.decode_scheduler import DecodeJob, DecodeScheduler, Prefill
 from prefill_service.prefill import MAX_PROMPT_CHARS, NO_IMAGE_INPUT, check_prompt_text
 from protos import Accepted, TextDelta, TextFinished, UnderstandEvent, UnderstandRequest, Usage
 from serving.errors import InvalidParams, ServiceError
-from serving.images import decode_input_image
+from serving.imaging.input_images import decode_input_image
 from serving.text_params import TextSampling
 
 ROLES = ("system", "user", "assistant")

@@ -46,7 +46,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 LOCAL_NAMES = ("localhost", "127.0.0.1")
 TOKEN_BYTES = 32
-ROTATION_PAUSE_S = 5.0  # more than twice the services' file watch (serving.credentials.POLL_S)
+ROTATION_PAUSE_S = (
+    5.0  # more than twice the services' file watch (serving.service.credentials.POLL_S)
+)
 ACCEPTING = ("diffusion/hop.token", "prefill/client.token")
 CONTAINERS = ("diffusion", "prefill", "gateway")  # the folders the containers mount
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from serving.flags import group, option
-from serving.security import ServerSecurity
+from serving.service.security import ServerSecurity
 
 DEFAULT_METRICS_HOST = "127.0.0.1"
 

@@ -17,7 +17,7 @@ from prefill_service.mock import MockPrefillSettings
 from prefill_service.settings import ModelPrefillSettings, size_pair
 from serving import flags
 from serving.params import CACHE_SPEC
-from serving.security import INSECURE_TOKEN_FLAG, client_names
+from serving.service.security import INSECURE_TOKEN_FLAG, client_names
 
 SERVICES: dict[str, type] = {
     "diffusion_service": ServiceSettings,

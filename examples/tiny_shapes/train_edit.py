@@ -52,7 +52,7 @@ from examples.tiny_shapes.train import (
     synchronize,
     uses_bf16,
 )
-from serving.images import EDIT_DEFAULTS
+from serving.imaging.input_images import EDIT_DEFAULTS
 from serving.params import GenerationParams
 
 FROZEN = ("latent_pos_embed.pos_embed", "vit_pos_embed.pos_embed")  # the fixed sincos tables

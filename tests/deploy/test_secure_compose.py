@@ -19,11 +19,11 @@ import pytest
 from diffusion_service.settings import parse_settings
 from gateway.__main__ import parse_settings as parse_gateway_settings
 from prefill_service.settings import parse_settings as parse_prefill_settings
-from serving.access import RefusalLog
-from serving.credentials import ServerCredentialStore
-from serving.metrics import ServiceMetrics
-from serving.security import ServerSecurity, open_channel
-from serving.server import GrpcServer
+from serving.service.access import RefusalLog
+from serving.service.credentials import ServerCredentialStore
+from serving.service.metrics import ServiceMetrics
+from serving.service.security import ServerSecurity, open_channel
+from serving.service.server import GrpcServer
 from tests.deploy.test_compose_files import BASE, ROOT, SERVICES, command, interpolated, services
 from tests.helpers.event_loop import EventLoopThread
 

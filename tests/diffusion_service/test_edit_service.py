@@ -19,7 +19,7 @@ from bagel.image_transforms import ResizeRule
 from bagel.kv import Branch, ContextKV
 from bagel.pipeline import Pipeline
 from client import BagelClient
-from serving.images import EDIT_DEFAULTS
+from serving.imaging.input_images import EDIT_DEFAULTS
 from serving.params import GenerationParams
 from tests.diffusion_service.kv_stream import generate, kv_frames, latents_of
 from tests.helpers.processes import ServiceProcess

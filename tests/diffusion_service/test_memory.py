@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 from diffusion_service import memory
 from diffusion_service.memory import PeakMemory, gather_peaks, peaks_note, publish_peaks
-from serving.metrics import ServiceMetrics
+from serving.service.metrics import ServiceMetrics
 from tests.helpers.ranks import run_ranks
 
 GPU = torch.device("cuda", 0)  # never touched: the allocator reads are replaced below

@@ -60,7 +60,7 @@ def secured_prefill(diffusion, certs, token_files) -> Iterator[ServiceProcess]:
         *("--tls-cert", certs.server_cert, "--tls-key", certs.server_key),
         *("--auth-token-file", token_files["hop"]),
     ]
-    from serving.security import ClientSecurity
+    from serving.service.security import ClientSecurity
 
     with ServiceProcess("prefill_service", args, tls=ClientSecurity(tls_ca=certs.ca)) as service:
         yield service.wait_serving()

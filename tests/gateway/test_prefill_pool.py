@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 
 from gateway.prefill_pool import PrefillPool
-from serving.security import ClientSecurity
+from serving.service.security import ClientSecurity
 from tests.client.fake_prefill import FakePrefillServer
 from tests.helpers.ranks import free_port
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from serving.security import ClientSecurity
+from serving.service.security import ClientSecurity
 from tests.helpers.ranks import free_port
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -23,7 +23,7 @@ from bagel.pipeline import Pipeline
 from client import BagelClient
 from prefill_service.prefill import LanguageModelKV
 from prefill_service.settings import PrefillSettings
-from serving.images import MAX_INPUT_IMAGE_BYTES, MAX_INPUT_IMAGE_PIXELS
+from serving.imaging.input_images import MAX_INPUT_IMAGE_BYTES, MAX_INPUT_IMAGE_PIXELS
 from serving.params import GenerationParams
 from tests.prefill_service.conftest import InstrumentedSource, RunningPrefill
 from tests.prefill_service.fake_diffusion import FakeDiffusion

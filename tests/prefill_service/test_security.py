@@ -14,7 +14,7 @@ import pytest
 from client import BagelClient
 from prefill_service.server import serve
 from prefill_service.settings import PrefillSettings, parse_settings
-from serving.security import ClientSecurity, ServerSecurity
+from serving.service.security import ClientSecurity, ServerSecurity
 from tests.helpers.certs import TestCertificates, make_certificates
 from tests.helpers.processes import ServiceProcess
 from tests.prefill_service.conftest import RunningPrefill

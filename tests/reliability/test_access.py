@@ -29,7 +29,7 @@ import pytest
 from client import BagelClient
 from protos import PREFILL_SERVICE, GenerateEvent
 from protos.options import channel_options
-from serving.security import ClientSecurity, open_channel
+from serving.service.security import ClientSecurity, open_channel
 from tests.helpers.certs import NAMED_CLIENT_DNS, TestCertificates, make_certificates
 from tests.helpers.metrics import metrics_when
 from tests.helpers.processes import ROOT, ServiceProcess, health_status

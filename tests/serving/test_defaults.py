@@ -1,4 +1,4 @@
-"""Default sets fill only what a request leaves unset: editing's defaults (`serving.images.
+"""Default sets fill only what a request leaves unset: editing's defaults (`serving.imaging.input_images.
 EDIT_DEFAULTS` plus the input's size, as the prefill servicer passes them to `from_proto`) and
 the diffusion service's `--default-cache`. For every field a default set can fill, a request
 that sets it, to another value or to the schema's own default, keeps its value."""
@@ -10,7 +10,7 @@ import dataclasses
 import pytest
 
 from protos import params_pb2
-from serving.images import EDIT_DEFAULTS
+from serving.imaging.input_images import EDIT_DEFAULTS
 from serving.params import GenerationParams
 from step_cache.registry import POLICIES
 from tests.serving.examples import EVERY_FIELD

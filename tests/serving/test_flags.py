@@ -1,4 +1,4 @@
-"""`serving.flags` (argparse generated from a settings dataclass), `serving.addresses`, and the
+"""`serving.flags` (argparse generated from a settings dataclass), `serving.service.addresses`, and the
 token file with several tokens."""
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from typing import Literal
 
 import pytest
 
-from serving.addresses import parse_host_port, split_addresses
 from serving.flags import (
     OneLineArgumentParser,
     add_arguments,
@@ -21,7 +20,8 @@ from serving.flags import (
     option,
     parse_settings,
 )
-from serving.security import SecurityError, read_token_set, token_accepted
+from serving.service.addresses import parse_host_port, split_addresses
+from serving.service.security import SecurityError, read_token_set, token_accepted
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from serving.errors import InvalidParams
-from serving.requests import MAX_REQUEST_ID_CHARS, check_request_id, loggable
+from serving.service.requests import MAX_REQUEST_ID_CHARS, check_request_id, loggable
 
 
 @pytest.mark.parametrize("rid", ["req-1", "a b/c:d_e.f", "x" * MAX_REQUEST_ID_CHARS, "~!"])

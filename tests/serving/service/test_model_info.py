@@ -1,4 +1,4 @@
-"""`serving.model_info`: the ModelInfo both services answer, its defaults taken from the request
+"""`serving.service.model_info`: the ModelInfo both services answer, its defaults taken from the request
 schema, and `GetModelInfo` failures leaving as the status `status_of` gives."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 
 from protos import ModelInfo, ModelInfoRequest
 from serving.errors import ServiceError
-from serving.model_info import model_info, model_info_handler
 from serving.params import GenerationParams
+from serving.service.model_info import model_info, model_info_handler
 
 
 def test_model_info_carries_the_facts_given_and_the_schemas_defaults():
@@ -92,7 +92,7 @@ def test_a_service_error_leaves_with_its_status_logged_as_info(caplog):
     async def describe() -> ModelInfo:
         raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the model is loading")
 
-    with caplog.at_level(logging.INFO, logger="serving.model_info"):
+    with caplog.at_level(logging.INFO, logger="serving.service.model_info"):
         answer, context = _call(describe)
     assert answer is None
     assert context.aborted == (grpc.StatusCode.UNAVAILABLE, "the model is loading")
@@ -105,7 +105,7 @@ def test_a_bug_leaves_as_internal_logged_as_an_error(caplog):
     async def describe() -> ModelInfo:
         raise KeyError("x")
 
-    with caplog.at_level(logging.INFO, logger="serving.model_info"):
+    with caplog.at_level(logging.INFO, logger="serving.service.model_info"):
         _, context = _call(describe)
     assert context.aborted == (grpc.StatusCode.INTERNAL, "internal error: KeyError: 'x'")
     [record] = caplog.records

@@ -1,7 +1,7 @@
 """The metrics every service exposes, on a registry of its own (no process-global state), with
 the same names and labels in both services: `bagel_<service>_requests_total{code=...}` by final
 gRPC status code, `bagel_<service>_phase_seconds{phase=...}`, `bagel_<service>_model_load_seconds`,
-`bagel_<service>_auth_failures_total{reason=...}` (calls refused by `serving.access`) and, on GPUs, `bagel_<service>_peak_memory_bytes{rank=...,kind="reserved"|"allocated"}`."""
+`bagel_<service>_auth_failures_total{reason=...}` (calls refused by `serving.service.access`) and, on GPUs, `bagel_<service>_peak_memory_bytes{rank=...,kind="reserved"|"allocated"}`."""
 
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ import socket
 import sys
 from collections.abc import Iterator
 
-from serving.addresses import parse_host_port
+from serving.service.addresses import parse_host_port
 
 EXIT_MISCONFIGURED = 2
 

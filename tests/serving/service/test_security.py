@@ -1,5 +1,5 @@
-"""TLS, mTLS and bearer tokens on the shared server shape (`serving.server.GrpcServer`) with a small
-echo service, reached through `serving.security.open_channel` (what the client and the prefill
+"""TLS, mTLS and bearer tokens on the shared server shape (`serving.service.server.GrpcServer`) with a small
+echo service, reached through `serving.service.security.open_channel` (what the client and the prefill
 service's link use); certificates are made per session by `tests.helpers.certs`."""
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from client import BagelClient, cli
-from serving import security
-from serving.access import Refusal, RefusalLog
-from serving.credentials import ServerCredentialStore
-from serving.metrics import ServiceMetrics
-from serving.security import (
+from serving.service import security
+from serving.service.access import Refusal, RefusalLog
+from serving.service.credentials import ServerCredentialStore
+from serving.service.metrics import ServiceMetrics
+from serving.service.security import (
     INVALID_TOKEN,
     MAX_TOKEN_BYTES,
     MISSING_TOKEN,
@@ -32,7 +32,7 @@ from serving.security import (
     read_token_set,
     risky_settings,
 )
-from serving.server import GrpcServer
+from serving.service.server import GrpcServer
 from tests.helpers.certs import TestCertificates, make_certificates
 from tests.helpers.event_loop import EventLoopThread
 from tests.helpers.processes import health_status
@@ -343,14 +343,14 @@ def test_cli_health_presents_its_client_certificate_to_an_mtls_server(
     assert capsys.readouterr().out.strip() == "SERVING"
 
 
-# Refusals, reloads and start-up checks (serving.access, serving.credentials)
+# Refusals, reloads and start-up checks (serving.service.access, serving.service.credentials)
 
 
 def test_the_refusal_log_counts_every_refusal_and_logs_one_line_per_reason_and_window(caplog):
     metrics = ServiceMetrics("refusal_test")
     now = [0.0]
     log = RefusalLog(metrics.auth_failures, every_s=10.0, clock=lambda: now[0])
-    with caplog.at_level("WARNING", logger="serving.access"):
+    with caplog.at_level("WARNING", logger="serving.service.access"):
         for _ in range(3):
             log.record(Refusal.INVALID_TOKEN, "/a.B/C", "ipv4:1.2.3.4:5")
         log.record(Refusal.MISSING_TOKEN, "/a.B/C", "ipv4:1.2.3.4:5")

@@ -1,4 +1,4 @@
-"""`serving.images`: the checks every input image passes before any compute, each failure an
+"""`serving.imaging.input_images`: the checks every input image passes before any compute, each failure an
 InvalidParams that names the image and what is wrong with it."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from PIL import Image
 
 from serving import images
 from serving.errors import InvalidParams
-from serving.images import decode_input_image, decode_input_images, has_alpha
+from serving.imaging.input_images import decode_input_image, decode_input_images, has_alpha
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:

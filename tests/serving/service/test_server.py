@@ -1,4 +1,4 @@
-"""`serving.server` and `serving.metrics`: the shared gRPC server shape (health NOT_SERVING until
+"""`serving.service.server` and `serving.service.metrics`: the shared gRPC server shape (health NOT_SERVING until
 the service says otherwise, reflection, metrics on their own address, a clear refusal when the
 address cannot be bound) and `serve_until_signal`'s exit status and drain."""
 
@@ -12,20 +12,20 @@ import urllib.request
 
 import grpc
 import pytest
+from diffusion_service.world import free_port
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from diffusion_service.world import free_port
-from serving import server as server_module
-from serving.metrics import LATENCY_BUCKETS, ServiceMetrics
-from serving.server import (
+from serving.service import server as server_module
+from serving.service.metrics import LATENCY_BUCKETS, ServiceMetrics
+from serving.service.server import (
     HEALTH_SERVICE,
     LOG_FORMAT,
     GrpcServer,
     configure_logging,
     serve_until_signal,
 )
-from serving.startup import StartupError
+from serving.service.startup import StartupError
 
 SERVICE = "bagel.v1.Test"
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -184,7 +184,7 @@ class FakeService:
 
 def test_a_failed_load_stops_the_server_and_exits_1(caplog):
     service = FakeService(fail=RuntimeError("no weights"))
-    with caplog.at_level(logging.INFO, logger="serving.server"):
+    with caplog.at_level(logging.INFO, logger="serving.service.server"):
         status = asyncio.run(serve_until_signal(service, "h:1", 2.5, "loading the model"))
     assert status == 1 and service.stopped == [2.5]
     messages = [r.getMessage() for r in caplog.records]
@@ -205,7 +205,7 @@ def test_a_signal_drains_and_exits_0_while_the_model_is_still_loading(sig, caplo
         asyncio.get_running_loop().call_later(0.1, os.kill, os.getpid(), sig)
         return await serve_until_signal(service, "h:1", 0.5, "loading")
 
-    with caplog.at_level(logging.INFO, logger="serving.server"):
+    with caplog.at_level(logging.INFO, logger="serving.service.server"):
         assert asyncio.run(run()) == 0
     assert service.stopped == [0.5]
     assert [r.getMessage() for r in caplog.records][-2:] == [

@@ -20,8 +20,8 @@ from typing import Protocol
 
 import grpc
 
-from serving.access import AccessInterceptor, RefusalLog
-from serving.security import (
+from serving.service.access import AccessInterceptor, RefusalLog
+from serving.service.security import (
     ClientSecurity,
     SecurityError,
     ServerSecrets,

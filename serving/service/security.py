@@ -1,8 +1,8 @@
 """TLS, mTLS and bearer tokens, opt-in on both hops: a service's options and the files they name
 (read and checked here, with the start-up refusals and warnings), and what its clients connect
 with (the client, the prefill service's link to the diffusion service). With no option set
-everything is plaintext and open. Who may call is decided in `serving.access`; replacing the
-files while a service runs, in `serving.credentials`.
+everything is plaintext and open. Who may call is decided in `serving.service.access`; replacing the
+files while a service runs, in `serving.service.credentials`.
 
 A token travels as the metadata `authorization: Bearer <token>`; health and reflection stay open,
 so load balancers and `grpcurl list` work without it. The threat model is in docs/security.md.

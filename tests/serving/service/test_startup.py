@@ -12,9 +12,9 @@ import torch
 
 from bagel.devices import device_fault
 from protos.options import server_options
-from serving.metrics import ServiceMetrics
-from serving.server import GrpcServer
-from serving.startup import (
+from serving.service.metrics import ServiceMetrics
+from serving.service.server import GrpcServer
+from serving.service.startup import (
     StartupError,
     check_port_free,
     exit_on_misconfiguration,

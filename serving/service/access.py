@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import grpc
 from prometheus_client import Counter
 
-from serving.security import (
+from serving.service.security import (
     INVALID_TOKEN,
     MISSING_TOKEN,
     OPEN_SERVICES,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.png import SIGNATURE, adler32_combine, encode_png
+from serving.imaging.png import SIGNATURE, adler32_combine, encode_png
 
 
 def noise(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:

@@ -17,8 +17,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from protos.options import server_options
-from serving.metrics import ServiceMetrics
-from serving.startup import StartupError
+from serving.service.metrics import ServiceMetrics
+from serving.service.startup import StartupError
 
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -32,7 +32,7 @@ def configure_logging() -> None:
 class GrpcServer:
     """A service's gRPC server. `register(server)` adds the service's handlers; `service_name`
     is the full name health reports under (besides "", the whole server). `credentials`: serve
-    TLS (else plaintext); `interceptors`: e.g. the bearer-token check (`serving.security`)."""
+    TLS (else plaintext); `interceptors`: e.g. the bearer-token check (`serving.service.security`)."""
 
     def __init__(
         self,
