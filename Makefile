@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 $(TINY)/ema.safetensors: | $(STAMP)
-	$(BIN)/python -m bagel.tiny $(TINY)
+	$(BIN)/python -m bagel.testing.tiny $(TINY)
 
 demo: $(STAMP)
 	PY=$(BIN)/python MODEL=$(TRAINED) SIZE=128 PROMPT="a red circle on a white background" \

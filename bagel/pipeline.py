@@ -13,10 +13,22 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from bagel.autoencoder import AutoEncoder
-from bagel.checkpoint import load_autoencoder, load_bagel, load_vit
-from bagel.config import BagelConfig
-from bagel.contexts import (
+from bagel.checkpoints.checkpoint import load_autoencoder, load_bagel, load_vit
+from bagel.devices import default_dtype
+from bagel.diffusion.generation import BlockVelocity, ForwardGraphs
+from bagel.diffusion.params import ImageParams
+from bagel.diffusion.pixels import decode_image
+from bagel.diffusion.preview import LatentRGB, fit_latent_rgb
+from bagel.diffusion.sampler import EstimateCallback, StepCallback, denoise, initial_noise
+from bagel.diffusion.step_cache import StepCache
+from bagel.network.autoencoder import AutoEncoder
+from bagel.network.config import BagelConfig
+from bagel.network.fp8 import LinearPrecision
+from bagel.network.kv import Branch, ContextKV
+from bagel.network.latents import latent_position_ids
+from bagel.network.model import Bagel
+from bagel.network.vit import ViTConfig
+from bagel.prompting.contexts import (
     ContextEncoder,
     EditImage,
     EditResize,
@@ -25,21 +37,10 @@ from bagel.contexts import (
     next_rope_position,
     prepare_edit_image,
 )
-from bagel.conversation import plan_segments, think_segments, token_ids
-from bagel.decoding import Sampling, decode
-from bagel.devices import default_dtype
-from bagel.fp8 import LinearPrecision
-from bagel.generation import BlockVelocity, ForwardGraphs, latent_position_ids
-from bagel.kv import Branch, ContextKV
-from bagel.model import Bagel
-from bagel.params import ImageParams
-from bagel.pixels import decode_image
-from bagel.preview import LatentRGB, fit_latent_rgb
-from bagel.prompts import cfg_prompts
-from bagel.sampler import EstimateCallback, StepCallback, denoise, initial_noise
-from bagel.step_cache import StepCache
-from bagel.tokenizer import PROMPT_END_TOKEN, PromptTokenizer, load_tokenizer
-from bagel.vit import ViTConfig
+from bagel.prompting.conversation import plan_segments, think_segments, token_ids
+from bagel.prompting.prompts import cfg_prompts
+from bagel.text.decoding import Sampling, decode
+from bagel.text.tokenizer import PROMPT_END_TOKEN, PromptTokenizer, load_tokenizer
 
 
 @dataclass
@@ -59,7 +60,7 @@ class Pipeline:
         dtype: torch.dtype | None = None,
         linear_precision: LinearPrecision = "bf16",
     ) -> None:
-        """`linear_precision="fp8"`: the decoder's linear layers in e4m3 (`bagel.fp8`)."""
+        """`linear_precision="fp8"`: the decoder's linear layers in e4m3 (`bagel.network.fp8`)."""
         self.device = torch.device(device)
         self.dtype = dtype or default_dtype(device)
         self.config = BagelConfig.from_dir(model_dir)
@@ -110,7 +111,7 @@ class Pipeline:
     def edit_contexts(
         self, image: EditImage, prompt: str, negative_prompt: str = ""
     ) -> dict[Branch, ContextKV]:
-        """An edit's three contexts (`bagel.contexts.edit_segments`), prefilled."""
+        """An edit's three contexts (`bagel.prompting.contexts.edit_segments`), prefilled."""
         prompts = cfg_prompts(self.tokenizer, prompt, negative_prompt)
         segments = edit_segments(
             image.segments(self.config), prompts[Branch.COND], prompts[Branch.UNCOND_TEXT]
@@ -119,7 +120,7 @@ class Pipeline:
 
     def plan(self, prompt: str, sampling: Sampling, image: EditImage | None = None) -> str:
         """Think mode: the plan decoded from the system prompt, the input image (an edit) and
-        the prompt, as text without its end token (`bagel.conversation.plan_segments`)."""
+        the prompt, as text without its end token (`bagel.prompting.conversation.plan_segments`)."""
         image_segments = image.segments(self.config) if image is not None else []
         segments = plan_segments(self.tokenizer, prompt, image_segments)
         images = self.context_encoder.image_embeddings(image) if image is not None else {}
@@ -133,8 +134,8 @@ class Pipeline:
         self, prompt: str, plan: str, negative_prompt: str = "", image: EditImage | None = None
     ) -> dict[Branch, ContextKV]:
         """The three contexts of a think request once its plan is decoded
-        (`bagel.conversation.think_segments`), prefilled as the prefill service does: text-only
-        ones as one batch of prompts, an edit's through the context encoder."""
+        (`bagel.prompting.conversation.think_segments`), prefilled as the prefill service does:
+        text-only ones as one batch of prompts, an edit's through the context encoder."""
         if image is None:
             segments = think_segments(self.tokenizer, prompt, plan, negative_prompt)
             prompts = [token_ids(s) for s in segments.values()]
@@ -180,7 +181,7 @@ class Pipeline:
 
     @cached_property
     def latent_rgb(self) -> LatentRGB:
-        """The previews' latent -> RGB map (`bagel.preview`), fitted on first use."""
+        """The previews' latent -> RGB map (`bagel.diffusion.preview`), fitted on first use."""
         return fit_latent_rgb(self.autoencoder)
 
     def preview(self, latents: Tensor, height: int, width: int) -> np.ndarray:

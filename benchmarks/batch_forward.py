@@ -7,7 +7,7 @@ branch rows per forward) it times the captured forward (CUDA graph replay, media
 the step count) and the ratio to batch 1. Then it profiles eager forwards (`--profiles
 SIZE:BATCH ...`) and prints the GPU time per kernel group (attention, matmuls, ...). With
 `--linear-precision bf16 fp8` it does both in one process: FP8 swaps the linear layers in
-place (`bagel.fp8.use_fp8_linears`) after bf16's rows.
+place (`bagel.network.fp8.use_fp8_linears`) after bf16's rows.
 
     python -m benchmarks.batch_forward [--sizes 512 1024] [--batches 1 2 4]
         [--linear-precision bf16 fp8] [--json PATH]
@@ -39,13 +39,14 @@ import torch
 from torch import Tensor
 from torch.profiler import ProfilerActivity, profile
 
-from bagel.attention import full_block_attention
-from bagel.config import BAGEL_7B, BagelConfig
-from bagel.fp8 import LINEAR_PRECISIONS, use_fp8_linears
-from bagel.generation import BlockVelocity, latent_position_ids
-from bagel.graphs import GraphedCall, graph_or_eager
-from bagel.kv import Branch, ContextKV
-from bagel.model import Bagel, BranchPrefix
+from bagel.diffusion.generation import BlockVelocity
+from bagel.kernels.graphs import GraphedCall, graph_or_eager
+from bagel.network.attention import full_block_attention
+from bagel.network.config import BAGEL_7B, BagelConfig
+from bagel.network.fp8 import LINEAR_PRECISIONS, use_fp8_linears
+from bagel.network.kv import Branch, ContextKV
+from bagel.network.latents import latent_position_ids
+from bagel.network.model import Bagel, BranchPrefix
 from benchmarks._report import emit_json
 from benchmarks.profile_forward import group_of
 from benchmarks.sp_gpu import BOTH, MARKERS, SMOKE, contexts_for, random_model

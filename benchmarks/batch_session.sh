@@ -31,7 +31,7 @@ if [ -z "${CKPT:-}" ]; then
   else CKPT=/tmp/bagel-7b-random; fi
 fi
 start=$SECONDS
-[ -f "$CKPT/ema.safetensors" ] || timeout -k 10 150 python3 -m bagel.tiny "$CKPT" --preset 7b --device cuda \
+[ -f "$CKPT/ema.safetensors" ] || timeout -k 10 150 python3 -m bagel.testing.tiny "$CKPT" --preset 7b --device cuda \
   2>&1 | tail -3 | tee -a "$out/gpus.txt"
 echo "checkpoint: $((SECONDS - start)) s" | tee -a "$out/gpus.txt"
 timeout -k 10 120 python3 -m benchmarks.prefill_latency --model "$CKPT" --device cuda 2>&1 \

@@ -26,12 +26,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bagel.config import BAGEL_7B_LLM, BagelConfig, LLMConfig
-from bagel.contexts import ContextEncoder, EditResize, mixed_sequence, prepare_edit_image
-from bagel.decoding import Sampling, TextDecoder
-from bagel.model import Bagel, MixedSequence
-from bagel.presets import BAGEL_7B_VIT
-from bagel.vit import ImageContextEncoder, ViTConfig
+from bagel.network.config import BAGEL_7B_LLM, BagelConfig, LLMConfig
+from bagel.network.model import Bagel, MixedSequence
+from bagel.network.vit import ImageContextEncoder, ViTConfig
+from bagel.prompting.contexts import ContextEncoder, EditResize, mixed_sequence, prepare_edit_image
+from bagel.testing.presets import BAGEL_7B_VIT
+from bagel.text.decoding import Sampling, TextDecoder
 from benchmarks._report import emit_json
 from prefill_service.decode_scheduler import DecodeJob, DecodeScheduler
 
@@ -68,7 +68,7 @@ def build(preset: str, device: str, dtype: torch.dtype, layers: int | None):
 
 
 def text_prompt(model: Bagel, tokens: int, seed: int) -> tuple[MixedSequence, int]:
-    from bagel.contexts import Segment, SegmentKind
+    from bagel.prompting.contexts import Segment, SegmentKind
 
     rng = np.random.default_rng(seed)
     ids = tuple(int(t) for t in rng.integers(3, model.config.llm.vocab_size, tokens))
@@ -118,7 +118,7 @@ async def scheduler_rate(scheduler: DecodeScheduler, prompts, new_tokens: int) -
 def time_to_first_token(
     decoder: TextDecoder, encoder: ContextEncoder, vit: ViTConfig, size: int, device: str
 ) -> float:
-    from bagel.contexts import Segment, SegmentKind
+    from bagel.prompting.contexts import Segment, SegmentKind
 
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))

@@ -23,7 +23,7 @@ import json
 
 import torch
 
-from bagel.config import BAGEL_7B
+from bagel.network.config import BAGEL_7B
 
 GIB = 1024**3
 

@@ -2,7 +2,7 @@
 # Full-size BAGEL-7B-MoT (random weights) through both real services on this machine's GPUs.
 # Usage (on the GPU machine, repo root, `.whl` carried as for benchmarks/gpu_session.sh):
 #   benchmarks/e2e_full_size.sh OUT_DIR
-# 1. writes the 7b checkpoint (~29 GB, `python -m bagel.tiny --preset 7b`) to $CKPT, unless one
+# 1. writes the 7b checkpoint (~29 GB, `python -m bagel.testing.tiny --preset 7b`) to $CKPT, unless one
 #    is there already;
 # 2. runs benchmarks.e2e_service at 1024², 50 timesteps, $REQUESTS requests per run (the first
 #    apart): bf16 on 1 GPU, and with 2 GPUs visible also Ulysses 2, Ring 2, CFG 2, KV gather 2;
@@ -58,7 +58,7 @@ if [ ! -f "$ckpt/ema.safetensors" ]; then
     exit 2
   fi
   start=$SECONDS
-  python3 -m bagel.tiny "$ckpt" --preset 7b --device "${GEN_DEVICE:-cuda}" 2>&1 | tee -a "$setup"
+  python3 -m bagel.testing.tiny "$ckpt" --preset 7b --device "${GEN_DEVICE:-cuda}" 2>&1 | tee -a "$setup"
   [ -f "$ckpt/ema.safetensors" ] || exit 1
   echo "checkpoint written in $((SECONDS - start)) s" | tee -a "$setup"
 else

@@ -1,8 +1,9 @@
-"""One decoder layer's linear layers in bf16 and in FP8 (`bagel.fp8`), at BAGEL-7B shapes, GPU.
+"""One decoder layer's linear layers in bf16 and in FP8 (`bagel.network.fp8`), at BAGEL-7B shapes,
+GPU.
 
 Gen expert: the chain RMSNorm -> q/k/v, attention output -> o, RMSNorm -> gate/up -> SwiGLU
 activation -> down over `--tokens` rows (default 2 branches x 4098), each stage and the whole
-chain, bf16 (`bagel.fused` kernels + cuBLAS) against FP8 (the producers quantize per token,
+chain, bf16 (`bagel.kernels.fused` kernels + cuBLAS) against FP8 (the producers quantize per token,
 `torch._scaled_mm` with row-wise scales). Und expert: the seven linear layers over the 4 marker
 rows of two branches, bf16 cuBLAS against the FP8 weight-streaming kernel, cycling over several
 layers' weights so that L2 holds none of them. Times are CUDA-graph replays (Triton's
@@ -25,8 +26,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from bagel import fp8, fused, fused_fp8
-from bagel.config import BAGEL_7B_LLM
+from bagel.kernels import fused, fused_fp8
+from bagel.network import fp8
+from bagel.network.config import BAGEL_7B_LLM
 from benchmarks._report import emit_json
 
 

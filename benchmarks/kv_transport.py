@@ -35,7 +35,7 @@ import grpc
 import torch
 import torch.distributed as dist
 
-from bagel.kv import Branch, ContextKV
+from bagel.network.kv import Branch, ContextKV
 from protos import GenerateEvent
 from transport import (
     DEFAULT_CHUNK_SIZE,

@@ -21,8 +21,8 @@ import time
 
 import torch
 
-from bagel.autoencoder import AutoEncoder, AutoEncoderParams
-from bagel.preview import fit_latent_rgb
+from bagel.diffusion.preview import fit_latent_rgb
+from bagel.network.autoencoder import AutoEncoder, AutoEncoderParams
 from benchmarks._report import emit_json
 from serving.imaging.png import encode_png
 

@@ -7,7 +7,8 @@ attention, norms, RoPE, elementwise, copies) and the top kernels.
     python -m benchmarks.profile_forward [--size 1024] [--top 25]
 
 `--compile` instead times the captured forward with every decoder layer's `forward_block` under
-`torch.compile` (the Triton kernels of `bagel.fused` kept), against the same forward without.
+`torch.compile` (the Triton kernels of `bagel.kernels.fused` kept), against the same forward
+without.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bagel.config import BAGEL_7B
-from bagel.generation import BlockVelocity, ForwardGraphs, latent_position_ids
-from bagel.kv import Branch
-from bagel.sampler import initial_noise
+from bagel.diffusion.generation import BlockVelocity, ForwardGraphs
+from bagel.diffusion.sampler import initial_noise
+from bagel.network.config import BAGEL_7B
+from bagel.network.kv import Branch
+from bagel.network.latents import latent_position_ids
 from benchmarks.sp_gpu import MARKERS, contexts_for, random_model
 from serving.params import GenerationParams
 

@@ -24,11 +24,12 @@ import json
 import torch
 from torch import Tensor
 
-from bagel.attention import BlockQKV, full_block_attention
-from bagel.config import BAGEL_7B
-from bagel.generation import BlockVelocity, latent_position_ids
-from bagel.kv import Branch
-from bagel.sampler import initial_noise
+from bagel.diffusion.generation import BlockVelocity
+from bagel.diffusion.sampler import initial_noise
+from bagel.network.attention import BlockQKV, full_block_attention
+from bagel.network.config import BAGEL_7B
+from bagel.network.kv import Branch
+from bagel.network.latents import latent_position_ids
 from benchmarks.sp_gpu import MARKERS, SMOKE, contexts_for, exact_full_attention, random_model
 from diffusion_service.parallel.lse import (
     _explicit_attention_with_lse,

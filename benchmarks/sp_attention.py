@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from bagel.attention import BlockQKV, full_block_attention
+from bagel.network.attention import BlockQKV, full_block_attention
 from diffusion_service.parallel.config import ParallelConfig
 from diffusion_service.parallel.mesh import ParallelMesh
 from diffusion_service.parallel.registry import make_block_attention

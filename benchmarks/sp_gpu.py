@@ -32,17 +32,18 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from bagel import fused
-from bagel.attention import BlockQKV
-from bagel.autoencoder import AutoEncoder, AutoEncoderParams
-from bagel.config import BAGEL_7B, BagelConfig, LLMConfig
-from bagel.fp8 import LINEAR_PRECISIONS, use_fp8_linears
-from bagel.generation import BlockVelocity, ForwardGraphs, latent_position_ids
-from bagel.kv import Branch, ContextKV
-from bagel.layers import RMSNorm
-from bagel.model import Bagel
-from bagel.pixels import decode_image
-from bagel.sampler import denoise, initial_noise
+from bagel.diffusion.generation import BlockVelocity, ForwardGraphs
+from bagel.diffusion.pixels import decode_image
+from bagel.diffusion.sampler import denoise, initial_noise
+from bagel.kernels import fused
+from bagel.network.attention import BlockQKV
+from bagel.network.autoencoder import AutoEncoder, AutoEncoderParams
+from bagel.network.config import BAGEL_7B, BagelConfig, LLMConfig
+from bagel.network.fp8 import LINEAR_PRECISIONS, use_fp8_linears
+from bagel.network.kv import Branch, ContextKV
+from bagel.network.latents import latent_position_ids
+from bagel.network.layers import RMSNorm
+from bagel.network.model import Bagel
 from benchmarks._report import emit_json
 from diffusion_service.job import JobSpec
 from diffusion_service.parallel.config import ParallelConfig
@@ -448,7 +449,7 @@ def main() -> None:
         "--linear-precision",
         choices=LINEAR_PRECISIONS,
         default="bf16",
-        help="fp8: after the bf16 one-GPU run, quantize the decoder's linear layers (bagel.fp8), "
+        help="fp8: after the bf16 one-GPU run, quantize the decoder's linear layers (bagel.network.fp8), "
         "run one GPU again and compare with bf16; the layouts then run in FP8",
     )
     parser.add_argument(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from bagel.check_checkpoint import model_dir_fault
+from bagel.checkpoints.check_checkpoint import model_dir_fault
 from bagel.devices import device_fault
 from diffusion_service.launch import TorchrunWorld, serve_torchrun_rank
 from diffusion_service.server import run

@@ -16,11 +16,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from bagel.autoencoder import AutoEncoder
-from bagel.config import BagelConfig
-from bagel.generation import ForwardGraphs
-from bagel.pixels import decode_pixels
-from bagel.preview import LatentRGB, fit_latent_rgb
+from bagel.diffusion.generation import ForwardGraphs
+from bagel.diffusion.pixels import decode_pixels
+from bagel.diffusion.preview import LatentRGB, fit_latent_rgb
+from bagel.network.autoencoder import AutoEncoder
+from bagel.network.config import BagelConfig
 from diffusion_service.job import Command, JobSpec
 from diffusion_service.launch import RankGroup, exit_for_restart
 from diffusion_service.memory import peaks_note, publish_peaks

@@ -22,8 +22,8 @@ from typing import ClassVar, NoReturn
 import torch
 import torch.distributed as dist
 
-from bagel.config import BagelConfig
-from bagel.model import Bagel
+from bagel.network.config import BagelConfig
+from bagel.network.model import Bagel
 from diffusion_service.job import Command, JobSpec, RankMessage, send_message
 from diffusion_service.parallel.config import ParallelConfig
 from diffusion_service.settings import ServiceSettings

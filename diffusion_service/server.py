@@ -12,10 +12,10 @@ from collections.abc import AsyncIterator
 import grpc
 import torch
 
-from bagel.checkpoint import load_autoencoder
-from bagel.config import BagelConfig
+from bagel.checkpoints.checkpoint import load_autoencoder
+from bagel.checkpoints.model_info import read_checkpoint_facts
 from bagel.devices import default_dtype
-from bagel.model_info import read_checkpoint_facts
+from bagel.network.config import BagelConfig
 from diffusion_service.engine import Engine
 from diffusion_service.launch import rank_group, validate_settings
 from diffusion_service.memory import peaks_note, publish_peaks

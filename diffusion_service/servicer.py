@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from bagel.config import BagelConfig
+from bagel.network.config import BagelConfig
 from diffusion_service.engine import DONE, Engine, JobHandle
 from diffusion_service.job import JobSpec
 from diffusion_service.metrics import DiffusionMetrics

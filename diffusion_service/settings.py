@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
-from bagel.fp8 import LinearPrecision
+from bagel.network.fp8 import LinearPrecision
 from diffusion_service.parallel.config import ParallelConfig
 from serving import flags
 from serving.flags import detected, group, option

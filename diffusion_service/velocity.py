@@ -8,10 +8,11 @@ from collections.abc import Mapping, Sequence
 import torch.distributed as dist
 from torch import Tensor
 
-from bagel.generation import BlockVelocity, ForwardGraphs, latent_position_ids
-from bagel.kv import Branch, ContextKV
-from bagel.model import Bagel
-from bagel.step_cache import StepCache
+from bagel.diffusion.generation import BlockVelocity, ForwardGraphs
+from bagel.diffusion.step_cache import StepCache
+from bagel.network.kv import Branch, ContextKV
+from bagel.network.latents import latent_position_ids
+from bagel.network.model import Bagel
 from diffusion_service.parallel.collectives import all_gather_single
 from diffusion_service.parallel.mesh import ParallelMesh
 from diffusion_service.parallel.registry import make_block_attention

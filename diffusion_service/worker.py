@@ -20,13 +20,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from bagel.checkpoint import load_bagel
+from bagel.checkpoints.checkpoint import load_bagel
 from bagel.devices import default_dtype
-from bagel.generation import ForwardGraphs
-from bagel.kv import Branch, ContextKV
-from bagel.model import Bagel
-from bagel.sampler import denoise, initial_noise, preview_steps, schedule
-from bagel.tokenizer import load_tokenizer
+from bagel.diffusion.generation import ForwardGraphs
+from bagel.diffusion.sampler import denoise, initial_noise, preview_steps, schedule
+from bagel.network.kv import Branch, ContextKV
+from bagel.network.model import Bagel
+from bagel.text.tokenizer import load_tokenizer
 from diffusion_service.job import Command, JobSpec, receive_message
 from diffusion_service.memory import PeakMemory, gather_peaks
 from diffusion_service.parallel.mesh import ParallelMesh

@@ -6,10 +6,10 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from bagel.check_checkpoint import model_dir_fault
-from bagel.contexts import EditResize
+from bagel.checkpoints.check_checkpoint import model_dir_fault
 from bagel.devices import device_fault
-from bagel.image_transforms import ResizeRule
+from bagel.prompting.contexts import EditResize
+from bagel.prompting.image_transforms import ResizeRule
 from prefill_service.prefill import LanguageModelKV
 from prefill_service.server import serve
 from prefill_service.settings import ModelPrefillSettings, parse_settings

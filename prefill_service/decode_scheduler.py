@@ -14,8 +14,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from bagel.decoding import Sampling, TextDecoder, Token
-from bagel.model import MixedSequence
+from bagel.network.model import MixedSequence
+from bagel.text.decoding import Sampling, TextDecoder, Token
 
 log = logging.getLogger(__name__)
 

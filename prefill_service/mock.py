@@ -4,7 +4,7 @@ tests and for users who bring their own prefill engine. `python -m prefill_servi
 
 The KV is deterministic in (prompt, negative prompt, seed) and has the model's shapes:
 - contexts: `cond` from the prompt, `uncond_text` from the negative prompt (empty: 0 tokens), like
-  `bagel.prompts.cfg_prompts`; next RoPE position = token count;
+  `bagel.prompting.prompts.cfg_prompts`; next RoPE position = token count;
 - token count of a non-empty text = 2 + ceil(UTF-8 bytes / 4): the two framing tokens plus about
   what a BPE tokenizer makes of English; no tokenizer is loaded;
 - values: per context a generator seeded from (kind, text, seed); per layer K ~ N(0, 1) (the scale
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from bagel.config import BagelConfig
-from bagel.kv import Branch, ContextKV
+from bagel.network.config import BagelConfig
+from bagel.network.kv import Branch, ContextKV
 from prefill_service.prefill import LayerKV, PlannedKV, check_prompt_text
 from prefill_service.server import serve
 from prefill_service.settings import PrefillSettings

@@ -18,9 +18,12 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from bagel.checkpoint import load_autoencoder, load_bagel, load_vit
-from bagel.config import BagelConfig
-from bagel.contexts import (
+from bagel.checkpoints.checkpoint import load_autoencoder, load_bagel, load_vit
+from bagel.devices import default_dtype
+from bagel.network.config import BagelConfig
+from bagel.network.kv import Branch
+from bagel.network.vit import ViTConfig
+from bagel.prompting.contexts import (
     ContextEncoder,
     EditResize,
     SegmentKind,
@@ -30,14 +33,11 @@ from bagel.contexts import (
     prefix_sources,
     prepare_edit_image,
 )
-from bagel.conversation import think_segments
-from bagel.conversation import token_ids as token_ids_of
-from bagel.devices import default_dtype
-from bagel.image_transforms import resized_size
-from bagel.kv import Branch
-from bagel.prompts import cfg_prompts
-from bagel.tokenizer import load_tokenizer
-from bagel.vit import ViTConfig
+from bagel.prompting.conversation import think_segments
+from bagel.prompting.conversation import token_ids as token_ids_of
+from bagel.prompting.image_transforms import resized_size
+from bagel.prompting.prompts import cfg_prompts
+from bagel.text.tokenizer import load_tokenizer
 from serving.errors import InvalidParams
 from serving.params import GenerationParams
 from transport import DEFAULT_CHUNK_SIZE, ContextSpec, KVEncoder, KVLayout
@@ -95,7 +95,7 @@ class EditKVSource(KVSource, Protocol):
         image: Image.Image,
         think_plan: str | None = None,
     ) -> PlannedKV:
-        """As `plan`, for an edit's three contexts (`bagel.contexts.edit_segments`)."""
+        """As `plan`, for an edit's three contexts (`bagel.prompting.contexts.edit_segments`)."""
         ...
 
 
@@ -181,7 +181,7 @@ class LanguageModelKV:
         think_plan: str | None = None,
     ) -> PlannedKV:
         """With `think_plan` (a think request's decoded plan) the contexts are
-        `bagel.conversation.think_segments`' with the image."""
+        `bagel.prompting.conversation.think_segments`' with the image."""
         check_prompt_text(prompt)
         if self.contexts is None or self.edit_resize is None:
             raise InvalidParams(NO_IMAGE_INPUT)
@@ -221,7 +221,8 @@ class LanguageModelKV:
     def plan(
         self, prompt: str, params: GenerationParams, think_plan: str | None = None
     ) -> PlannedKV:
-        """With `think_plan`: the three contexts of `bagel.conversation.think_segments`."""
+        """With `think_plan`: the three contexts of
+        `bagel.prompting.conversation.think_segments`."""
         check_prompt_text(prompt)
         with self._tokenizer_lock:
             if think_plan is not None:

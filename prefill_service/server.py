@@ -13,7 +13,7 @@ from collections.abc import Callable
 import grpc
 import torch
 
-from bagel.model_info import read_checkpoint_facts
+from bagel.checkpoints.model_info import read_checkpoint_facts
 from prefill_service.metrics import PrefillMetrics
 from prefill_service.prefill import EditKVSource, KVSource
 from prefill_service.relay import DiffusionLink

@@ -15,7 +15,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from PIL import Image
 
-from bagel.kv import Branch
+from bagel.network.kv import Branch
 from prefill_service.metrics import PrefillMetrics
 from prefill_service.prefill import (
     DEFAULT_MAX_PROMPT_TOKENS,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import grpc
 from PIL import Image
 
-from bagel.contexts import (
+from bagel.prompting.contexts import (
     EditImage,
     Segment,
     SegmentKind,
@@ -26,10 +26,10 @@ from bagel.contexts import (
     num_tokens,
     prepare_edit_image,
 )
-from bagel.conversation import Part, plan_segments, understanding_segments
-from bagel.decoding import Sampling, TextDecoder
-from bagel.detokenizer import Detokenizer
-from bagel.tokenizer import PROMPT_END_TOKEN
+from bagel.prompting.conversation import Part, plan_segments, understanding_segments
+from bagel.text.decoding import Sampling, TextDecoder
+from bagel.text.detokenizer import Detokenizer
+from bagel.text.tokenizer import PROMPT_END_TOKEN
 from prefill_service.decode_scheduler import DecodeJob, DecodeScheduler, Prefilled
 from prefill_service.prefill import MAX_PROMPT_CHARS, NO_IMAGE_INPUT, check_prompt_text
 from protos import Accepted, TextDelta, TextFinished, UnderstandEvent, UnderstandRequest, Usage

@@ -25,7 +25,7 @@ from serving.errors import InvalidParams
 from serving.params import MAX_SEED, spec
 
 # The reference's `gen_text` settings (`max_think_token_n`, `text_temperature`); a test pins
-# them to `bagel.decoding`'s.
+# them to `bagel.text.decoding`'s.
 MAX_NEW_TOKENS = 1000
 TEMPERATURE = 0.3
 MAX_TOP_K = 1_000_000
@@ -102,7 +102,7 @@ class TextSampling:
         return fields_to_message(self, params_pb2.TextSampling())
 
     def as_dict(self) -> dict[str, Any]:
-        """Field name -> value (the keyword arguments of `bagel.decoding.Sampling`)."""
+        """Field name -> value (the keyword arguments of `bagel.text.decoding.Sampling`)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 

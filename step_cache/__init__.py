@@ -7,7 +7,7 @@ step, as diffusers' and cache-dit's cache hooks do.
 - `taylorseer`: forecasting of the reused residual, a calibrator any policy composes with;
 - `store`: the per-branch residual history, kept apart from the decision;
 - `collective`: the runtime every rank runs (torch), which takes each decision once for all
-  ranks and serves `bagel.step_cache`'s seam.
+  ranks and serves `bagel.diffusion.step_cache`'s seam.
 
 Everything but `store` and `collective` imports no torch, so the request schema can use it.
 """

@@ -1,5 +1,5 @@
-"""The step cache one job runs on one rank: `bagel.step_cache`'s seam served by a registered
-policy's rule, a residual store and the TaylorSeer calibrator.
+"""The step cache one job runs on one rank: `bagel.diffusion.step_cache`'s seam served by a
+registered policy's rule, a residual store and the TaylorSeer calibrator.
 
 Every decision is taken once for all ranks. For a rule with a statistic, each rank sums the
 numerator and the denominator of the relative change over its real (non-pad) latent rows, per
@@ -24,8 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from bagel.kv import Branch
-from bagel.step_cache import BlockStates, NoStepCache, StepCache
+from bagel.diffusion.step_cache import BlockStates, NoStepCache, StepCache
+from bagel.network.kv import Branch
 from step_cache.policy import PolicyConfig, Statistic, Step
 from step_cache.store import ResidualStore, stack
 from step_cache.taylorseer import TaylorSeer
@@ -59,8 +59,8 @@ def measure(statistic: Statistic, front_in: BlockStates, front_out: BlockStates)
 
 
 class CollectiveStepCache:
-    """`bagel.step_cache.StepCache` for one job on one rank. `valid_rows` real rows lead this
-    rank's latent shard; `reduce` sums over every rank of the job."""
+    """`bagel.diffusion.step_cache.StepCache` for one job on one rank. `valid_rows` real rows lead
+    this rank's latent shard; `reduce` sums over every rank of the job."""
 
     computes_everything = False
 

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from bagel.kv import Branch
-from bagel.step_cache import BlockStates
+from bagel.diffusion.step_cache import BlockStates
+from bagel.network.kv import Branch
 
 
 class ResidualStore:

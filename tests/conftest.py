@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bagel.tiny import write_tiny_checkpoint
+from bagel.testing.tiny import write_tiny_checkpoint
 from tests.helpers.tally import TALLY, Tally
 
 TALLY_OUTPUT = "reliability_tally"

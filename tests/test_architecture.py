@@ -253,9 +253,9 @@ def test_environment_switches_are_read_only_through_their_declarations():
 
 
 def test_the_branch_enum_is_numbered_as_the_wire_context_kind():
-    """`bagel.kv.Branch` and `bagel.v1.ContextKind` name the same CFG contexts with the same
+    """`bagel.network.kv.Branch` and `bagel.v1.ContextKind` name the same CFG contexts with the same
     numbers, so the transport's context kinds convert with `Branch(kind)` and back with `int`."""
-    from bagel.kv import Branch
+    from bagel.network.kv import Branch
     from protos import kv_pb2
 
     wire = {
@@ -264,3 +264,56 @@ def test_the_branch_enum_is_numbered_as_the_wire_context_kind():
         if number != kv_pb2.CONTEXT_KIND_UNSPECIFIED
     }
     assert {b.name: int(b) for b in Branch} == wire
+
+
+# Inside `bagel`: subpackage (or top-level module) -> what else of `bagel` it may import. Each
+# layer builds on the ones above it; `pipeline` may use them all and `testing` is a leaf.
+BASE = {"envs", "devices"}
+BAGEL_LAYERS = {
+    "envs": set(),
+    "devices": set(),
+    "kernels": BASE,
+    "network": BASE | {"kernels"},
+    "checkpoints": BASE | {"kernels", "network"},
+    "text": BASE | {"kernels", "network"},
+    "diffusion": BASE | {"kernels", "network"},
+    "prompting": BASE | {"kernels", "network", "text"},
+    "pipeline": BASE | {"kernels", "network", "checkpoints", "text", "diffusion", "prompting"},
+    "testing": BASE | {"kernels", "network", "checkpoints", "text"},
+}
+
+
+def bagel_layer(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if parts[0] == "bagel" and len(parts) > 1 else None
+
+
+def test_every_bagel_module_belongs_to_a_layer():
+    layers = {bagel_layer(m) for m in MODULES if m.startswith("bagel.")}
+    assert layers == set(BAGEL_LAYERS)
+
+
+def test_each_bagel_layer_imports_only_the_layers_above_it():
+    offending = sorted(
+        f"{module} imports {name}"
+        for module, path in MODULES.items()
+        if (layer := bagel_layer(module)) is not None
+        for name in imported_names(module, path)
+        if (other := bagel_layer(name)) is not None
+        and other != layer
+        and other not in BAGEL_LAYERS[layer]
+    )
+    assert offending == []
+
+
+def test_no_product_module_imports_the_checkpoint_fixtures():
+    """`bagel.testing` writes random checkpoints for tests, examples and benchmarks; the services
+    and the model never need it."""
+    offending = sorted(
+        f"{module} imports {name}"
+        for module, path in MODULES.items()
+        if bagel_layer(module) != "testing"
+        for name in imported_names(module, path)
+        if bagel_layer(name) == "testing"
+    )
+    assert offending == []

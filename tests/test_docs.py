@@ -76,15 +76,15 @@ def test_the_real_model_page_names_the_model_and_how_to_download_it():
     text = REAL_MODEL.read_text()
     assert "ByteDance-Seed/BAGEL-7B-MoT" in text
     assert re.search(r"^\.venv/bin/hf download ByteDance-Seed/BAGEL-7B-MoT ", text, re.M)
-    assert "python -m bagel.check_checkpoint models/BAGEL-7B-MoT" in text
+    assert "python -m bagel.checkpoints.check_checkpoint models/BAGEL-7B-MoT" in text
 
 
 def test_the_real_model_page_lists_the_files_the_checker_requires():
-    from bagel.check_checkpoint import LLM_CONFIG_FILE, TOKENIZER_FILES
-    from bagel.checkpoint import EMA_FILE
-    from bagel.config import AE_FILE
-    from bagel.model_info import MODEL_INFO_FILE
-    from bagel.vit import VIT_CONFIG_FILE
+    from bagel.checkpoints.check_checkpoint import LLM_CONFIG_FILE, TOKENIZER_FILES
+    from bagel.checkpoints.checkpoint import EMA_FILE
+    from bagel.checkpoints.model_info import MODEL_INFO_FILE
+    from bagel.network.config import AE_FILE
+    from bagel.network.vit import VIT_CONFIG_FILE
 
     single, pair = TOKENIZER_FILES
     files = [LLM_CONFIG_FILE, VIT_CONFIG_FILE, EMA_FILE, AE_FILE, single, *pair, MODEL_INFO_FILE]

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from bagel.attention import BlockQKV, attend_block
+from bagel.network.attention import BlockQKV, attend_block
 from diffusion_service.parallel.collectives import all_gather_single
 from diffusion_service.parallel.ring import ring_attention_with_lse
 from diffusion_service.parallel.sharding import LatentSharding, check_group

@@ -22,9 +22,9 @@ def attention_with_lse(
     """Attend `q [B, Lq, H, D]` to one key block `k, v [B, Lk, Hkv, D]`.
 
     Returns `out [B, Lq, H, D]` and `lse [B, Lq, H]`, both fp32, with the conventions of
-    `bagel.attention` (non-causal, scale `1/sqrt(D)`, contiguous GQA head groups, `key_mask [B, Lk]`
-    True for a real key). A query with no real key gets `out = 0`, `lse = -inf`, which
-    `merge_attention` treats as "saw nothing".
+    `bagel.network.attention` (non-causal, scale `1/sqrt(D)`, contiguous GQA head groups,
+    `key_mask [B, Lk]` True for a real key). A query with no real key gets `out = 0`, `lse = -inf`,
+    which `merge_attention` treats as "saw nothing".
     """
     batch, q_len, heads, _ = q.shape
     if k.shape[1] == 0:

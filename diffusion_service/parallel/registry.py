@@ -14,7 +14,7 @@ from typing import Protocol
 
 import torch.distributed as dist
 
-from bagel.attention import BlockAttention, full_block_attention
+from bagel.network.attention import BlockAttention, full_block_attention
 from diffusion_service.parallel.kv_gather import KVGatherAttention, KVGatherRingAttention
 from diffusion_service.parallel.ring import RingAttention
 from diffusion_service.parallel.sharding import LatentSharding

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from bagel.attention import BlockQKV
+from bagel.network.attention import BlockQKV
 from diffusion_service.parallel.lse import attention_with_lse, merge_attention
 from diffusion_service.parallel.sharding import LatentSharding, check_group
 

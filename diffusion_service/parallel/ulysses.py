@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from bagel.attention import BlockQKV
+from bagel.network.attention import BlockQKV
 from diffusion_service.parallel.sharding import LatentSharding, check_group
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch.distributed as dist
 from torch import Tensor
 
-from bagel.attention import BlockQKV
+from bagel.network.attention import BlockQKV
 from diffusion_service.parallel.ring import ring_attention_with_lse
 from diffusion_service.parallel.sharding import LatentSharding, check_group
 from diffusion_service.parallel.ulysses import head_chunk, heads_to_seq, seq_to_heads

@@ -12,10 +12,10 @@ import math
 import torch
 from torch import nn
 
-from bagel.autoencoder import AutoEncoderParams
-from bagel.config import BagelConfig, LLMConfig
-from bagel.model import Bagel
-from bagel.tiny import sincos_position_table
+from bagel.network.autoencoder import AutoEncoderParams
+from bagel.network.config import BagelConfig, LLMConfig
+from bagel.network.model import Bagel
+from bagel.testing.tiny import sincos_position_table
 
 HIDDEN = 256
 LAYERS = 4
@@ -26,7 +26,8 @@ AE_PARAMS = AutoEncoderParams(ch=32, ch_mult=(1, 2, 4, 4), num_res_blocks=1, z_c
 
 
 def shapes_config(vocab_size: int) -> BagelConfig:
-    """`vocab_size` is the tokenizer's, rounded up to a multiple of 64 (as `bagel.tiny` does)."""
+    """`vocab_size` is the tokenizer's, rounded up to a multiple of 64 (as `bagel.testing.tiny`
+    does)."""
     llm = LLMConfig(
         vocab_size=64 * math.ceil(vocab_size / 64),
         hidden_size=HIDDEN,

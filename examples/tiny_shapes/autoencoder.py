@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from bagel.autoencoder import AutoEncoder
+from bagel.network.autoencoder import AutoEncoder
 
 KL_WEIGHT = 1e-4
 

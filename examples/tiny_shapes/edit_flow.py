@@ -1,5 +1,6 @@
-"""The training forward of an edit: the served three-context path (`bagel.contexts`) for a batch
-of samples that each have their own context, then BAGEL's rectified-flow objective on the target.
+"""The training forward of an edit: the served three-context path (`bagel.prompting.contexts`) for a
+batch of samples that each have their own context, then BAGEL's rectified-flow objective on the
+target.
 
 Every sample's context takes the same slots, absent parts masked out as keys:
 
@@ -25,9 +26,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from bagel.attention import masked_sdpa
-from bagel.model import GEN, UND, Bagel
-from bagel.vit import ImageContextEncoder
+from bagel.network.attention import masked_sdpa
+from bagel.network.model import GEN, UND, Bagel
+from bagel.network.vit import ImageContextEncoder
 from examples.tiny_shapes.flow import PrefixKV, block_velocity
 
 IMAGE_SEGMENT, VIT_SEGMENT, TEXT_SEGMENT = 0, 1, 2
@@ -121,7 +122,7 @@ def edit_context_kv(
     x = torch.cat([start, source.to(start.dtype), end, start, seen.to(start.dtype), end, text], 1)
 
     positions, real, mask = _layout(contexts, n, m)
-    cos, sin = model._rope(positions)
+    cos, sin = model.rope(positions)
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     # The gen expert takes the source latents (slots 1..n), the und expert every other token.
     gen = slice(1, n + 1)
@@ -134,15 +135,15 @@ def edit_context_kv(
 
     keys, values = [], []
     for index, layer in enumerate(model.layers):
-        uq, uk, uv = layer._norm_qkv(und(x), und(cos), und(sin), UND)
-        gq, gk, gv = layer._norm_qkv(x[:, gen], cos[:, gen], sin[:, gen], GEN)
+        uq, uk, uv = layer.norm_qkv(und(x), und(cos), und(sin), UND)
+        gq, gk, gv = layer.norm_qkv(x[:, gen], cos[:, gen], sin[:, gen], GEN)
         q, k, v = merge(uq, gq), merge(uk, gk), merge(uv, gv)
         keys.append(k)
         values.append(v)
         if index < len(model.layers) - 1:
             attn = masked_sdpa(q, k, v, mask)
             x = merge(
-                layer._finish(und(x), und(attn), UND), layer._finish(x[:, gen], attn[:, gen], GEN)
+                layer.finish(und(x), und(attn), UND), layer.finish(x[:, gen], attn[:, gen], GEN)
             )
     block_positions = torch.where(contexts.has_image, 2, 0) + contexts.text_lengths
     return PrefixKV(keys, values, real, block_positions)

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bagel.contexts import EditResize
-from bagel.image_transforms import ResizeRule, navit_position_ids
+from bagel.prompting.contexts import EditResize
+from bagel.prompting.image_transforms import ResizeRule, navit_position_ids
 from examples.tiny_shapes.data import IMAGE_SIZE
 
 VIT_SIZE = 112
@@ -46,7 +46,7 @@ def vit_pixels(images: Tensor) -> Tensor:
 
 
 def vit_patches(images: Tensor) -> tuple[Tensor, Tensor]:
-    """`bagel.image_transforms.patchify_vit` over a batch `[B, C, H, W]`: patches
+    """`bagel.prompting.image_transforms.patchify_vit` over a batch `[B, C, H, W]`: patches
     `[B, N, p*p*C]` in (p, q, c) order, and the position ids `[N]` they share."""
     b, c, h, w = images.shape
     rows, cols = h // VIT_PATCH, w // VIT_PATCH

@@ -22,9 +22,9 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from bagel.attention import BlockQKV, full_block_attention, masked_sdpa
-from bagel.latents import patchify
-from bagel.model import UND, Bagel
+from bagel.network.attention import BlockQKV, full_block_attention, masked_sdpa
+from bagel.network.latents import patchify
+from bagel.network.model import UND, Bagel
 
 TIMESTEP_SHIFT = 3.0  # the inference default (`GenerationParams.timestep_shift`)
 
@@ -60,7 +60,7 @@ def text_kv(model: Bagel, ids: Tensor, lengths: Tensor) -> PrefixKV:
     if longest == 0:
         empty = torch.zeros(batch, 0, llm.num_kv_heads, llm.head_dim, device=device)
         return PrefixKV([empty] * llm.num_layers, [empty] * llm.num_layers, key_mask, lengths)
-    cos, sin = model._rope(torch.arange(longest, device=device))
+    cos, sin = model.rope(torch.arange(longest, device=device))
     cos, sin = cos[:, None, :], sin[:, None, :]
     causal = torch.ones(longest, longest, dtype=torch.bool, device=device).tril()
     # A padding query also sees itself, so that a row never has every key masked (SDPA would
@@ -70,11 +70,11 @@ def text_kv(model: Bagel, ids: Tensor, lengths: Tensor) -> PrefixKV:
     x = model.language_model.model.embed_tokens(ids)
     keys, values = [], []
     for index, layer in enumerate(model.layers):
-        q, k, v = layer._norm_qkv(x, cos, sin, UND)
+        q, k, v = layer.norm_qkv(x, cos, sin, UND)
         keys.append(k)
         values.append(v)
         if index < len(model.layers) - 1:
-            x = layer._finish(x, masked_sdpa(q, k, v, mask), UND)
+            x = layer.finish(x, masked_sdpa(q, k, v, mask), UND)
     return PrefixKV(keys, values, key_mask, lengths)
 
 
@@ -100,7 +100,7 @@ def block_velocity(
     attention = partial(
         _padded_block_attention, joint_key_mask=torch.cat([prefix.key_mask, markers], dim=1)
     )
-    cos, sin = model._rope(prefix.positions)
+    cos, sin = model.rope(prefix.positions)
     cos, sin = cos[:, None, None, :], sin[:, None, None, :]
     for index, layer in enumerate(model.layers):
         joint, latent = layer.forward_block(
@@ -110,7 +110,7 @@ def block_velocity(
 
 
 def patchify_batch(z: Tensor, patch: int) -> Tensor:
-    """`bagel.latents.patchify` over a batch: `[B, C, 2h, 2w]` -> `[B, h*w, p*p*C]`."""
+    """`bagel.network.latents.patchify` over a batch: `[B, C, 2h, 2w]` -> `[B, h*w, p*p*C]`."""
     return torch.func.vmap(lambda one: patchify(one, patch))(z)
 
 

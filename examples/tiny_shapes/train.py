@@ -25,14 +25,15 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import Tensor
 
-from bagel.autoencoder import AutoEncoder
-from bagel.config import BagelConfig
-from bagel.generation import latent_position_ids
-from bagel.model import Bagel
-from bagel.model_info import CheckpointFacts, write_checkpoint_facts
+from bagel.checkpoints.model_info import CheckpointFacts, write_checkpoint_facts
+from bagel.network.autoencoder import AutoEncoder
+from bagel.network.config import BagelConfig
+from bagel.network.latents import latent_position_ids
+from bagel.network.model import Bagel
 from bagel.pipeline import Pipeline
-from bagel.tiny import _unused_tensors, _vit_config_json
-from bagel.tokenizer import PromptTokenizer, load_tokenizer, write_tiny_tokenizer
+from bagel.testing.tiny import tiny_vit_config_json, unused_tensors
+from bagel.testing.tokenizer import write_tiny_tokenizer
+from bagel.text.tokenizer import PromptTokenizer, load_tokenizer
 from examples.tiny_shapes.architecture import init_bagel, shapes_config
 from examples.tiny_shapes.autoencoder import autoencoder_loss, fold_unit_scale
 from examples.tiny_shapes.check import EVAL_PROMPTS, check_prompt
@@ -313,10 +314,11 @@ def train_mot(
 def write_checkpoint(
     out: Path, config: BagelConfig, model: Bagel, ema: dict[str, Tensor], ae: AutoEncoder, seed: int
 ) -> None:
-    """The published layout, bf16 as `bagel.tiny` writes it; the EMA weights go into `ema`."""
+    """The published layout, bf16 as `bagel.testing.tiny` writes it; the EMA weights go into
+    `ema`."""
     state = {**model.state_dict(), **ema}
     tensors = {k: v.detach().to("cpu", torch.bfloat16).contiguous() for k, v in state.items()}
-    unused = _unused_tensors(config, torch.Generator().manual_seed(seed))
+    unused = unused_tensors(config, torch.Generator().manual_seed(seed))
     tensors.update({k: v.to(torch.bfloat16) for k, v in unused.items()})
     save_file(tensors, out / "ema.safetensors")
     ae_tensors = {
@@ -324,7 +326,7 @@ def write_checkpoint(
     }
     save_file(ae_tensors, out / "ae.safetensors")
     (out / "llm_config.json").write_text(json.dumps(config.llm.to_qwen2_json(), indent=2))
-    (out / "vit_config.json").write_text(json.dumps(_vit_config_json(), indent=2))
+    (out / "vit_config.json").write_text(json.dumps(tiny_vit_config_json(), indent=2))
     write_checkpoint_facts(out, CheckpointFacts(name=MODEL_NAME, native_size=IMAGE_SIZE))
 
 

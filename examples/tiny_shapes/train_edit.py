@@ -30,13 +30,13 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from bagel.autoencoder import AutoEncoder
-from bagel.checkpoint import EMA_FILE, load_autoencoder, load_bagel, load_vit
-from bagel.generation import latent_position_ids
-from bagel.model import Bagel
+from bagel.checkpoints.checkpoint import EMA_FILE, load_autoencoder, load_bagel, load_vit
+from bagel.network.autoencoder import AutoEncoder
+from bagel.network.latents import latent_position_ids
+from bagel.network.model import Bagel
+from bagel.network.vit import ImageContextEncoder
 from bagel.pipeline import Pipeline
-from bagel.tokenizer import PromptTokenizer, load_tokenizer
-from bagel.vit import ImageContextEncoder
+from bagel.text.tokenizer import PromptTokenizer, load_tokenizer
 from examples.tiny_shapes.check import EDIT_EVAL_PROMPTS, check_edit
 from examples.tiny_shapes.data import IMAGE_SIZE, EditPairGenerator
 from examples.tiny_shapes.edit_flow import EditContexts, edit_flow_loss

@@ -2,7 +2,7 @@
 a client takes its defaults (size, timesteps, guidance) from the model instead of guessing.
 
 The defaults come from the request schema (`serving.params.GenerationParams`); the sizes from the
-model's geometry and its checkpoint facts (`bagel.model_info`)."""
+model's geometry and its checkpoint facts (`bagel.checkpoints.model_info`)."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ never a traceback, and never a service that looks as if it serves.
   server would silently take half the traffic (`protos.options.server_options` turns it off,
   and `check_port_free` says so before the model loads);
 - `--device cuda` needs a CUDA build of torch and enough visible GPUs (`bagel.devices`);
-- the model directory must hold a complete checkpoint (`bagel.check_checkpoint`).
+- the model directory must hold a complete checkpoint (`bagel.checkpoints.check_checkpoint`).
 
 The last two are the model package's to judge (this package imports no torch); `require` turns
 their one-line answer into a StartupError.
@@ -71,7 +71,7 @@ def check_port_free(listen: str, flag: str = "--listen") -> None:
 
 def require(fault: str | None) -> None:
     """StartupError for a fault found by a check that returns one line (None: no fault), such as
-    `bagel.devices.device_fault` or `bagel.check_checkpoint.model_dir_fault`."""
+    `bagel.devices.device_fault` or `bagel.checkpoints.check_checkpoint.model_dir_fault`."""
     if fault is not None:
         raise StartupError(fault)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bagel.kv import Branch
+from bagel.network.kv import Branch
 from bagel.pipeline import Pipeline
 from serving.params import GenerationParams
 

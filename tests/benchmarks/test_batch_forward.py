@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bagel.generation import latent_position_ids
+from bagel.network.latents import latent_position_ids
 from benchmarks.batch_forward import alone, batched_forward, batched_prefix, requests_for
 from benchmarks.sp_gpu import SMOKE, random_model
 

@@ -95,7 +95,7 @@ def test_a_partial_checkpoint_is_refused_naming_the_key(module, tiny_model_dir, 
     done = start(module, "--model", str(partial), "--listen", f"127.0.0.1:{free_port()}")
     assert refused_with(done) == (
         f"error: --model {partial}: ema.safetensors: missing key {GEN_KEY}; list them all with "
-        f"`python -m bagel.check_checkpoint {partial}`"
+        f"`python -m bagel.checkpoints.check_checkpoint {partial}`"
     )
 
 

@@ -9,7 +9,7 @@ import grpc
 import numpy as np
 import torch
 
-from bagel.kv import Branch, ContextKV
+from bagel.network.kv import Branch, ContextKV
 from protos.options import channel_options
 from serving.params import GenerationParams
 from transport.encoder import encode_kv

@@ -14,10 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from bagel.contexts import EditResize
-from bagel.image_transforms import ResizeRule
-from bagel.kv import Branch, ContextKV
+from bagel.network.kv import Branch, ContextKV
 from bagel.pipeline import Pipeline
+from bagel.prompting.contexts import EditResize
+from bagel.prompting.image_transforms import ResizeRule
 from client import BagelClient
 from serving.imaging.input_images import EDIT_DEFAULTS
 from serving.params import GenerationParams

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch.distributed as dist
 
-from bagel.generation import ForwardGraphs
+from bagel.diffusion.generation import ForwardGraphs
 from diffusion_service import worker
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bagel import fp8
+from bagel.network import fp8
 from diffusion_service.settings import parse_settings
 from diffusion_service.worker import load_rank_model
 

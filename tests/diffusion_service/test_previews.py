@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bagel.diffusion.sampler import preview_steps
 from bagel.pipeline import Pipeline
-from bagel.sampler import preview_steps
 from serving.params import GenerationParams
 from tests.diffusion_service.kv_stream import generate, kv_frames
 from tests.helpers.processes import ServiceProcess

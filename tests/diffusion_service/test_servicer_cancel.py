@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bagel.config import BagelConfig
+from bagel.network.config import BagelConfig
 from bagel.pipeline import Pipeline
 from diffusion_service.metrics import DiffusionMetrics
 from diffusion_service.servicer import DiffusionServicer

@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 import diffusion_service.servicer as servicer_module
-from bagel.config import BagelConfig
+from bagel.network.config import BagelConfig
 from bagel.pipeline import Pipeline
 from diffusion_service.metrics import DiffusionMetrics
 from diffusion_service.servicer import DiffusionServicer

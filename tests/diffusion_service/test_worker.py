@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from bagel.generation import ForwardGraphs
-from bagel.kv import Branch
+from bagel.diffusion.generation import ForwardGraphs
+from bagel.network.kv import Branch
 from bagel.pipeline import Pipeline
 from diffusion_service.job import JobSpec
 from diffusion_service.parallel.config import ParallelConfig

@@ -11,15 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from bagel.autoencoder import AutoEncoder
-from bagel.checkpoint import load_autoencoder, load_bagel
-from bagel.config import BagelConfig
-from bagel.generation import BlockVelocity, latent_position_ids
-from bagel.kv import Branch
-from bagel.latents import patchify
-from bagel.layers import RMSNorm
+from bagel.checkpoints.checkpoint import load_autoencoder, load_bagel
+from bagel.diffusion.generation import BlockVelocity
+from bagel.network.autoencoder import AutoEncoder
+from bagel.network.config import BagelConfig
+from bagel.network.kv import Branch
+from bagel.network.latents import latent_position_ids, patchify
+from bagel.network.layers import RMSNorm
 from bagel.pipeline import Pipeline
-from bagel.tokenizer import load_tokenizer
+from bagel.text.tokenizer import load_tokenizer
 from examples.tiny_shapes.architecture import AE_PARAMS, init_bagel, shapes_config
 from examples.tiny_shapes.autoencoder import autoencoder_loss, fold_unit_scale
 from examples.tiny_shapes.data import ShapeGenerator

@@ -20,7 +20,8 @@ from examples.tiny_shapes.data import (
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """`[B, 3, H, W]` in [-1, 1] -> `[B, H, W, 3]` uint8, as `bagel.autoencoder.to_rgb` rounds."""
+    """`[B, 3, H, W]` in [-1, 1] -> `[B, H, W, 3]` uint8, as `bagel.network.autoencoder.to_rgb`
+    rounds."""
     pixels = ((images.clamp(-1, 1) * 0.5 + 0.5) * 255.0).to(torch.uint8)
     return pixels.permute(0, 2, 3, 1).numpy()
 

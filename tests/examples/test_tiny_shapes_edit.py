@@ -16,15 +16,16 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from bagel.autoencoder import AutoEncoder
-from bagel.checkpoint import load_bagel, load_vit
-from bagel.contexts import ContextEncoder, EditImage, edit_segments, prepare_edit_image
-from bagel.generation import BlockVelocity, latent_position_ids
-from bagel.image_transforms import patchify_vit
-from bagel.kv import Branch
-from bagel.layers import RMSNorm
-from bagel.tiny import TINY_VIT
-from bagel.vit import ImageContextEncoder, ViTConfig
+from bagel.checkpoints.checkpoint import load_bagel, load_vit
+from bagel.diffusion.generation import BlockVelocity
+from bagel.network.autoencoder import AutoEncoder
+from bagel.network.kv import Branch
+from bagel.network.latents import latent_position_ids
+from bagel.network.layers import RMSNorm
+from bagel.network.vit import ImageContextEncoder, ViTConfig
+from bagel.prompting.contexts import ContextEncoder, EditImage, edit_segments, prepare_edit_image
+from bagel.prompting.image_transforms import patchify_vit
+from bagel.testing.tiny import TINY_VIT
 from examples.tiny_shapes.architecture import AE_PARAMS, init_bagel, shapes_config
 from examples.tiny_shapes.check import (
     EDIT_EVAL_PROMPTS,

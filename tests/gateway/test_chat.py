@@ -17,10 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
-from bagel.contexts import mixed_sequence, next_rope_position, prepare_edit_image
-from bagel.conversation import understanding_segments
-from bagel.decoding import Sampling, decode
-from bagel.tokenizer import PROMPT_END_TOKEN
+from bagel.prompting.contexts import mixed_sequence, next_rope_position, prepare_edit_image
+from bagel.prompting.conversation import understanding_segments
+from bagel.text.decoding import Sampling, decode
+from bagel.text.tokenizer import PROMPT_END_TOKEN
 from client import BagelClient
 from gateway.settings import GatewaySettings
 from prefill_service.prefill import LanguageModelKV

@@ -10,8 +10,8 @@ import base64
 import openai
 import pytest
 
-from bagel.decoding import Sampling
 from bagel.pipeline import Pipeline
+from bagel.text.decoding import Sampling
 from client import BagelClient
 from tests.gateway.conftest import MODEL, PROMPT, SIZE, STEPS
 

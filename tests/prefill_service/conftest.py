@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bagel.config import BagelConfig
+from bagel.network.config import BagelConfig
 from prefill_service.prefill import KVSource, LanguageModelKV, LayerKV, PlannedKV
 from prefill_service.server import PrefillServer
 from prefill_service.settings import PrefillSettings

@@ -15,7 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from PIL import Image as PILImage
 
-from bagel.config import BagelConfig
+from bagel.network.config import BagelConfig
 from protos import DIFFUSION_SERVICE, Accepted, GenerateEvent, Image, KVHeader, Progress, Timings
 from protos.options import server_options
 from transport import FrameAssembler, KVSpec, ReceivedKV, TransportError, diffusion_handler

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bagel.checkpoint import load_bagel
-from bagel.contexts import Segment, SegmentKind, mixed_sequence
-from bagel.decoding import Sampling, TextDecoder, Token, decode
+from bagel.checkpoints.checkpoint import load_bagel
+from bagel.prompting.contexts import Segment, SegmentKind, mixed_sequence
+from bagel.text.decoding import Sampling, TextDecoder, Token, decode
 from prefill_service.decode_scheduler import DecodeJob, DecodeScheduler, Prefilled
 
 NO_END = -1

@@ -16,10 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
-from bagel.contexts import EditResize
-from bagel.image_transforms import ResizeRule
-from bagel.kv import Branch
+from bagel.network.kv import Branch
 from bagel.pipeline import Pipeline
+from bagel.prompting.contexts import EditResize
+from bagel.prompting.image_transforms import ResizeRule
 from client import BagelClient
 from prefill_service.prefill import LanguageModelKV
 from prefill_service.settings import PrefillSettings

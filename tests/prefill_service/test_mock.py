@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bagel.kv import Branch, ContextKV
+from bagel.network.kv import Branch, ContextKV
 from bagel.pipeline import Pipeline
 from client import BagelClient, build_request
 from prefill_service.mock import SyntheticKV, synthetic_contexts, synthetic_token_count

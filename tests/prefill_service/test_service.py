@@ -18,10 +18,10 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-from bagel.checkpoint import load_bagel
-from bagel.kv import Branch
-from bagel.prompts import cfg_prompts
-from bagel.tokenizer import load_tokenizer
+from bagel.checkpoints.checkpoint import load_bagel
+from bagel.network.kv import Branch
+from bagel.prompting.prompts import cfg_prompts
+from bagel.text.tokenizer import load_tokenizer
 from client import BagelClient
 from client.cli import parse_args
 from prefill_service.settings import PrefillSettings

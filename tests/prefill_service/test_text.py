@@ -18,12 +18,12 @@ import pytest
 import torch
 from PIL import Image
 
-from bagel.contexts import mixed_sequence, next_rope_position, prepare_edit_image
-from bagel.conversation import understanding_segments
-from bagel.decoding import Sampling, decode
-from bagel.kv import Branch
+from bagel.network.kv import Branch
 from bagel.pipeline import Pipeline
-from bagel.tokenizer import PROMPT_END_TOKEN
+from bagel.prompting.contexts import mixed_sequence, next_rope_position, prepare_edit_image
+from bagel.prompting.conversation import understanding_segments
+from bagel.text.decoding import Sampling, decode
+from bagel.text.tokenizer import PROMPT_END_TOKEN
 from client import AsyncBagelClient, BagelClient
 from client.cli import main as cli_main
 from prefill_service.mock import SyntheticKV

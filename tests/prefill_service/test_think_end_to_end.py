@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from bagel.decoding import Sampling
 from bagel.pipeline import Pipeline
+from bagel.text.decoding import Sampling
 from client import build_request
 from protos import OutputFormat, PrefillStub
 from serving.params import GenerationParams

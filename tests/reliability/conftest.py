@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bagel.kv import Branch, ContextKV
+from bagel.network.kv import Branch, ContextKV
 from bagel.pipeline import Pipeline
 from serving.params import GenerationParams
 from tests.helpers.processes import ServiceProcess, pids_with_arg

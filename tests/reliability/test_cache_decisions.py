@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from bagel.diffusion.sampler import in_cfg_window, schedule
 from bagel.pipeline import Pipeline
-from bagel.sampler import in_cfg_window, schedule
 from diffusion_service.job import JobSpec
 from diffusion_service.worker import run_job
 from serving.params import CACHE_SPEC, GenerationParams

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bagel.kv import Branch, ContextKV
+from bagel.network.kv import Branch, ContextKV
 from bagel.pipeline import Pipeline
 from protos import (
     DIFFUSION_SERVICE,

@@ -13,7 +13,7 @@ from unittest.mock import patch
 import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
-from bagel.config import BAGEL_7B
+from bagel.network.config import BAGEL_7B
 from client import PARAM_NAMES, cli
 from client.cli import add_param_arguments
 from protos import params_pb2

@@ -8,7 +8,7 @@ import dataclasses
 
 import pytest
 
-from bagel.decoding import Sampling
+from bagel.text.decoding import Sampling
 from client import build_request
 from client.text import understand_request
 from protos import params_pb2

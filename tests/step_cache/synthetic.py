@@ -1,6 +1,6 @@
 """A step cache driven by synthetic statistics and residuals, so that the right decisions are
 known in advance. Written against the generic interface (a registered config and the
-`bagel.step_cache` seam), so every policy, present or future, runs through it.
+`bagel.diffusion.step_cache` seam), so every policy, present or future, runs through it.
 
 Each step gives one scalar per branch, `s`: the latent rows of the first block's input are `s`
 and the front layers' output `2 s`, so both statistics (`FRONT_INPUT` and `FRONT_RESIDUAL`) read
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from bagel.kv import Branch
+from bagel.network.kv import Branch
 from step_cache.collective import CollectiveStepCache, ReduceSum
 from step_cache.policy import PolicyConfig
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bagel.kv import Branch
+from bagel.network.kv import Branch
 from bagel.pipeline import Pipeline
 from serving.params import DBCache, GenerationParams, NoCache, TeaCache
 from step_cache.collective import CollectiveStepCache, make_step_cache, world_sum

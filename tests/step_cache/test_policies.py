@@ -10,7 +10,7 @@ import dataclasses
 import pytest
 import torch
 
-from bagel.kv import Branch
+from bagel.network.kv import Branch
 from protos import params_pb2
 from step_cache.policies.dbcache import DBCache
 from step_cache.policies.teacache import TeaCache

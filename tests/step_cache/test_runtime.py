@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-from bagel.kv import Branch
-from bagel.step_cache import NoStepCache
+from bagel.diffusion.step_cache import NoStepCache
+from bagel.network.kv import Branch
 from serving.errors import InvalidParams
 from step_cache import collective
 from step_cache.collective import CollectiveStepCache, make_step_cache, measure, world_sum

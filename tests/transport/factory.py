@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from bagel.kv import Branch, ContextKV
+from bagel.network.kv import Branch, ContextKV
 from transport import ContextViews, FreshBuffers, KVSpec
 
 FINGERPRINT = "test-model-v1"

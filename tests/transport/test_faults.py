@@ -12,7 +12,7 @@ import grpc
 import pytest
 import torch
 
-from bagel.kv import ContextKV
+from bagel.network.kv import ContextKV
 from protos import DiffusionFrame, kv_pb2
 from transport import (
     Fault,

@@ -11,7 +11,7 @@ import re
 import pytest
 import torch
 
-from bagel.kv import Branch
+from bagel.network.kv import Branch
 from prefill_service.prefill import PlannedKV, check_token_counts
 from protos import DiffusionFrame
 from serving.errors import InvalidParams

@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from bagel.kv import Branch, ContextKV
+from bagel.network.kv import Branch, ContextKV
 from protos import DiffusionFrame
 from transport import ContextSpec, FrameAssembler, KVLayout, TransportError, encode_layers
 from transport.broadcast import layout_from_tensor, layout_to_tensor

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from bagel.kv import Branch, ContextKV
+from bagel.network.kv import Branch, ContextKV
 from protos import DiffusionFrame, GenerationParams
 from transport import (
     BufferPool,

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-from bagel.attention import BlockQKV
+from bagel.network.attention import BlockQKV
 
 HEADS, KV_HEADS, HEAD_DIM = 8, 4, 16
 MARKERS = 2

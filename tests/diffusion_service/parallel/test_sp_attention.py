@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from bagel.attention import BlockQKV, full_block_attention
+from bagel.network.attention import BlockQKV, full_block_attention
 from diffusion_service.parallel import registry
 from diffusion_service.parallel.config import ParallelConfig
 from diffusion_service.parallel.kv_gather import KVGatherRingAttention

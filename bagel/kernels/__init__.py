@@ -1,0 +1,3 @@
+"""The fast paths of a forward, each with an eager equivalent it matches: Triton kernels for
+the decoder's elementwise chains and the FP8 quantizers, CUDA-graph replay, and the marker
+tokens' second CUDA stream. They know nothing of BAGEL's modules."""

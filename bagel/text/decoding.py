@@ -1,0 +1,391 @@
+"""Autoregressive text decoding with the und expert and the LM head, as BAGEL's `gen_text` does,
+for many requests at once: continuous batching at token granularity.
+
+Each request holds one slot of a `SlotCache` (its own KV length and RoPE position); a request
+joins between steps (its prompt is prefilled alone, its first token sampled from the prefill's
+last row) and leaves between steps (its slot is refilled by the last active one, so the active
+requests always occupy slots `0 .. B-1` and a step reads one contiguous view). On a GPU the step
+over a batch is replayed from a CUDA graph captured per (batch bucket, key-span bucket).
+
+The model knows nothing of requests or services: callers give a `MixedSequence` (the prompt, its
+last token `<|im_start|>` as the reference starts decoding) and a `Sampling`, and get token ids.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from bagel.kernels.graphs import graph_or_eager
+from bagel.network.layers import rope_cos_sin
+from bagel.network.model import UND, Bagel, MixedSequence
+
+MAX_NEW_TOKENS = 1000  # the reference's `max_think_token_n`
+TEMPERATURE = 0.3  # the reference's `text_temperature`
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one request's tokens are chosen. Greedy (argmax) unless `do_sample`; then
+    softmax(logits / temperature), restricted to the `top_k` most likely tokens (0: all) and to
+    the smallest set whose mass reaches `top_p`, drawn with a generator seeded by `seed`.
+    Decoding stops after `end_token` or a `stop_tokens` member (each counted as decoded), or
+    after `max_new_tokens`."""
+
+    max_new_tokens: int = MAX_NEW_TOKENS
+    do_sample: bool = False
+    temperature: float = TEMPERATURE
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    stop_tokens: tuple[int, ...] = ()
+
+
+def filtered_probabilities(logits: Tensor, sampling: Sampling) -> Tensor:
+    """`[V]` logits -> the sampling distribution (fp32): temperature, then top-k, then top-p."""
+    logits = logits.float() / sampling.temperature
+    if 0 < sampling.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, sampling.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    probs = logits.softmax(-1)
+    if sampling.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        # Keep a token while the mass before it is still short of top_p (the first always stays).
+        before = sorted_probs.cumsum(-1) - sorted_probs
+        drop = order[before >= sampling.top_p]
+        probs = probs.index_fill(0, drop, 0.0)
+        probs = probs / probs.sum()
+    return probs
+
+
+def choose_token(logits: Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
+    """The next token from `[V]` logits."""
+    if not sampling.do_sample:
+        return int(logits.argmax())
+    probs = filtered_probabilities(logits, sampling)
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+@dataclass
+class _Active:
+    """One request in the batch."""
+
+    key: Hashable
+    slot: int
+    sampling: Sampling
+    end_token: int
+    generator: torch.Generator | None
+    kv_len: int  # keys held in its slot
+    position: int  # RoPE position of the token it feeds next
+    next_token: int  # the token it feeds next (the last one chosen)
+    decoded: int = 1  # tokens chosen so far (the first comes from the prefill)
+
+
+@dataclass(frozen=True)
+class Token:
+    """A token chosen for request `key`; `finish` is "stop" (it is the end or a stop token) or
+    "length" (the request's last allowed token), and the request has then left the batch."""
+
+    key: Hashable
+    token: int
+    finish: str | None = None
+
+
+class SlotCache:
+    """Per layer, K and V of every slot: `[slots, kv_heads, capacity, head_dim]`, so a batch's
+    keys are one strided view and a step writes each request's new key at its own length. The
+    capacity grows (doubling, contents kept) as the longest request needs, up to `max_capacity`."""
+
+    def __init__(self, model: Bagel, slots: int, max_capacity: int, capacity: int = 256) -> None:
+        llm = model.config.llm
+        weight = model.language_model.model.embed_tokens.weight
+        self.slots, self.max_capacity = slots, max_capacity
+        self.capacity = min(capacity, max_capacity)
+        shape = (slots, llm.num_kv_heads, self.capacity, llm.head_dim)
+        self.keys = [weight.new_zeros(shape) for _ in range(llm.num_layers)]
+        self.values = [weight.new_zeros(shape) for _ in range(llm.num_layers)]
+
+    def ensure(self, tokens: int) -> bool:
+        """Room for `tokens` keys per slot; True if the tensors were reallocated."""
+        if tokens <= self.capacity:
+            return False
+        if tokens > self.max_capacity:
+            raise ValueError(f"{tokens} tokens exceed the cache's {self.max_capacity}")
+        capacity = bucket(tokens, self.capacity, self.max_capacity)
+
+        def grown(old: Tensor) -> Tensor:
+            new = old.new_zeros((*old.shape[:2], capacity, old.shape[3]))
+            new[:, :, : self.capacity] = old
+            return new
+
+        self.keys = [grown(k) for k in self.keys]
+        self.values = [grown(v) for v in self.values]
+        self.capacity = capacity
+        return True
+
+    def fill(self, slot: int, keys: list[Tensor], values: list[Tensor]) -> None:
+        """A prefilled prompt's K/V (per layer `[tokens, kv_heads, head_dim]`) into `slot`."""
+        for cache_k, cache_v, k, v in zip(self.keys, self.values, keys, values, strict=True):
+            cache_k[slot, :, : k.shape[0]] = k.transpose(0, 1)
+            cache_v[slot, :, : v.shape[0]] = v.transpose(0, 1)
+
+    def move(self, source: int, target: int, length: int) -> None:
+        for cache in (*self.keys, *self.values):
+            cache[target, :, :length] = cache[source, :, :length]
+
+
+def bucket(n: int, smallest: int, largest: int) -> int:
+    """The power of two (at least `smallest`, at most `largest`) that holds `n`."""
+    size = smallest
+    while size < n:
+        size *= 2
+    return min(size, largest)
+
+
+class TextDecoder:
+    """Decodes the requests that have joined, one token each per `step`. Not thread-safe: one
+    thread (a scheduler) calls it. `max_batch` requests at most, each at most `max_tokens` long
+    (prompt and decoded tokens together). `graphs`: capture steps as CUDA graphs (None: on a
+    GPU)."""
+
+    MIN_SPAN = 64
+
+    def __init__(
+        self, model: Bagel, max_batch: int, max_tokens: int, graphs: bool | None = None
+    ) -> None:
+        if not model.with_lm_head:
+            raise ValueError("text decoding needs the LM head (load_bagel(..., lm_head=True))")
+        self.model = model
+        self.max_batch = max_batch
+        self.max_tokens = max_tokens
+        self.cache = SlotCache(model, max_batch, max_tokens)
+        self.device = self.cache.keys[0].device
+        self.graphs = self.device.type == "cuda" if graphs is None else graphs
+        self._captured: dict[tuple[int, int], object] = {}
+        self._pool = None
+        self.active: list[_Active] = []
+
+    # ---- joining and leaving -------------------------------------------------------------
+
+    def has_room(self) -> bool:
+        return len(self.active) < self.max_batch
+
+    def join(
+        self,
+        key: Hashable,
+        prompt: MixedSequence,
+        next_position: int,
+        sampling: Sampling,
+        end_token: int,
+    ) -> Token:
+        """Prefill `prompt` (RoPE positions up to `next_position - 1`) into a free slot and
+        choose the request's first token. Raises ValueError if the batch is full or the prompt
+        and its `max_new_tokens` do not fit in `max_tokens`."""
+        length = prompt.embeddings.shape[0]
+        if not self.has_room():
+            raise ValueError(f"the decoder holds {self.max_batch} requests already")
+        if length + sampling.max_new_tokens > self.max_tokens:
+            raise ValueError(
+                f"{length} prompt tokens + {sampling.max_new_tokens} new tokens exceed the "
+                f"decoder's {self.max_tokens}"
+            )
+        self._ensure(length + 1)
+        keys, values, logits = prefill_with_logits(self.model, prompt)
+        generator = None
+        if sampling.do_sample:
+            generator = torch.Generator().manual_seed(sampling.seed)
+        token = choose_token(logits, sampling, generator)
+        request = _Active(
+            key, len(self.active), sampling, end_token, generator, length, next_position, token
+        )
+        finish = self._finish_of(request, token)
+        if finish is None:
+            self.cache.fill(request.slot, keys, values)
+            self.active.append(request)
+        return Token(key, token, finish)
+
+    def leave(self, key: Hashable) -> bool:
+        """Drop request `key` (a caller that went away); False if it is not in the batch."""
+        for request in self.active:
+            if request.key == key:
+                self._remove(request)
+                return True
+        return False
+
+    def _remove(self, request: _Active) -> None:
+        last = self.active[-1]
+        if last is not request:
+            self.cache.move(last.slot, request.slot, last.kv_len)
+            last.slot = request.slot
+            self.active[request.slot] = last
+        self.active.pop()
+
+    @staticmethod
+    def _finish_of(request: _Active, token: int) -> str | None:
+        if token == request.end_token or token in request.sampling.stop_tokens:
+            return "stop"
+        if request.decoded >= request.sampling.max_new_tokens:
+            return "length"
+        return None
+
+    # ---- one step ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self) -> list[Token]:
+        """One token for every active request; finished ones leave the batch."""
+        if not self.active:
+            return []
+        count = len(self.active)
+        rows = bucket(count, 1, self.max_batch) if self.graphs else count
+        longest = max(r.kv_len for r in self.active) + 1
+        self._ensure(longest)
+        span = bucket(longest, self.MIN_SPAN, self.cache.capacity)
+        tokens = torch.zeros(rows, dtype=torch.long)
+        positions = torch.zeros(rows, dtype=torch.long)
+        lengths = torch.zeros(rows, dtype=torch.long)
+        for r in self.active:
+            tokens[r.slot], positions[r.slot], lengths[r.slot] = r.next_token, r.position, r.kv_len
+        inputs = tuple(x.to(self.device, non_blocking=True) for x in (tokens, positions, lengths))
+        logits = self._forward(rows, span)(*inputs)[:count].float()
+        greedy = logits.argmax(-1).tolist()
+        out = []
+        for r in list(self.active):
+            row = logits[r.slot]
+            token = greedy[r.slot] if not r.sampling.do_sample else None
+            if token is None:
+                token = choose_token(row, r.sampling, r.generator)
+            r.kv_len += 1
+            r.position += 1
+            r.next_token = token
+            r.decoded += 1
+            finish = self._finish_of(r, token)
+            out.append(Token(r.key, token, finish))
+        for t in out:
+            if t.finish is not None:
+                self.leave(t.key)
+        return out
+
+    def _ensure(self, tokens: int) -> None:
+        if self.cache.ensure(tokens):
+            # The captures read the old tensors. Dropping the last graph of a memory pool frees
+            # the pool, so later captures need a new one.
+            self._captured.clear()
+            self._pool = None
+
+    def _forward(self, rows: int, span: int):
+        if not self.graphs:
+            return lambda *x: decode_step(self.model, self.cache, span, *x)
+        key = (rows, span)
+        call = self._captured.get(key)
+        if call is None:
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            example = (
+                torch.zeros(rows, dtype=torch.long, device=self.device),
+                torch.zeros(rows, dtype=torch.long, device=self.device),
+                torch.zeros(rows, dtype=torch.long, device=self.device),
+            )
+
+            def fn(*x: Tensor) -> Tensor:
+                return decode_step(self.model, self.cache, span, *x)
+
+            # Capture with zero lengths and tokens: the warm-up writes only position 0 of
+            # slots, which every join overwrites; a real step replays it.
+            saved = [self._snapshot_zero()]
+            call = self._captured[key] = graph_or_eager(fn, example, self._pool)
+            self._restore_zero(saved[0])
+        return call
+
+    def _snapshot_zero(self) -> list[Tensor]:
+        """Position 0 of every slot, which a capture's warm-up overwrites."""
+        return [c[:, :, 0].clone() for c in (*self.cache.keys, *self.cache.values)]
+
+    def _restore_zero(self, saved: list[Tensor]) -> None:
+        for c, s in zip((*self.cache.keys, *self.cache.values), saved, strict=True):
+            c[:, :, 0] = s
+
+
+def prefill_with_logits(
+    model: Bagel, prompt: MixedSequence
+) -> tuple[list[Tensor], list[Tensor], Tensor]:
+    """Run `prompt` through every layer: per layer K and V `[tokens, kv_heads, head_dim]`, and
+    the LM head's logits `[vocab]` (fp32) at its last token."""
+    llm = model.language_model
+    rope = model.config.llm
+    cos, sin = rope_cos_sin(prompt.positions, rope.head_dim, rope.rope_theta)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    x = prompt.embeddings[None]
+    keys, values = [], []
+    for layer in model.layers:
+        x, k, v = layer.forward_mixed(x, prompt, cos, sin, need_output=True)
+        keys.append(k[0])
+        values.append(v[0])
+    last = llm.model.norm(x[0, -1:])
+    return keys, values, llm.lm_head(last)[0].float()
+
+
+def decode_step(
+    model: Bagel, cache: SlotCache, span: int, tokens: Tensor, positions: Tensor, lengths: Tensor
+) -> Tensor:
+    """One token per row through the und expert: row `b` is slot `b`, feeding `tokens[b]` at
+    RoPE `positions[b]` after its `lengths[b]` cached keys; its K/V are written into the slot.
+    Returns logits `[rows, vocab]`. Shapes depend only on (rows, span): the step is graphable."""
+    llm = model.config.llm
+    rows = tokens.shape[0]
+    groups = llm.num_heads // llm.num_kv_heads
+    cos, sin = rope_cos_sin(positions, llm.head_dim, llm.rope_theta)
+    cos, sin = cos[:, None, None, :], sin[:, None, None, :]
+    slot = torch.arange(rows, device=tokens.device)
+    head = torch.arange(llm.num_kv_heads, device=tokens.device)
+    # Keys at or below each row's new one are real; the rest of the span is another's or unused.
+    visible = torch.arange(span, device=tokens.device)[None] <= lengths[:, None]
+    mask = visible[:, None, None, :]
+    x = model.language_model.model.embed_tokens(tokens)[:, None]
+    for index, layer in enumerate(model.layers):
+        q, k, v = layer.norm_qkv(x, cos, sin, UND)
+        cache_k, cache_v = cache.keys[index], cache.values[index]
+        where = (slot[:, None], head[None, :], lengths[:, None])
+        cache_k.index_put_(where, k[:, 0])
+        cache_v.index_put_(where, v[:, 0])
+        # The query heads of one KV head stand in for SDPA's query length: no KV copies.
+        grouped = q.view(rows, llm.num_kv_heads, groups, llm.head_dim)
+        attn = F.scaled_dot_product_attention(
+            grouped, cache_k[:rows, :, :span], cache_v[:rows, :, :span], attn_mask=mask
+        )
+        x = layer.finish(x, attn.reshape(rows, 1, llm.num_heads, llm.head_dim), UND)
+    last = model.language_model.model.norm(x[:, 0])
+    return model.language_model.lm_head(last)
+
+
+@dataclass
+class Decoded:
+    """The tokens one request decoded alone, and why it stopped."""
+
+    tokens: list[int] = field(default_factory=list)
+    finish: str = ""
+
+
+def decode(
+    model: Bagel,
+    prompt: MixedSequence,
+    next_position: int,
+    sampling: Sampling,
+    end_token: int,
+    graphs: bool | None = False,
+) -> Decoded:
+    """One request decoded to its end in a batch of its own (the in-process path)."""
+    decoder = TextDecoder(
+        model, 1, prompt.embeddings.shape[0] + sampling.max_new_tokens, graphs=graphs
+    )
+    first = decoder.join(0, prompt, next_position, sampling, end_token)
+    result = Decoded([first.token], first.finish or "")
+    while decoder.active:
+        (token,) = decoder.step()
+        result.tokens.append(token.token)
+        result.finish = token.finish or ""
+    return result
