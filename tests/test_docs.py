@@ -157,3 +157,36 @@ def test_product_code_carries_no_dated_measurements():
 )
 def test_the_measurement_check_finds_each_kind(text: str):
     assert dated_measurements(text)
+
+
+ARCHITECTURE = ROOT / "docs" / "architecture.md"
+# The folders whose one job the map states: every product package and every subpackage of the
+# two packages that are grouped by role.
+MAPPED = (
+    "protos", "serving", "transport", "bagel", "step_cache", "prefill_service",
+    "diffusion_service", "gateway", "client", "benchmarks", "examples", "tests",
+)  # fmt: skip
+
+
+def _packages_to_map() -> set[str]:
+    found = {f"{name}/" for name in MAPPED}
+    for parent in ("bagel", "serving", "diffusion_service"):
+        found |= {
+            f"{parent}/{p.parent.name}/"
+            for p in (ROOT / parent).glob("*/__init__.py")
+            if p.parent.name != "__pycache__"
+        }
+    return found
+
+
+def test_the_architecture_map_gives_every_package_its_job():
+    rows = re.findall(r"^\| `([^`]+)` \| (.+) \|$", ARCHITECTURE.read_text(), re.M)
+    jobs = {path: job for path, job in rows}
+    missing = sorted(_packages_to_map() - set(jobs))
+    assert not missing, f"docs/architecture.md has no row for {missing}"
+    stale = sorted(p for p in jobs if not (ROOT / p).exists())
+    assert not stale, f"docs/architecture.md names what is not in the tree: {stale}"
+
+
+def test_the_readme_sends_readers_to_the_architecture_map_first():
+    assert "docs/architecture.md" in (ROOT / "README.md").read_text()
