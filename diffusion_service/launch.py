@@ -35,6 +35,7 @@ from diffusion_service.worker import (
     load_rank_model,
     serve_rank,
 )
+from serving.errors import InvalidParams
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def rank_group(settings: ServiceSettings) -> RankGroup:
 
 def validate_settings(settings: ServiceSettings) -> BagelConfig:
     """Fail at start-up, before any process starts, on a topology the model cannot run (or
-    that does not fit the world torchrun started)."""
+    that does not fit the world torchrun started) and on a default step cache it cannot use."""
     config = BagelConfig.from_dir(settings.model_dir)
     llm = config.llm
     if settings.torchrun:
@@ -60,6 +61,10 @@ def validate_settings(settings: ServiceSettings) -> BagelConfig:
         world.check_devices(settings.device)
     else:
         settings.parallel.validate(llm.num_heads, llm.num_kv_heads)
+    try:
+        settings.default_cache.check_fits(llm.num_layers)
+    except InvalidParams as e:  # else every request that leaves its cache unset would be refused
+        raise ValueError(f"--default-cache: {e}") from None
     return config
 
 

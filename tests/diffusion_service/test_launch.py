@@ -12,10 +12,12 @@ from datetime import timedelta
 import pytest
 import torch.distributed as dist
 
+from bagel.network.config import BagelConfig
 from diffusion_service import launch
 from diffusion_service.launch import TorchrunWorld, group_store
 from diffusion_service.parallel.config import ParallelConfig
 from diffusion_service.settings import ServiceSettings, started_by_torchrun
+from step_cache.policies.dbcache import DBCache
 from tests.helpers.ranks import free_port
 
 NODE1_OF_2 = {  # what torchrun --nnodes 2 --nproc-per-node 2 sets for global rank 3
@@ -157,3 +159,18 @@ def test_our_launcher_starts_the_workers_at_a_loopback_port_stops_them_and_leave
         group.close()
     assert not group.alive
     assert _gone(group.launcher_pid)
+
+
+def test_a_default_cache_the_model_cannot_use_refuses_to_start_naming_the_flag(tiny_model_dir):
+    layers = BagelConfig.from_dir(tiny_model_dir).llm.num_layers
+    fits = ServiceSettings(
+        model_dir=str(tiny_model_dir), default_cache=DBCache(fn_compute_blocks=1)
+    )
+    launch.validate_settings(fits)
+    too_deep = ServiceSettings(
+        model_dir=str(tiny_model_dir), default_cache=DBCache(fn_compute_blocks=layers)
+    )
+    with pytest.raises(
+        ValueError, match="^--default-cache: cache.fn_compute_blocks .* leaves none of the model.s"
+    ):
+        launch.validate_settings(too_deep)
