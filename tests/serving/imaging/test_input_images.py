@@ -8,7 +8,7 @@ import io
 import pytest
 from PIL import Image
 
-from serving import images
+from serving.imaging import input_images as images
 from serving.errors import InvalidParams
 from serving.imaging.input_images import decode_input_image, decode_input_images, has_alpha
 
