@@ -26,6 +26,7 @@ LAYOUTS = {
     "R2": ["--ring", "2"],
     "CFG2": ["--cfg-parallel", "2"],
 }
+QUICK = {"1 rank", "CFG2"}  # the other layouts are `slow` variants: make test-all runs them
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,12 @@ def pipeline(tiny_model_dir: Path) -> Pipeline:
     return Pipeline(tiny_model_dir, "cpu")
 
 
-@pytest.fixture(scope="module", params=list(LAYOUTS))
+@pytest.fixture(
+    scope="module",
+    params=[
+        pytest.param(name, marks=() if name in QUICK else pytest.mark.slow) for name in LAYOUTS
+    ],
+)
 def services(request, tiny_model_dir: Path):
     diffusion_args = ["--model", str(tiny_model_dir), *LAYOUTS[request.param]]
     with ServiceProcess("diffusion_service", diffusion_args) as diffusion:
