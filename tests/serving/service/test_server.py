@@ -12,7 +12,6 @@ import urllib.request
 
 import grpc
 import pytest
-from diffusion_service.world import free_port
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -26,6 +25,7 @@ from serving.service.server import (
     serve_until_signal,
 )
 from serving.service.startup import StartupError
+from tests.helpers.ranks import free_port
 
 SERVICE = "bagel.v1.Test"
 SERVING = health_pb2.HealthCheckResponse.SERVING
