@@ -46,10 +46,14 @@ class WorldGroup(ThreadGroup):
 
 @dataclass(frozen=True)
 class P2POp:
+    """One operation of `batch_isend_irecv`: `peer` is the global rank, `group_peer` the same rank
+    in `group` (None: the whole world), whichever of the two the caller named."""
+
     op: Callable
     tensor: Tensor
     peer: int
-    group: ThreadGroup | None = None
+    group: ThreadGroup | None
+    group_peer: int
 
 
 class _Received:
@@ -81,6 +85,7 @@ class ThreadWorld:
         self.new_groups: list[tuple[int, ...]] = []  # every new_group call of rank 0, in order
         self.new_group_timeouts: list[Any] = []  # the timeout of each, in the same order
         self.all_reduces = 0  # all_reduce calls, summed over the ranks
+        self.p2p: list[tuple[str, int, int]] = []  # (op name, rank, global peer) of every P2POp
 
     # ---- running ------------------------------------------------------------------------
 
@@ -167,12 +172,29 @@ class ThreadWorld:
     def irecv(self, tensor: Tensor, peer: int, group: ThreadGroup | None = None) -> _Received:
         return _Received(self._box(peer, self._local.rank), tensor)
 
-    P2POp = P2POp
+    def P2POp(  # noqa: N802 - stands in for the class torch.distributed.P2POp
+        self,
+        op: Callable,
+        tensor: Tensor,
+        peer: int | None = None,
+        group: ThreadGroup | None = None,
+        tag: int = 0,
+        group_peer: int | None = None,
+    ) -> P2POp:
+        """The peer named by exactly one of its global rank `peer` and its rank `group_peer` in
+        `group`, as torch takes it; the other is derived from it."""
+        members = self._members(group)
+        if (peer is None) == (group_peer is None):
+            raise ValueError("name the peer by exactly one of peer and group_peer")
+        if group_peer is not None:
+            peer = members[group_peer]
+        if peer not in members:
+            raise ValueError(f"rank {peer} is not in the group {members}")
+        with self._lock:
+            self.p2p.append((op.__name__, self._local.rank, peer))
+        return P2POp(op, tensor, peer, group, members.index(peer))
 
     def batch_isend_irecv(self, ops: list[P2POp]) -> list[_Done | _Received]:
-        for op in ops:
-            if op.group is not None:
-                assert op.peer in op.group.ranks, "a peer is a global rank of the group"
         return [op.op(op.tensor, op.peer, op.group) for op in ops]
 
     # ---- the meeting point -----------------------------------------------------------------

@@ -8,6 +8,7 @@ against the fp64 reference of `reference.py`.
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from datetime import timedelta
 
@@ -23,7 +24,7 @@ from diffusion_service.parallel.kv_gather import (
 )
 from diffusion_service.parallel.mesh import ParallelMesh
 from diffusion_service.parallel.registry import make_block_attention
-from diffusion_service.parallel.ring import RingAttention
+from diffusion_service.parallel.ring import RingAttention, ring_attention_with_lse
 from diffusion_service.parallel.sharding import LatentSharding
 from diffusion_service.parallel.ulysses import UlyssesAttention, heads_to_seq, seq_to_heads
 from diffusion_service.parallel.usp import UnifiedSequenceAttention
@@ -127,13 +128,12 @@ def _mesh_coords(config: ParallelConfig):
         m = ParallelMesh.build(config, num_heads=8, num_kv_heads=4)
         return {
             "rank": (m.rank, m.world),
-            "coords": (m.cfg_rank, m.sp_rank, m.ring_rank, m.ulysses_rank),
-            "ring": (m.ring_next, m.ring_prev),
+            "coords": (m.cfg_rank, m.sp_rank, m.ring_rank, m.inner_rank),
             "groups": tuple(
-                getattr(m, f"{kind}_group").ranks for kind in ("ulysses", "ring", "sp", "cfg")
+                getattr(m, f"{kind}_group").ranks for kind in ("inner", "ring", "sp", "cfg")
             ),
-            "ranks": (m.ulysses_ranks, m.ring_ranks, m.sp_ranks, m.cfg_ranks),
-            "degrees": (m.cfg_parallel, m.ring, m.ulysses, m.sp_degree),
+            "ranks": (m.inner_ranks, m.ring_ranks, m.sp_ranks, m.cfg_ranks),
+            "degrees": (m.cfg_parallel, m.ring, m.inner, m.sp_degree),
         }
 
     return run
@@ -153,16 +153,6 @@ def test_mesh_on_eight_thread_ranks_places_every_rank_and_creates_each_group_onc
         (1, 1, 0, 1),
         (1, 2, 1, 0),
         (1, 3, 1, 1),
-    ]
-    assert [r["ring"] for r in results] == [
-        (2, 2),
-        (3, 3),
-        (0, 0),
-        (1, 1),
-        (6, 6),
-        (7, 7),
-        (4, 4),
-        (5, 5),
     ]
     for r in results:
         assert r["groups"] == r["ranks"]
@@ -190,17 +180,50 @@ def test_mesh_on_eight_thread_ranks_places_every_rank_and_creates_each_group_onc
 def test_mesh_reuses_the_world_and_shared_member_lists(threads):
     world = threads(3)
     results = world.run(_mesh_coords(ParallelConfig(ring=3)))
-    # ring == sp == the world: the world group; each rank alone in its ulysses and cfg group.
+    # ring == sp == the world: the world group; each rank alone in its inner and cfg group.
     assert world.new_groups == [(0,), (1,), (2,)]
     for rank, r in enumerate(results):
         assert r["groups"] == ((rank,), (0, 1, 2), (0, 1, 2), (rank,))
-        assert r["ring"] == ((rank + 1) % 3, (rank - 1) % 3)
 
 
-def test_mesh_of_a_ring_of_five_steps_forward_and_back(threads):
+def test_mesh_of_a_ring_of_five_places_ring_rank_r_at_rank_r(threads):
     results = threads(5).run(_mesh_coords(ParallelConfig(ring=5)))
-    assert [r["ring"] for r in results] == [(1, 4), (2, 0), (3, 1), (4, 2), (0, 3)]
     assert [r["coords"] for r in results] == [(0, r, r, 0) for r in range(5)]
+
+
+def _ring_peers(config: ParallelConfig):
+    """Runs one ring attention over the mesh's ring group; the world records whom it addressed."""
+
+    def run(rank: int) -> None:
+        m = ParallelMesh.build(config, num_heads=HEADS, num_kv_heads=KV_HEADS)
+        x = make_block_inputs(0, (3,), 4)
+        ring_attention_with_lse(m.ring_group, m.ring_rank, x, [4] * m.ring)
+
+    return run
+
+
+@pytest.mark.parametrize(
+    "config, sends",
+    [
+        # Strided ring groups (0, 2), (1, 3), (4, 6), (5, 7): each rank's one neighbour.
+        (
+            ParallelConfig(ulysses=2, ring=2, cfg_parallel=2),
+            {0: 2, 1: 3, 2: 0, 3: 1, 4: 6, 5: 7, 6: 4, 7: 5},
+        ),
+        (ParallelConfig(ring=5), {0: 1, 1: 2, 2: 3, 3: 4, 4: 0}),
+        (ParallelConfig(kv_gather=2, ring=3), {0: 2, 1: 3, 2: 4, 3: 5, 4: 0, 5: 1}),
+    ],
+    ids=["ring2_ulysses2_cfg2", "ring5", "ring3_kv_gather2"],
+)
+def test_ring_sends_to_the_next_ring_rank_and_receives_from_the_previous(threads, config, sends):
+    """Ring names its neighbours by group rank; they are the mesh's ring members, by global rank."""
+    world = threads(config.world_size)
+    world.run(_ring_peers(config))
+    steps = config.ring - 1  # one send and one receive per step but the last
+    assert sorted(world.p2p) == sorted(
+        [("isend", rank, to) for rank, to in sends.items()] * steps
+        + [("irecv", to, rank) for rank, to in sends.items()] * steps
+    )
 
 
 def test_mesh_latent_sharding_is_the_sp_shard_of_the_rank(threads):
@@ -251,7 +274,7 @@ def test_sharding_gather_rejects_a_group_of_another_size(threads):
 def test_gather_kv_joins_k_and_v_shards_in_group_order(threads):
     def run(rank: int):
         k = torch.full((1, 2, 1, 1), float(rank))
-        return gather_kv(None, k, k + 10)
+        return gather_kv(None, 3, k, k + 10)
 
     for keys, values in threads(3).run(run):
         assert keys.flatten().tolist() == [0, 0, 1, 1, 2, 2]
@@ -265,9 +288,9 @@ def test_seq_to_heads_and_back_is_the_identity_with_and_without_a_front(threads)
 
     def run(rank: int):
         fronts = [front[:, :, 2 * rank : 2 * rank + 2]]
-        [whole] = seq_to_heads(None, [shards[rank]], fronts)
-        [bare] = seq_to_heads(None, [shards[rank]])
-        return whole, bare, heads_to_seq(None, whole, 2)
+        [whole] = seq_to_heads(None, 2, [shards[rank]], fronts)
+        [bare] = seq_to_heads(None, 2, [shards[rank]])
+        return whole, bare, heads_to_seq(None, 2, whole, 2)
 
     results = threads(2).run(run)
     for rank, (whole, bare, (front_back, shard_back)) in enumerate(results):
@@ -281,7 +304,7 @@ def test_seq_to_heads_and_back_is_the_identity_with_and_without_a_front(threads)
 
 def test_seq_to_heads_rejects_heads_that_do_not_split(threads):
     def run(rank: int):
-        seq_to_heads(None, [torch.zeros(1, 2, 3, 4)])
+        seq_to_heads(None, 2, [torch.zeros(1, 2, 3, 4)])
 
     with pytest.raises(ValueError, match="3 heads cannot be split over 2 Ulysses ranks"):
         threads(2).run(run)
@@ -292,19 +315,19 @@ def test_seq_to_heads_rejects_heads_that_do_not_split(threads):
     [
         (
             lambda g: UlyssesAttention(g, LatentSharding(8, 3, 0)),
-            "Ulysses group has 2 ranks, sharding degree is 3",
+            "Ulysses group has 2 ranks, expected 3",
         ),
         (
             lambda g: RingAttention(g, LatentSharding(8, 2, 1 - g.ranks.index(0))),
-            "group rank 0 holds shard 1; they must match",
+            "ring group rank is 0, expected 1",
         ),
         (
-            lambda g: UnifiedSequenceAttention(g, g, LatentSharding(8, 2, 0)),
+            lambda g: UnifiedSequenceAttention(g, g, LatentSharding(8, 2, 0), ulysses=2, ring=2),
             "sharding degree 2 != ring 2 x ulysses 2",
         ),
         (
-            lambda g: KVGatherRingAttention(g, g, LatentSharding(8, 2, 0)),
-            "shard 0 of 2 is not held by ring rank 0 x inner rank 0 of ring 2 x inner 2",
+            lambda g: KVGatherRingAttention(g, g, LatentSharding(8, 2, 0), inner=2, ring=2),
+            "sharding degree 2 != ring 2 x inner 2",
         ),
     ],
 )
@@ -313,17 +336,33 @@ def test_variants_refuse_a_sharding_their_group_does_not_hold(threads, make, mes
         if rank == 0:
             make(ThreadGroup((0, 1)))
 
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         threads(2).run(run)
 
 
-def test_usp_refuses_a_shard_held_by_other_ranks(threads):
+@pytest.mark.parametrize(
+    "shard, message",
+    [
+        (1, "Ulysses group rank is 0, expected 1"),  # ring rank 0, Ulysses rank 1
+        (2, "ring group rank is 0, expected 1"),  # ring rank 1, Ulysses rank 0
+    ],
+)
+@pytest.mark.parametrize("variant", ["usp", "kv_gather_ring"])
+def test_two_level_variants_refuse_a_shard_held_by_other_ranks(threads, variant, shard, message):
+    """Rank 0 is inner rank 0 of (0, 1) and ring rank 0 of (0, 2): it holds shard 0 of 4 only."""
+    if variant == "kv_gather_ring":
+        message = message.replace("Ulysses", "KV gather")
+
     def run(rank: int):
         if rank == 0:
             inner, outer = ThreadGroup((0, 1)), ThreadGroup((0, 2))
-            UnifiedSequenceAttention(inner, outer, LatentSharding(8, 4, 1))
+            sharding = LatentSharding(8, 4, shard)
+            if variant == "usp":
+                UnifiedSequenceAttention(inner, outer, sharding, ulysses=2, ring=2)
+            else:
+                KVGatherRingAttention(inner, outer, sharding, inner=2, ring=2)
 
-    with pytest.raises(ValueError, match="shard 1 held by ring rank 0, ulysses rank 0"):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         threads(4).run(run)
 
 
@@ -333,10 +372,10 @@ def test_ring_and_kv_gather_ring_count_the_real_tokens_of_each_ring_block(thread
             return None
         ring2 = RingAttention(ThreadGroup((0, 1)), LatentSharding(3, 2, 0))
         usp2x2 = UnifiedSequenceAttention(
-            ThreadGroup((0, 1)), ThreadGroup((0, 2)), LatentSharding(5, 4, 0)
+            ThreadGroup((0, 1)), ThreadGroup((0, 2)), LatentSharding(5, 4, 0), ulysses=2, ring=2
         )
         kvr = KVGatherRingAttention(
-            ThreadGroup((0, 1)), ThreadGroup((0, 2)), LatentSharding(5, 4, 0)
+            ThreadGroup((0, 1)), ThreadGroup((0, 2)), LatentSharding(5, 4, 0), inner=2, ring=2
         )
         return ring2.block_valid, usp2x2.block_valid, kvr.block_valid
 
@@ -380,7 +419,7 @@ def test_a_group_of_another_size_is_refused_naming_the_variant(threads, make, me
         if rank == 0:
             make(ThreadGroup((0, 1)))
 
-    with pytest.raises(ValueError, match=f"^{message}, sharding degree is 3$"):
+    with pytest.raises(ValueError, match=f"^{message}, expected 3$"):
         threads(2).run(run)
 
 
