@@ -54,7 +54,14 @@ def test_the_metrics_have_the_documented_names_labels_and_buckets():
         "Calls refused before they ran: missing_token, invalid_token, client_not_allowed"
     )
     assert docs["bagel_test_model_load_seconds"].startswith("Seconds from the start of loading")
-    assert docs["bagel_test_peak_memory_bytes"].startswith("Peak GPU memory of a rank")
+    assert docs["bagel_test_peak_memory_bytes"] == (
+        "Peak GPU memory of a rank since it started: reserved by the caching allocator, or "
+        "allocated to tensors"
+    )
+    buckets = [
+        s.labels["le"] for m in metrics.registry.collect() for s in m.samples if "le" in s.labels
+    ]
+    assert buckets == [*(str(float(b)) for b in LATENCY_BUCKETS), "+Inf"]
 
 
 def test_two_services_keep_their_metrics_apart():
@@ -77,6 +84,19 @@ def test_metrics_are_served_over_http_until_closed():
     metrics.close()  # a second close does nothing
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1)
+
+
+def test_metrics_listen_on_the_host_given_only():
+    metrics = ServiceMetrics("test")
+    port = free_port()
+    metrics.serve("127.0.0.2", port)
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.2:{port}/metrics", timeout=5) as reply:
+            assert reply.status == 200
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1)
+    finally:
+        metrics.close()
 
 
 def _health(port: int, service: str) -> int:

@@ -67,7 +67,10 @@ def test_help_states_a_default_only_where_it_says_something():
 
 def _parser(allowed_clients: bool = False) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="p")
-    add_server_security_arguments(parser, allowed_clients=allowed_clients)
+    if allowed_clients:
+        add_server_security_arguments(parser, allowed_clients=True)
+    else:
+        add_server_security_arguments(parser)  # --tls-allowed-clients only when asked for
     return parser
 
 
