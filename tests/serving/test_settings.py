@@ -78,6 +78,8 @@ def test_the_security_flags_default_to_the_dataclass_and_map_onto_it():
     args = _parser().parse_args([])
     assert server_security_from_args(args) == ServerSecurity()
     assert not hasattr(args, "tls_allowed_clients")
+    args = _parser(allowed_clients=True).parse_args([])
+    assert server_security_from_args(args) == ServerSecurity()  # allowed_clients ()
     args = _parser(allowed_clients=True).parse_args(
         [
             "--tls-cert=c",
@@ -104,9 +106,13 @@ def test_the_security_flags_help_says_what_each_does():
         "--tls-cert PEM serve TLS: certificate",
         "--tls-key PEM serve TLS: private key",
         "--tls-ca PEM mTLS: require client certificates signed by this CA",
-        "--auth-token-file FILE require 'authorization: Bearer <token>' with a token in FILE",
+        "--auth-token-file FILE require 'authorization: Bearer <token>' with a token in FILE, "
+        "one per line (health stays open); SIGHUP or a change of the file reloads it, like the "
+        "TLS files",
         "--allow-insecure-token-file start even if a token file is readable by every user",
-        "--tls-allowed-clients NAME[,NAME...] mTLS: only client certificates",
+        "--tls-allowed-clients NAME[,NAME...] mTLS: only client certificates with one of these "
+        "SAN DNS names or URIs may call; others get PERMISSION_DENIED (default: any certificate "
+        "--tls-ca signed)",
     ):
         assert fragment in text
 
