@@ -123,9 +123,10 @@ def test_a_server_starts_not_serving_reflects_its_services_and_says_serving_when
             "127.0.0.1:0",
             registered.append,
             ServiceMetrics("test"),
-            "127.0.0.1",
+            "127.0.0.2",
             metrics_port,
         )
+        assert server.port is None  # not bound yet
         port = await server.start()
         assert port == server.port and port > 0
         assert len(registered) == 1
@@ -136,8 +137,12 @@ def test_a_server_starts_not_serving_reflects_its_services_and_says_serving_when
             HEALTH_SERVICE,
             "grpc.reflection.v1alpha.ServerReflection",
         }
-        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        url = f"http://127.0.0.2:{metrics_port}/metrics"
         assert await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).status) == 200
+        with pytest.raises(OSError):  # only on the metrics host given
+            await asyncio.to_thread(
+                urllib.request.urlopen, f"http://127.0.0.1:{metrics_port}/metrics", timeout=1
+            )
         await server.set_serving(True)
         statuses = await asyncio.to_thread(lambda: [_health(port, s) for s in ("", SERVICE)])
         assert statuses == [SERVING, SERVING]
