@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from serving.addresses import parse_host_port, split_addresses
-from serving.flags import OneLineArgumentParser, add_arguments, from_args, option
+from serving.flags import OneLineArgumentParser, add_arguments, from_args, option, scalar_type
 from serving.security import SecurityError, read_token_set, token_accepted
 
 
@@ -127,3 +127,54 @@ def test_an_unusable_token_file_is_refused(tmp_path: Path, content):
     path.write_text(content)
     with pytest.raises(SecurityError):
         read_token_set(path)
+
+
+def test_option_is_the_help_metavar_and_choices():
+    assert option("h", metavar="M", choices=("a", "b")) == {
+        "help": "h",
+        "metavar": "M",
+        "choices": ("a", "b"),
+    }
+
+
+def test_scalar_types_and_their_optional_forms():
+    assert scalar_type(int) == (int, False)
+    assert scalar_type(float | None) == (float, True)
+    assert scalar_type(bool | None) == (bool, True)
+    for bad in (int | str, list | None, list):
+        with pytest.raises(TypeError) as err:
+            scalar_type(bad)
+        assert str(err.value) == (
+            f"a flag's field must be str, int, float or bool (or | None), got {bad}"
+        )
+
+
+def test_flags_of_two_word_fields_and_the_help_of_every_kind():
+    @dataclass(frozen=True)
+    class TwoWords:
+        keep_cache: bool = field(default=True, metadata=option("keep the cache"))
+        say_more: bool = field(default=False, metadata=option("say more"))
+        time_limit: float | None = field(default=None, metadata=option("seconds"))
+        max_items: int = field(default=4, metadata=option("items"))
+
+    parser = argparse.ArgumentParser(prog="p")
+    add_arguments(parser, TwoWords)
+    got = from_args(TwoWords, parser.parse_args(["--no-keep-cache", "--say-more"]))
+    assert got == TwoWords(keep_cache=False, say_more=True)
+    text = " ".join(parser.format_help().split())
+    for words in (
+        "--no-keep-cache keep the cache",
+        "--say-more say more",
+        "--time-limit TIME_LIMIT seconds --max-items",
+        "--max-items MAX_ITEMS items (default: 4)",
+    ):
+        assert words in text, words
+
+
+def test_a_field_without_option_metadata_is_named():
+    @dataclass(frozen=True)
+    class Bare:
+        plain: int = 1
+
+    with pytest.raises(TypeError, match=r"^Bare\.plain has no option\(\.\.\.\) metadata$"):
+        add_arguments(argparse.ArgumentParser(), Bare)
