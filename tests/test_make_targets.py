@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shlex
 import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -73,3 +74,19 @@ def test_the_pytest_configuration_selects_nothing():
 )
 def test_a_selecting_option_is_seen(words: list[str], selected: list[str]):
     assert selection(words) == selected
+
+
+def test_every_test_the_mutation_run_names_exists():
+    """`[tool.mutmut]`'s test selection and deselections name files and tests of today's suite:
+    a renamed test would otherwise be run by every mutant it was left out for."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mutmut"]
+    for path in config["source_paths"]:
+        assert (ROOT / path).exists(), path
+    stale = []
+    for word in config["pytest_add_cli_args_test_selection"]:
+        if not word.startswith("tests/"):
+            continue
+        path, _, name = word.partition("::")
+        if not (ROOT / path).exists() or (name and f"def {name}(" not in (ROOT / path).read_text()):
+            stale.append(word)
+    assert not stale, f"[tool.mutmut] names tests that are not in the suite: {stale}"

@@ -211,3 +211,12 @@ def test_an_unusable_token_file_is_refused(tmp_path: Path, content):
     path.write_text(content)
     with pytest.raises(SecurityError):
         read_token_set(path)
+
+
+def test_a_field_without_option_metadata_is_named():
+    @dataclass(frozen=True)
+    class Bare:
+        plain: int = 1
+
+    with pytest.raises(TypeError, match=r"^Bare\.plain has no option\(\.\.\.\) metadata$"):
+        add_arguments(argparse.ArgumentParser(), Bare)

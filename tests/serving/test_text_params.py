@@ -18,6 +18,7 @@ from serving.text_params import (
     add_sampling_arguments,
     sampling_from_cli,
     sampling_message,
+    sampling_names,
 )
 
 
@@ -97,3 +98,53 @@ def test_requests_carry_think_and_sampling_only_where_asked():
     assert request.messages[0].content[0].text == "hi"
     with pytest.raises(TypeError, match="unexpected keyword"):
         understand_request([("user", "hi")], steps=3)
+
+
+def test_sampling_without_a_prefix_names_flags_keywords_and_help():
+    assert sampling_names() == frozenset(f.name for f in dataclasses.fields(TextSampling))
+    assert sampling_names("think_") == frozenset(
+        "think_" + f.name for f in dataclasses.fields(TextSampling)
+    )
+    parser = argparse.ArgumentParser(prog="p")
+    add_sampling_arguments(parser)
+    args = parser.parse_args(["--top-k", "3"])
+    assert sampling_from_cli(args)["top_k"] == 3 and sampling_from_cli(args)["seed"] is None
+    text = " ".join(parser.format_help().split())
+    assert "text sampling:" in text
+    seed_help = "with --do-sample: the sampler's seed (unset: the server picks one)"
+    assert seed_help in text and f"{seed_help} (default" not in text
+    top_k = dataclasses.fields(TextSampling)[4]
+    assert top_k.name == "top_k"
+    assert f"{top_k.metadata['help']} (default: 0)" in text
+    think = argparse.ArgumentParser(prog="p")
+    add_sampling_arguments(think, "think_")
+    assert "think text sampling:" in " ".join(think.format_help().split())
+
+
+def test_a_sampled_temperature_must_be_above_zero_and_may_be_below_one():
+    TextSampling(do_sample=True, temperature=0.5).validate()
+    with pytest.raises(InvalidParams, match="temperature=0.0 must be > 0"):
+        TextSampling(do_sample=True, temperature=0.0).validate()
+
+
+def test_an_unset_seed_is_drawn_below_two_to_the_31(monkeypatch):
+    drawn = []
+    monkeypatch.setattr("serving.text_params.secrets.randbelow", lambda n: drawn.append(n) or 5)
+    assert TextSampling.from_proto(params_pb2.TextSampling()).seed == 5
+    assert drawn == [2**31]
+
+
+def test_unset_keywords_are_skipped_and_unknown_ones_listed():
+    msg = sampling_message(temperature=None, top_k=4)
+    assert not msg.HasField("temperature") and msg.top_k == 4
+    with pytest.raises(TypeError) as err:
+        sampling_message(b=1, a=2)
+    assert str(err.value) == "unexpected keyword argument(s): a, b"
+
+
+def test_as_dict_is_every_field_by_name():
+    sampling = TextSampling(max_new_tokens=9, top_k=2)
+    assert sampling.as_dict() == {
+        f.name: getattr(sampling, f.name) for f in dataclasses.fields(TextSampling)
+    }
+    assert sampling.as_dict()["max_new_tokens"] == 9 and sampling.as_dict()["top_k"] == 2

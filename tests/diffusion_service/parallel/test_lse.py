@@ -142,8 +142,13 @@ def _rest(q, k):
     return empty, empty, q.shape[2], k.shape[2], empty, empty, empty
 
 
+CALLS: list[str] = []  # the stand-in kernels run, in order
+
+
 def _flash(q, k, v, dropout_p=0.0, is_causal=False, return_debug_mask=False, *, scale=None):
     assert (dropout_p, is_causal, scale) == (0.0, False, None)
+    assert k.dtype == v.dtype == q.dtype
+    CALLS.append("flash")
     out, lse_ = _attend(q, k, v, None)
     return out, lse_, *_rest(q, k)
 
@@ -151,6 +156,8 @@ def _flash(q, k, v, dropout_p=0.0, is_causal=False, return_debug_mask=False, *, 
 def _cudnn(q, k, v, attn_bias, compute_log_sumexp, dropout_p=0.0, is_causal=False,
            return_debug_mask=False, *, scale=None):  # fmt: skip
     assert compute_log_sumexp and (dropout_p, is_causal, scale) == (0.0, False, None)
+    assert k.dtype == v.dtype == q.dtype
+    CALLS.append("cudnn")
     if attn_bias is not None:
         assert attn_bias.shape == (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         assert attn_bias.dtype == q.dtype
@@ -169,7 +176,12 @@ def cpu_kernels():
 
 @pytest.fixture(params=[True, False], ids=["cudnn", "flash"])
 def kernel(request, cpu_kernels, monkeypatch):
-    monkeypatch.setattr(lse, "_use_cudnn", lambda q: request.param)
+    def use_cudnn(q: torch.Tensor) -> bool:
+        assert q.dtype == torch.bfloat16
+        return request.param
+
+    monkeypatch.setattr(lse, "_use_cudnn", use_cudnn)
+    CALLS.clear()
     return request.param
 
 
@@ -255,3 +267,58 @@ def test_cudnn_is_used_where_available_enabled_and_sm80_or_newer(
     q = torch.zeros(1, 1, 1, 8)
     assert lse._use_cudnn(q) is expected
     assert asked in ([], [q.device])
+
+
+def test_each_path_runs_its_kernel_and_flash_leaves_a_masked_block_to_the_explicit_path(kernel):
+    q, k, v, mask = _inputs(5, mask_rows=(3, 7))
+    _fused_attention_with_lse(q, k, v, None)
+    _fused_attention_with_lse(q, k, v, mask)
+    assert (["cudnn", "cudnn"] if kernel else ["flash"]) == CALLS
+
+
+def test_a_half_precision_query_on_cuda_takes_the_fused_path(kernel, monkeypatch):
+    monkeypatch.setattr(lse, "_fused_applies", lambda q: q.dtype == torch.bfloat16)
+    q, k, v, mask = _inputs(6, mask_rows=(2, 6))
+    out, lse_ = attention_with_lse(q, k, v, mask)
+    ref_out, ref_lse = reference_attention(q, k, v, mask)
+    assert relative_error(out, ref_out) < HALF_TOL
+    assert relative_error(lse_, ref_lse) < HALF_TOL
+    assert (["cudnn"] if kernel else []) == CALLS  # flash takes no mask: explicit instead
+    attention_with_lse(q, k, v)
+    assert CALLS[-1] == ("cudnn" if kernel else "flash")
+
+
+def test_an_empty_key_block_of_half_inputs_is_fp32_zero_and_minus_inf():
+    q = torch.ones(2, 3, HEADS, HEAD_DIM, dtype=torch.bfloat16)
+    k = torch.ones(2, 0, KV_HEADS, HEAD_DIM, dtype=torch.bfloat16)
+    out, lse_ = attention_with_lse(q, k, k)
+    assert out.dtype == lse_.dtype == torch.float32
+    assert torch.equal(out, torch.zeros(2, 3, HEADS, HEAD_DIM))
+    assert torch.equal(lse_, torch.full((2, 3, HEADS), float("-inf")))
+
+
+class _Query:
+    """What `_fused_applies` reads of a tensor: a CUDA tensor needs no GPU to describe."""
+
+    def __init__(self, device: str, dtype: torch.dtype, head_dim: int) -> None:
+        self.device = torch.device(device) if device == "cpu" else type("D", (), {"type": device})
+        self.dtype = dtype
+        self.shape = (1, 3, 5, head_dim)
+
+
+@pytest.mark.parametrize(
+    "device, dtype, head_dim, fused",
+    [
+        ("cuda", torch.bfloat16, 128, True),
+        ("cuda", torch.float16, 64, True),
+        ("cuda", torch.bfloat16, 8, True),
+        ("cuda", torch.bfloat16, 136, False),
+        ("cuda", torch.bfloat16, 12, False),
+        ("cuda", torch.float32, 128, False),
+        ("cpu", torch.bfloat16, 128, False),
+    ],
+)
+def test_the_fused_kernels_take_half_precision_head_dims_in_eights_up_to_128_on_cuda(
+    device, dtype, head_dim, fused
+):
+    assert lse._fused_applies(_Query(device, dtype, head_dim)) is fused

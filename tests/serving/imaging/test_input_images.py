@@ -4,12 +4,13 @@ InvalidParams that names the image and what is wrong with it."""
 from __future__ import annotations
 
 import io
+import warnings
 
 import pytest
 from PIL import Image
 
-from serving.imaging import input_images as images
 from serving.errors import InvalidParams
+from serving.imaging import input_images as images
 from serving.imaging.input_images import decode_input_image, decode_input_images, has_alpha
 
 
@@ -111,3 +112,21 @@ def test_edit_defaults_are_bagels_editing_settings():
     assert (images.MAX_INPUT_IMAGES, images.MAX_INPUT_IMAGE_BYTES) == (1, 32 * 1024 * 1024)
     assert images.MAX_INPUT_IMAGE_PIXELS == 50_000_000
     assert images.ACCEPTED_FORMATS == ("PNG", "JPEG")
+
+
+def test_a_gif_is_refused_though_pil_reads_it():
+    with pytest.raises(InvalidParams, match="^img is not a PNG or JPEG image$"):
+        decode_input_image(encode(Image.new("RGB", (2, 2)), "GIF"), "img")
+
+
+def test_a_one_pixel_image_decodes():
+    for size in ((1, 1), (1, 5), (5, 1)):
+        assert decode_input_image(encode(Image.new("RGB", size, (9, 8, 7)))).size == size
+
+
+def test_pils_decompression_warning_is_not_ours_to_raise(monkeypatch):
+    """Between PIL's limit and twice it PIL only warns; our own pixel limit decides."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert decode_input_image(encode(Image.new("RGB", (4, 4)))).size == (4, 4)

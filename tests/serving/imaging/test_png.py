@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from serving.imaging import png
 from serving.imaging.png import SIGNATURE, adler32_combine, encode_png
 
 
@@ -139,3 +140,14 @@ def test_adler32_combine_equals_the_checksum_of_the_joined_bytes():
     assert adler32_combine(zlib.adler32(high), zlib.adler32(high), len(high)) == zlib.adler32(
         high + high
     )
+
+
+@pytest.mark.parametrize("level", range(10))
+def test_the_zlib_header_is_zlibs_own_for_every_level(level):
+    assert png._zlib_header(level) == zlib.compress(b"x", level)[:2]
+
+
+def test_the_default_level_is_1():
+    pixels = np.arange(48 * 32 * 3, dtype=np.uint8).reshape(48, 32, 3)
+    assert png.encode_png(pixels) == png.encode_png(pixels, level=1)
+    assert png.encode_png(pixels) != png.encode_png(pixels, level=2)

@@ -46,3 +46,18 @@ def test_loggable_cuts_long_text_and_says_how_much_is_left_out():
     assert loggable("x" * 100, limit=10) == "xxxxxxxxxx...(+90 chars)"
     assert loggable("\n" * 100, limit=10) == "\\n" * 5 + "...(+190 chars)"
     assert loggable("req-1") == "req-1"
+
+
+def test_a_long_printable_id_is_refused_for_its_length_alone():
+    with pytest.raises(InvalidParams) as info:
+        check_request_id("x" * 129)
+    assert str(info.value) == (
+        "request_id must be 1 to 128 printable ASCII characters; got 129 characters"
+    )
+
+
+def test_loggable_keeps_64_characters_by_default_and_a_backslash_as_it_is():
+    assert loggable("x" * 64) == "x" * 64
+    assert loggable("x" * 65) == "x" * 64 + "...(+1 chars)"
+    assert loggable("y" * 10, limit=10) == "y" * 10
+    assert loggable("a\\b\x00") == "a\\b\\x00"

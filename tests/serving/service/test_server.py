@@ -54,7 +54,14 @@ def test_the_metrics_have_the_documented_names_labels_and_buckets():
         "Calls refused before they ran: missing_token, invalid_token, client_not_allowed"
     )
     assert docs["bagel_test_model_load_seconds"].startswith("Seconds from the start of loading")
-    assert docs["bagel_test_peak_memory_bytes"].startswith("Peak GPU memory of a rank")
+    assert docs["bagel_test_peak_memory_bytes"] == (
+        "Peak GPU memory of a rank since it started: reserved by the caching allocator, or "
+        "allocated to tensors"
+    )
+    buckets = [
+        s.labels["le"] for m in metrics.registry.collect() for s in m.samples if "le" in s.labels
+    ]
+    assert buckets == [*(str(float(b)) for b in LATENCY_BUCKETS), "+Inf"]
 
 
 def test_two_services_keep_their_metrics_apart():
@@ -77,6 +84,19 @@ def test_metrics_are_served_over_http_until_closed():
     metrics.close()  # a second close does nothing
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1)
+
+
+def test_metrics_listen_on_the_host_given_only():
+    metrics = ServiceMetrics("test")
+    port = free_port()
+    metrics.serve("127.0.0.2", port)
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.2:{port}/metrics", timeout=5) as reply:
+            assert reply.status == 200
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1)
+    finally:
+        metrics.close()
 
 
 def _health(port: int, service: str) -> int:
@@ -103,9 +123,10 @@ def test_a_server_starts_not_serving_reflects_its_services_and_says_serving_when
             "127.0.0.1:0",
             registered.append,
             ServiceMetrics("test"),
-            "127.0.0.1",
+            "127.0.0.2",
             metrics_port,
         )
+        assert server.port is None  # not bound yet
         port = await server.start()
         assert port == server.port and port > 0
         assert len(registered) == 1
@@ -116,8 +137,12 @@ def test_a_server_starts_not_serving_reflects_its_services_and_says_serving_when
             HEALTH_SERVICE,
             "grpc.reflection.v1alpha.ServerReflection",
         }
-        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        url = f"http://127.0.0.2:{metrics_port}/metrics"
         assert await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).status) == 200
+        with pytest.raises(OSError):  # only on the metrics host given
+            await asyncio.to_thread(
+                urllib.request.urlopen, f"http://127.0.0.1:{metrics_port}/metrics", timeout=1
+            )
         await server.set_serving(True)
         statuses = await asyncio.to_thread(lambda: [_health(port, s) for s in ("", SERVICE)])
         assert statuses == [SERVING, SERVING]

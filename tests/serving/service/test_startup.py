@@ -143,3 +143,12 @@ def test_a_startup_error_is_one_line_on_stderr_and_exit_2(capsys):
         require("--model /x: missing file: /x/ema.safetensors")
     assert info.value.code == 2
     assert capsys.readouterr().err == "error: --model /x: missing file: /x/ema.safetensors\n"
+
+
+def test_an_address_of_another_host_cannot_be_bound_and_says_why():
+    with pytest.raises(StartupError) as info:
+        check_port_free("192.0.2.1:5")  # TEST-NET-1: no host has it
+    assert str(info.value) == (
+        "--listen 192.0.2.1:5: cannot bind: Cannot assign requested address "
+        "(not an address of this host?)"
+    )
