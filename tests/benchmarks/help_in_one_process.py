@@ -23,8 +23,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def forget_the_repos_modules() -> None:
     """Drop every module loaded from the repository, so that the next run imports it afresh."""
+    installed = str(Path(sys.prefix).resolve())  # the virtualenv may sit inside the repository
     for key, module in list(sys.modules.items()):
-        if key != "__main__" and str(getattr(module, "__file__", None) or "").startswith(str(ROOT)):
+        path = str(getattr(module, "__file__", None) or "")
+        if key != "__main__" and path.startswith(str(ROOT)) and not path.startswith(installed):
             del sys.modules[key]
 
 
