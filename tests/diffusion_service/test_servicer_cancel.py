@@ -17,29 +17,9 @@ from diffusion_service.servicer import DiffusionServicer
 from diffusion_service.settings import ServiceSettings
 from serving.params import GenerationParams
 from tests.diffusion_service.kv_stream import kv_frames
+from tests.helpers.servicer_calls import CallerContext, QueueOnlyEngine, stream_of
 
 PARAMS = GenerationParams(height=32, width=32, num_timesteps=4, seed=1)
-
-
-class QueueOnlyEngine:
-    """Takes jobs and runs none; remembers them so the test can see they were cancelled."""
-
-    def __init__(self) -> None:
-        self.handles = []
-
-    def submit(self, handle) -> int:
-        self.handles.append(handle)
-        return 0
-
-
-class CallerContext:
-    def time_remaining(self) -> float | None:
-        return None
-
-
-async def _frames(frames):
-    for frame in frames:
-        yield frame
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +37,7 @@ def test_a_generator_closed_at_a_yield_is_logged_and_counted_as_cancelled(
 
     async def call_and_leave() -> str:
         stream = servicer.generate(
-            _frames(kv_frames(contexts, config.fingerprint(), PARAMS, request_id="leaver")),
+            stream_of(kv_frames(contexts, config.fingerprint(), PARAMS, request_id="leaver")),
             CallerContext(),
         )
         first = await stream.__anext__()

@@ -18,38 +18,9 @@ from diffusion_service.servicer import DiffusionServicer
 from diffusion_service.settings import ServiceSettings
 from serving.params import DBCache, GenerationParams, TeaCache
 from tests.diffusion_service.kv_stream import kv_frames
+from tests.helpers.servicer_calls import Aborted, CallerContext, QueueOnlyEngine, stream_of
 
 SMALL = {"height": 32, "width": 32, "num_timesteps": 4, "seed": 1}
-
-
-class QueueOnlyEngine:
-    def __init__(self) -> None:
-        self.handles = []
-
-    def submit(self, handle) -> int:
-        self.handles.append(handle)
-        return 0
-
-
-class Aborted(Exception):
-    pass
-
-
-class CallerContext:
-    def __init__(self) -> None:
-        self.status: tuple[grpc.StatusCode, str] | None = None
-
-    def time_remaining(self) -> float | None:
-        return None
-
-    async def abort(self, code: grpc.StatusCode, message: str) -> None:
-        self.status = (code, message)
-        raise Aborted
-
-
-async def _frames(frames):
-    for frame in frames:
-        yield frame
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +53,7 @@ def _first_event(model_dir, contexts, params: GenerationParams, **settings):
     frames = kv_frames(contexts, config.fingerprint(), params, request_id="r-1")
 
     async def run():
-        stream = servicer.generate(_frames(frames), context)
+        stream = servicer.generate(stream_of(frames), context)
         try:
             first = await stream.__anext__()
         except Aborted:

@@ -17,24 +17,9 @@ from prefill_service.text import Answer, Queued
 from protos import GenerateRequest
 from serving.errors import ServiceError
 from serving.params import DBCache, GenerationParams
+from tests.helpers.servicer_calls import Aborted, CallerContext
 
 SMALL = {"height": 32, "width": 32, "num_timesteps": 4}
-
-
-class Aborted(Exception):
-    pass
-
-
-class CallerContext:
-    def __init__(self) -> None:
-        self.status: tuple[grpc.StatusCode, str] | None = None
-
-    def time_remaining(self) -> float | None:
-        return None
-
-    async def abort(self, code: grpc.StatusCode, message: str) -> None:
-        self.status = (code, message)
-        raise Aborted
 
 
 class NoDiffusion:
