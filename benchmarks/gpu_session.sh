@@ -11,9 +11,7 @@ fi
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/gpus.txt"
 if [ "$what" != bench ]; then
   python3 -m pytest -q -p no:cacheprovider -m gpu -o addopts="" \
-    tests/bagel/kernels/test_fused_cuda.py tests/bagel/kernels/test_graphs_cuda.py tests/bagel/network/test_fp8_cuda.py \
-    tests/bagel/prompting/test_contexts_cuda.py \
-    tests/diffusion_service/parallel/test_lse_cuda.py \
+    $(find tests -name 'test_*_cuda.py' | sort) \
     2>&1 | tee "$out/gpu_tests.txt"
 fi
 if [ "$what" != tests ]; then
