@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bagel.kernels import fused, streams
@@ -124,6 +125,7 @@ class MoTAttention(nn.Module):
             )
             self.add_module(f"q_norm{suffix}", RMSNorm(cfg.head_dim, cfg.rms_norm_eps))
             self.add_module(f"k_norm{suffix}", RMSNorm(cfg.head_dim, cfg.rms_norm_eps))
+        self._packed: dict[str, tuple[Tensor, Tensor]] = {}  # `packed_qkv_weights`
 
     def qkv(
         self, x: Tensor, cos: Tensor, sin: Tensor, expert: str
@@ -137,6 +139,43 @@ class MoTAttention(nn.Module):
         q = getattr(self, f"q_proj{expert}")(x).view(*shape, self.num_heads, self.head_dim)
         k = getattr(self, f"k_proj{expert}")(x).view(*shape, self.num_kv_heads, self.head_dim)
         v = getattr(self, f"v_proj{expert}")(x).view(*shape, self.num_kv_heads, self.head_dim)
+        return self.norm_rope(q, k, v, cos, sin, expert)
+
+    def packed_qkv(self, x: Tensor, cos: Tensor, sin: Tensor, expert: str):
+        """`qkv` with the three projections as one GEMM over `packed_qkv_weights`: for a few
+        rows (text decoding) each projection streams its weights, and one call streams them
+        once with one launch. Each output is the same dot product; the GEMM may split it
+        differently, so low bits can differ from `qkv`'s."""
+        weight, bias = self.packed_qkv_weights(expert)
+        q, k, v = F.linear(x, weight, bias).split(
+            (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
+             self.num_kv_heads * self.head_dim), dim=-1,
+        )  # fmt: skip
+        q = q.unflatten(-1, (self.num_heads, self.head_dim))
+        k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        return self.norm_rope(q, k, v, cos, sin, expert)
+
+    def packed_qkv_weights(self, expert: str) -> tuple[Tensor, Tensor]:
+        """`expert`'s q, k and v weights `[(H + 2 Hkv) D, hidden]` and biases as one tensor each.
+        The first call packs them and leaves the three `nn.Linear`s viewing the packed tensors,
+        so no weight is held twice (pack after the model has moved to its device)."""
+        packed = self._packed.get(expert)
+        if packed is None:
+            linears = [getattr(self, f"{n}_proj{expert}") for n in ("q", "k", "v")]
+            weight = torch.cat([lin.weight.detach() for lin in linears])
+            bias = torch.cat([lin.bias.detach() for lin in linears])
+            start = 0
+            for lin in linears:
+                rows = lin.weight.shape[0]
+                lin.weight = nn.Parameter(weight[start : start + rows], requires_grad=False)
+                lin.bias = nn.Parameter(bias[start : start + rows], requires_grad=False)
+                start += rows
+            packed = self._packed[expert] = (weight, bias)
+        return packed
+
+    def norm_rope(self, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, expert: str):
+        """QK-norm, then RoPE, of projected q `[..., H, D]` and k `[..., Hkv, D]`."""
         q_norm, k_norm = getattr(self, f"q_norm{expert}"), getattr(self, f"k_norm{expert}")
         if fused.applies(q):  # the same arithmetic in one pass over q and one over k
             q = fused.qk_norm_rope(q, q_norm.weight, cos, sin, q_norm.eps)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bagel.kernels.graphs import graph_or_eager
-from bagel.network.layers import rope_cos_sin
+from bagel.network.layers import compute_dtype, rope_cos_sin
 from bagel.network.model import UND, Bagel, MixedSequence
 
 MAX_NEW_TOKENS = 1000  # the reference's `max_think_token_n`
@@ -251,14 +251,15 @@ class TextDecoder:
         for r in self.active:
             tokens[r.slot], positions[r.slot], lengths[r.slot] = r.next_token, r.position, r.kv_len
         inputs = tuple(x.to(self.device, non_blocking=True) for x in (tokens, positions, lengths))
-        logits = self._forward(rows, span)(*inputs)[:count].float()
-        greedy = logits.argmax(-1).tolist()
+        logits = self._forward(rows, span)(*inputs)[:count]
+        # Through the host with `.cpu()`, which lets other threads run while it waits.
+        greedy = logits.argmax(-1).cpu().tolist()
         out = []
         for r in list(self.active):
-            row = logits[r.slot]
-            token = greedy[r.slot] if not r.sampling.do_sample else None
-            if token is None:
-                token = choose_token(row, r.sampling, r.generator)
+            if r.sampling.do_sample:
+                token = choose_token(logits[r.slot].float(), r.sampling, r.generator)
+            else:
+                token = greedy[r.slot]
             r.kv_len += 1
             r.position += 1
             r.next_token = token
@@ -338,16 +339,20 @@ def decode_step(
     llm = model.config.llm
     rows = tokens.shape[0]
     groups = llm.num_heads // llm.num_kv_heads
+    x = model.language_model.model.embed_tokens(tokens)[:, None]
+    # Tables and mask once per step, in the forms the layers read (no conversion per layer).
     cos, sin = rope_cos_sin(positions, llm.head_dim, llm.rope_theta)
-    cos, sin = cos[:, None, None, :], sin[:, None, None, :]
+    wide = compute_dtype(x)
+    cos, sin = cos.to(wide)[:, None, None, :], sin.to(wide)[:, None, None, :]
     slot = torch.arange(rows, device=tokens.device)
     head = torch.arange(llm.num_kv_heads, device=tokens.device)
     # Keys at or below each row's new one are real; the rest of the span is another's or unused.
     visible = torch.arange(span, device=tokens.device)[None] <= lengths[:, None]
-    mask = visible[:, None, None, :]
-    x = model.language_model.model.embed_tokens(tokens)[:, None]
+    mask = torch.zeros(visible.shape, dtype=x.dtype, device=x.device)
+    mask = mask.masked_fill_(~visible, -math.inf)[:, None, None, :]
     for index, layer in enumerate(model.layers):
-        q, k, v = layer.norm_qkv(x, cos, sin, UND)
+        h = getattr(layer, f"input_layernorm{UND}")(x)
+        q, k, v = layer.self_attn.packed_qkv(h, cos, sin, UND)
         cache_k, cache_v = cache.keys[index], cache.values[index]
         where = (slot[:, None], head[None, :], lengths[:, None])
         cache_k.index_put_(where, k[:, 0])

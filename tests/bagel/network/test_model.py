@@ -201,3 +201,36 @@ def test_add_linear_folds_the_residual_into_the_matmul_and_equals_the_separate_a
     )
     biased = nn.Linear(8, 6).double()  # falls back to the separate add, bias included
     torch.testing.assert_close(add_linear(residual, biased, x), residual + biased(x))
+
+
+def test_packed_qkv_equals_the_three_projections_and_holds_no_weight_twice():
+    from bagel.network.config import LLMConfig
+    from bagel.network.layers import rope_cos_sin
+    from bagel.network.model import UND, MoTAttention
+
+    torch.manual_seed(0)
+    cfg = LLMConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=1, num_heads=4,
+        num_kv_heads=2,
+    )  # fmt: skip
+    attention = MoTAttention(cfg, with_gen=False).requires_grad_(False)
+    before = {k: v.clone() for k, v in attention.state_dict().items()}
+    x = torch.randn(3, 1, cfg.hidden_size)
+    cos, sin = rope_cos_sin(torch.tensor([5, 9, 2]), cfg.head_dim, cfg.rope_theta)
+    cos, sin = cos[:, None, None, :], sin[:, None, None, :]
+    separate = attention.qkv(x, cos, sin, UND)
+    packed = attention.packed_qkv(x, cos, sin, UND)
+    for a, b in zip(separate, packed, strict=True):
+        assert a.shape == b.shape
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+    weight, bias = attention.packed_qkv_weights(UND)
+    # The linears now view the packed tensors: same values, one storage.
+    after = attention.state_dict()
+    assert after.keys() == before.keys()
+    for name, value in before.items():
+        assert torch.equal(after[name], value), name
+    for name in ("q_proj", "k_proj", "v_proj"):
+        linear = getattr(attention, name)
+        assert linear.weight.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr()
+        assert linear.bias.untyped_storage().data_ptr() == bias.untyped_storage().data_ptr()
+    assert attention.packed_qkv_weights(UND)[0] is weight  # packed once
