@@ -97,6 +97,7 @@ def rank_pid(address: str, rank: int) -> int:
     raise LookupError(f"no process of rank {rank}")
 
 
+@pytest.mark.slow  # two torchrun agents and their workers: ~15 s of start-up
 def test_two_torchrun_nodes_serve_one_group_equal_to_the_single_process_reference(
     two_nodes, pipeline, contexts, reference
 ):
@@ -115,6 +116,7 @@ def test_two_torchrun_nodes_serve_one_group_equal_to_the_single_process_referenc
     assert f"serving on {node0.address}" in node0.log()
 
 
+@pytest.mark.slow  # a whole torchrun restart: ~15 s
 def test_a_killed_rank_takes_the_group_down_and_torchrun_restarts_all_of_it(
     two_nodes, pipeline, contexts, reference
 ):

@@ -323,6 +323,7 @@ def test_a_torchrun_world_that_is_not_the_product_of_the_degrees_fails_listing_v
     )
 
 
+@pytest.mark.slow  # a torchrun agent and two workers: ~20 s; the launcher forms run in `make test`
 def test_the_service_joins_a_world_started_by_torchrun(tiny_model_dir, pipeline, contexts):
     args = ["--nproc-per-node", "2", "-m", "diffusion_service", "--model", str(tiny_model_dir)]
     with ServiceProcess("torch.distributed.run", [*args, "--ulysses", "2"]) as svc:

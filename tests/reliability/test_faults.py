@@ -232,6 +232,7 @@ def test_the_diffusion_service_killed_and_restarted_under_a_running_prefill_serv
         prefill.stop()
 
 
+@pytest.mark.slow  # a fresh service pair in a session of its own: ~27 s
 def test_sigterm_to_the_diffusion_process_group_drains_and_leaves_no_process(
     serving: ServicePair, reference: np.ndarray, tally: Tally
 ):
