@@ -22,7 +22,8 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bagel.text.decoding import Sampling, TextDecoder, bucket, decode_step
+from bagel.text.batched_step import bucket, decode_step
+from bagel.text.decoding import Sampling, TextDecoder
 from benchmarks._report import emit_json
 from benchmarks.decode import NO_END, build, text_prompt
 from benchmarks.profile_forward import group_of

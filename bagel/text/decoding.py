@@ -18,12 +18,12 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from bagel.kernels.graphs import graph_or_eager
-from bagel.network.layers import compute_dtype, rope_cos_sin
-from bagel.network.model import UND, Bagel, MixedSequence
+from bagel.network.layers import rope_cos_sin
+from bagel.network.model import Bagel, MixedSequence
+from bagel.text.batched_step import SlotCache, bucket, decode_step
 
 MAX_NEW_TOKENS = 1000  # the reference's `max_think_token_n`
 TEMPERATURE = 0.3  # the reference's `text_temperature`
@@ -96,62 +96,34 @@ class Token:
     finish: str | None = None
 
 
-class SlotCache:
-    """Per layer, K and V of every slot: `[slots, kv_heads, capacity, head_dim]`, so a batch's
-    keys are one strided view and a step writes each request's new key at its own length. The
-    capacity grows (doubling, contents kept) as the longest request needs, up to `max_capacity`."""
+@dataclass
+class _Launched:
+    """A step on its way: its inputs, its logits (the captured graph's output, valid until the
+    next replay) and each row's greedy choice, being copied to the host."""
 
-    def __init__(self, model: Bagel, slots: int, max_capacity: int, capacity: int = 256) -> None:
-        llm = model.config.llm
-        weight = model.language_model.model.embed_tokens.weight
-        self.slots, self.max_capacity = slots, max_capacity
-        self.capacity = min(capacity, max_capacity)
-        shape = (slots, llm.num_kv_heads, self.capacity, llm.head_dim)
-        self.keys = [weight.new_zeros(shape) for _ in range(llm.num_layers)]
-        self.values = [weight.new_zeros(shape) for _ in range(llm.num_layers)]
+    inputs: tuple[Tensor, Tensor, Tensor]  # tokens, positions, lengths, on the device
+    logits: Tensor  # [rows, vocab]
+    greedy: Tensor  # [rows] int64, on the device
+    chosen: Tensor  # the same on the host, complete once `done` has passed
+    done: torch.cuda.Event | None
 
-    def ensure(self, tokens: int) -> bool:
-        """Room for `tokens` keys per slot; True if the tensors were reallocated."""
-        if tokens <= self.capacity:
-            return False
-        if tokens > self.max_capacity:
-            raise ValueError(f"{tokens} tokens exceed the cache's {self.max_capacity}")
-        capacity = bucket(tokens, self.capacity, self.max_capacity)
-
-        def grown(old: Tensor) -> Tensor:
-            new = old.new_zeros((*old.shape[:2], capacity, old.shape[3]))
-            new[:, :, : self.capacity] = old
-            return new
-
-        self.keys = [grown(k) for k in self.keys]
-        self.values = [grown(v) for v in self.values]
-        self.capacity = capacity
-        return True
-
-    def fill(self, slot: int, keys: list[Tensor], values: list[Tensor]) -> None:
-        """A prefilled prompt's K/V (per layer `[tokens, kv_heads, head_dim]`) into `slot`."""
-        for cache_k, cache_v, k, v in zip(self.keys, self.values, keys, values, strict=True):
-            cache_k[slot, :, : k.shape[0]] = k.transpose(0, 1)
-            cache_v[slot, :, : v.shape[0]] = v.transpose(0, 1)
-
-    def move(self, source: int, target: int, length: int) -> None:
-        for cache in (*self.keys, *self.values):
-            cache[target, :, :length] = cache[source, :, :length]
-
-
-def bucket(n: int, smallest: int, largest: int) -> int:
-    """The power of two (at least `smallest`, at most `largest`) that holds `n`."""
-    size = smallest
-    while size < n:
-        size *= 2
-    return min(size, largest)
+    def wait(self) -> list[int]:
+        if self.done is not None:
+            self.done.synchronize()  # lets other Python threads run while it waits
+        return self.chosen.tolist()
 
 
 class TextDecoder:
     """Decodes the requests that have joined, one token each per `step`. Not thread-safe: one
     thread (a scheduler) calls it. `max_batch` requests at most, each at most `max_tokens` long
     (prompt and decoded tokens together). `graphs`: capture steps as CUDA graphs (None: on a
-    GPU)."""
+    GPU).
+
+    With graphs, while every request is greedy, `step` launches the following step before it
+    returns: its inputs (the tokens just chosen, positions and lengths one further) are made on
+    the device, so the GPU computes it while the caller hands the tokens on. A join or leave
+    first waits for that step and drops it; its key/value writes are the ones the next step
+    repeats, at positions no request reads yet."""
 
     MIN_SPAN = 64
 
@@ -168,6 +140,7 @@ class TextDecoder:
         self.graphs = self.device.type == "cuda" if graphs is None else graphs
         self._captured: dict[tuple[int, int], object] = {}
         self._pool = None
+        self._ahead: _Launched | None = None
         self.active: list[_Active] = []
 
     # ---- joining and leaving -------------------------------------------------------------
@@ -186,6 +159,7 @@ class TextDecoder:
         """Prefill `prompt` (RoPE positions up to `next_position - 1`) into a free slot and
         choose the request's first token. Raises ValueError if the batch is full or the prompt
         and its `max_new_tokens` do not fit in `max_tokens`."""
+        self._settle()
         length = prompt.embeddings.shape[0]
         if not self.has_room():
             raise ValueError(f"the decoder holds {self.max_batch} requests already")
@@ -211,6 +185,7 @@ class TextDecoder:
 
     def leave(self, key: Hashable) -> bool:
         """Drop request `key` (a caller that went away); False if it is not in the batch."""
+        self._settle()
         for request in self.active:
             if request.key == key:
                 self._remove(request)
@@ -240,36 +215,67 @@ class TextDecoder:
         """One token for every active request; finished ones leave the batch."""
         if not self.active:
             return []
-        count = len(self.active)
-        rows = bucket(count, 1, self.max_batch) if self.graphs else count
-        longest = max(r.kv_len for r in self.active) + 1
-        self._ensure(longest)
-        span = bucket(longest, self.MIN_SPAN, self.cache.capacity)
-        tokens = torch.zeros(rows, dtype=torch.long)
-        positions = torch.zeros(rows, dtype=torch.long)
-        lengths = torch.zeros(rows, dtype=torch.long)
-        for r in self.active:
-            tokens[r.slot], positions[r.slot], lengths[r.slot] = r.next_token, r.position, r.kv_len
-        inputs = tuple(x.to(self.device, non_blocking=True) for x in (tokens, positions, lengths))
-        logits = self._forward(rows, span)(*inputs)[:count]
-        # Through the host with `.cpu()`, which lets other threads run while it waits.
-        greedy = logits.argmax(-1).cpu().tolist()
+        launched, self._ahead = self._ahead or self._launch(self._host_inputs()), None
+        greedy = launched.wait()
         out = []
         for r in list(self.active):
             if r.sampling.do_sample:
-                token = choose_token(logits[r.slot].float(), r.sampling, r.generator)
+                token = choose_token(launched.logits[r.slot].float(), r.sampling, r.generator)
             else:
                 token = greedy[r.slot]
             r.kv_len += 1
             r.position += 1
             r.next_token = token
             r.decoded += 1
-            finish = self._finish_of(r, token)
-            out.append(Token(r.key, token, finish))
+            out.append(Token(r.key, token, self._finish_of(r, token)))
+        finishing = any(t.finish is not None for t in out)
+        if self.graphs and not finishing and not any(r.sampling.do_sample for r in self.active):
+            self._ahead = self._launch(self._device_inputs(launched))
         for t in out:
             if t.finish is not None:
                 self.leave(t.key)
         return out
+
+    def _host_inputs(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The next step's tokens, positions and lengths from the requests' own records."""
+        rows = self._rows()
+        tokens = torch.zeros(rows, dtype=torch.long)
+        positions = torch.zeros(rows, dtype=torch.long)
+        lengths = torch.zeros(rows, dtype=torch.long)
+        for r in self.active:
+            tokens[r.slot], positions[r.slot], lengths[r.slot] = r.next_token, r.position, r.kv_len
+        return tuple(x.to(self.device, non_blocking=True) for x in (tokens, positions, lengths))
+
+    def _device_inputs(self, previous: _Launched) -> tuple[Tensor, Tensor, Tensor]:
+        """The same, made on the device from the step before: its greedy tokens, and positions
+        and lengths one further on the active rows (the padding rows stay at zero)."""
+        _, positions, lengths = previous.inputs
+        live = (torch.arange(len(positions), device=self.device) < len(self.active)).long()
+        return previous.greedy, positions + live, lengths + live
+
+    def _rows(self) -> int:
+        count = len(self.active)
+        return bucket(count, 1, self.max_batch) if self.graphs else count
+
+    def _launch(self, inputs: tuple[Tensor, Tensor, Tensor]) -> _Launched:
+        longest = max(r.kv_len for r in self.active) + 1
+        self._ensure(longest)
+        span = bucket(longest, self.MIN_SPAN, self.cache.capacity)
+        logits = self._forward(self._rows(), span)(*inputs)
+        greedy = logits.argmax(-1)
+        if self.device.type != "cuda":
+            return _Launched(inputs, logits, greedy, greedy, None)
+        chosen = torch.empty(greedy.shape, dtype=greedy.dtype, pin_memory=True)
+        chosen.copy_(greedy, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return _Launched(inputs, logits, greedy, chosen, done)
+
+    def _settle(self) -> None:
+        """Wait for a step launched ahead and drop it: the batch is about to change."""
+        if self._ahead is not None:
+            self._ahead.wait()
+            self._ahead = None
 
     def _ensure(self, tokens: int) -> None:
         if self.cache.ensure(tokens):
@@ -328,43 +334,6 @@ def prefill_with_logits(
         values.append(v[0])
     last = llm.model.norm(x[0, -1:])
     return keys, values, llm.lm_head(last)[0].float()
-
-
-def decode_step(
-    model: Bagel, cache: SlotCache, span: int, tokens: Tensor, positions: Tensor, lengths: Tensor
-) -> Tensor:
-    """One token per row through the und expert: row `b` is slot `b`, feeding `tokens[b]` at
-    RoPE `positions[b]` after its `lengths[b]` cached keys; its K/V are written into the slot.
-    Returns logits `[rows, vocab]`. Shapes depend only on (rows, span): the step is graphable."""
-    llm = model.config.llm
-    rows = tokens.shape[0]
-    groups = llm.num_heads // llm.num_kv_heads
-    x = model.language_model.model.embed_tokens(tokens)[:, None]
-    # Tables and mask once per step, in the forms the layers read (no conversion per layer).
-    cos, sin = rope_cos_sin(positions, llm.head_dim, llm.rope_theta)
-    wide = compute_dtype(x)
-    cos, sin = cos.to(wide)[:, None, None, :], sin.to(wide)[:, None, None, :]
-    slot = torch.arange(rows, device=tokens.device)
-    head = torch.arange(llm.num_kv_heads, device=tokens.device)
-    # Keys at or below each row's new one are real; the rest of the span is another's or unused.
-    visible = torch.arange(span, device=tokens.device)[None] <= lengths[:, None]
-    mask = torch.zeros(visible.shape, dtype=x.dtype, device=x.device)
-    mask = mask.masked_fill_(~visible, -math.inf)[:, None, None, :]
-    for index, layer in enumerate(model.layers):
-        h = getattr(layer, f"input_layernorm{UND}")(x)
-        q, k, v = layer.self_attn.packed_qkv(h, cos, sin, UND)
-        cache_k, cache_v = cache.keys[index], cache.values[index]
-        where = (slot[:, None], head[None, :], lengths[:, None])
-        cache_k.index_put_(where, k[:, 0])
-        cache_v.index_put_(where, v[:, 0])
-        # The query heads of one KV head stand in for SDPA's query length: no KV copies.
-        grouped = q.view(rows, llm.num_kv_heads, groups, llm.head_dim)
-        attn = F.scaled_dot_product_attention(
-            grouped, cache_k[:rows, :, :span], cache_v[:rows, :, :span], attn_mask=mask
-        )
-        x = layer.finish(x, attn.reshape(rows, 1, llm.num_heads, llm.head_dim), UND)
-    last = model.language_model.model.norm(x[:, 0])
-    return model.language_model.lm_head(last)
 
 
 @dataclass

@@ -84,3 +84,40 @@ def test_captures_after_the_cache_grows_are_graphs_and_decode_the_eager_tokens(
     assert decoder.cache.capacity == 512
     assert decoder._captured and all(isinstance(c, GraphedCall) for c in decoder._captured.values())
     assert graphed == eager
+
+
+def test_steps_launched_ahead_give_each_request_its_tokens_alone_across_joins_and_leaves(
+    tiny_model_dir: Path,
+):
+    """While every request is greedy the next step is launched before `step` returns; a join, a
+    sampled neighbour and a leave drop it, and every request still gets its tokens alone."""
+    model = load_bagel(tiny_model_dir, "prefill", torch.float32, "cuda", lm_head=True)
+    seqs = prompts(model, 3)
+    plans = [Sampling(30), Sampling(20, do_sample=True, temperature=0.7, seed=3), Sampling(25)]
+    decoder = TextDecoder(model, max_batch=4, max_tokens=256, graphs=True)
+    got: dict[int, list[int]] = {}
+
+    def join(i: int) -> None:
+        got[i] = [decoder.join(i, *seqs[i], plans[i], NO_END).token]
+
+    def steps(n: int) -> None:
+        for _ in range(n):
+            for t in decoder.step():
+                got[t.key].append(t.token)
+
+    join(0)
+    steps(5)
+    assert decoder._ahead is not None  # greedy alone: the next step is on its way
+    join(1)
+    steps(4)
+    assert decoder._ahead is None  # a sampled request in the batch: nothing ahead
+    join(2)
+    steps(3)
+    assert decoder.leave(1)
+    steps(2)
+    assert decoder._ahead is not None
+    while decoder.active:
+        steps(1)
+    for i in (0, 2):
+        assert got[i] == decode(model, *seqs[i], plans[i], NO_END).tokens, i
+    assert got[1] == decode(model, *seqs[1], plans[1], NO_END).tokens[: len(got[1])]
