@@ -61,9 +61,10 @@ PRESETS: dict[str, Preset] = {
         "them (the flags' defaults)"
     ),
     "fast": Preset(
-        "FP8 linears (45 dB from bf16 at BAGEL-7B shapes, 1.5x faster on one H200), the fastest "
-        "measured layout for the GPUs present (1: one rank; 2: --kv-gather 2; 4: --ulysses 2 "
-        "--ring 2; under torchrun: for its world), no step cache",
+        "FP8 linears (faster where the GPU has FP8 tensor cores, a little less exact: "
+        "docs/benchmarks.md, 'FP8 linear layers'), the fastest measured layout for the GPUs "
+        "present (1: one rank; 2: --kv-gather 2; 4: --ulysses 2 --ring 2; under torchrun: for "
+        "its world), no step cache",
         linear_precision="fp8",
         layout=fastest_layout,
     ),

@@ -25,9 +25,9 @@ from diffusion_service.servicer import DiffusionServicer
 from diffusion_service.settings import ServiceSettings
 from diffusion_service.worker import rank_device
 from protos import DIFFUSION_SERVICE, GenerateEvent, ModelInfo
+from serving.params import cache_policy_name
 from serving.service.access import RefusalLog
 from serving.service.credentials import CredentialReloader, ServerCredentialStore
-from serving.params import cache_policy_name
 from serving.service.model_info import model_info, model_info_handler
 from serving.service.security import risky_settings
 from serving.service.server import GrpcServer, serve_until_signal

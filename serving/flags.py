@@ -241,7 +241,9 @@ def build_parser(settings_cls: type, prog: str) -> OneLineArgumentParser:
     return parser
 
 
-def given_paths(settings_cls: type, prog: str, argv: list[str] | None = None) -> frozenset[FieldPath]:
+def given_paths(
+    settings_cls: type, prog: str, argv: list[str] | None = None
+) -> frozenset[FieldPath]:
     """The fields whose flags `argv` names, a flag given with its default's value included."""
     parser = build_parser(settings_cls, prog)
     for action in parser._actions:
