@@ -19,7 +19,8 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
-# What `main` does up to the first CUDA allocation, then one allocation and its segments.
+# What `main` does up to the first CUDA allocation (`--preset fast` counts the GPUs), then one
+# allocation and its segments.
 SCRIPT = """
 import json, sys
 import diffusion_service.__main__ as main
@@ -45,7 +46,7 @@ def test_the_service_process_allocates_expandable_segments_when_asked(
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     run = subprocess.run(
         [sys.executable, "-c", SCRIPT, "--model", str(tiny_model_dir), "--device", "cuda",
-         "--cuda-allocator", choice],
+         "--preset", "fast", "--cuda-allocator", choice],
         cwd=ROOT, env=env, capture_output=True, text=True,
         timeout=120,
     )  # fmt: skip
