@@ -1,6 +1,7 @@
 """The diffusion service's presets (`--preset`): named quality/speed trade-offs, what each sets
-in one table, `PRESETS`. They are applied once, when the flags are read (`resolve`): a flag the
-command line gives wins over its preset's value, and the layout flags (`--ulysses`, `--ring`,
+in one table, `PRESETS`. They are applied once, when the flags are read
+(`diffusion_service.settings.parse_settings`): a flag the command line gives wins over its
+preset's value, and the layout flags (`--ulysses`, `--ring`,
 `--cfg-parallel`, `--kv-gather`, `--sp-attention`) count as one setting, the layout.
 """
 
