@@ -47,7 +47,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from client import BagelClient
 from diffusion_service.launch import free_port, validate_settings
 from diffusion_service.parallel.config import ParallelConfig
-from diffusion_service.settings import parse_settings
+from diffusion_service.settings import ServiceSettings, parse_settings
 from serving.params import GenerationParams
 
 PROMPT = "A cute cat"
@@ -75,12 +75,19 @@ class Run:
     topology: str
     precision: str | None
 
-    @property
-    def parallel(self) -> ParallelConfig:
-        return parse_settings(["--model", "-", *shlex.split(self.topology)]).parallel
+    def settings(self, device: str) -> ServiceSettings:
+        """The diffusion service's settings from these flags on `device` (a `--preset` resolved
+        as the service resolves it on this machine)."""
+        return parse_settings(["--model", "-", "--device", device, *self.diffusion_flags()])
+
+    def parallel(self, device: str) -> ParallelConfig:
+        return self.settings(device).parallel
 
     def precision_name(self, device: str) -> str:
-        """The linear layers' precision: the flag's, else the service's default dtype."""
+        """The linear layers' precision: fp8 where the flags (or the preset) ask, else the
+        service's default dtype."""
+        if self.settings(device).linear_precision == "fp8":
+            return "fp8"
         return self.precision or ("bf16" if device == "cuda" else "fp32")
 
     @property
@@ -325,10 +332,10 @@ class Bench:
     def run(self, run: Run) -> dict:
         a = self.args
         row = {
-            "layout": layout_name(run.parallel, a.device),
+            "layout": layout_name(run.parallel(a.device), a.device),
             "topology": run.topology,
             "precision": run.precision_name(a.device),
-            "world": run.parallel.world_size,
+            "world": run.parallel(a.device).world_size,
         }
         metrics_port = free_port()
         log_path = self.logs / f"diffusion-{run.slug}.log"
@@ -468,14 +475,18 @@ def main() -> None:
     runs = [Run(t, p) for t in topologies for p in (args.linear_precision or [None])]
     for run in runs:  # a bad flag or topology fails here, before any service starts
         try:
-            validate_settings(parse_settings(["--model", args.model, *run.diffusion_flags()]))
+            validate_settings(
+                parse_settings(
+                    ["--model", args.model, "--device", args.device, *run.diffusion_flags()]
+                )
+            )
         except ValueError as e:
             raise SystemExit(f"topology {run.topology!r}: {e}") from None
     if args.device == "cuda":
         import torch
 
         visible = torch.cuda.device_count()
-        too_big = [r.topology for r in runs if r.parallel.world_size > visible]
+        too_big = [r.topology for r in runs if r.parallel("cuda").world_size > visible]
         if too_big:
             raise SystemExit(f"topologies {too_big} need more than the {visible} visible GPUs")
     logs = Path(args.logs)

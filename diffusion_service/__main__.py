@@ -15,6 +15,7 @@ from bagel.devices import device_fault
 from diffusion_service.launch import TorchrunWorld, serve_torchrun_rank
 from diffusion_service.server import run
 from diffusion_service.settings import ServiceSettings, parse_settings
+from serving.service.cuda_allocator import configure_cuda_allocator
 from serving.service.server import configure_logging
 from serving.service.startup import StartupError, check_port_free, exit_on_misconfiguration, require
 
@@ -35,6 +36,8 @@ def main() -> None:
     configure_logging()
     settings = parse_settings()
     check_startup(settings, serves_grpc=not settings.torchrun or TorchrunWorld.from_env().rank == 0)
+    if settings.device == "cuda":  # before the first CUDA allocation; our own ranks fork later
+        configure_cuda_allocator(settings.cuda_allocator)
     try:
         if settings.torchrun:
             world = TorchrunWorld.from_env()

@@ -16,6 +16,7 @@ from bagel.checkpoints.checkpoint import load_autoencoder
 from bagel.checkpoints.model_info import read_checkpoint_facts
 from bagel.devices import default_dtype
 from bagel.network.config import BagelConfig
+from bagel.network.fp8 import runs_on_fp8_tensor_cores
 from diffusion_service.engine import Engine
 from diffusion_service.launch import rank_group, validate_settings
 from diffusion_service.memory import peaks_note, publish_peaks
@@ -24,6 +25,7 @@ from diffusion_service.servicer import DiffusionServicer
 from diffusion_service.settings import ServiceSettings
 from diffusion_service.worker import rank_device
 from protos import DIFFUSION_SERVICE, GenerateEvent, ModelInfo
+from serving.params import cache_policy_name
 from serving.service.access import RefusalLog
 from serving.service.credentials import CredentialReloader, ServerCredentialStore
 from serving.service.model_info import model_info, model_info_handler
@@ -93,6 +95,12 @@ class DiffusionServer:
         started = time.perf_counter()
         runtime = await asyncio.to_thread(self.group.start)
         device = rank_device(settings, 0)
+        if settings.linear_precision == "fp8" and not runs_on_fp8_tensor_cores(device):
+            log.warning(
+                "fp8 linears on %s: no FP8 tensor cores (sm_89 or later) here, so they run the "
+                "plain-PyTorch FP8 reference, slower than bf16",
+                torch.cuda.get_device_name(device) if device.type == "cuda" else "the CPU",
+            )
         autoencoder = await asyncio.to_thread(
             load_autoencoder, settings.model_dir, default_dtype(device), device
         )
@@ -109,11 +117,14 @@ class DiffusionServer:
         publish_peaks(self.metrics, runtime.peak_memory, device)
         await self.grpc.set_serving(True)
         log.info(
-            "serving on %s (port %d): %s, %s; loaded in %.1f s%s",
+            "serving on %s (port %d): preset %s: %s, %s, %s, default cache %s; loaded in %.1f s%s",
             settings.listen,
             self.grpc.port,
+            settings.preset,
             settings.parallel.describe(),
             settings.device,
+            precision_name(settings),
+            cache_policy_name(settings.default_cache),
             load_s,
             peaks_note(runtime.peak_memory, device),
         )

@@ -3,6 +3,7 @@ one dataclass, each field one flag (`serving.flags`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -10,9 +11,11 @@ from datetime import timedelta
 
 from bagel.network.fp8 import LinearPrecision
 from diffusion_service.parallel.config import ParallelConfig
+from diffusion_service.presets import DEFAULT_PRESET, PRESET_HELP, PRESETS, preset_changes
 from serving import flags
-from serving.flags import detected, group, option
+from serving.flags import FieldPath, detected, group, option
 from serving.params import CACHE_SPEC, CachePolicy, NoCache
+from serving.service.cuda_allocator import cuda_allocator_option
 from serving.settings import GrpcServiceSettings
 
 
@@ -27,6 +30,8 @@ class ServiceSettings(GrpcServiceSettings):
     """BAGEL diffusion service: receives a KV cache, denoises on all ranks, streams the image."""
 
     listen: str = option("HOST:PORT to serve on", default="127.0.0.1:50052")
+    # Applied when the flags are read (`parse_settings`): the fields below hold its values.
+    preset: str = option(PRESET_HELP, default=DEFAULT_PRESET, choices=tuple(PRESETS))
     # --ulysses, --ring, --cfg-parallel, --sp-attention, --kv-gather
     parallel: ParallelConfig = group(ParallelConfig)
     device: str = option(
@@ -39,6 +44,7 @@ class ServiceSettings(GrpcServiceSettings):
         "at load; activations quantized per token inside the fused kernels)",
         default="bf16",
     )
+    cuda_allocator: str = cuda_allocator_option()
     max_queue: int = option("requests waiting beyond the running one", default=8)
     # An edit of a 1024x1024 image with two 2048-token prompts sends 1.38 GB (docs/editing.md).
     max_kv_bytes: int = option("largest KV cache accepted", default=2 << 30)
@@ -89,5 +95,13 @@ class ServiceSettings(GrpcServiceSettings):
         return timedelta(seconds=self.collective_timeout_s)
 
 
+def apply_preset(settings: ServiceSettings, given: frozenset[FieldPath]) -> ServiceSettings:
+    """`settings` with its preset's values in the fields the command line did not name."""
+    changes = preset_changes(settings.preset, given, settings.device, settings.torchrun)
+    return dataclasses.replace(settings, **changes)
+
+
 def parse_settings(argv: list[str] | None = None) -> ServiceSettings:
-    return flags.parse_settings(ServiceSettings, "python -m diffusion_service", argv)
+    return flags.parse_settings(
+        ServiceSettings, "python -m diffusion_service", argv, resolve=apply_preset
+    )

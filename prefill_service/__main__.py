@@ -13,6 +13,7 @@ from bagel.prompting.image_transforms import ResizeRule
 from prefill_service.prefill import LanguageModelKV
 from prefill_service.server import serve
 from prefill_service.settings import ModelPrefillSettings, parse_settings
+from serving.service.cuda_allocator import configure_cuda_allocator
 from serving.service.server import configure_logging
 from serving.service.startup import check_port_free, exit_on_misconfiguration, require
 
@@ -35,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         require(device_fault(settings.device))
         require(model_dir_fault(settings.model_dir))
     configure_logging()
+    if settings.device == "cuda":  # before the first CUDA allocation
+        configure_cuda_allocator(settings.cuda_allocator)
 
     def load() -> LanguageModelKV:
         return LanguageModelKV(

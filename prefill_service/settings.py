@@ -13,6 +13,7 @@ from prefill_service.routing import split_addresses
 from prefill_service.text import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS
 from serving import flags
 from serving.flags import group, option
+from serving.service.cuda_allocator import cuda_allocator_option
 from serving.service.security import ClientSecurity
 from serving.settings import GrpcServiceSettings
 from transport import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE
@@ -89,6 +90,7 @@ class ModelPrefillSettings(PrefillSettings):
     device: str = option(
         "where the model runs: cpu (fp32) or cuda (bf16)", default="cpu", choices=("cpu", "cuda")
     )
+    cuda_allocator: str = cuda_allocator_option()
     image_input: bool = option(
         "text-to-image only: do not load the ViT, the VAE encoder and the gen expert (about half "
         "the memory); requests with an input image get INVALID_ARGUMENT",

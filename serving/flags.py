@@ -13,7 +13,9 @@ prefix=...)` contributes that dataclass's flags, named with the group's prefix; 
 description is the settings dataclass's docstring.
 
 Errors of a group's own checks name its flags unprefixed (`--tls-cert`); the walk renames them
-as the command line spells them (`--diffusion-tls-cert`).
+as the command line spells them (`--diffusion-tls-cert`). `parse_settings(..., resolve=...)`
+hands the settings and the fields the command line named to a function that fills in the rest
+(a preset: a flag given wins over it).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import types
 import typing
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
+
+FieldPath = tuple[str, ...]  # a field's names from the outer settings down: ("parallel", "ring")
 
 SCALARS = (str, int, float)
 SECONDS = "_s"  # the name of a field in seconds ends so: `drain_s`
@@ -67,7 +71,7 @@ class Flag:
     """One flag: where its value goes (`path`: the field names from the outer settings down),
     its field, and how the command line spells it."""
 
-    path: tuple[str, ...]
+    path: FieldPath
     field: dataclasses.Field
     annotation: Any
     name: str  # "--tls-cert"
@@ -237,12 +241,33 @@ def build_parser(settings_cls: type, prog: str) -> OneLineArgumentParser:
     return parser
 
 
-def parse_settings(settings_cls: type, prog: str, argv: list[str] | None = None) -> Any:
+def given_paths(
+    settings_cls: type, prog: str, argv: list[str] | None = None
+) -> frozenset[FieldPath]:
+    """The fields whose flags `argv` names, a flag given with its default's value included."""
+    parser = build_parser(settings_cls, prog)
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS  # a flag not given leaves no attribute
+    named = vars(parser.parse_args(argv))
+    return frozenset(f.path for f in flags(settings_cls) if f.dest in named)
+
+
+def parse_settings(
+    settings_cls: type,
+    prog: str,
+    argv: list[str] | None = None,
+    resolve: Callable[[Any, frozenset[FieldPath]], Any] | None = None,
+) -> Any:
     """The settings `argv` (None: the command line) gives; a bad flag or a setting the
-    dataclasses refuse ends the process with one line and exit status 2."""
+    dataclasses refuse ends the process with one line and exit status 2. `resolve(settings,
+    given)`, `given` the fields the command line named, returns the settings to use instead (its
+    ValueError ends the process the same way)."""
     parser = build_parser(settings_cls, prog)
     args = parser.parse_args(argv)
     try:
-        return from_args(settings_cls, args)
+        settings = from_args(settings_cls, args)
+        if resolve is not None:
+            settings = resolve(settings, given_paths(settings_cls, prog, argv))
+        return settings
     except ValueError as e:
         parser.error(str(e))

@@ -99,6 +99,14 @@ def _has_fp8_tensor_cores(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
+def runs_on_fp8_tensor_cores(device: torch.device | str) -> bool:
+    """Whether FP8 linears on `device` multiply on FP8 tensor cores (sm_89 and later); elsewhere
+    (the CPU, older GPUs) they run the plain-PyTorch reference, slower than bf16. On a GPU this
+    initialises CUDA."""
+    device = torch.device(device)
+    return device.type == "cuda" and _has_fp8_tensor_cores(device)
+
+
 @functools.cache
 def _scaled_mm_adds_bias(device: torch.device) -> bool:
     """Whether this torch's `_scaled_mm` takes a bias with row-wise scales (torch 2.11 does).

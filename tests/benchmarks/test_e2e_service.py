@@ -4,6 +4,7 @@ metrics page read into load times and peak memory, requests summarised, the tabl
 from __future__ import annotations
 
 import pytest
+import torch
 
 from benchmarks.e2e_service import (
     GIB,
@@ -38,14 +39,24 @@ bagel_diffusion_peak_memory_bytes{{kind="allocated",rank="0"}} {27 * GIB}
 )
 def test_runs_are_named_from_their_flags(topology, precision, layout, slug):
     run = Run(topology, precision)
-    assert layout_name(run.parallel, "cuda") == layout
+    assert layout_name(run.parallel("cuda"), "cuda") == layout
     assert run.slug == slug
     precision_flags = ["--linear-precision", precision] if precision else []
     assert run.diffusion_flags() == topology.split() + precision_flags
 
 
+def test_a_preset_run_is_named_from_what_it_resolves_to(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    run = Run("--preset fast", None)
+    assert layout_name(run.parallel("cuda"), "cuda") == "KV gather 2"
+    assert run.precision_name("cuda") == "fp8"
+    assert run.slug == "presetfast-default"
+    bf16 = Run("--preset fast", "bf16")
+    assert (bf16.precision_name("cuda"), bf16.parallel("cuda").kv_gather) == ("bf16", 2)
+
+
 def test_one_rank_off_cuda_is_not_called_a_gpu():
-    assert layout_name(Run("", None).parallel, "cpu") == "1 rank"
+    assert layout_name(Run("", None).parallel("cpu"), "cpu") == "1 rank"
     assert Run("", None).precision_name("cpu") == "fp32"
     assert Run("", None).precision_name("cuda") == "bf16"
 

@@ -16,6 +16,7 @@ from serving.flags import (
     build_parser,
     detected,
     from_args,
+    given_paths,
     group,
     option,
     parse_settings,
@@ -169,6 +170,43 @@ def test_a_group_error_names_the_flags_as_spelled(capsys):
         assert exited.value.code == 2
         err = capsys.readouterr().err
         assert err.startswith(said) and err.count("\n") == 1, err
+
+
+def test_the_given_paths_are_the_fields_the_command_line_names_defaults_included():
+    assert given_paths(Outer, "prog", ["--model", "m"]) == {("model_dir",)}
+    argv = ["--model", "m", "--precision", "bf16", "--up-size-list", "1", "--no-cache"]
+    with pytest.raises(SystemExit):  # --no-cache is Example's, not Outer's
+        given_paths(Outer, "prog", argv)
+    assert given_paths(Outer, "prog", argv[:-1]) == {
+        ("model_dir",),
+        ("precision",),
+        ("upstream", "sizes"),
+    }
+    assert given_paths(Example, "prog", ["--model", "m", "--no-cache", "--verbose"]) == {
+        ("model",),
+        ("cache",),
+        ("verbose",),
+    }
+
+
+def test_resolve_gets_the_settings_and_the_given_fields_and_its_error_is_one_line(capsys):
+    seen = []
+
+    def resolve(settings: Outer, given):
+        seen.append(given)
+        if settings.precision == "fp8" and ("own", "cert") not in given:
+            raise ValueError("--precision fp8 needs --cert")
+        return settings
+
+    DETECTED.append(7)
+    got = parse_settings(Outer, "prog", ["--model", "m", "--cert", "c", "--key", "k"], resolve)
+    assert got.own.cert == "c"
+    assert seen == [{("model_dir",), ("own", "cert"), ("own", "key")}]
+    DETECTED.append(7)
+    with pytest.raises(SystemExit) as exited:
+        parse_settings(Outer, "prog", ["--model", "m", "--precision", "fp8"], resolve)
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == "prog: error: --precision fp8 needs --cert\n"
 
 
 @pytest.mark.parametrize(
