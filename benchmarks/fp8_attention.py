@@ -4,11 +4,12 @@ generation block's shapes, GPU.
 One call per branch and layer: q `[1, 2 + latents, 28, 128]` against `--prefix` text keys plus
 the markers and latents, 4 KV heads; 1024x1024 (4096 latents) and 512x512 (1024). For cuDNN
 (`SDPBackend.CUDNN_ATTENTION`, today's call) and for the FP8 kernel in every configuration of
-`CONFIGS`, with P·V in FP8 and in bf16 (its times include the K/V quantize pass), it prints the
-median ms of 20 calls after warm-up (CUDA events), TFLOP/s, and the error against cuDNN's bf16
-output (max abs, PSNR in dB over the output's peak) and against fp32 attention. The default
-configuration runs once more with a key mask of 7 pad keys, against SDPA with the same mask
-(the backend PyTorch picks, as the model's masked call). The last line is one JSON object. Without a CUDA GPU it says so and exits with status 2.
+`CONFIGS`, with P·V in FP8 and in bf16 (its times include the K/V quantize pass, also timed
+alone), it prints the median ms of 20 calls after warm-up (CUDA events), TFLOP/s, and the error
+against cuDNN's bf16 output (max abs, PSNR in dB over the output's peak) and against fp32
+attention. The default configuration runs once more with a key mask of 7 pad keys, against SDPA
+with the same mask (the backend PyTorch picks, as the model's masked call). The last line is one
+JSON object. Without a CUDA GPU it says so and exits with status 2.
 
     python -m benchmarks.fp8_attention
 """
@@ -51,7 +52,7 @@ def time_ms(fn: Callable[[], object], warmup: int = 3, reps: int = 20) -> float:
 
 def psnr_db(got: torch.Tensor, want: torch.Tensor) -> float:
     rms = (got.float() - want.float()).pow(2).mean().sqrt().item()
-    return 20 * math.log10(want.abs().max().item() / max(rms, 1e-30))
+    return math.inf if rms == 0 else 20 * math.log10(want.abs().max().item() / rms)
 
 
 def errors(got: torch.Tensor, bf16: torch.Tensor, fp32: torch.Tensor) -> dict[str, float]:
@@ -107,6 +108,10 @@ def bench_resolution(image: str, latents: int, prefix: int, qk_std: float) -> li
 
                 outs[case] = call()[0]
                 ms[case] = time_ms(call)
+    quantize_ms = {
+        pv_fp8: time_ms(lambda pv_fp8=pv_fp8: fa.quantize_kv(k, v, pv_fp8))
+        for pv_fp8 in (True, False)
+    }
     flops = 4 * HEADS * q_len * k_len * HEAD_DIM
     print(f"\n{image}: q {q_len} rows, {k_len} keys")
     print(f"{'case':<44} {'ms':>7} {'TFLOP/s':>8} {'max abs':>9} {'dB bf16':>8} {'dB fp32':>8}")
@@ -120,6 +125,12 @@ def bench_resolution(image: str, latents: int, prefix: int, qk_std: float) -> li
             f"{case:<44} {row['ms']:>7.3f} {row['tflops']:>8.1f} {row['max_abs_vs_bf16']:>9.2e} "
             f"{row['psnr_vs_bf16_db']:>8.1f} {row['psnr_vs_fp32_db']:>8.1f}"
         )
+    print(
+        f"of which the K/V quantize pass: {quantize_ms[True]:.3f} ms (K and V), "
+        f"{quantize_ms[False]:.3f} ms (K only, P·V bf16)"
+    )
+    rows.append({"image": image, "case": "K/V quantize pass (K and V)", "ms": quantize_ms[True]})
+    rows.append({"image": image, "case": "K quantize pass (P·V bf16)", "ms": quantize_ms[False]})
     return rows
 
 
@@ -147,6 +158,9 @@ def main() -> None:
     for image, latents in RESOLUTIONS.items():
         results += bench_resolution(image, latents, args.prefix, args.qk_std)
         torch.cuda.empty_cache()
+    # JSON has no infinity: a PSNR against itself (no error at all) is written as null.
+    for row in results:
+        row.update({key: None for key, x in row.items() if isinstance(x, float) and math.isinf(x)})
     emit_json(
         {
             "device": torch.cuda.get_device_name(0),

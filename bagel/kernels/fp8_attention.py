@@ -303,6 +303,52 @@ def _check(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, config: Ker
         raise ValueError(f"block_n {config.block_n} must be at least 32 and divide {K_BLOCK}")
 
 
+@dataclass(frozen=True)
+class QuantizedKV:
+    """K (and V, when P·V runs in FP8) as the attention kernel reads them."""
+
+    k: Tensor  # [B, Hkv, Lk, D] e4m3
+    k_scale: Tensor  # [B, Hkv, ceil(Lk / K_BLOCK)] fp32
+    v: Tensor  # e4m3 [B, Hkv, D, Lk rounded up to 16] (keys contiguous), or the input's V
+    v_scale: Tensor | None  # [B, Hkv, D] fp32; None when V is the input's, unquantized
+
+    def v_strides(self) -> tuple[int, int, int, int]:
+        """Strides of V over (batch, KV head, key, channel)."""
+        v = self.v
+        if self.v_scale is None:  # [B, Lk, Hkv, D]
+            return v.stride(0), v.stride(2), v.stride(1), v.stride(3)
+        return v.stride(0), v.stride(1), v.stride(3), v.stride(2)
+
+
+def quantize_kv(k: Tensor, v: Tensor, pv_fp8: bool = True) -> QuantizedKV:
+    """K per (batch, KV head, block of `K_BLOCK` keys) and, when `pv_fp8`, V per (batch, KV head,
+    channel), in one pass over both (plus V's amax). CUDA only, as `fp8_attention`."""
+    batch, k_len, kv_heads, dim = k.shape
+    device = k.device
+    k_blocks = triton.cdiv(k_len, K_BLOCK)
+    k8 = torch.empty((batch, kv_heads, k_len, dim), dtype=FP8, device=device)
+    k_scale = torch.empty((batch, kv_heads, k_blocks), dtype=torch.float32, device=device)
+    if pv_fp8:
+        # Keys contiguous, each row 16-byte aligned; the pad columns are never read.
+        v8_row = triton.cdiv(k_len, 16) * 16
+        v_amax = v.abs().amax(dim=1).float().contiguous()  # [B, Hkv, D]
+        v8 = torch.empty((batch, kv_heads, dim, v8_row), dtype=FP8, device=device)
+        v_scale = torch.empty((batch, kv_heads, dim), dtype=torch.float32, device=device)
+    else:
+        v8_row, v_amax, v8, v_scale = 0, k_scale, k8, k_scale  # unread placeholders
+    if k_len and batch:
+        _quantize_kv_kernel[(k_blocks, batch * kv_heads)](
+            k, v, v_amax, k8, k_scale, v8, v_scale,
+            k_len, kv_heads, k_blocks, v8_row,
+            k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+            HEAD_DIM=dim, K_BLOCK=K_BLOCK, QUANTIZE_V=pv_fp8,
+            FP8_MAX=FP8_MAX, AMAX_FLOOR=AMAX_FLOOR, num_warps=8,
+        )  # fmt: skip
+    if pv_fp8:
+        return QuantizedKV(k8, k_scale, v8, v_scale)
+    return QuantizedKV(k8, k_scale, v, None)
+
+
 def fp8_attention(
     q: Tensor,
     k: Tensor,
@@ -322,34 +368,16 @@ def fp8_attention(
     lse = torch.empty((batch, q_len, heads), dtype=torch.float32, device=q.device)
     if k_len == 0 or q_len == 0 or batch == 0:
         return out.zero_(), lse.fill_(float("-inf"))
-    k_blocks = triton.cdiv(k_len, K_BLOCK)
-    k8 = torch.empty((batch, kv_heads, k_len, dim), dtype=FP8, device=q.device)
-    k_scale = torch.empty((batch, kv_heads, k_blocks), dtype=torch.float32, device=q.device)
-    if pv_fp8:
-        # Keys contiguous, each row 16-byte aligned; the pad columns are never read.
-        v8_row = triton.cdiv(k_len, 16) * 16
-        v_amax = v.abs().amax(dim=1).float().contiguous()  # [B, Hkv, D]
-        v8 = torch.empty((batch, kv_heads, dim, v8_row), dtype=FP8, device=q.device)
-        v_scale = torch.empty((batch, kv_heads, dim), dtype=torch.float32, device=q.device)
-        v_strides = (v8.stride(0), v8.stride(1), v8.stride(3), v8.stride(2))
-    else:
-        v8_row, v_amax, v8, v_scale = 0, k_scale, k8, k_scale  # unread placeholders
-        v_strides = (v.stride(0), v.stride(2), v.stride(1), v.stride(3))
-    _quantize_kv_kernel[(k_blocks, batch * kv_heads)](
-        k, v, v_amax, k8, k_scale, v8, v_scale,
-        k_len, kv_heads, k_blocks, v8_row,
-        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        HEAD_DIM=dim, K_BLOCK=K_BLOCK, QUANTIZE_V=pv_fp8,
-        FP8_MAX=FP8_MAX, AMAX_FLOOR=AMAX_FLOOR, num_warps=8,
-    )  # fmt: skip
+    kv = quantize_kv(k, v, pv_fp8)
     # A bool tensor is one byte per element: read it as uint8, no copy.
-    mask = key_mask.contiguous().view(torch.uint8) if key_mask is not None else k_scale
+    mask = key_mask.contiguous().view(torch.uint8) if key_mask is not None else kv.k_scale
     grid = (triton.cdiv(q_len, config.block_m), batch * heads)
     _attention_kernel[grid](
-        q, k8, k_scale, v8 if pv_fp8 else v, v_scale, mask, out, lse,
-        q_len, k_len, heads, heads // kv_heads, kv_heads, k_blocks, LOG2E / math.sqrt(dim),
+        q, kv.k, kv.k_scale, kv.v, kv.k_scale if kv.v_scale is None else kv.v_scale, mask, out,
+        lse, q_len, k_len, heads, heads // kv_heads, kv_heads, kv.k_scale.shape[2],
+        LOG2E / math.sqrt(dim),
         q.stride(0), q.stride(1), q.stride(2),
-        *v_strides,
+        *kv.v_strides(),
         mask.stride(0) if key_mask is not None else 0,
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1), lse.stride(2),
