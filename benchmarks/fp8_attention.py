@@ -94,6 +94,7 @@ def bench_resolution(image: str, latents: int, prefix: int, qk_std: float) -> li
     ms["SDPA bf16 (PyTorch's pick), key mask"] = time_ms(lambda: sdpa(q, k, v, mask))
     outs = {"cuDNN bf16": bf16[False], "SDPA bf16 (PyTorch's pick), key mask": bf16[True]}
     masked = {"SDPA bf16 (PyTorch's pick), key mask"}
+    failed: dict[str, str] = {}  # case -> why it did not run; the other cases still do
     for name, config in fa.CONFIGS.items():
         for pv_fp8 in (True, False):
             label = f"fp8 {name}, P·V {'fp8' if pv_fp8 else 'bf16'}"
@@ -106,7 +107,11 @@ def bench_resolution(image: str, latents: int, prefix: int, qk_std: float) -> li
                 def call(key_mask=key_mask, pv_fp8=pv_fp8, config=config):
                     return fa.fp8_attention(q, k, v, key_mask, pv_fp8=pv_fp8, config=config)
 
-                outs[case] = call()[0]
+                try:
+                    outs[case] = call()[0]
+                except Exception as e:  # e.g. a config asking more shared memory than there is
+                    failed[case] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                    continue
                 ms[case] = time_ms(call)
     quantize_ms = {
         pv_fp8: time_ms(lambda pv_fp8=pv_fp8: fa.quantize_kv(k, v, pv_fp8))
@@ -125,6 +130,9 @@ def bench_resolution(image: str, latents: int, prefix: int, qk_std: float) -> li
             f"{case:<44} {row['ms']:>7.3f} {row['tflops']:>8.1f} {row['max_abs_vs_bf16']:>9.2e} "
             f"{row['psnr_vs_bf16_db']:>8.1f} {row['psnr_vs_fp32_db']:>8.1f}"
         )
+    for case, why in failed.items():
+        print(f"{case:<44} failed: {why}")
+        rows.append({"image": image, "case": case, "failed": why})
     print(
         f"of which the K/V quantize pass: {quantize_ms[True]:.3f} ms (K and V), "
         f"{quantize_ms[False]:.3f} ms (K only, P·V bf16)"

@@ -297,8 +297,12 @@ def _check(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, config: Ker
         raise ValueError(f"fp8_attention takes head dims 64 and 128, not {dim}")
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError("q, k, v must be contiguous along the head dim")
-    if key_mask is not None and (key_mask.dtype != torch.bool or key_mask.shape != k.shape[:2]):
-        raise ValueError(f"key_mask must be bool {tuple(k.shape[:2])}")
+    if key_mask is not None and (
+        key_mask.dtype != torch.bool or key_mask.shape != k.shape[:2] or key_mask.device != q.device
+    ):
+        raise ValueError(f"key_mask must be bool {tuple(k.shape[:2])} on q's device")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError("q, k, v must be on one device")
     if K_BLOCK % config.block_n or config.block_n < 32:
         raise ValueError(f"block_n {config.block_n} must be at least 32 and divide {K_BLOCK}")
 
