@@ -13,8 +13,9 @@ is computed; a failure of the computation is handed to the job's reader, which r
 The worker shares the model with the text decode thread by taking a `ModelTurns` turn for each
 batch it computes (`prefill_service.model_turns` says why and how).
 
-Nothing waits without an end: the worker wakes at least every `IDLE_WAIT_S`, and a reader waits
-at most `poll_s` at a time, then asks its caller whether to go on.
+Nothing waits without an end: the worker wakes at least every `IDLE_WAIT_S` and stops once
+closed, a reader waits at most `poll_s` at a time and then asks its caller whether to go on, and
+a turn on the model ends with the one unit of work that holds it.
 """
 
 from __future__ import annotations
