@@ -1,12 +1,16 @@
-"""Where a text-to-image prefill's time goes, in process: the prefill service's KV source
-(`LanguageModelKV`) over one prompt and its CFG contexts, layer by layer, as the service pulls it.
+"""Where a text-to-image prefill's time goes: the prefill service's KV source (`LanguageModelKV`)
+over one prompt and its CFG contexts, layer by layer, in process and as the service runs it.
 
 Times (median of `--repeats`) the layers alone and the layers with each layer's K/V copied to the
-host as the KV encoder does, each on this thread and on a new thread per pass (gRPC pulls a
-request's frames, and so runs its layers, on a thread of that request's own); with `--contend`, also while another Python thread keeps asking for
-the GIL, at the interpreter's default switch interval and at a shorter one (slow: seconds). Then it runs one pass under `torch.cuda.set_sync_debug_mode` and
-lists the operations that wait for the GPU: each such wait hands the GIL to any other thread that
-wants it, and taking it back can cost up to one switch interval (5 ms by default).
+host as the KV encoder does, each on this thread and on a new thread per pass; then a request's
+whole frames (layers, copies, encoding: `prefill.request_frames`) on this thread, on a new thread
+per pass, and as the service computes them: on its long-lived KV-prefill worker
+(`prefill_service.kv_worker`), read on a new thread per pass as gRPC's per-call request thread
+reads them. With `--contend`, also while another Python thread keeps asking for the GIL, at the
+interpreter's default switch interval and at a shorter one (slow: seconds). Then it runs one pass
+under `torch.cuda.set_sync_debug_mode` and lists the operations that wait for the GPU: each such
+wait hands the GIL to any other thread that wants it, and taking it back can cost up to one
+switch interval (5 ms by default).
 
     python -m benchmarks.prefill_latency --model DIR [--device cuda] [--repeats 10] [--contend]
 """
@@ -25,14 +29,15 @@ import threading
 import time
 import traceback
 import warnings
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 
 from benchmarks._report import emit_json
-from prefill_service.prefill import LanguageModelKV
+from prefill_service.kv_worker import KVWorker
+from prefill_service.prefill import LanguageModelKV, PrefillStats, request_frames
 from serving.params import GenerationParams
 
 REPO = str(Path(__file__).resolve().parents[1])
@@ -48,6 +53,16 @@ def one_pass(source: LanguageModelKV, prompt: str, params, to_host: bool) -> Non
         if to_host:
             for k, v in layer:
                 k.cpu(), v.cpu()
+
+
+def frames(source: LanguageModelKV, prompt: str, params) -> Iterator[list[bytes]]:
+    """One request's frame batches, lazily, as the servicer builds them."""
+    planned = source.plan(prompt, params)
+    return request_frames(source, planned, request_id="bench", params=params, stats=PrefillStats())
+
+
+def drain(batches) -> None:
+    deque(batches, maxlen=0)
 
 
 def median_ms(fn: Callable[[], None], device: str, repeats: int) -> float:
@@ -157,6 +172,28 @@ def main() -> None:
                 rows[f"{busy}, switch 0.1 ms"] = median_ms(run, args.device, 2)
             finally:
                 sys.setswitchinterval(default_interval)
+    label = "frames (layers, K/V to host, encoding)"
+    rows[f"{label}, this thread"] = median_ms(
+        lambda: drain(frames(source, args.prompt, params)), args.device, args.repeats
+    )
+    rows[f"{label}, a new thread per pass"] = median_ms(
+        lambda: on_new_thread(lambda: drain(frames(source, args.prompt, params))),
+        args.device,
+        args.repeats,
+    )
+    worker = KVWorker()  # as the service runs them: a new reader thread each, as gRPC's
+    try:
+        rows[f"{label}, on the KV worker, read on a new thread"] = median_ms(
+            lambda: on_new_thread(
+                lambda: drain(worker.submit(frames(source, args.prompt, params)).batches())
+            ),
+            args.device,
+            args.repeats,
+        )
+    finally:
+        worker.close()
+    for name in list(rows)[-3:]:
+        print(f"{name}: {rows[name]:.2f} ms", flush=True)
     syncs = Counter()
     if args.device == "cuda":
         syncs = synchronizing_ops(lambda: one_pass(source, args.prompt, params, False))
@@ -166,9 +203,10 @@ def main() -> None:
         f"\n{name}, {source.config.llm.num_layers} layers, contexts (kind: tokens) {tokens}, "
         f"load {load_s:.1f} s, default switch interval {default_interval * 1e3:.1f} ms"
     )
-    print(f"{'case':<58} {'ms':>8}")
+    width = max(len(label) for label in rows)
+    print(f"{'case':<{width}} {'ms':>8}")
     for label, ms in rows.items():
-        print(f"{label:<58} {ms:>8.2f}")
+        print(f"{label:<{width}} {ms:>8.2f}")
     print(f"\nGPU waits in one pass of the layers (no copies to host): {sum(syncs.values())}")
     for where, count in syncs.most_common(10):
         print(f"  {count:>4}  {where}")

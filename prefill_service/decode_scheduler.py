@@ -1,7 +1,11 @@
 """Continuous batching of text decoding: one thread owns the `TextDecoder`; between two steps it
 lets waiting requests join (their prompts are prefilled there, one at a time) and drops those
 whose callers went away, so a cancelled request frees its slot within one step and no request
-waits for another to finish. Tokens reach each request's asyncio stream as they are chosen."""
+waits for another to finish. Tokens reach each request's asyncio stream as they are chosen.
+
+The model is shared with the KV-prefill worker (`prefill_service.kv_worker`): each join and each
+step is one `ModelTurns` turn (`prefill_service.model_turns`), so the decoder's CUDA graph
+captures never overlap the worker's CUDA calls."""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from dataclasses import dataclass
 
 from bagel.network.model import MixedSequence
 from bagel.text.decoding import Sampling, TextDecoder, Token
+from prefill_service.model_turns import ModelTurns
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +90,12 @@ class DecodeStream:
 
 
 class DecodeScheduler:
-    """Owns `decoder` on a thread of its own; `submit` from the event loop."""
+    """Owns `decoder` on a thread of its own; `submit` from the event loop. `turns`: shared with
+    the model's other users (None: a scheduler alone on its model)."""
 
-    def __init__(self, decoder: TextDecoder) -> None:
+    def __init__(self, decoder: TextDecoder, turns: ModelTurns | None = None) -> None:
         self.decoder = decoder
+        self.turns = turns or ModelTurns()
         self._lock = threading.Condition()
         self._waiting: deque[tuple[int, DecodeJob, DecodeStream]] = deque()
         self._cancelled: set[int] = set()
@@ -150,8 +157,9 @@ class DecodeScheduler:
     def _join(self, key: int, job: DecodeJob, stream: DecodeStream) -> None:
         started = time.perf_counter()
         try:
-            prompt, next_position = job.build()
-            first = self.decoder.join(key, prompt, next_position, job.sampling, job.end_token)
+            with self.turns:
+                prompt, next_position = job.build()
+                first = self.decoder.join(key, prompt, next_position, job.sampling, job.end_token)
         except Exception as e:  # noqa: BLE001 - the request fails, the batch goes on
             log.exception("decode request failed to join")
             stream._put(e)
@@ -165,7 +173,8 @@ class DecodeScheduler:
         if not self.decoder.active:
             return
         try:
-            tokens = self.decoder.step()
+            with self.turns:
+                tokens = self.decoder.step()
         except Exception as e:  # noqa: BLE001 - a failed step fails every request in it
             log.exception("decode step failed")
             for request in list(self.decoder.active):

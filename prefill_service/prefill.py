@@ -2,7 +2,8 @@
 any compute), then computing their KV layer by layer and encoding each layer as soon as it exists.
 
 A `KVSource` is where the KV comes from: `LanguageModelKV` (the und expert) or the synthetic one in
-`prefill_service.mock`; everything after the source is shared.
+`prefill_service.mock`; everything after the source is shared. The service runs a request's
+`request_frames` on its KV-prefill worker thread (`prefill_service.kv_worker`).
 """
 
 from __future__ import annotations
@@ -246,7 +247,7 @@ class LanguageModelKV:
 
 @dataclass
 class PrefillStats:
-    """Measured while the frames of one request are produced (on the producer thread)."""
+    """Measured while the frames of one request are produced (on the KV-prefill worker)."""
 
     layers_done: int = 0
     compute_s: float = 0.0  # time spent computing layers, encoding excluded

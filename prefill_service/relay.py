@@ -1,12 +1,14 @@
 """Relay: push a request's KV frames to the diffusion service as a `Diffusion.Generate` client stream
 while they are being computed, and pass the diffusion service's events back to the caller.
 
-The downstream call uses gRPC's synchronous client: gRPC pulls the frames from a lazy iterator on
-its own request thread, so layer l+1 is computed while layer l is on the wire, with HTTP/2 flow
-control as backpressure. (The asyncio client reports INTERNAL "Internal error from Core" instead of
-the server's status when the server ends the call while a write is in flight, grpc/grpc#36066; the
-diffusion service does exactly that when it rejects a stream early, and its status must reach the
-caller unchanged.) A thread per call reads the events and hands them to the event loop.
+The frames are computed on the service's KV-prefill worker (`prefill_service.kv_worker`), never
+on a request thread. The downstream call uses gRPC's synchronous client: gRPC pulls the frames
+from the job's bounded buffer on its own request thread, so layer l+1 is computed while layer l
+is on the wire, with HTTP/2 flow control as backpressure. (The asyncio client reports INTERNAL
+"Internal error from Core" instead of the server's status when the server ends the call while a
+write is in flight, grpc/grpc#36066; the diffusion service does exactly that when it rejects a
+stream early, and its status must reach the caller unchanged.) A thread per call reads the
+events and hands them to the event loop.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from prefill_service.kv_worker import KVJob, KVWorker
 from prefill_service.prefill import PrefillStats
 from protos import DIFFUSION_SERVICE, GenerateEvent, Timings
 from protos.options import channel_options
@@ -241,15 +244,15 @@ class SendStats:
 
 
 class FrameFeed:
-    """The request iterator gRPC pulls frames from (on its request thread). Flattens the batches,
-    measures the send, and turns a failure of the KV computation into a cancel of the call plus
-    `error`, which the relay reports instead of the CANCELLED status that follows."""
+    """The request iterator gRPC pulls frames from (on its request thread): the batches of a
+    `KVJob`, flattened. Measures the send, and turns a failure of the KV computation into a
+    cancel of the call plus `error`, which the relay reports instead of the CANCELLED status
+    that follows. `stop()` (or the call ending) cancels the job."""
 
-    def __init__(self, batches: Iterator[list[bytes]], stats: SendStats) -> None:
-        self._batches = batches
+    def __init__(self, job: KVJob, stats: SendStats) -> None:
+        self._job = job
         self.stats = stats
         self.error: BaseException | None = None
-        self._stopped = threading.Event()
         self._call: grpc.Call | None = None
         self._attached = threading.Event()
 
@@ -259,29 +262,37 @@ class FrameFeed:
 
     def stop(self) -> None:
         """Compute no further layer."""
-        self._stopped.set()
+        self._job.cancel()
+
+    def _call_active(self) -> bool:
+        return self._call is None or self._call.is_active()
+
+    def _cancel_call(self) -> None:
+        self._attached.wait(10)
+        if self._call is not None:
+            self._call.cancel()
 
     def __iter__(self) -> Iterator[bytes]:
         started = None
         try:
-            for batch in self._batches:
+            for batch in self._job.batches(self._call_active):
                 for frame in batch:
                     if started is None:
                         started = time.perf_counter()
                     yield frame
                     self.stats.bytes_sent += len(frame)
-                if self._stopped.is_set():
-                    return
+                if self._job.cancelled:
+                    break
+            if not self._job.complete:
+                # Stopped early: cancel, so that the stream never ends as if it were whole.
+                self._cancel_call()
+                return
         except Exception as e:  # noqa: BLE001 - reported by the relay, not by gRPC's logger
             self.error = e
-            self._attached.wait(10)
-            if self._call is not None:
-                self._call.cancel()
+            self._cancel_call()
             return
         finally:
-            close = getattr(self._batches, "close", None)
-            if close is not None:
-                close()
+            self._job.cancel()  # a no-op once the job has run to its end
         if started is not None:
             self.stats.send_s = time.perf_counter() - started
 
@@ -336,14 +347,16 @@ async def relay(
     link: DiffusionLink,
     batches: Iterator[list[bytes]],
     *,
+    worker: KVWorker,
     time_remaining: Callable[[], float | None],
     prefill: PrefillStats,
     sent: SendStats,
     started: float | None = None,
 ) -> AsyncIterator[GenerateEvent]:
-    """Stream the frames of `batches` to the diffusion service (computing them as gRPC pulls them)
-    and yield its events, with this service's `prefill_ms` and `kv_send_ms` added to the Timings
-    event (or to a Timings event of its own before the image, if the diffusion service sends none).
+    """Stream the frames of `batches` to the diffusion service (`worker` computes them while gRPC
+    sends the ones before) and yield its events, with this service's `prefill_ms` and
+    `kv_send_ms` added to the Timings event (or to a Timings event of its own before the image,
+    if the diffusion service sends none).
 
     Nothing is computed until the diffusion service is connected. A status from the diffusion
     service is raised as a ServiceError with the same code and message, a failure of the KV
@@ -352,8 +365,13 @@ async def relay(
     deadline in seconds (None: no deadline); `started` (when the request arrived) gives the
     Timings event its `total_ms`."""
     await link.connect(time_remaining())
-    feed = FrameFeed(batches, sent)
-    call = link.open_call(iter(feed), time_remaining())
+    job = worker.submit(batches)
+    try:
+        feed = FrameFeed(job, sent)
+        call = link.open_call(iter(feed), time_remaining())
+    except BaseException:
+        job.cancel()
+        raise
     feed.attach(call)
 
     def timings(base: Timings) -> GenerateEvent:

@@ -1,7 +1,12 @@
 """The prefill service's server: `bagel.v1.Prefill` on the shared server shape
-(`serving.service.server.GrpcServer`: health, reflection, metrics), the KV source loaded in the background,
-health SERVING only while the source is loaded and the diffusion service (one of them, with several:
-`routing.DiffusionRouter`) is SERVING, and a graceful stop on SIGTERM/SIGINT."""
+(`serving.service.server.GrpcServer`: health, reflection, metrics), the KV source loaded in the
+background, health SERVING only while the source is loaded and the diffusion service (one of
+them, with several: `routing.DiffusionRouter`) is SERVING, and a graceful stop on SIGTERM/SIGINT.
+
+The model's GPU work runs on two long-lived threads that take turns on it
+(`model_turns.ModelTurns`): the KV-prefill worker (`kv_worker.KVWorker`, every Generate
+request's KV) and the text decode thread (`decode_scheduler`, Understand and think plans). Both
+stop with the server."""
 
 from __future__ import annotations
 
@@ -14,7 +19,9 @@ import grpc
 import torch
 
 from bagel.checkpoints.model_info import read_checkpoint_facts
+from prefill_service.kv_worker import KVWorker
 from prefill_service.metrics import PrefillMetrics
+from prefill_service.model_turns import ModelTurns
 from prefill_service.prefill import EditKVSource, KVSource
 from prefill_service.relay import DiffusionLink
 from prefill_service.routing import DiffusionRouter
@@ -67,12 +74,15 @@ class PrefillServer:
             ],
             self.metrics,
         )
+        turns = ModelTurns()
+        self.worker = KVWorker(turns)
         self.servicer = PrefillServicer(
             self.router,
             self.metrics,
+            worker=self.worker,
             chunk_size=settings.chunk_size,
             max_prompt_tokens=settings.max_prompt_tokens,
-            text=TextSide(settings.max_decode_batch, settings.max_decode_tokens),
+            text=TextSide(settings.max_decode_batch, settings.max_decode_tokens, turns),
         )
         self.grpc = GrpcServer(
             PREFILL_SERVICE,
@@ -181,6 +191,7 @@ class PrefillServer:
             self.loaded.cancel()
         await self.grpc.stop(grace)
         self.router.close()
+        await asyncio.to_thread(self.worker.close)
         self.servicer.text.close()
 
     def _reopen_links(self) -> None:

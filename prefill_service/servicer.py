@@ -1,6 +1,6 @@
 """The `bagel.v1.Prefill` servicer: validates a request before any compute, hands it to
-`prefill.request_frames` and `relay.relay` (to the group `routing` picks), and maps failures to a
-status through `serving.errors.status_of` (the one place that does). Its handler decodes requests
+`prefill.request_frames` and `relay.relay` (to the group `routing` picks; the frames are computed
+on the service's `kv_worker`), and maps failures to a status through `serving.errors.status_of` (the one place that does). Its handler decodes requests
 itself, so bytes that are no `GenerateRequest` end as INVALID_ARGUMENT with one log line."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from google.protobuf.message import DecodeError
 from PIL import Image
 
 from bagel.network.kv import Branch
+from prefill_service.kv_worker import KVWorker
 from prefill_service.metrics import PrefillMetrics
 from prefill_service.prefill import (
     DEFAULT_MAX_PROMPT_TOKENS,
@@ -109,13 +110,15 @@ class RequestLog(logging.LoggerAdapter):
 
 
 class PrefillServicer(service_pb2_grpc.PrefillServicer):
-    """`source` is None until the model is loaded; requests meanwhile get UNAVAILABLE."""
+    """`source` is None until the model is loaded; requests meanwhile get UNAVAILABLE. `worker`
+    computes every request's KV."""
 
     def __init__(
         self,
         router: DiffusionRouter,
         metrics: PrefillMetrics,
         *,
+        worker: KVWorker,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
         text: TextSide | None = None,
@@ -124,6 +127,7 @@ class PrefillServicer(service_pb2_grpc.PrefillServicer):
         self.text = text or TextSide()
         self.max_prompt_tokens = max_prompt_tokens
         self.router = router
+        self.worker = worker
         self.metrics = metrics
         self.chunk_size = chunk_size
 
@@ -163,6 +167,7 @@ class PrefillServicer(service_pb2_grpc.PrefillServicer):
                 async for event in relay(
                     lease.link,
                     batches,
+                    worker=self.worker,
                     time_remaining=context.time_remaining,
                     prefill=prefill,
                     sent=sent,

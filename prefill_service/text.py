@@ -31,6 +31,7 @@ from bagel.text.decoding import Sampling, TextDecoder
 from bagel.text.detokenizer import Detokenizer
 from bagel.text.tokenizer import PROMPT_END_TOKEN
 from prefill_service.decode_scheduler import DecodeJob, DecodeScheduler, Prefilled
+from prefill_service.model_turns import ModelTurns
 from prefill_service.prefill import MAX_PROMPT_CHARS, NO_IMAGE_INPUT, check_prompt_text
 from protos import Accepted, TextDelta, TextFinished, UnderstandEvent, UnderstandRequest, Usage
 from serving.errors import InvalidParams, ServiceError
@@ -78,13 +79,18 @@ class Answer:
 
 
 class TextSide:
-    """Holds the scheduler of one loaded source (built on first use); thread-safe to create."""
+    """Holds the scheduler of one loaded source (built on first use); thread-safe to create.
+    `turns`: shared with the model's other users (`prefill_service.model_turns`)."""
 
     def __init__(
-        self, max_batch: int = DEFAULT_MAX_BATCH, max_tokens: int = DEFAULT_MAX_TOKENS
+        self,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        turns: ModelTurns | None = None,
     ) -> None:
         self.max_batch = max_batch
         self.max_tokens = max_tokens
+        self.turns = turns or ModelTurns()
         self._scheduler: DecodeScheduler | None = None
         self._source: object | None = None
         self._lock = threading.Lock()
@@ -105,7 +111,7 @@ class TextSide:
                 if self._scheduler is not None:
                     self._scheduler.close()
                 decoder = TextDecoder(model, self.max_batch, self.max_tokens)
-                self._scheduler = DecodeScheduler(decoder)
+                self._scheduler = DecodeScheduler(decoder, self.turns)
                 self._source = source
             return self._scheduler
 

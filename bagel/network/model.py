@@ -286,6 +286,14 @@ class MoTDecoderLayer(nn.Module):
         return joint, self.finish(latent, latent_attn, GEN)
 
 
+def upload(host: Tensor, device: torch.device) -> Tensor:
+    """`host` on `device`; to a GPU from pinned memory without waiting (the copy is ordered on
+    the current stream, before anything queued after it there)."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 class Qwen2MoTModel(nn.Module):
     def __init__(self, cfg: LLMConfig, with_gen: bool) -> None:
         super().__init__()
@@ -362,17 +370,17 @@ class Bagel(nn.Module):
             for _ in self.layers:
                 yield [empty for _ in prompts], [empty for _ in prompts]
             return
-        ids = torch.zeros(len(prompts), longest, dtype=torch.long, device=device)
+        # The ids and the padding mask are built on the host and uploaded without a wait for the
+        # GPU (pinned memory, non-blocking copy), so the CPU goes straight on to the layers.
+        ids = torch.zeros(len(prompts), longest, dtype=torch.long)
         for b, p in enumerate(prompts):
-            ids[b, : len(p)] = torch.tensor(list(p), dtype=torch.long, device=device)
+            ids[b, : len(p)] = torch.tensor(list(p), dtype=torch.long)
+        ids = upload(ids, device)
         # Built once for all layers: causal, and padding keys masked when lengths differ.
         mask = torch.ones(longest, longest, dtype=torch.bool, device=device).tril()[None]
         if min(lengths) != longest:
-            key_mask = (
-                torch.arange(longest, device=device)[None]
-                < torch.tensor(lengths, device=device)[:, None]
-            )
-            mask = mask & key_mask[:, None, :]
+            key_mask = torch.arange(longest)[None] < torch.tensor(lengths)[:, None]
+            mask = mask & upload(key_mask, device)[:, None, :]
         cos, sin = self.rope(torch.arange(longest, device=device))
         cos, sin = cos[:, None, :], sin[:, None, :]
         x = embed(ids)

@@ -28,6 +28,7 @@ class ReceivedCall:
     """One Diffusion.Generate call as the fake saw it."""
 
     frames: list[tuple[float, str, int]] = field(default_factory=list)  # (time, kind, layer)
+    raw: list[bytes] = field(default_factory=list)  # every frame as it arrived
     header: KVHeader | None = None
     received: ReceivedKV | None = None
     completed: bool = False  # sent the image
@@ -133,6 +134,7 @@ class FakeDiffusion:
     def _record(self, call: ReceivedCall, frame: bytes) -> None:
         message = parse_frame(frame)
         now = time.perf_counter()
+        call.raw.append(bytes(frame))
         if isinstance(message, ChunkFrame):
             call.frames.append((now, "chunk", message.layer))
             if message.layer == 0:

@@ -4,6 +4,7 @@ cancelled request is out of the batch before the next step."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from bagel.checkpoints.checkpoint import load_bagel
 from bagel.prompting.contexts import Segment, SegmentKind, mixed_sequence
 from bagel.text.decoding import Sampling, TextDecoder, Token, decode
 from prefill_service.decode_scheduler import DecodeJob, DecodeScheduler, Prefilled
+from prefill_service.model_turns import ModelTurns
 
 NO_END = -1
 
@@ -77,3 +79,39 @@ def test_late_joiners_get_their_solo_tokens_and_a_cancelled_request_leaves_at_on
     # The step running when the cancel came may finish; none after it holds the request.
     holding = [n for n, keys in enumerate(decoder.batches) if cancelled_key in keys]
     assert holding and max(holding) <= steps_at_cancel
+
+
+def test_joins_and_steps_wait_for_their_turn_on_the_model(model):
+    """While another user of the model (the KV-prefill worker) holds a turn, no request joins
+    and no step runs; once it lets go, the request decodes its solo tokens."""
+    turns = ModelTurns()
+    decoder = RecordingDecoder(model, max_batch=2, max_tokens=64, graphs=False)
+    scheduler = DecodeScheduler(decoder, turns)
+    held, release = threading.Event(), threading.Event()
+
+    def other_user() -> None:
+        with turns:
+            held.set()
+            release.wait(10)
+
+    user = threading.Thread(target=other_user)
+    user.start()
+
+    async def run() -> list[int]:
+        assert held.wait(10)
+        stream = scheduler.submit(job(model, 0, 6))
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(anext(stream), 0.3)  # neither joined nor stepped
+        assert decoder.batches == [] and not decoder.active
+        release.set()
+        return [item.token async for item in stream if not isinstance(item, Prefilled)]
+
+    try:
+        tokens = asyncio.run(run())
+    finally:
+        release.set()
+        user.join(10)
+        scheduler.close()
+    j = job(model, 0, 6)
+    prompt, position = j.build()
+    assert tokens == decode(model, prompt, position, j.sampling, NO_END).tokens

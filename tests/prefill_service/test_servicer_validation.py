@@ -10,6 +10,7 @@ import grpc
 import pytest
 
 import prefill_service.servicer as servicer_module
+from prefill_service.kv_worker import KVWorker
 from prefill_service.metrics import PrefillMetrics
 from prefill_service.mock import SyntheticKV
 from prefill_service.servicer import PrefillServicer
@@ -65,7 +66,8 @@ def calls(monkeypatch) -> list[GenerationParams]:
 
 
 def _generate(model_dir, request: GenerateRequest) -> tuple[grpc.StatusCode, str, list[str]]:
-    servicer = PrefillServicer(NoDiffusion(), PrefillMetrics(), text=PlanText())
+    worker = KVWorker()
+    servicer = PrefillServicer(NoDiffusion(), PrefillMetrics(), worker=worker, text=PlanText())
     servicer.source = ThinkingSyntheticKV(model_dir)
     context = CallerContext()
 
@@ -78,7 +80,10 @@ def _generate(model_dir, request: GenerateRequest) -> tuple[grpc.StatusCode, str
             pass
         return events
 
-    events = asyncio.run(run())
+    try:
+        events = asyncio.run(run())
+    finally:
+        worker.close()
     assert context.status is not None
     return (*context.status, events)
 
