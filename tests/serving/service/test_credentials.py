@@ -383,10 +383,12 @@ def test_a_reloader_without_stores_starts_nothing():
     reloader = CredentialReloader([Store(())])
 
     async def scenario():
+        before = signal.getsignal(signal.SIGHUP)  # SIG_IGN under nohup
         reloader.start()
         assert reloader._task is None
+        assert signal.getsignal(signal.SIGHUP) == before
         reloader.stop()
-        assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
+        assert signal.getsignal(signal.SIGHUP) == before
 
     asyncio.run(scenario())
 
