@@ -4,9 +4,11 @@ service's link use); certificates are made per session by `tests.helpers.certs`.
 
 from __future__ import annotations
 
+import argparse
 import os
 import socket
 import ssl
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -485,3 +487,353 @@ def test_risky_settings_warn_about_plaintext_tokens_and_listeners():
 def test_allowed_clients_need_mtls():
     with pytest.raises(SecurityError, match="--tls-allowed-clients needs mTLS"):
         ServerSecurity(allowed_clients=("prefill",))
+
+
+# The checks' edges and messages
+
+
+def test_a_token_file_that_is_not_ascii_cannot_be_read(tmp_path: Path):
+    path = tmp_path / "token"
+    path.write_bytes("t\u00f6ken\n".encode())
+    with pytest.raises(SecurityError, match=f"cannot read the token file {path}: 'ascii' codec"):
+        read_token_file(path)
+
+
+def test_every_printable_ascii_character_may_be_in_a_token(tmp_path: Path):
+    printable = "".join(chr(c) for c in range(ord("!"), ord("~") + 1))
+    path = tmp_path / "token"
+    path.write_text(f"{printable}\n{'x' * MAX_TOKEN_BYTES}\n")
+    assert read_token_set(path) == (printable, "x" * MAX_TOKEN_BYTES)
+    for bad in ("a\x7fb", "a\x1fb"):
+        path.write_text(bad)
+        with pytest.raises(SecurityError, match="printable ASCII without spaces"):
+            read_token_file(path)
+
+
+def test_a_long_token_is_named_by_its_line_among_the_tokens(tmp_path: Path):
+    path = tmp_path / "tokens"
+    path.write_text(f"short\n\n{'y' * (MAX_TOKEN_BYTES + 2)}\n")
+    with pytest.raises(SecurityError) as refused:
+        read_token_set(path)
+    assert str(refused.value) == (
+        f"token 2 in {path} has {MAX_TOKEN_BYTES + 2} bytes; at most {MAX_TOKEN_BYTES} fit within "
+        "gRPC's metadata limits on every client"
+    )
+
+
+def test_a_missing_file_is_named_by_its_option(certs, tmp_path: Path, token_file):
+    missing = str(tmp_path / "missing.pem")
+    with pytest.raises(SecurityError, match=f"^cannot read the token file {missing}: "):
+        security.check_token_file_mode(missing, "--auth-token-file")
+    for options, what in (
+        (ServerSecurity(missing, certs.server_key), "--tls-cert"),
+        (ServerSecurity(certs.server_cert, missing), "--tls-key"),
+        (ServerSecurity(certs.server_cert, certs.server_key, tls_ca=missing), "--tls-ca"),
+    ):
+        with pytest.raises(SecurityError, match=f"^cannot read {what} {missing}: "):
+            options.load()
+    not_pem = tmp_path / "not.pem"
+    not_pem.write_text("x")
+    for options, what in (
+        (ServerSecurity(certs.server_cert, str(not_pem)), "--tls-key"),
+        (ServerSecurity(certs.server_cert, certs.server_key, tls_ca=str(not_pem)), "--tls-ca"),
+    ):
+        with pytest.raises(SecurityError, match=f"^{what} {not_pem} is not a PEM file$"):
+            options.load()
+
+
+def test_load_reads_every_file_it_names(certs, token_file):
+    secrets = ServerSecurity(
+        certs.server_cert, certs.server_key, tls_ca=certs.ca, auth_token_file=token_file
+    ).load()
+    assert secrets.certificate == Path(certs.server_cert).read_bytes()
+    assert secrets.private_key == Path(certs.server_key).read_bytes()
+    assert secrets.client_ca == Path(certs.ca).read_bytes()
+    assert secrets.tokens == (TOKEN,)
+    assert secrets.tls
+    assert ServerSecurity().load() == security.ServerSecrets()
+    assert not ServerSecurity(auth_token_file=token_file).load().tls
+
+
+def test_a_readable_token_file_is_named_by_its_option(tmp_path: Path):
+    readable = tmp_path / "readable"
+    readable.write_text("token\n")
+    readable.chmod(0o644)
+    with pytest.raises(SecurityError) as refused:
+        ServerSecurity(auth_token_file=str(readable)).load()
+    assert str(refused.value) == (
+        f"the token file {readable} (--auth-token-file) is readable by every user (mode 0644): "
+        "chmod 600 it, or pass --allow-insecure-token-file"
+    )
+    with pytest.raises(SecurityError, match=r"\(--link-token\) is readable"):
+        ClientSecurity(auth_token_file=str(readable)).read_token("--link-token")
+    assert ClientSecurity(auth_token_file=str(readable)).read_token() == "token"
+    assert ClientSecurity().read_token("--link-token") is None
+
+
+def test_the_key_pair_check_raises_no_warning(certs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        security.check_key_pair(certs.server_cert, certs.server_key)
+
+
+def test_the_option_refusals_say_what_goes_with_what(certs):
+    for kwargs, message in (
+        ({"tls_key": certs.server_key}, "--tls-cert and --tls-key go together"),
+        (
+            {"tls_ca": certs.ca},
+            "--tls-ca (require client certificates) needs --tls-cert and --tls-key",
+        ),
+        (
+            {"tls_cert": certs.server_cert, "tls_key": certs.server_key, "allowed_clients": ("a",)},
+            "--tls-allowed-clients needs mTLS: --tls-ca as well as --tls-cert and --tls-key",
+        ),
+    ):
+        with pytest.raises(SecurityError) as refused:
+            ServerSecurity(**kwargs)
+        assert str(refused.value) == message
+    with pytest.raises(SecurityError) as refused:
+        ClientSecurity(tls_key=certs.client_key)
+    assert str(refused.value) == (
+        "--tls-cert and --tls-key (a client certificate and its key) go together"
+    )
+    for make in (open_channel, security.open_aio_channel):
+        with pytest.raises(SecurityError) as refused:
+            make("127.0.0.1:1", [], tls_key=certs.client_key)
+        assert str(refused.value) == "a client certificate and its key go together"
+    for empty in ("", " "):
+        with pytest.raises(SecurityError) as refused:
+            security.TokenHolder(empty)
+        assert str(refused.value) == "the bearer token is empty"
+        with pytest.raises(SecurityError, match="^the bearer token is empty$"):
+            security.open_aio_channel("127.0.0.1:1", [], auth_token=empty)
+
+
+@pytest.mark.parametrize(
+    ("metadata", "token"),
+    [
+        ([("authorization", b"Bearer tok\xe9")], "tok\u00e9"),
+        ([("Authorization", "BEARER  tok ")], "tok"),
+        ([("x-other", "Bearer no"), ("authorization", "Basic no"), ("authorization", "Bearer t")], "t"),
+        ([("authorization", "Bearer a b")], "a b"),
+        ([("authorization", "Bearer")], None),
+        ([], None),
+        (None, None),
+    ],
+)  # fmt: skip
+def test_presented_token(metadata, token):
+    assert security.presented_token(metadata) == token
+
+
+@pytest.mark.parametrize(
+    ("address", "loopback"),
+    [("unix-abstract:bagel", True), ("Xlocalhost:1", False), ("[::1]X:1", False)],
+)
+def test_loopback_addresses_edges(address, loopback):
+    assert is_loopback(address) is loopback
+
+
+def test_the_plaintext_token_warning_names_the_listener(certs):
+    assert risky_settings("127.0.0.1:5", ServerSecurity(auth_token_file="t")) == [
+        "--auth-token-file without --tls-cert: bearer tokens cross 127.0.0.1:5 in plaintext, "
+        "readable by anyone on the path"
+    ]
+    tls = ServerSecurity(certs.server_cert, certs.server_key, auth_token_file="t")
+    assert risky_settings("0.0.0.0:5", tls) == []
+
+
+def test_client_names():
+    assert security.client_names(" a.example, spiffe://e/b ,,") == ("a.example", "spiffe://e/b")
+    for empty in ("", " , "):
+        with pytest.raises(argparse.ArgumentTypeError, match="^name at least one SAN"):
+            security.client_names(empty)
+
+
+# What the channels are opened with
+
+
+class GrpcCalls:
+    """Stands in for grpc's channel and credential constructors and records their arguments."""
+
+    NAMES = (
+        "insecure_channel", "secure_channel", "intercept_channel", "ssl_channel_credentials",
+        "composite_channel_credentials", "metadata_call_credentials",
+        "access_token_call_credentials",
+    )  # fmt: skip
+
+    def __init__(self, monkeypatch) -> None:
+        self.calls = []
+        for name in self.NAMES:
+            monkeypatch.setattr(grpc, name, self._recorder(name))
+        for name in ("insecure_channel", "secure_channel"):
+            monkeypatch.setattr(grpc.aio, name, self._recorder(f"aio.{name}"))
+
+    def _recorder(self, name):
+        def record(*args, **kwargs):
+            self.calls.append((name, args, kwargs))
+            return name
+
+        return record
+
+
+def test_a_plaintext_channel_gets_the_options_and_the_token_as_metadata(monkeypatch):
+    grpc_calls = GrpcCalls(monkeypatch)
+    options = [("grpc.max_send_message_length", 1)]
+    assert open_channel("h:1", options) == "insecure_channel"
+    assert open_channel("h:1", options, auth_token=" tok ") == "intercept_channel"
+    [plain, tokened, intercepted] = grpc_calls.calls
+    assert plain == tokened == ("insecure_channel", ("h:1",), {"options": options})
+    name, (channel, interceptor), _ = intercepted
+    assert (name, channel) == ("intercept_channel", "insecure_channel")
+    assert interceptor._token.header == "Bearer tok"
+
+
+def test_a_tls_channel_reads_each_file_it_is_given(certs, monkeypatch):
+    grpc_calls = GrpcCalls(monkeypatch)
+    options = [("grpc.max_send_message_length", 1)]
+    pem = {p: Path(p).read_bytes() for p in (certs.ca, certs.client_cert, certs.client_key)}
+    open_channel("h:1", options, tls_cert=certs.client_cert, tls_key=certs.client_key)
+    open_channel("h:1", options, tls_ca=certs.ca, auth_token="tok")
+    no_ca, secure, with_ca, token, composite, secure_with_token = grpc_calls.calls
+    assert no_ca == (
+        "ssl_channel_credentials",
+        (),
+        {
+            "root_certificates": None,
+            "private_key": pem[certs.client_key],
+            "certificate_chain": pem[certs.client_cert],
+        },
+    )
+    assert secure == ("secure_channel", ("h:1", "ssl_channel_credentials"), {"options": options})
+    assert with_ca[2] == {
+        "root_certificates": pem[certs.ca],
+        "private_key": None,
+        "certificate_chain": None,
+    }
+    plugin = token[1][0]
+    sent = []
+    plugin(None, lambda metadata, error: sent.append((metadata, error)))
+    assert sent == [((("authorization", "Bearer tok"),), None)]
+    assert composite[1] == ("ssl_channel_credentials", "metadata_call_credentials")
+    assert secure_with_token[1] == ("h:1", "composite_channel_credentials")
+
+
+def test_a_tls_channel_names_the_file_it_cannot_read(certs, tmp_path: Path, monkeypatch):
+    GrpcCalls(monkeypatch)  # a file left unread fails here, not in grpc's core
+    missing = str(tmp_path / "missing")
+    for kwargs, what in (
+        ({"tls_ca": missing}, "the CA certificate"),
+        ({"tls_cert": certs.client_cert, "tls_key": missing}, "the client key"),
+        ({"tls_cert": missing, "tls_key": certs.client_key}, "the client certificate"),
+    ):
+        for make in (open_channel, security.open_aio_channel):
+            with pytest.raises(SecurityError, match=f"^cannot read {what} {missing}: "):
+                make("h:1", [], **kwargs)
+
+
+def test_client_security_opens_its_channel_with_its_files_and_token(certs, tmp_path, monkeypatch):
+    opened = []
+    monkeypatch.setattr(security, "open_channel", lambda *a, **kw: opened.append((a, kw)))
+    token = tmp_path / "token"
+    token.write_text("file-token\n")
+    options = [("a", 1)]
+    tls = ClientSecurity(certs.ca, certs.client_cert, certs.client_key, str(token))
+    holder = security.TokenHolder("held")
+    tls.open_channel("h:1", options)
+    tls.open_channel("h:1", options, holder)
+    ClientSecurity().open_channel("h:1", options)
+    (args, from_file), (_, given), (_, plain) = opened
+    assert args == ("h:1", options)
+    assert {k: v for k, v in from_file.items() if k != "auth_token"} == {
+        "tls_ca": certs.ca,
+        "tls_cert": certs.client_cert,
+        "tls_key": certs.client_key,
+    }
+    assert from_file["auth_token"].header == "Bearer file-token"
+    assert given["auth_token"] is holder
+    assert plain == {"tls_ca": None, "tls_cert": None, "tls_key": None, "auth_token": None}
+
+
+def test_the_metadata_interceptor_adds_the_token_and_keeps_every_other_detail():
+    holder = security.TokenHolder("tok")
+    interceptor = security.BearerTokenMetadata(holder)
+    details = security._CallDetails("/a.B/C", 3.5, [("k", "v")], "creds", True, "gzip")
+    seen = []
+
+    def continuation(call_details, request):
+        seen.append((call_details, request))
+        return "call"
+
+    for intercept in (
+        interceptor.intercept_unary_unary,
+        interceptor.intercept_unary_stream,
+        interceptor.intercept_stream_unary,
+        interceptor.intercept_stream_stream,
+    ):
+        assert intercept(continuation, details, "request") == "call"
+    expected = security._CallDetails(
+        "/a.B/C", 3.5, [("k", "v"), ("authorization", "Bearer tok")], "creds", True, "gzip"
+    )
+    assert seen == [(expected, "request")] * 4
+    holder.set("new")
+    interceptor.intercept_unary_unary(continuation, details._replace(metadata=None), "r")
+    assert seen[-1][0].metadata == [("authorization", "Bearer new")]
+
+
+def test_an_aio_channel_sends_the_token_as_metadata_over_plaintext(certs, monkeypatch):
+    grpc_calls = GrpcCalls(monkeypatch)
+    options = [("a", 1)]
+    assert security.open_aio_channel("h:1", options) == ("aio.insecure_channel", ())
+    assert security.open_aio_channel("h:1", options, auth_token=" tok ") == (
+        "aio.insecure_channel",
+        (("authorization", "Bearer tok"),),
+    )
+    assert grpc_calls.calls == [("aio.insecure_channel", ("h:1",), {"options": options})] * 2
+
+
+def test_an_aio_channel_over_tls_sends_the_token_as_call_credentials(certs, monkeypatch):
+    grpc_calls = GrpcCalls(monkeypatch)
+    options = [("a", 1)]
+    pem = {p: Path(p).read_bytes() for p in (certs.ca, certs.client_cert, certs.client_key)}
+    assert security.open_aio_channel(
+        "h:1", options, tls_cert=certs.client_cert, tls_key=certs.client_key
+    ) == ("aio.secure_channel", ())
+    assert security.open_aio_channel("h:1", options, tls_ca=certs.ca, auth_token=" tok ") == (
+        "aio.secure_channel",
+        (),
+    )
+    assert grpc_calls.calls == [
+        (
+            "ssl_channel_credentials",
+            (),
+            {
+                "root_certificates": None,
+                "private_key": pem[certs.client_key],
+                "certificate_chain": pem[certs.client_cert],
+            },
+        ),
+        ("aio.secure_channel", ("h:1", "ssl_channel_credentials"), {"options": options}),
+        (
+            "ssl_channel_credentials",
+            (),
+            {"root_certificates": pem[certs.ca], "private_key": None, "certificate_chain": None},
+        ),
+        ("access_token_call_credentials", ("tok",), {}),
+        (
+            "composite_channel_credentials",
+            ("ssl_channel_credentials", "access_token_call_credentials"),
+            {},
+        ),
+        ("aio.secure_channel", ("h:1", "composite_channel_credentials"), {"options": options}),
+    ]
+
+
+def test_aio_channels_reach_token_servers(loop_thread, tls_token_server, plaintext_token_server, certs):  # fmt: skip
+    async def call(address: str, **kwargs) -> bytes:
+        channel, metadata = security.open_aio_channel(address, [], auth_token=TOKEN, **kwargs)
+        async with channel:
+            echo_call = channel.unary_unary(f"/{ECHO}/Echo")
+            return await echo_call(b"aio", metadata=metadata, timeout=CALL_TIMEOUT_S)
+
+    assert loop_thread.run(call(plaintext_token_server.address)) == b"aio"
+    assert loop_thread.run(call(tls_token_server.address, tls_ca=certs.ca)) == b"aio"
