@@ -4,11 +4,11 @@
 # checkpoint, the prefill latency rows, chat through the prefill service, and both services at
 # 1024² on one GPU: default, --preset fast, and the allocator's default for comparison).
 # Usage (on the GPU machine, repo root, `.whl` carried as for benchmarks/gpu_session.sh):
-#   benchmarks/round3_session.sh OUT_DIR kernels|services
+#   benchmarks/round3_session.sh OUT_DIR kernels|services|all
 # Each step has its own time limit; a step that would start with less than its limit left in
 # BUDGET_S (560) is skipped with a line saying so. Knobs: CKPT (default /dev/shm/bagel-7b-random).
 set -uo pipefail
-out=${1:?out dir}; what=${2:?kernels or services}
+out=${1:?out dir}; what=${2:?kernels, services or all}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 if [ -d .whl ]; then
@@ -31,26 +31,29 @@ step() {  # NAME LIMIT_S COMMAND...: run with a limit, output to OUT/NAME.txt
   tail -25 "$out/$name.txt"
 }
 
+kernels() {
+  # shellcheck disable=SC2046  # one argument per test file
+  step gpu_tests 220 python3 -m pytest -q -p no:cacheprovider -m gpu -o addopts="" \
+    $(find tests -name 'test_*_cuda.py' | sort)
+  step decode 150 python3 -m benchmarks.decode --preset 7b --device cuda --new-tokens 64 \
+    --no-transformers
+  step fp8_attention 60 python3 -m benchmarks.fp8_attention
+  step decode_profile 110 python3 -m benchmarks.decode_profile --preset 7b --batches 1,8
+}
+services() {
+  local ckpt=${CKPT:-/dev/shm/bagel-7b-random}
+  [ -f "$ckpt/ema.safetensors" ] || step checkpoint 100 python3 -m bagel.testing.tiny "$ckpt" \
+    --preset 7b --device cuda
+  step prefill_latency 90 python3 -m benchmarks.prefill_latency --model "$ckpt" --device cuda
+  step chat_service 110 python3 -m benchmarks.chat_service --model "$ckpt" --device cuda \
+    --clients 1,8 --new-tokens 64
+  step e2e 300 python3 -m benchmarks.e2e_service --model "$ckpt" --device cuda --size 1024 \
+    --steps 50 --requests 3 --topologies "" "--preset fast" "--cuda-allocator default" \
+    --json "$out/e2e.json" --logs /tmp/e2e-logs
+}
 case $what in
-  kernels)
-    step decode_profile 110 python3 -m benchmarks.decode_profile --preset 7b --batches 1,8
-    step decode 150 python3 -m benchmarks.decode --preset 7b --device cuda --new-tokens 64 \
-      --no-transformers
-    # shellcheck disable=SC2046  # one argument per test file
-    step gpu_tests 220 python3 -m pytest -q -p no:cacheprovider -m gpu -o addopts="" \
-      $(find tests -name 'test_*_cuda.py' | sort)
-    step fp8_attention 60 python3 -m benchmarks.fp8_attention
-    ;;
-  services)
-    ckpt=${CKPT:-/dev/shm/bagel-7b-random}
-    [ -f "$ckpt/ema.safetensors" ] || step checkpoint 100 python3 -m bagel.testing.tiny "$ckpt" \
-      --preset 7b --device cuda
-    step prefill_latency 90 python3 -m benchmarks.prefill_latency --model "$ckpt" --device cuda
-    step chat_service 110 python3 -m benchmarks.chat_service --model "$ckpt" --device cuda \
-      --clients 1,8 --new-tokens 64
-    step e2e 300 python3 -m benchmarks.e2e_service --model "$ckpt" --device cuda --size 1024 \
-      --steps 50 --requests 3 --topologies "" "--preset fast" "--cuda-allocator default" \
-      --json "$out/e2e.json" --logs /tmp/e2e-logs
-    ;;
+  kernels) kernels ;;
+  services) services ;;
+  all) kernels; services ;;
 esac
 echo "done in $SECONDS s" | tee -a "$out/gpus.txt"
