@@ -158,9 +158,11 @@ class DiffusionServer:
 
 
 def precision_name(settings: ServiceSettings) -> str:
-    """The weights' precision as the ranks load them: fp32 on CPU, bf16 on CUDA, FP8 linears."""
+    """The ranks' precision: fp32 on CPU, bf16 on CUDA, then FP8 linears and FP8 attention
+    where set."""
     name = "bf16" if default_dtype(settings.device) == torch.bfloat16 else "fp32"
-    return name + (" + fp8 linears" if settings.linear_precision == "fp8" else "")
+    name += " + fp8 linears" if settings.linear_precision == "fp8" else ""
+    return name + (" + fp8 attention" if settings.attention_precision == "fp8" else "")
 
 
 def run(settings: ServiceSettings) -> int:
