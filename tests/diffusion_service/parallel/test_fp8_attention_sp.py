@@ -14,6 +14,8 @@ What each variant may differ by follows from what it quantizes together:
   `E`. The test allows `2 E` against the exact attention, so `3 E` against the single-process
   FP8 result, and requires an error of at least a tenth of `E`, so a path that dropped the FP8
   attention (and came out exact) fails.
+Each variant also equals, to fp32 rounding, the same quantization done here in one process:
+the reference attention of its query rows to each of its key blocks, merged by LSE.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from bagel.network.attention import block_attention, full_block_attention, sdpa
+from bagel.kernels.fp8_attention import fp8_attention_reference
+from bagel.network.attention import BlockQKV, block_attention, full_block_attention, sdpa
 from diffusion_service.parallel.config import ParallelConfig
+from diffusion_service.parallel.lse import merge_attention
 from diffusion_service.parallel.mesh import ParallelMesh
 from diffusion_service.parallel.registry import make_block_attention
 from tests.diffusion_service.parallel.reference import (
@@ -64,6 +68,58 @@ def _fp8_rank(config: ParallelConfig, precision: str | None = "fp8"):
     return run
 
 
+def _blockwise_fp8(
+    x: BlockQKV, rows: tuple[int, int], blocks: list[tuple[int, int]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(joint_out, latent_out)` of the queries `[markers; latent rows]` attending to the joint
+    keys with the latent block `blocks[0]`, then to each further latent block, every block
+    quantized on its own by the reference and the partials merged by LSE."""
+    q = torch.cat([x.joint_q, x.latent_q[:, rows[0] : rows[1]]], dim=1)
+    out = lse = None
+    for i, (start, stop) in enumerate(blocks):
+        k, v, mask = x.latent_k[:, start:stop], x.latent_v[:, start:stop], None
+        if i == 0:
+            k, v = torch.cat([x.joint_k, k], dim=1), torch.cat([x.joint_v, v], dim=1)
+            if x.joint_key_mask is not None:
+                ones = x.joint_key_mask.new_ones((k.shape[0], stop - start))
+                mask = torch.cat([x.joint_key_mask, ones], dim=1)
+        elif stop <= start:
+            continue
+        block_out, block_lse = fp8_attention_reference(q, k, v, mask)
+        out, lse = (
+            (block_out, block_lse)
+            if out is None
+            else merge_attention(out, lse, block_out, block_lse)
+        )
+    joint_len = x.joint_q.shape[1]
+    return out[:, :joint_len], out[:, joint_len:]
+
+
+def _rank_blocks(
+    config: ParallelConfig, sp_rank: int, num_latent: int
+) -> tuple[tuple[int, int], list[tuple[int, int]], tuple[int, int]]:
+    """The latent query rows SP rank `sp_rank` attends in one call, its key blocks (its own
+    first, then the ring's order) as its variant quantizes them, and its own shard's rows."""
+    degree = config.sp_degree
+    shard = -(-num_latent // degree)
+
+    def span(start: int, length: int) -> tuple[int, int]:
+        return min(start, num_latent), min(start + length, num_latent)
+
+    own = span(sp_rank * shard, shard)
+    name = config.sp_attention_name
+    if name in ("none", "ulysses"):
+        return (0, num_latent), [(0, num_latent)], own
+    if name == "kv_gather":
+        return own, [(0, num_latent)], own
+    inner = degree // config.ring
+    ring_rank = sp_rank // inner
+    ring_blocks = [span(j * inner * shard, inner * shard) for j in range(config.ring)]
+    order = [ring_blocks[(ring_rank - step) % config.ring] for step in range(config.ring)]
+    rows = ring_blocks[ring_rank] if name == "usp" else own
+    return rows, order, own
+
+
 def _latents(group: list[dict], case: int, num_latent: int) -> torch.Tensor:
     return torch.cat([r[case][1] for r in group], dim=1)[:, :num_latent]
 
@@ -90,6 +146,14 @@ def test_fp8_attention_under_each_sp_variant_equals_the_single_process_fp8_atten
             assert single_error > 1e-3, where  # the FP8 quantization is there to be seen
             pairs = [(got_latent, latent, exact_latent)]
             pairs += [(r[case][0], joint, exact_joint) for r in group]
+            for sp_rank, r in enumerate(group):
+                rows, blocks, own = _rank_blocks(config, sp_rank, num_latent)
+                joint_want, latent_want = _blockwise_fp8(x, rows, blocks)
+                latent_want = latent_want[:, own[0] - rows[0] : own[1] - rows[0]]
+                got = r[case][1][:, : own[1] - own[0]]
+                if own[1] > own[0]:  # a shard made only of padding has no row to compare
+                    assert relative_error(got, latent_want) < EXACT_TOL, (where, sp_rank)
+                assert relative_error(r[case][0], joint_want) < EXACT_TOL, (where, sp_rank)
             for got, single, exact in pairs:
                 assert got.dtype == torch.float32, where
                 if name in SAME_QUANTIZATION:
