@@ -15,6 +15,7 @@ import torch
 from bagel.checkpoints.checkpoint import load_autoencoder
 from bagel.checkpoints.model_info import read_checkpoint_facts
 from bagel.devices import default_dtype
+from bagel.network.attention import fp8_attention_kernel_runs
 from bagel.network.config import BagelConfig
 from bagel.network.fp8 import runs_on_fp8_tensor_cores
 from diffusion_service.engine import Engine
@@ -99,6 +100,12 @@ class DiffusionServer:
             log.warning(
                 "fp8 linears on %s: no FP8 tensor cores (sm_89 or later) here, so they run the "
                 "plain-PyTorch FP8 reference, slower than bf16",
+                torch.cuda.get_device_name(device) if device.type == "cuda" else "the CPU",
+            )
+        if settings.attention_precision == "fp8" and not fp8_attention_kernel_runs(device):
+            log.warning(
+                "fp8 attention on %s: no Triton FP8 attention kernel here (it needs sm_89 or "
+                "later and Triton), so it runs the plain-PyTorch reference, slower than bf16",
                 torch.cuda.get_device_name(device) if device.type == "cuda" else "the CPU",
             )
         autoencoder = await asyncio.to_thread(

@@ -101,6 +101,14 @@ def masked_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     return out.transpose(1, 2)
 
 
+def fp8_attention_kernel_runs(device: torch.device | str) -> bool:
+    """Whether FP8 attention on `device` runs the Triton kernel (a GPU with FP8 tensor cores,
+    Triton, `BAGEL_FP8_ATTENTION_KERNEL` on); elsewhere it runs the reference, slower than bf16.
+    On a GPU this initialises CUDA."""
+    device = torch.device(device)
+    return device.type == "cuda" and envs.switch_on(envs.FP8_ATTENTION_KERNEL) and fp8.available()
+
+
 def fp8_attention_with_lse(
     q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None
 ) -> tuple[Tensor, Tensor]:
@@ -110,11 +118,9 @@ def fp8_attention_with_lse(
     plain-PyTorch reference, which quantizes alike."""
     k, v = k.to(q.dtype), v.to(q.dtype)
     if (
-        q.is_cuda
-        and q.dtype in (torch.bfloat16, torch.float16)
+        q.dtype in (torch.bfloat16, torch.float16)
         and q.shape[-1] in (64, 128)
-        and envs.switch_on(envs.FP8_ATTENTION_KERNEL)
-        and fp8.available()
+        and fp8_attention_kernel_runs(q.device)
     ):
         return fp8.fp8_attention(q, k, v, key_mask)
     out, lse = fp8.fp8_attention_reference(q, k, v, key_mask)

@@ -57,7 +57,9 @@ def test_fp8_attention_served_on_one_rank_equals_the_pipeline_with_fp8_attention
         latents = latents_of(generate(svc.address, frames))
         with grpc.insecure_channel(svc.address) as channel:
             info = DiffusionStub(channel).GetModelInfo(ModelInfoRequest(), timeout=10)
+        log = svc.log()
     assert ((latents - expected).abs().max() / expected.abs().max()).item() < 1e-5
     exact = Pipeline(tiny_model_dir, "cpu").denoise(contexts, PARAMS)
     assert not torch.allclose(latents, exact, rtol=0, atol=1e-4)  # FP8 attention did run
     assert info.precision == "fp32 + fp8 attention"
+    assert "fp8 attention on the CPU: no Triton FP8 attention kernel" in log
