@@ -21,6 +21,7 @@ from bagel.diffusion.pixels import decode_image
 from bagel.diffusion.preview import LatentRGB, fit_latent_rgb
 from bagel.diffusion.sampler import EstimateCallback, StepCallback, denoise, initial_noise
 from bagel.diffusion.step_cache import StepCache
+from bagel.network.attention import AttentionPrecision, block_attention
 from bagel.network.autoencoder import AutoEncoder
 from bagel.network.config import BagelConfig
 from bagel.network.fp8 import LinearPrecision
@@ -59,8 +60,12 @@ class Pipeline:
         device: str = "cpu",
         dtype: torch.dtype | None = None,
         linear_precision: LinearPrecision = "bf16",
+        attention_precision: AttentionPrecision = "bf16",
     ) -> None:
-        """`linear_precision="fp8"`: the decoder's linear layers in e4m3 (`bagel.network.fp8`)."""
+        """`linear_precision="fp8"`: the decoder's linear layers in e4m3 (`bagel.network.fp8`);
+        `attention_precision="fp8"`: the generation block's attention in e4m3
+        (`bagel.network.attention`), as `--attention-precision fp8` on the diffusion service."""
+        self.attention = block_attention(attention_precision)
         self.device = torch.device(device)
         self.dtype = dtype or default_dtype(device)
         self.config = BagelConfig.from_dir(model_dir)
@@ -163,6 +168,7 @@ class Pipeline:
             contexts,
             latent_position_ids(rows, cols, self.config.max_latent_size),
             self.marker_ids,
+            attention=self.attention,
             batch_branches=batch_branches,
             graphs=self.graphs,  # only takes effect on a GPU
             step_cache=step_cache,

@@ -36,7 +36,7 @@ from bagel.diffusion.generation import BlockVelocity, ForwardGraphs
 from bagel.diffusion.pixels import decode_image
 from bagel.diffusion.sampler import denoise, initial_noise
 from bagel.kernels import fused
-from bagel.network.attention import BlockQKV
+from bagel.network.attention import ATTENTION_PRECISIONS, BlockQKV, block_attention
 from bagel.network.autoencoder import AutoEncoder, AutoEncoderParams
 from bagel.network.config import BAGEL_7B, BagelConfig, LLMConfig
 from bagel.network.fp8 import LINEAR_PRECISIONS, use_fp8_linears
@@ -341,10 +341,38 @@ def rank_main(
             }
             out["1gpu fp8"] = {**timing, **agreement, **memory}
             print(f"1gpu fp8: {out['1gpu fp8']}", flush=True)
-            reference_first, reference_image = fp8_first, image
+            reference_first, reference_image, reference_latents = fp8_first, image, latents
             if fp8_velocity.graphs is not None:
                 fp8_velocity.graphs.clear()
             del fp8_velocity
+    if args.attention_precision == "fp8" and rank == 0:
+        # The one-GPU path again with FP8 attention, against the run above (bf16, or FP8
+        # linears); the layouts below are compared with this one.
+        if velocity is not None and velocity.graphs is not None:
+            velocity.graphs.clear()
+        velocity = None
+        memory = start_memory_phase()
+        attention_velocity = BlockVelocity(
+            model, contexts, latent_position_ids(rows, cols, config.max_latent_size), MARKERS,
+            attention=block_attention("fp8"), graphs=None if args.eager else ForwardGraphs(),
+        )  # fmt: skip
+        attention_first = first_forward(attention_velocity, noise, device)
+        latents, image, timing = one_gpu_generation(
+            attention_velocity, noise.to(device), ae, params, warmup, args.warmup
+        )
+        agreement = {
+            **relative(attention_first, reference_first),
+            "latents_rel_l2": (
+                (latents - reference_latents).norm() / reference_latents.norm()
+            ).item(),
+            "psnr_db": psnr(image, reference_image),
+        }
+        out["1gpu fp8 attention"] = {**timing, **agreement, **memory}
+        print(f"1gpu fp8 attention: {out['1gpu fp8 attention']}", flush=True)
+        reference_first, reference_image = attention_first, image
+        if attention_velocity.graphs is not None:
+            attention_velocity.graphs.clear()
+        del attention_velocity
     dist.barrier()
 
     for name in args.topologies:
@@ -356,12 +384,14 @@ def rank_main(
         )
         memory = start_memory_phase()
         runtime = RankRuntime(
-            mesh, model, MARKERS, device, control, graphs=None if args.eager else ForwardGraphs()
-        )
+            mesh, model, MARKERS, device, control, graphs=None if args.eager else ForwardGraphs(),
+            attention_precision=args.attention_precision,
+        )  # fmt: skip
         sharding = mesh.latent_sharding(rows * cols)
         velocity = ShardedVelocity(
-            model, contexts, mesh, sharding, (rows, cols), MARKERS, graphs=runtime.graphs
-        )
+            model, contexts, mesh, sharding, (rows, cols), MARKERS, graphs=runtime.graphs,
+            attention_precision=args.attention_precision,
+        )  # fmt: skip
         first = first_forward(velocity, sharding.shard(noise, dim=0), device)
         full_first = {b: sharding.gather(v, mesh.sp_group, dim=0) for b, v in first.items()}
         for _ in range(args.warmup):
@@ -453,6 +483,13 @@ def main() -> None:
         "run one GPU again and compare with bf16; the layouts then run in FP8",
     )
     parser.add_argument(
+        "--attention-precision",
+        choices=ATTENTION_PRECISIONS,
+        default="bf16",
+        help="fp8: after the one-GPU run(s) above, run one GPU again with the generation block's "
+        "attention in FP8 (bagel.kernels.fp8_attention) and compare; the layouts then run it too",
+    )
+    parser.add_argument(
         "--caches",
         default="",
         help="step-cache specs to time as well, separated by ';' "
@@ -479,6 +516,8 @@ def main() -> None:
     precision = "fp32" if args.cpu_smoke else "bf16"
     if args.linear_precision == "fp8":
         precision += " (fp8 linear layers in the 'fp8' row and the layouts)"
+    if args.attention_precision == "fp8":
+        precision += " (fp8 attention in the 'fp8 attention' row and the layouts)"
     print(
         f"\n{args.size}x{args.size}, {args.steps} timesteps, CFG 4.0/1.5, {precision}, {name}, "
         f"{args.init} init, {kernels}"
@@ -520,6 +559,7 @@ def main() -> None:
         "steps": args.steps,
         "init": args.init,
         "linear_precision": args.linear_precision,
+        "attention_precision": args.attention_precision,
         "fused_kernels": fused.enabled(),
         "results": results,
     }

@@ -15,6 +15,7 @@ import torch
 from bagel.checkpoints.checkpoint import load_autoencoder
 from bagel.checkpoints.model_info import read_checkpoint_facts
 from bagel.devices import default_dtype
+from bagel.network.attention import fp8_attention_kernel_runs
 from bagel.network.config import BagelConfig
 from bagel.network.fp8 import runs_on_fp8_tensor_cores
 from diffusion_service.engine import Engine
@@ -101,6 +102,12 @@ class DiffusionServer:
                 "plain-PyTorch FP8 reference, slower than bf16",
                 torch.cuda.get_device_name(device) if device.type == "cuda" else "the CPU",
             )
+        if settings.attention_precision == "fp8" and not fp8_attention_kernel_runs(device):
+            log.warning(
+                "fp8 attention on %s: no Triton FP8 attention kernel here (it needs sm_89 or "
+                "later and Triton), so it runs the plain-PyTorch reference, slower than bf16",
+                torch.cuda.get_device_name(device) if device.type == "cuda" else "the CPU",
+            )
         autoencoder = await asyncio.to_thread(
             load_autoencoder, settings.model_dir, default_dtype(device), device
         )
@@ -158,9 +165,11 @@ class DiffusionServer:
 
 
 def precision_name(settings: ServiceSettings) -> str:
-    """The weights' precision as the ranks load them: fp32 on CPU, bf16 on CUDA, FP8 linears."""
+    """The ranks' precision: fp32 on CPU, bf16 on CUDA, then FP8 linears and FP8 attention
+    where set."""
     name = "bf16" if default_dtype(settings.device) == torch.bfloat16 else "fp32"
-    return name + (" + fp8 linears" if settings.linear_precision == "fp8" else "")
+    name += " + fp8 linears" if settings.linear_precision == "fp8" else ""
+    return name + (" + fp8 attention" if settings.attention_precision == "fp8" else "")
 
 
 def run(settings: ServiceSettings) -> int:

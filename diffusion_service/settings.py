@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
+from bagel.network.attention import AttentionPrecision
 from bagel.network.fp8 import LinearPrecision
 from diffusion_service.parallel.config import ParallelConfig
 from diffusion_service.presets import DEFAULT_PRESET, PRESET_HELP, PRESETS, preset_changes
@@ -42,6 +43,12 @@ class ServiceSettings(GrpcServiceSettings):
     linear_precision: LinearPrecision = option(
         "weights of the decoder's linear layers: bf16 (exact default) or fp8 (e4m3, quantized "
         "at load; activations quantized per token inside the fused kernels)",
+        default="bf16",
+    )
+    attention_precision: AttentionPrecision = option(
+        "how the generation block's queries attend to the prefix and latent keys: bf16 (exact "
+        "default) or fp8 (opt-in: Q·K^T and P·V in e4m3 with per-block scales, trading "
+        "accuracy for speed on FP8 tensor cores; the prefill's text attention stays bf16)",
         default="bf16",
     )
     cuda_allocator: str = cuda_allocator_option()

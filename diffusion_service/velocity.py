@@ -10,6 +10,7 @@ from torch import Tensor
 
 from bagel.diffusion.generation import BlockVelocity, ForwardGraphs
 from bagel.diffusion.step_cache import StepCache
+from bagel.network.attention import AttentionPrecision
 from bagel.network.kv import Branch, ContextKV
 from bagel.network.latents import latent_position_ids
 from bagel.network.model import Bagel
@@ -41,6 +42,7 @@ class ShardedVelocity:
         marker_ids: tuple[int, int],
         graphs: ForwardGraphs | None = None,
         step_cache: StepCache | None = None,
+        attention_precision: AttentionPrecision = "bf16",
     ) -> None:
         rows, cols = grid
         pos_ids = latent_position_ids(rows, cols, model.config.max_latent_size)
@@ -51,12 +53,14 @@ class ShardedVelocity:
             contexts,
             sharding.shard(pos_ids, dim=0),
             marker_ids,
-            attention=make_block_attention(mesh, sharding),
+            attention=make_block_attention(mesh, sharding, attention_precision),
             batch_branches=True,
             graphs=graphs,
-            # The SP attention is built for this token count: captures must not cross it.
+            # The SP attention is built for this token count and precision: captures must not
+            # cross them.
             capture_key=(
                 mesh.config.sp_attention_name,
+                attention_precision,
                 sharding.num_tokens,
                 sharding.degree,
                 sharding.rank,

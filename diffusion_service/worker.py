@@ -24,6 +24,7 @@ from bagel.checkpoints.checkpoint import load_bagel
 from bagel.devices import default_dtype
 from bagel.diffusion.generation import ForwardGraphs
 from bagel.diffusion.sampler import denoise, initial_noise, preview_steps, schedule
+from bagel.network.attention import AttentionPrecision
 from bagel.network.kv import Branch, ContextKV
 from bagel.network.model import Bagel
 from bagel.text.tokenizer import load_tokenizer
@@ -60,6 +61,9 @@ class RankRuntime:
     graphs: ForwardGraphs | None = None  # CUDA-graph captures kept across jobs (GPU only)
     # Every rank's peak GPU memory at the last gather (after joining, after each job); () on CPU.
     peak_memory: tuple[PeakMemory, ...] = field(default_factory=tuple)
+    attention_precision: AttentionPrecision = (
+        "bf16"  # the generation block's (--attention-precision)
+    )
 
     @property
     def is_leader(self) -> bool:
@@ -120,7 +124,15 @@ def join_group(
         timeout=settings.collective_timeout,
     )
     graphs = ForwardGraphs() if device.type == "cuda" else None
-    runtime = RankRuntime(mesh, model, marker_ids, device, control, graphs)
+    runtime = RankRuntime(
+        mesh,
+        model,
+        marker_ids,
+        device,
+        control,
+        graphs,
+        attention_precision=settings.attention_precision,
+    )
     runtime.peak_memory = gather_peaks(device, control)  # the weights' footprint, every rank
     return runtime
 
@@ -243,6 +255,7 @@ def run_job(
         runtime.marker_ids,
         graphs=runtime.graphs,
         step_cache=step_cache,
+        attention_precision=runtime.attention_precision,
     )
 
     total_steps = len(schedule(params.num_timesteps, params.timestep_shift)[0])

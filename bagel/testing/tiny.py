@@ -35,15 +35,16 @@ TINY_VIT = {
 }
 
 
-def tiny_config(vocab_size: int) -> BagelConfig:
-    """hidden 128, 4 layers, 8 query heads over 4 KV heads (Ulysses 2 and 4 valid), MLP 256."""
+def tiny_config(vocab_size: int, num_heads: int = 8, num_kv_heads: int = 4) -> BagelConfig:
+    """hidden 128, 4 layers, 8 query heads over 4 KV heads (Ulysses 2 and 4 valid), MLP 256.
+    Fewer heads make them wider: 2 heads of 64 reach the FP8 attention kernel's head dims."""
     llm = LLMConfig(
         vocab_size=vocab_size,
         hidden_size=128,
         intermediate_size=256,
         num_layers=4,
-        num_heads=8,
-        num_kv_heads=4,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
     )
     return BagelConfig(llm=llm, vae=AutoEncoderParams(ch=32))
 
@@ -112,11 +113,13 @@ def tiny_vit_config_json() -> dict:
     }
 
 
-def write_tiny_checkpoint(directory: str | Path, seed: int = 0) -> BagelConfig:
+def write_tiny_checkpoint(
+    directory: str | Path, seed: int = 0, num_heads: int = 8, num_kv_heads: int = 4
+) -> BagelConfig:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tokens = write_tiny_tokenizer(directory)
-    config = tiny_config(vocab_size=64 * math.ceil(tokens / 64))
+    config = tiny_config(64 * math.ceil(tokens / 64), num_heads, num_kv_heads)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
 

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from bagel.network.attention import BlockQKV, attend_block
+from bagel.network.attention import AttentionPrecision, BlockQKV, attend_block
 from diffusion_service.parallel.collectives import all_gather_single
 from diffusion_service.parallel.ring import ring_attention_with_lse
 from diffusion_service.parallel.sharding import LatentSharding, check_group
@@ -35,10 +35,16 @@ class KVGatherAttention:
     """`BlockAttention` over a KV-gather group; `sharding` is this rank's shard of the latents,
     its degree the KV-gather degree and its rank this rank's place in the group."""
 
-    def __init__(self, group: dist.ProcessGroup, sharding: LatentSharding) -> None:
+    def __init__(
+        self,
+        group: dist.ProcessGroup,
+        sharding: LatentSharding,
+        precision: AttentionPrecision = "bf16",
+    ) -> None:
         check_group(group, sharding.degree, sharding.rank, "KV gather")
         self.group = group
         self.sharding = sharding
+        self.precision = precision
 
     def __call__(self, x: BlockQKV) -> tuple[Tensor, Tensor]:
         keys, values = gather_kv(self.group, self.sharding.degree, x.latent_k, x.latent_v)
@@ -50,7 +56,7 @@ class KVGatherAttention:
         if x.joint_key_mask is not None:
             latent = x.joint_key_mask.new_ones((k.shape[0], n))
             mask = torch.cat([x.joint_key_mask, latent], dim=1)
-        return attend_block(x.joint_q, x.latent_q, k, v, mask)
+        return attend_block(x.joint_q, x.latent_q, k, v, mask, self.precision)
 
 
 class KVGatherRingAttention:
@@ -70,6 +76,7 @@ class KVGatherRingAttention:
         *,
         inner: int,
         ring: int,
+        precision: AttentionPrecision = "bf16",
     ) -> None:
         if sharding.degree != ring * inner:
             raise ValueError(f"sharding degree {sharding.degree} != ring {ring} x inner {inner}")
@@ -80,6 +87,7 @@ class KVGatherRingAttention:
         self.ring_group = ring_group
         self.inner = inner
         self.ring_rank = ring_rank
+        self.precision = precision
         # Real tokens in each ring block: the sum over the inner shards it is made of.
         self.block_valid = [
             sum(sharding.valid_len(j * inner + i) for i in range(inner)) for j in range(ring)
@@ -90,7 +98,9 @@ class KVGatherRingAttention:
         block = BlockQKV(
             x.joint_q, x.joint_k, x.joint_v, x.joint_key_mask, x.latent_q, keys, values
         )
-        out, _ = ring_attention_with_lse(self.ring_group, self.ring_rank, block, self.block_valid)
+        out, _ = ring_attention_with_lse(
+            self.ring_group, self.ring_rank, block, self.block_valid, self.precision
+        )
         out = out.to(x.latent_q.dtype)
         joint_len = x.joint_q.shape[1]
         return out[:, :joint_len], out[:, joint_len:]

@@ -3,7 +3,9 @@
 Ring attention sees a query's keys one block at a time; this is the one place that knows how to
 attend to a block with its LSE and how to fold two partial results into one. On CPU (and for
 fp32) the LSE is computed explicitly with fp32 accumulation; on CUDA in bf16/fp16 a fused kernel
-returns it (cuDNN where available, else the flash op, which takes no mask).
+returns it (cuDNN where available, else the flash op, which takes no mask). In "fp8" precision
+the block is attended by the FP8 attention (`bagel.network.attention.fp8_attention_with_lse`),
+which quantizes each block it is given on its own: Ring merges per-block-quantized partials.
 """
 
 from __future__ import annotations
@@ -13,11 +15,17 @@ import math
 import torch
 from torch import Tensor
 
+from bagel.network.attention import AttentionPrecision, fp8_attention_with_lse
+
 _FUSED_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def attention_with_lse(
-    q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_mask: Tensor | None = None,
+    precision: AttentionPrecision = "bf16",
 ) -> tuple[Tensor, Tensor]:
     """Attend `q [B, Lq, H, D]` to one key block `k, v [B, Lk, Hkv, D]`.
 
@@ -32,6 +40,9 @@ def attention_with_lse(
             q.new_zeros(q.shape, dtype=torch.float32),
             q.new_full((batch, q_len, heads), float("-inf"), dtype=torch.float32),
         )
+    if precision == "fp8":
+        out, lse = fp8_attention_with_lse(q, k, v, key_mask)
+        return out.float(), lse
     if _fused_applies(q):
         return _fused_attention_with_lse(q, k, v, key_mask)
     return _explicit_attention_with_lse(q, k, v, key_mask)

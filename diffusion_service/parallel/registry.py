@@ -1,7 +1,7 @@
 """SP attention variants by name: a new variant is one file plus one `register` call.
 
-Each entry builds this rank's `BlockAttention` from the mesh and the latent sharding, handing
-the variant its degrees from the mesh's config, and says which degrees it runs on; `ParallelConfig.validate` checks the configured name against it, and
+Each entry builds this rank's `BlockAttention` from the mesh, the latent sharding and the
+attention precision, handing the variant its degrees from the mesh's config, and says which degrees it runs on; `ParallelConfig.validate` checks the configured name against it, and
 `make_block_attention` looks it up. The config and the mesh depend on this module, so it sees
 them through the two protocols below: what a variant may read of them.
 """
@@ -14,7 +14,12 @@ from typing import Protocol
 
 import torch.distributed as dist
 
-from bagel.network.attention import BlockAttention, full_block_attention
+from bagel.network.attention import (
+    AttentionPrecision,
+    BlockAttention,
+    block_attention,
+    check_attention_precision,
+)
 from diffusion_service.parallel.kv_gather import KVGatherAttention, KVGatherRingAttention
 from diffusion_service.parallel.ring import RingAttention
 from diffusion_service.parallel.sharding import LatentSharding
@@ -69,12 +74,14 @@ class SPMesh(Protocol):
 class SPAttention:
     """One SP attention variant.
 
-    `build(mesh, sharding)` is called on every rank of the mesh alike; `supports(config)` says
+    `build(mesh, sharding, precision)` is called on every rank of the mesh alike, `precision`
+    being how every block of keys is attended (`bagel.network.attention.AttentionPrecision`);
+    `supports(config)` says
     whether the variant runs on the config's degrees, and `requires` says the same in words for
     error messages.
     """
 
-    build: Callable[[SPMesh, LatentSharding], BlockAttention]
+    build: Callable[[SPMesh, LatentSharding, AttentionPrecision], BlockAttention]
     supports: Callable[[Degrees], bool]
     requires: str
 
@@ -120,22 +127,25 @@ def default_sp_attention(config: Degrees) -> str:
     return "usp"
 
 
-def make_block_attention(mesh: SPMesh, sharding: LatentSharding) -> BlockAttention:
-    """This rank's `BlockAttention`, of the variant the mesh's config names; `sharding` from
-    `mesh.latent_sharding(n)`."""
+def make_block_attention(
+    mesh: SPMesh, sharding: LatentSharding, precision: AttentionPrecision = "bf16"
+) -> BlockAttention:
+    """This rank's `BlockAttention`, of the variant the mesh's config names, attending in
+    `precision`; `sharding` from `mesh.latent_sharding(n)`."""
+    check_attention_precision(precision)
     if (sharding.degree, sharding.rank) != (mesh.sp_degree, mesh.sp_rank):
         raise ValueError(
             f"sharding (degree {sharding.degree}, rank {sharding.rank}) does not match the mesh "
             f"(sp degree {mesh.sp_degree}, sp rank {mesh.sp_rank}); use mesh.latent_sharding()"
         )
-    return lookup(mesh.config.sp_attention_name).build(mesh, sharding)
+    return lookup(mesh.config.sp_attention_name).build(mesh, sharding, precision)
 
 
 # The model's own attention: every latent token is on this rank.
 register(
     "none",
     SPAttention(
-        build=lambda mesh, sharding: full_block_attention,
+        build=lambda mesh, sharding, precision: block_attention(precision),
         supports=lambda c: c.sp_degree == 1,
         requires="ulysses == ring == 1",
     ),
@@ -143,7 +153,9 @@ register(
 register(
     "ulysses",
     SPAttention(
-        build=lambda mesh, sharding: UlyssesAttention(mesh.inner_group, sharding),
+        build=lambda mesh, sharding, precision: UlyssesAttention(
+            mesh.inner_group, sharding, precision
+        ),
         supports=lambda c: c.ring == 1 < c.ulysses and c.kv_gather == 1,
         requires="ring == 1 < ulysses, no kv_gather",
     ),
@@ -151,7 +163,7 @@ register(
 register(
     "ring",
     SPAttention(
-        build=lambda mesh, sharding: RingAttention(mesh.ring_group, sharding),
+        build=lambda mesh, sharding, precision: RingAttention(mesh.ring_group, sharding, precision),
         supports=lambda c: c.ulysses == c.kv_gather == 1 < c.ring,
         requires="ulysses == kv_gather == 1 < ring",
     ),
@@ -159,8 +171,13 @@ register(
 register(
     "usp",
     SPAttention(
-        build=lambda mesh, sharding: UnifiedSequenceAttention(
-            mesh.inner_group, mesh.ring_group, sharding, ulysses=mesh.inner, ring=mesh.ring
+        build=lambda mesh, sharding, precision: UnifiedSequenceAttention(
+            mesh.inner_group,
+            mesh.ring_group,
+            sharding,
+            ulysses=mesh.inner,
+            ring=mesh.ring,
+            precision=precision,
         ),
         supports=lambda c: c.ring > 1 and c.ulysses > 1,
         requires="ring > 1 and ulysses > 1",
@@ -169,7 +186,9 @@ register(
 register(
     "kv_gather",
     SPAttention(
-        build=lambda mesh, sharding: KVGatherAttention(mesh.inner_group, sharding),
+        build=lambda mesh, sharding, precision: KVGatherAttention(
+            mesh.inner_group, sharding, precision
+        ),
         supports=lambda c: c.ring == 1 < c.kv_gather and c.ulysses == 1,
         requires="ring == ulysses == 1 < kv_gather",
     ),
@@ -177,8 +196,13 @@ register(
 register(
     "kv_gather_ring",
     SPAttention(
-        build=lambda mesh, sharding: KVGatherRingAttention(
-            mesh.inner_group, mesh.ring_group, sharding, inner=mesh.inner, ring=mesh.ring
+        build=lambda mesh, sharding, precision: KVGatherRingAttention(
+            mesh.inner_group,
+            mesh.ring_group,
+            sharding,
+            inner=mesh.inner,
+            ring=mesh.ring,
+            precision=precision,
         ),
         supports=lambda c: c.ring > 1 and c.kv_gather > 1 and c.ulysses == 1,
         requires="ring > 1 and kv_gather > 1, no ulysses",

@@ -13,20 +13,25 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from bagel.network.attention import BlockQKV
+from bagel.network.attention import AttentionPrecision, BlockQKV
 from diffusion_service.parallel.lse import attention_with_lse, merge_attention
 from diffusion_service.parallel.sharding import LatentSharding, check_group
 
 
 def ring_attention_with_lse(
-    group: dist.ProcessGroup, ring_rank: int, x: BlockQKV, block_valid: Sequence[int]
+    group: dist.ProcessGroup,
+    ring_rank: int,
+    x: BlockQKV,
+    block_valid: Sequence[int],
+    precision: AttentionPrecision = "bf16",
 ) -> tuple[Tensor, Tensor]:
     """Attention of `[joint_q; latent_q]` to the joint keys and every ring rank's latent block,
     on ring rank `ring_rank` of `group`.
 
     `x.latent_*` is this rank's block (`[B, S, *, D]`, the same S on every rank); `block_valid[j]`
     counts the real tokens at the front of ring rank `j`'s block (the rest is pad, never read),
-    one entry per ring rank, so its length is the ring degree.
+    one entry per ring rank, so its length is the ring degree. Each block is attended in
+    `precision`.
     Returns fp32 `out [B, Lj + S, H, D]` and `lse [B, Lj + S, H]`.
     """
     size, me = len(block_valid), ring_rank
@@ -51,9 +56,9 @@ def ring_attention_with_lse(
         valid = block_valid[owner]
         keys, values = block[0][:, :valid], block[1][:, :valid]
         if step == 0:
-            out, lse = _attend_joint_and_own(q, x, keys, values)
+            out, lse = _attend_joint_and_own(q, x, keys, values, precision)
         elif valid > 0:
-            block_out, block_lse = attention_with_lse(q, keys, values)
+            block_out, block_lse = attention_with_lse(q, keys, values, None, precision)
             out, lse = merge_attention(out, lse, block_out, block_lse)
         for work in transfers:
             work.wait()  # bounded by the group's timeout, so a dead peer cannot hang us
@@ -62,7 +67,7 @@ def ring_attention_with_lse(
 
 
 def _attend_joint_and_own(
-    q: Tensor, x: BlockQKV, own_k: Tensor, own_v: Tensor
+    q: Tensor, x: BlockQKV, own_k: Tensor, own_v: Tensor, precision: AttentionPrecision
 ) -> tuple[Tensor, Tensor]:
     # One block: the joint keys in front of this rank's latent keys (one kernel, not two plus a
     # merge: a masked block costs less than a separate joint block and its merge).
@@ -70,24 +75,31 @@ def _attend_joint_and_own(
     if x.joint_key_mask is not None:
         own = x.joint_key_mask.new_ones((own_k.shape[0], own_k.shape[1]))
         mask = torch.cat([x.joint_key_mask, own], dim=1)
-    return attention_with_lse(
-        q, torch.cat([x.joint_k, own_k], dim=1), torch.cat([x.joint_v, own_v], dim=1), mask
-    )
+    k, v = torch.cat([x.joint_k, own_k], dim=1), torch.cat([x.joint_v, own_v], dim=1)
+    return attention_with_lse(q, k, v, mask, precision)
 
 
 class RingAttention:
     """`BlockAttention` over a ring group; `sharding` is this rank's shard of the latents, its
     degree the ring degree and its rank this rank's ring rank."""
 
-    def __init__(self, group: dist.ProcessGroup, sharding: LatentSharding) -> None:
+    def __init__(
+        self,
+        group: dist.ProcessGroup,
+        sharding: LatentSharding,
+        precision: AttentionPrecision = "bf16",
+    ) -> None:
         check_group(group, sharding.degree, sharding.rank, "ring")
         self.group = group
         self.sharding = sharding
+        self.precision = precision
         self.block_valid = [sharding.valid_len(j) for j in range(sharding.degree)]
 
     def attend_with_lse(self, x: BlockQKV) -> tuple[Tensor, Tensor]:
         """fp32 output and LSE for the rows `[joint_q; latent_q]`."""
-        return ring_attention_with_lse(self.group, self.sharding.rank, x, self.block_valid)
+        return ring_attention_with_lse(
+            self.group, self.sharding.rank, x, self.block_valid, self.precision
+        )
 
     def __call__(self, x: BlockQKV) -> tuple[Tensor, Tensor]:
         out, _ = self.attend_with_lse(x)

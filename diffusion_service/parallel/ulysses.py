@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from bagel.network.attention import BlockQKV
+from bagel.network.attention import AttentionPrecision, BlockQKV, attend
 from diffusion_service.parallel.sharding import LatentSharding, check_group
 
 
@@ -122,10 +122,16 @@ class UlyssesAttention:
     """`BlockAttention` over a Ulysses group; `sharding` is this rank's shard of the latents, its
     degree the Ulysses degree and its rank this rank's Ulysses rank."""
 
-    def __init__(self, group: dist.ProcessGroup, sharding: LatentSharding) -> None:
+    def __init__(
+        self,
+        group: dist.ProcessGroup,
+        sharding: LatentSharding,
+        precision: AttentionPrecision = "bf16",
+    ) -> None:
         check_group(group, sharding.degree, sharding.rank, "Ulysses")
         self.group = group
         self.sharding = sharding
+        self.precision = precision
 
     def __call__(self, x: BlockQKV) -> tuple[Tensor, Tensor]:
         degree, index = self.sharding.degree, self.sharding.rank
@@ -134,19 +140,30 @@ class UlyssesAttention:
         # Pad keys all sit at the end of the gathered sequence: cut them off rather than mask
         # them, so the unmasked case keeps the fastest kernel.
         num_keys = x.joint_k.shape[1] + self.sharding.num_tokens
-        out = attend_local(q, k[:, :num_keys], v[:, :num_keys], x.joint_key_mask)
+        out = attend_local(q, k[:, :num_keys], v[:, :num_keys], x.joint_key_mask, self.precision)
         return heads_to_seq(self.group, degree, out, x.joint_q.shape[1])
 
 
-def attend_local(q: Tensor, k: Tensor, v: Tensor, joint_key_mask: Tensor | None) -> Tensor:
+def attend_local(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    joint_key_mask: Tensor | None,
+    precision: AttentionPrecision = "bf16",
+) -> Tensor:
     """Attention of `q` to keys `[joint; latent]` on this rank's heads, in the dtype of `q`.
 
-    `joint_key_mask [B, Lj]` covers the first `Lj` keys; the latent keys are all real.
+    `joint_key_mask [B, Lj]` covers the first `Lj` keys; the latent keys are all real. Each
+    rank holds every key of its heads, so FP8 quantizes them as one process would.
     """
     mask = None
     if joint_key_mask is not None:
         latent = joint_key_mask.new_ones((k.shape[0], k.shape[1] - joint_key_mask.shape[1]))
-        mask = torch.cat([joint_key_mask, latent], dim=1)[:, None, None, :]
+        mask = torch.cat([joint_key_mask, latent], dim=1)
+    if precision == "fp8":
+        return attend(q, k, v, mask, precision)
+    if mask is not None:
+        mask = mask[:, None, None, :]
     # enable_gqa lets the fused kernels read each KV head for its whole query group, instead of
     # copying K and V to the query head count.
     out = F.scaled_dot_product_attention(

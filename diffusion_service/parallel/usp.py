@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch.distributed as dist
 from torch import Tensor
 
-from bagel.network.attention import BlockQKV
+from bagel.network.attention import AttentionPrecision, BlockQKV
 from diffusion_service.parallel.ring import ring_attention_with_lse
 from diffusion_service.parallel.sharding import LatentSharding, check_group
 from diffusion_service.parallel.ulysses import head_chunk, heads_to_seq, seq_to_heads
@@ -32,6 +32,7 @@ class UnifiedSequenceAttention:
         *,
         ulysses: int,
         ring: int,
+        precision: AttentionPrecision = "bf16",
     ) -> None:
         if sharding.degree != ring * ulysses:
             raise ValueError(
@@ -46,6 +47,7 @@ class UnifiedSequenceAttention:
         self.ulysses_rank = ulysses_rank
         self.ring_rank = ring_rank
         self.sharding = sharding
+        self.precision = precision
         # Real tokens in each ring block: the sum over the Ulysses shards it is made of.
         self.block_valid = [
             sum(sharding.valid_len(j * ulysses + i) for i in range(ulysses)) for j in range(ring)
@@ -60,6 +62,8 @@ class UnifiedSequenceAttention:
             self.ulysses_group, self.ulysses, [x.latent_q, x.latent_k, x.latent_v]
         )
         heads = BlockQKV(jq, jk, jv, x.joint_key_mask, q, k, v)
-        out, _ = ring_attention_with_lse(self.ring_group, self.ring_rank, heads, self.block_valid)
+        out, _ = ring_attention_with_lse(
+            self.ring_group, self.ring_rank, heads, self.block_valid, self.precision
+        )
         out = out.to(x.latent_q.dtype)
         return heads_to_seq(self.ulysses_group, self.ulysses, out, x.joint_q.shape[1])

@@ -85,7 +85,9 @@ def test_a_taken_name_and_an_unknown_name_are_refused_with_the_names():
 
 
 def test_a_registered_variant_is_found_by_name_until_unregistered():
-    variant = SPAttention(build=lambda mesh, s: None, supports=lambda c: True, requires="any")
+    variant = SPAttention(
+        build=lambda mesh, s, precision: None, supports=lambda c: True, requires="any"
+    )
     registry.register("extra", variant)
     try:
         assert registry.lookup("extra") is variant

@@ -114,13 +114,14 @@ def test_sp_attention_output_equals_fp64_attention(config):
     _check_against_reference(config, TOL)
 
 
-def _gather_all(mesh: ParallelMesh, sharding: LatentSharding):
+def _gather_all(mesh: ParallelMesh, sharding: LatentSharding, precision: str):
     """A toy SP attention: all-gather the latent q/k/v shards, attend to everything, keep this
     rank's shard of the output. Exact, and slow."""
 
     def attention(x: BlockQKV):
         q, k, v = (sharding.gather(t, mesh.sp_group) for t in (x.latent_q, x.latent_k, x.latent_v))
-        joint, latent = full_block_attention(replace(x, latent_q=q, latent_k=k, latent_v=v))
+        whole = replace(x, latent_q=q, latent_k=k, latent_v=v)
+        joint, latent = full_block_attention(whole, precision)
         return joint, sharding.shard(latent)
 
     return attention
