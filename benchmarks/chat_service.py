@@ -4,8 +4,8 @@ time. Starts the prefill service on `--model` (no diffusion service: chat does n
 
     python -m benchmarks.chat_service --model DIR --device cuda [--clients 1,8] [--new-tokens 64]
 
-Per call, the client's ms per token is (last event - first text delta) / (tokens - 1); the
-service's is its `decode_ms` / (tokens - 1). Each row is the median over the calls of a round;
+Per call, the client's ms per token is (its last event - its first, less the service's prefill)
+/ (tokens - 1); the service's is its `decode_ms` / (tokens - 1). Each row is the median over the calls of a round;
 the first round at each concurrency is apart (captures).
 """
 
@@ -30,24 +30,29 @@ from diffusion_service.launch import free_port
 
 
 async def one_call(address: str, new_tokens: int, seed: int) -> dict:
-    first = last = 0.0
+    """One chat call; its events' arrival times (random weights decode to text that often
+    arrives only with the last event, so the client's figure spans the whole call: accepted to
+    finished, less the service's prefill)."""
     async with AsyncBagelClient(address) as client:
-
-        def on_text(_: str) -> None:
-            nonlocal first, last
-            last = time.perf_counter()
-            first = first or last
-
-        answer = await client.chat(
-            f"Describe picture number {seed} in detail.",
-            max_new_tokens=new_tokens,
-            on_text=on_text,
-            timeout=300,
-        )
-    tokens = answer.completion_tokens
-    per = (last - first) / (tokens - 1) * 1e3 if tokens > 1 else float("nan")
-    server = answer.timings.get("decode_ms", float("nan")) / max(tokens - 1, 1)
-    return {"tokens": tokens, "client_ms_per_token": per, "server_ms_per_token": server}
+        messages = [("user", f"Describe picture number {seed} in detail.")]
+        stream = client.understand_stream(messages, max_new_tokens=new_tokens, timeout=300)
+        first = last = 0.0
+        finished = None
+        async with stream as events:
+            async for event in events:
+                last = time.perf_counter()
+                first = first or last
+                if event.WhichOneof("event") == "finished":
+                    finished = event.finished
+    if finished is None:
+        raise RuntimeError("the call ended without its final event")
+    tokens = finished.usage.completion_tokens
+    span = max(tokens - 1, 1)
+    return {
+        "tokens": tokens,
+        "client_ms_per_token": ((last - first) * 1e3 - finished.prefill_ms) / span,
+        "server_ms_per_token": finished.decode_ms / span,
+    }
 
 
 async def one_round(address: str, clients: int, new_tokens: int) -> list[dict]:
