@@ -44,6 +44,7 @@ def test_the_precision_name_says_fp8_attention_beside_fp8_linears():
     assert precision_name(both) == "fp32 + fp8 linears + fp8 attention"
 
 
+@pytest.mark.slow  # a service start; FP8 attention under every layout runs in make test (parallel/test_fp8_attention_sp.py)
 def test_fp8_attention_served_on_one_rank_equals_the_pipeline_with_fp8_attention(
     tiny_model_dir: Path,
 ):

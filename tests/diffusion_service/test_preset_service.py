@@ -42,6 +42,7 @@ def model_info(svc: ServiceProcess):
         return DiffusionStub(channel).GetModelInfo(ModelInfoRequest(), timeout=10)
 
 
+@pytest.mark.slow  # two service starts; the preset table is unit-tested in test_presets.py
 def test_preset_exact_serves_what_the_defaults_serve_bit_for_bit(
     tiny_model_dir, pipeline, contexts
 ):
@@ -63,6 +64,7 @@ def test_preset_exact_serves_what_the_defaults_serve_bit_for_bit(
     assert "preset exact: ulysses 1, ring 1, cfg 1" in exact.log()
 
 
+@pytest.mark.slow  # a service start; the preset table is unit-tested in test_presets.py
 def test_preset_fast_on_the_cpu_serves_the_fp8_linears_result_and_says_so(
     tiny_model_dir, pipeline, contexts
 ):
