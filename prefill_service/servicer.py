@@ -66,6 +66,25 @@ class UndecodableRequest:
         self.error = error
 
 
+def logged_status(
+    log: logging.Logger | logging.LoggerAdapter, what: str, error: Exception
+) -> tuple[grpc.StatusCode, str]:
+    """`error`'s status and message (`status_of`), logged as `what`: an INTERNAL one as an
+    error with its traceback, the others (the caller's faults, an unavailable peer) as
+    warnings."""
+    code, message = status_of(error)
+    level = logging.ERROR if code is grpc.StatusCode.INTERNAL else logging.WARNING
+    log.log(
+        level,
+        "%s: %s: %s",
+        what,
+        code.name,
+        loggable(message, LOGGED_MESSAGE_CHARS),
+        exc_info=level >= logging.ERROR,
+    )
+    return code, message
+
+
 def decode_request(data: bytes, kind: type = GenerateRequest) -> object:
     """The request deserializer: a decode failure is the caller's fault, so it reaches the
     handler as a value instead of as gRPC's own traceback and UNKNOWN status."""
@@ -184,15 +203,7 @@ class PrefillServicer(service_pb2_grpc.PrefillServicer):
             request_log.info("ended by the caller: %s", code.name)
             raise
         except Exception as e:  # noqa: BLE001 - every failure becomes a status, in one place
-            code, message = status_of(e)
-            level = logging.ERROR if code is grpc.StatusCode.INTERNAL else logging.WARNING
-            request_log.log(
-                level,
-                "failed: %s: %s",
-                code.name,
-                loggable(message, LOGGED_MESSAGE_CHARS),
-                exc_info=level >= logging.ERROR,
-            )
+            code, message = logged_status(request_log, "failed", e)
             # Counted before the status leaves: a caller that reads the metrics once it has
             # the status must find this call in them.
             self._record(code, started, prefill, sent)
@@ -258,15 +269,7 @@ class PrefillServicer(service_pb2_grpc.PrefillServicer):
             request_log.info("understand ended by the caller")
             raise
         except Exception as e:  # noqa: BLE001 - every failure becomes a status, in one place
-            code, message = status_of(e)
-            level = logging.ERROR if code is grpc.StatusCode.INTERNAL else logging.WARNING
-            request_log.log(
-                level,
-                "understand failed: %s: %s",
-                code.name,
-                loggable(message, LOGGED_MESSAGE_CHARS),
-                exc_info=level >= logging.ERROR,
-            )
+            code, message = logged_status(request_log, "understand failed", e)
             await context.abort(code, message)
 
     async def _check(self, request: GenerateRequest, request_id: str) -> CheckedRequest:

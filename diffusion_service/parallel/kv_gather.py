@@ -16,7 +16,7 @@ from torch import Tensor
 from bagel.network.attention import AttentionPrecision, BlockQKV, attend_block
 from diffusion_service.parallel.collectives import all_gather_single
 from diffusion_service.parallel.ring import ring_attention_with_lse
-from diffusion_service.parallel.sharding import LatentSharding, check_group
+from diffusion_service.parallel.sharding import LatentSharding, OneGroupAttention, check_group
 
 
 def gather_kv(group: dist.ProcessGroup, degree: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -31,20 +31,11 @@ def gather_kv(group: dist.ProcessGroup, degree: int, k: Tensor, v: Tensor) -> tu
     return joined[0], joined[1]
 
 
-class KVGatherAttention:
+class KVGatherAttention(OneGroupAttention):
     """`BlockAttention` over a KV-gather group; `sharding` is this rank's shard of the latents,
     its degree the KV-gather degree and its rank this rank's place in the group."""
 
-    def __init__(
-        self,
-        group: dist.ProcessGroup,
-        sharding: LatentSharding,
-        precision: AttentionPrecision = "bf16",
-    ) -> None:
-        check_group(group, sharding.degree, sharding.rank, "KV gather")
-        self.group = group
-        self.sharding = sharding
-        self.precision = precision
+    GROUP = "KV gather"
 
     def __call__(self, x: BlockQKV) -> tuple[Tensor, Tensor]:
         keys, values = gather_kv(self.group, self.sharding.degree, x.latent_k, x.latent_v)

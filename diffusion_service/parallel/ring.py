@@ -15,7 +15,7 @@ from torch import Tensor
 
 from bagel.network.attention import AttentionPrecision, BlockQKV
 from diffusion_service.parallel.lse import attention_with_lse, merge_attention
-from diffusion_service.parallel.sharding import LatentSharding, check_group
+from diffusion_service.parallel.sharding import LatentSharding, OneGroupAttention
 
 
 def ring_attention_with_lse(
@@ -79,9 +79,11 @@ def _attend_joint_and_own(
     return attention_with_lse(q, k, v, mask, precision)
 
 
-class RingAttention:
+class RingAttention(OneGroupAttention):
     """`BlockAttention` over a ring group; `sharding` is this rank's shard of the latents, its
     degree the ring degree and its rank this rank's ring rank."""
+
+    GROUP = "ring"
 
     def __init__(
         self,
@@ -89,10 +91,7 @@ class RingAttention:
         sharding: LatentSharding,
         precision: AttentionPrecision = "bf16",
     ) -> None:
-        check_group(group, sharding.degree, sharding.rank, "ring")
-        self.group = group
-        self.sharding = sharding
-        self.precision = precision
+        super().__init__(group, sharding, precision)
         self.block_valid = [sharding.valid_len(j) for j in range(sharding.degree)]
 
     def attend_with_lse(self, x: BlockQKV) -> tuple[Tensor, Tensor]:

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from bagel.network.attention import AttentionPrecision
 from diffusion_service.parallel.collectives import all_gather_single
 
 
@@ -113,3 +114,23 @@ def check_group(group: dist.ProcessGroup, size: int, rank: int, name: str) -> No
         raise ValueError(f"{name} group has {dist.get_world_size(group)} ranks, expected {size}")
     if dist.get_rank(group) != rank:
         raise ValueError(f"{name} group rank is {dist.get_rank(group)}, expected {rank}")
+
+
+class OneGroupAttention:
+    """Base of the SP variants that attend over one process group: the group, this rank's shard
+    of the latents (its degree the group's degree, its rank this rank's place in the group,
+    confirmed by `check_group`) and the attention's precision. `GROUP` names the group in
+    messages."""
+
+    GROUP = "SP"
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup,
+        sharding: LatentSharding,
+        precision: AttentionPrecision = "bf16",
+    ) -> None:
+        check_group(group, sharding.degree, sharding.rank, self.GROUP)
+        self.group = group
+        self.sharding = sharding
+        self.precision = precision

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bagel.network.attention import AttentionPrecision, BlockQKV, attend
-from diffusion_service.parallel.sharding import LatentSharding, check_group
+from diffusion_service.parallel.sharding import OneGroupAttention
 
 
 def _all_to_all(send: Tensor, group: dist.ProcessGroup) -> Tensor:
@@ -118,20 +118,11 @@ def heads_to_seq(
     return full[:, :front_len], full[:, front_len:]
 
 
-class UlyssesAttention:
+class UlyssesAttention(OneGroupAttention):
     """`BlockAttention` over a Ulysses group; `sharding` is this rank's shard of the latents, its
     degree the Ulysses degree and its rank this rank's Ulysses rank."""
 
-    def __init__(
-        self,
-        group: dist.ProcessGroup,
-        sharding: LatentSharding,
-        precision: AttentionPrecision = "bf16",
-    ) -> None:
-        check_group(group, sharding.degree, sharding.rank, "Ulysses")
-        self.group = group
-        self.sharding = sharding
-        self.precision = precision
+    GROUP = "Ulysses"
 
     def __call__(self, x: BlockQKV) -> tuple[Tensor, Tensor]:
         degree, index = self.sharding.degree, self.sharding.rank

@@ -104,6 +104,7 @@ def test_every_topology_through_the_service_equals_the_single_process_latents(
     assert np.abs(image - reference).max() <= 1
 
 
+@pytest.mark.slow  # an interpreter per refused topology: ~8 s
 def test_invalid_topologies_fail_at_start_up_listing_the_valid_choices(tiny_model_dir):
     for args, expected in (
         (["--ulysses", "3"], "valid ulysses degrees: 1, 2, 4"),
@@ -232,6 +233,7 @@ def test_reflection_lists_the_services(ulysses2):
     assert {"bagel.v1.Diffusion", "grpc.health.v1.Health"} <= names
 
 
+@pytest.mark.slow  # a 2-rank group killed and restarted: ~11 s
 def test_a_dead_rank_fails_the_request_with_unavailable_and_the_group_restarts(
     tiny_model_dir, pipeline, contexts
 ):
@@ -294,6 +296,7 @@ def test_a_dead_rank_fails_the_request_with_unavailable_and_the_group_restarts(
         assert rel_err(got, pipeline.denoise(contexts, PARAMS)) < 1e-5
 
 
+@pytest.mark.slow  # a 4-rank service started for its SIGTERM: ~12 s
 def test_health_goes_not_serving_on_sigterm_and_no_rank_process_is_left(tiny_model_dir):
     svc = service(tiny_model_dir, "--ulysses", "2", "--ring", "2")
     try:
@@ -504,6 +507,7 @@ def test_a_silent_upload_gives_its_room_in_the_in_flight_budget_to_the_next(
     assert "upload evicted after" in err.details() and "without progress" in err.details()
 
 
+@pytest.mark.slow  # a service in a session of its own, loaded, then SIGTERM: ~15 s
 def test_requests_while_loading_are_unavailable_and_sigterm_to_the_group_stops_quietly(
     tiny_model_dir, pipeline, contexts
 ):

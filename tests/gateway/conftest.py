@@ -89,7 +89,9 @@ def wait_for(condition, timeout: float, interval: float = 0.1) -> bool:
     return condition()
 
 
-@pytest.fixture(scope="module")
+# The services behind the gateways: one pair per test worker, shared by the test files (each
+# file starts the gateway it tests); a test leaves them serving as it found them.
+@pytest.fixture(scope="session")
 def diffusion() -> Iterator[ServiceProcess]:
     # A short queue behind the running job, so that a full queue is easy to provoke.
     args = ["--model", str(MODEL), "--max-queue", str(MAX_QUEUE)]
@@ -97,7 +99,7 @@ def diffusion() -> Iterator[ServiceProcess]:
         yield service.wait_serving()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def prefill(diffusion: ServiceProcess) -> Iterator[ServiceProcess]:
     args = ["--model", str(MODEL), "--diffusion", diffusion.address]
     with ServiceProcess("prefill_service", args) as service:

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.gateway.conftest import decoded
 from tests.helpers.processes import ROOT
 
@@ -33,6 +35,7 @@ def test_the_readme_starts_the_gateway_in_front_of_its_prefill_service():
     assert f"--listen {README_GATEWAY}" in start and f"--prefill {README_PREFILL}" in start
 
 
+@pytest.mark.slow  # the README's commands, with a gateway and both services: ~20 s
 def test_the_readmes_curl_and_openai_examples_draw_the_same_image(gateway, tmp_path: Path):
     shell, python = quick_start()
     curl = "\n".join(shell.splitlines()[1:]).replace(README_GATEWAY, gateway.address)

@@ -74,6 +74,7 @@ def test_a_client_without_a_size_gets_the_native_size_and_the_reference_image(pr
     assert np.abs(got - np.asarray(want.convert("RGB"), dtype=int)).max() <= 1
 
 
+@pytest.mark.slow  # a copied checkpoint and a service of its own: ~15 s
 def test_a_checkpoint_without_model_info_is_named_by_its_folder_at_its_largest_size(
     tiny_model_dir: Path, tmp_path: Path
 ):

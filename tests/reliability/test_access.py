@@ -335,6 +335,7 @@ def start(module: str, args: list[str], timeout: float = 60.0) -> subprocess.Com
     )  # fmt: skip
 
 
+@pytest.mark.slow  # four interpreters, each refused at start-up: ~10 s
 def test_a_world_readable_or_oversized_token_refuses_to_start_with_one_line(
     tiny_model_dir: Path, tmp_path: Path, tally: Tally
 ):

@@ -208,6 +208,7 @@ def test_a_client_that_disconnects_mid_request_frees_the_ranks_for_the_next_requ
         assert "Traceback" not in pair.diffusion.log() + pair.prefill.log()
 
 
+@pytest.mark.slow  # a diffusion service killed and started again: ~15 s
 def test_the_diffusion_service_killed_and_restarted_under_a_running_prefill_service(
     serving: ServicePair, reference: np.ndarray, tally: Tally
 ):
