@@ -14,13 +14,11 @@ TORCH_SPEC ?= torch==2.13.0
 venv: $(STAMP)
 
 # constraints.txt pins every dependency but torch (TORCH_SPEC's) to the versions tested.
-# --no-compile: a module's bytecode is written when it is first imported, not for every file of
-# torch and transformers at install (about half the install's time on 2 cores).
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q --no-compile -c constraints.txt "$(TORCH_SPEC)"
-	$(BIN)/pip install -q --no-compile -c constraints.txt -e ".[dev]"
+	$(BIN)/pip install -q -c constraints.txt "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 $(TINY)/ema.safetensors: | $(STAMP)
