@@ -48,12 +48,12 @@ def test_the_operators_configuration_wins_and_is_logged(caplog, name, choice):
     )
 
 
-@dataclass(frozen=True)
-class CudaSettings:
-    cuda_allocator: str = cuda_allocator_option()
-
-
 def test_the_flag_defaults_to_expandable_and_takes_the_two_choices():
+    # Built inside the test, so that mutation testing sees the test call the function.
+    @dataclass(frozen=True)
+    class CudaSettings:
+        cuda_allocator: str = cuda_allocator_option()
+
     [field] = dataclasses.fields(CudaSettings)
     assert field.default == "expandable"
     assert field.metadata == {
