@@ -56,6 +56,7 @@ class FakePrefill(PrefillServicer):
         self.metadata: list[tuple[str, str]] = []  # the last call's
         self.model_info: ModelInfo | None = None  # None: GetModelInfo is UNIMPLEMENTED
         self.model_info_calls = 0
+        self.plan = ["a red ", "circle"]  # a think request's plan, before the steps
         self.understand_requests: list[UnderstandRequest] = []
         self.answer = ["The ", "cat", " sleeps."]  # Understand's deltas
         self.finish = True  # False: the stream ends without a TextFinished
@@ -83,6 +84,9 @@ class FakePrefill(PrefillServicer):
         width, height = p.width or 32, p.height or 32
         seed = p.seed if p.HasField("seed") else 1234
         yield GenerateEvent(accepted=Accepted(request_id=request.request_id or "srv-1"))
+        if request.think:
+            for text in self.plan:
+                yield GenerateEvent(thinking=TextDelta(text=text))
         for step in range(1, self.steps + 1):
             time.sleep(self.step_delay_s)
             cached = step in self.cached_steps

@@ -1,6 +1,7 @@
-"""The pieces of `python -m client generate` and of `BagelClient` around the call: the size check
-against the model's limits, the plan printed in think mode, the timing lines and the JSON summary,
-the re-encoding of the output, the events' result and the stream's status."""
+"""The pieces of `python -m client generate` and of `BagelClient` around the call: the flags'
+bounds and messages, the size check against the model's limits, the plan printed in think mode,
+the progress bar, the timing lines and the JSON summary, writing the output after the call,
+re-encoding it, the events' result, the stream's status and GetModelInfo's deadline."""
 
 from __future__ import annotations
 
@@ -11,13 +12,22 @@ import grpc
 import pytest
 from PIL import Image as PILImage
 
-from client import BagelClient
-from client.cli import ProgressDisplay, check_size_flags, param_flag, parse_args, timing_summary
+from client import BagelClient, cli, output
+from client.cli import (
+    ProgressDisplay,
+    check_size_flags,
+    main,
+    param_flag,
+    parse_args,
+    timing_summary,
+)
 from client.cli import write_summary as write_summary_file
 from client.errors import DeadlineExceeded
 from client.events import GenerationResult, ResultAssembler
-from client.output import encode
-from protos import Accepted, GenerateEvent, Image, ModelInfo, Progress, TextDelta
+from client.output import OutputPathError, check_writable, encode
+from client.request import image_bytes
+from protos import Accepted, GenerateEvent, Image, ModelInfo, ModelInfoRequest, Progress, TextDelta
+from serving.params import MAX_SEED
 from tests.client.fake_prefill import FakePrefillServer, png_bytes
 
 
@@ -153,3 +163,188 @@ def test_an_accepted_event_sets_the_request_id():
     assembler.add(GenerateEvent(accepted=Accepted(request_id="srv")))
     assembler.add(GenerateEvent(image=Image(png=png_bytes(8, 8), width=8, height=8, seed=1)))
     assert assembler.result({}).request_id == "srv"
+
+
+def params_of(*flags: str) -> dict:
+    return args_of(*flags).params
+
+
+def test_the_ends_of_the_seed_range_a_one_pixel_side_and_a_point_interval_pass_the_cli():
+    assert params_of("--seed", "0")["seed"] == 0
+    assert params_of("--seed", str(MAX_SEED))["seed"] == MAX_SEED
+    assert params_of("--height", "1")["height"] == 1  # the model's step is checked later
+    assert params_of("--cfg-interval", "0.5", "0.5")["cfg_interval"] == (0.5, 0.5)
+    assert params_of("--think")["think"] is True
+    assert params_of()["think"] is None
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--height", "0"], "--height 0: must be a positive number of pixels"),
+        (["--width", "0"], "--width 0: must be a positive number of pixels"),
+        (["--cfg-text", "inf"], "--cfg-text inf: must be finite"),
+        (
+            ["-o", "x.gif"],
+            "-o/--output x.gif: unknown image extension '.gif'; use one of "
+            ".jpeg, .jpg, .png, .webp",
+        ),
+    ],
+)
+def test_a_bad_flags_message_is_exactly_the_flag_and_why(capsys, flags, message):
+    with pytest.raises(SystemExit):
+        args_of(*flags)
+    assert capsys.readouterr().err.splitlines()[-1] == f"python -m client: error: {message}"
+
+
+def test_a_bad_wait_is_exit_2(capsys):
+    assert main(["health", "--wait", "-1"]) == 2
+    assert capsys.readouterr().err == "error: --wait -1.0: must be at least 0\n"
+
+
+def test_an_unreadable_input_names_the_file_and_the_reason(fake, tmp_path, capsys):
+    missing = tmp_path / "nope.png"
+    code = main(["edit", str(missing), "make it blue", "-o", str(tmp_path / "o.png")])
+    assert code == 2
+    assert capsys.readouterr().err == f"error: cannot read {missing}: No such file or directory\n"
+
+
+def test_an_unusable_token_file_is_exit_2_with_its_message(fake, tmp_path, capsys):
+    token = tmp_path / "token"
+    token.write_text("\n")
+    argv = ["generate", "A cat", "-o", str(tmp_path / "x.png"), "--auth-token-file", str(token)]
+    assert main([*argv, "--server", fake.address]) == 2
+    assert capsys.readouterr().err == f"error: the token file {token} is empty\n"
+
+
+def test_edit_shows_its_progress(fake, tmp_path, capsys):
+    image = tmp_path / "in.png"
+    image.write_bytes(b"\x89PNG")
+    assert (
+        main(["edit", str(image), "blue", "-o", str(tmp_path / "o.png"), "--server", fake.address])
+        == 0
+    )
+    assert capsys.readouterr().err.splitlines()[:4] == [
+        "accepted request srv-1 (running)",
+        "step 1/3",
+        "step 2/3",
+        "step 3/3",
+    ]
+
+
+def test_a_think_generation_prints_its_plan(fake, tmp_path, capsys):
+    out = tmp_path / "x.png"
+    argv = ["generate", "A cat", "-o", str(out), "--think", "--seed", "2", "--server", fake.address]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[:2] == [
+        "plan: a red circle",
+        f"wrote {out} (32x32, seed 2, request srv-1)",
+    ]
+    assert captured.err.splitlines()[:2] == [
+        "accepted request srv-1 (running)",
+        "plan: a red circle",
+    ]
+
+
+def test_the_output_folder_is_made_again_if_it_went_away_during_the_call(
+    fake, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(cli, "check_writable", lambda path: None)  # as if removed meanwhile
+    out = tmp_path / "a" / "b" / "x.png"
+    assert main(["generate", "A cat", "-o", str(out), "--server", fake.address]) == 0
+    assert out.read_bytes().startswith(b"\x89PNG")
+
+
+def test_an_output_that_cannot_be_written_after_the_call_is_exit_1(
+    fake, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(cli, "check_writable", lambda path: None)
+    folder = tmp_path / "x.png"
+    folder.mkdir()
+    assert main(["generate", "A cat", "-o", str(folder), "--server", fake.address]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: cannot write {folder}: [Errno 21] Is a directory: '{folder}'"
+    )
+
+
+def test_a_summary_that_cannot_be_written_after_the_call_is_exit_1(
+    fake, tmp_path, monkeypatch, capsys
+):
+    def full(path, result, wall_s):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cli, "write_summary", full)
+    summary = tmp_path / "s.json"
+    argv = ["generate", "A cat", "-o", str(tmp_path / "x.png"), "--summary-json", str(summary)]
+    assert main([*argv, "--server", fake.address]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: cannot write {summary}: [Errno 28] No space left on device"
+    )
+
+
+def test_a_tty_bar_is_named_denoise_and_draws_no_frame_for_the_postfix_alone():
+    out = io.StringIO()
+    display = ProgressDisplay(out, tty=True)
+    for step in (1, 2, 3, 4):
+        display(GenerateEvent(progress=Progress(step=step, total_steps=4, cached=step > 2)))
+    display.finish()
+    frames = [f for f in out.getvalue().replace("\n", "\r").split("\r") if f]
+    assert frames and all(f.startswith("denoise: ") for f in frames)
+    assert not [f for f in frames if " 0/4 " in f and "cached" in f]
+    assert "4/4" in frames[-1] and "2 cached" in frames[-1]
+
+
+class RecordingStub:
+    def __init__(self) -> None:
+        self.calls = []
+
+    def GetModelInfo(self, request, timeout):
+        self.calls.append((request, timeout))
+        return ModelInfo(native_size=512)
+
+
+@pytest.mark.parametrize(
+    ("client_timeout", "call_timeout", "deadline"),
+    [(None, None, 10.0), (2.5, None, 2.5), (2.5, 0.5, 0.5), (None, 0.5, 0.5)],
+)
+def test_model_infos_deadline_is_the_calls_the_clients_or_ten_seconds(
+    client_timeout, call_timeout, deadline
+):
+    for ask in ("model_info", "native_size"):
+        stub = RecordingStub()
+        with BagelClient("127.0.0.1:1", client_timeout) as client:
+            client._stub = stub
+            got = getattr(client, ask)(timeout=call_timeout)
+        assert (got if ask == "native_size" else got.native_size) == 512
+        assert stub.calls == [(ModelInfoRequest(), deadline)]
+
+
+def test_check_writable_names_a_folder_and_asks_about_the_file_if_it_exists(tmp_path, monkeypatch):
+    with pytest.raises(OutputPathError) as raised:
+        check_writable(tmp_path)
+    assert str(raised.value) == f"{tmp_path} is a directory"
+    asked = []
+
+    def access(path, mode):  # root may write anything: stand in for a read-only file system
+        asked.append(path)
+        return False
+
+    monkeypatch.setattr(output.os, "access", access)
+    existing = tmp_path / "old.png"
+    existing.write_bytes(b"")
+    with pytest.raises(OutputPathError) as raised:
+        check_writable(existing)
+    assert str(raised.value) == f"{existing} is not writable"
+    with pytest.raises(OutputPathError) as raised:
+        check_writable(tmp_path / "new.png")
+    assert str(raised.value) == f"{tmp_path} is not writable"
+    assert asked == [existing, tmp_path]
+
+
+def test_an_input_image_of_another_type_names_the_type():
+    with pytest.raises(TypeError) as raised:
+        image_bytes(3)
+    assert str(raised.value) == (
+        "an input image must be bytes, a path or a PIL image, got <class 'int'>"
+    )
