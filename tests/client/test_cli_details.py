@@ -26,7 +26,16 @@ from client.errors import DeadlineExceeded
 from client.events import GenerationResult, ResultAssembler
 from client.output import OutputPathError, check_writable, encode
 from client.request import image_bytes
-from protos import Accepted, GenerateEvent, Image, ModelInfo, ModelInfoRequest, Progress, TextDelta
+from protos import (
+    Accepted,
+    GenerateEvent,
+    Image,
+    ModelInfo,
+    ModelInfoRequest,
+    Progress,
+    TextDelta,
+    Usage,
+)
 from serving.params import MAX_SEED
 from tests.client.fake_prefill import FakePrefillServer, png_bytes
 
@@ -348,3 +357,46 @@ def test_an_input_image_of_another_type_names_the_type():
     assert str(raised.value) == (
         "an input image must be bytes, a path or a PIL image, got <class 'int'>"
     )
+
+
+def test_generate_and_edit_say_what_unset_sizes_become():
+    [commands] = cli.build_parser()._subparsers._group_actions
+    assert commands.choices["generate"].description == (
+        "Unset --size/--width/--height give the model's native size and unset --steps its "
+        "default timesteps, as the server's GetModelInfo says."
+    )
+    assert commands.choices["edit"].description == (
+        "Unset --width/--height give the input's resized size; unset CFG flags give BAGEL's "
+        "editing settings (--cfg-img 2.0 on (0, 1], text-channel renorm)."
+    )
+
+
+@pytest.mark.parametrize("quality", ["1", "100"])
+def test_the_ends_of_the_quality_range_pass(quality):
+    assert args_of("--quality", quality).quality == int(quality)
+
+
+def test_a_quality_above_100_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        args_of("--quality", "101")
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "python -m client: error: --quality 101: must be in 1..100"
+    )
+
+
+def test_health_with_an_unusable_token_file_is_exit_2(tmp_path, capsys):
+    token = tmp_path / "token"
+    token.write_text("")
+    assert main(["health", "--server", "127.0.0.1:1", "--auth-token-file", str(token)]) == 2
+    assert capsys.readouterr().err == f"error: the token file {token} is empty\n"
+
+
+def test_a_result_without_progress_or_usage_counts_zero_and_usage_sets_the_tokens():
+    image = GenerateEvent(image=Image(png=png_bytes(8, 8), width=8, height=8, seed=1))
+    assembler = ResultAssembler()
+    assembler.add(image)
+    result = assembler.result({})
+    assert (result.request_id, result.steps, result.cached_steps, result.timings) == ("", 0, [], {})
+    assert (result.prompt_tokens, result.completion_tokens, result.thinking) == (0, 0, "")
+    assembler.add(GenerateEvent(usage=Usage(prompt_tokens=41, completion_tokens=7)))
+    assert (assembler.result({}).prompt_tokens, assembler.result({}).completion_tokens) == (41, 7)
