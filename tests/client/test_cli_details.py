@@ -400,3 +400,39 @@ def test_a_result_without_progress_or_usage_counts_zero_and_usage_sets_the_token
     assert (result.prompt_tokens, result.completion_tokens, result.thinking) == (0, 0, "")
     assembler.add(GenerateEvent(usage=Usage(prompt_tokens=41, completion_tokens=7)))
     assert (assembler.result({}).prompt_tokens, assembler.result({}).completion_tokens) == (41, 7)
+
+
+def test_the_image_flags_say_what_unset_means_including_the_editing_defaults():
+    [commands] = cli.build_parser()._subparsers._group_actions
+    flags = {a.dest: a.help for a in commands.choices["generate"]._actions}
+    native = "(default: the model's native size; edit: the input's)"
+    assert flags["height"] == f"image height in pixels (multiple of 16) {native}"
+    assert flags["width"] == f"image width in pixels (multiple of 16) {native}"
+    assert flags["quality"] == "JPEG and WebP quality, 1..100 (default: %(default)s)"
+    assert flags["cfg_img_scale"] == "image CFG scale (default: 1.5; edit: 2.0)"
+    assert flags["cfg_interval"] == (
+        "CFG applies for shifted t in (LO, HI] (default: 0.4 1.0; edit: 0.0 1.0)"
+    )
+    assert flags["cfg_renorm_type"] == "CFG renorm (default: global; edit: text_channel)"
+    assert flags["negative_prompt"] == (
+        "negative prompt: the unconditional text context (default: none)"
+    )
+    assert flags["seed"] == (
+        "noise seed (unset or -1 through the client: the server picks one) (default: 0)"
+    )
+    assert flags["cache"].startswith("step-cache policy (unset: the diffusion service's default)")
+    assert "(default: " not in flags["cache"]
+    assert flags["think"] == (
+        "the model first writes a plan (printed), then draws from it (default: off)"
+    )
+
+
+def test_health_wait_is_seconds_defaulting_to_asking_once():
+    [commands] = cli.build_parser()._subparsers._group_actions
+    [wait] = [a for a in commands.choices["health"]._actions if a.dest == "wait"]
+    assert (wait.metavar, wait.default, wait.type) == ("SECONDS", 0.0, float)
+    assert wait.help == (
+        "ask again until SERVING or SECONDS have passed, e.g. while the services start "
+        "(default: %(default)s, ask once)"
+    )
+    assert parse_args(["health"]).wait == 0.0
