@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 
 import grpc
 import pytest
@@ -141,8 +142,12 @@ def test_a_streams_status_is_none_until_the_call_ends(fake):
     with BagelClient(fake.address, timeout=30) as client:
         stream = client.stream("A cat", width=16, height=16)
         assert next(stream).WhichOneof("event") == "accepted"
-        assert stream.code() is None
+        asked = []  # in a thread: asking a running call's code must not wait for its end
+        thread = threading.Thread(target=lambda: asked.append(stream.code()), daemon=True)
+        thread.start()
+        thread.join(2.0)
         stream.cancel()
+        assert asked == [None]
     fake.servicer.steps, fake.servicer.step_delay_s = 2, 0.0
     with BagelClient(fake.address, timeout=30) as client:
         stream = client.stream("A cat", width=16, height=16)
