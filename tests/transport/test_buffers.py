@@ -206,3 +206,16 @@ def test_tune_malloc_without_mallopt_changes_nothing_and_says_so(monkeypatch, er
 
     monkeypatch.setattr(buffers.ctypes, "CDLL", cdll)
     assert tune_malloc() is False
+
+
+def test_fresh_buffers_allocate_pinned_memory_when_asked(monkeypatch):
+    asked = []
+
+    def empty(nbytes, *, dtype, pin_memory):
+        asked.append((nbytes, dtype, pin_memory))
+        return torch.zeros(nbytes, dtype=dtype)
+
+    monkeypatch.setattr(buffers, "torch", SimpleNamespace(empty=empty, uint8=torch.uint8))
+    buffers.FreshBuffers(pin_memory=True).take(10)
+    buffers.FreshBuffers().take(3)
+    assert asked == [(10, torch.uint8, True), (3, torch.uint8, False)]
