@@ -1,5 +1,6 @@
 """A small synchronous `bagel.v1.Prefill` server for client tests: records each request and
-answers with scripted events (or a status), plus a settable grpc.health.v1 service."""
+answers with scripted events (or a status), plus a settable grpc.health.v1 service. Understand
+answers `answer`'s deltas, then a `TextFinished` with `ANSWER_USAGE` and `ANSWER_TIMINGS`."""
 
 from __future__ import annotations
 
@@ -24,9 +25,18 @@ from protos import (
     OutputFormat,
     PrefillServicer,
     Progress,
+    TextDelta,
+    TextFinished,
     Timings,
+    UnderstandEvent,
+    UnderstandRequest,
+    Usage,
     add_PrefillServicer_to_server,
 )
+
+# What the fake's TextFinished reports: (prompt, completion) tokens, and the timings in ms.
+ANSWER_USAGE = (17, 3)
+ANSWER_TIMINGS = {"prefill_ms": 12.34, "decode_ms": 30.56, "total_ms": 45.67}
 
 
 def png_bytes(width: int, height: int) -> bytes:
@@ -46,6 +56,11 @@ class FakePrefill(PrefillServicer):
         self.metadata: list[tuple[str, str]] = []  # the last call's
         self.model_info: ModelInfo | None = None  # None: GetModelInfo is UNIMPLEMENTED
         self.model_info_calls = 0
+        self.plan = ["a red ", "circle"]  # a think request's plan, before the steps
+        self.understand_requests: list[UnderstandRequest] = []
+        self.answer = ["The ", "cat", " sleeps."]  # Understand's deltas
+        self.finish = True  # False: the stream ends without a TextFinished
+        self.fail_after_answer: tuple[grpc.StatusCode, str] | None = None
 
     def GetModelInfo(self, request: ModelInfoRequest, context: grpc.ServicerContext) -> ModelInfo:
         self.model_info_calls += 1
@@ -69,6 +84,9 @@ class FakePrefill(PrefillServicer):
         width, height = p.width or 32, p.height or 32
         seed = p.seed if p.HasField("seed") else 1234
         yield GenerateEvent(accepted=Accepted(request_id=request.request_id or "srv-1"))
+        if request.think:
+            for text in self.plan:
+                yield GenerateEvent(thinking=TextDelta(text=text))
         for step in range(1, self.steps + 1):
             time.sleep(self.step_delay_s)
             cached = step in self.cached_steps
@@ -83,6 +101,23 @@ class FakePrefill(PrefillServicer):
                 image=Image(png=png_bytes(width, height), width=width, height=height, seed=seed)
             )
         finished = True
+
+    def Understand(self, request: UnderstandRequest, context: grpc.ServicerContext):
+        self.understand_requests.append(request)
+        self.metadata = [(m.key, m.value) for m in context.invocation_metadata()]
+        if self.fail_with is not None:
+            context.abort(*self.fail_with)
+        yield UnderstandEvent(accepted=Accepted(request_id=request.request_id or "srv-2"))
+        for text in self.answer:
+            time.sleep(self.step_delay_s)
+            yield UnderstandEvent(delta=TextDelta(text=text))
+        if self.finish:
+            prompt, completion = ANSWER_USAGE
+            usage = Usage(prompt_tokens=prompt, completion_tokens=completion)
+            finished = TextFinished(finish_reason="length", usage=usage, **ANSWER_TIMINGS)
+            yield UnderstandEvent(finished=finished)
+        if self.fail_after_answer is not None:
+            context.abort(*self.fail_after_answer)
 
 
 class FakePrefillServer:

@@ -14,8 +14,10 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from client import BagelClient, IncompleteGeneration
+from client import client as client_module
 from client.cli import ProgressDisplay, generation_params, main, parse_args, timing_summary
 from protos import GenerateEvent, Progress
+from protos.options import channel_options
 from serving.params import GenerationParams
 from serving.text_params import sampling_names
 from tests.client.fake_prefill import FakePrefillServer
@@ -328,3 +330,17 @@ def test_a_stream_has_no_code_until_it_ends_then_its_status(fake):
         with client.stream("A cat") as done:
             list(done)
             assert done.code() is grpc.StatusCode.OK
+
+
+def test_the_client_opens_the_channel_its_arguments_ask_for(monkeypatch):
+    opened = []
+
+    def open_channel(*args, **kwargs):
+        opened.append((args, kwargs))
+        return grpc.insecure_channel("127.0.0.1:1")
+
+    monkeypatch.setattr(client_module, "open_channel", open_channel)
+    tls = {"tls_ca": "ca.pem", "tls_cert": "c.pem", "tls_key": "k.pem"}
+    with BagelClient("h:1", 2.5, auth_token="tok", **tls) as client:
+        assert (client.address, client.timeout) == ("h:1", 2.5)
+    assert opened == [(("h:1", channel_options()), {**tls, "auth_token": "tok"})]

@@ -7,10 +7,12 @@ import grpc
 import pytest
 
 from client import BagelClient
+from client.client import EventStream
 from client.errors import (
     ERRORS_BY_STATUS,
     BagelError,
     DeadlineExceeded,
+    Internal,
     InvalidArgument,
     ResourceExhausted,
     Unavailable,
@@ -78,3 +80,32 @@ def test_a_status_without_its_own_class_is_a_plain_bagel_error():
     error = error_from_rpc(Rpc(), "r1")
     assert type(error) is BagelError and error.code() is grpc.StatusCode.ABORTED
     assert str(error) == "ABORTED: aborted (request r1)"
+
+
+def test_an_rpc_error_without_a_status_is_unknown_with_its_text():
+    error = error_from_rpc(grpc.RpcError("socket closed"))
+    assert type(error) is BagelError and error.code() is grpc.StatusCode.UNKNOWN
+    assert (error.details(), error.request_id, error.args) == (
+        "socket closed",
+        "",
+        ("socket closed",),
+    )
+    assert str(error) == "UNKNOWN: socket closed"
+
+
+def test_an_rpc_error_with_empty_details_is_described_by_its_text():
+    class Quiet(grpc.RpcError):
+        def code(self):
+            return grpc.StatusCode.INTERNAL
+
+        def details(self):
+            return ""
+
+    error = error_from_rpc(Quiet("stream reset"))
+    assert type(error) is Internal and error.details() == "stream reset"
+
+
+def test_a_bagel_error_is_passed_through_and_a_stream_starts_without_a_request_id():
+    error = Unavailable("loading")
+    assert error_from_rpc(error, "r-1") is error and error.request_id == ""
+    assert EventStream(iter(())).request_id == ""

@@ -130,3 +130,27 @@ def test_seed_minus_one_through_the_python_client_is_unset(fake):
     with BagelClient(fake.address) as client:
         result = client.generate("x", width=32, height=32, seed=-1)
     assert not fake.servicer.requests[0].params.HasField("seed") and result.seed == 1234
+
+
+@pytest.mark.parametrize("side", ["width", "height"])
+def test_a_request_that_sets_one_side_is_sent_as_asked_without_asking_the_model(fake, side):
+    with BagelClient(fake.address) as client:
+        client.generate("a red circle", **{side: 48})
+    [request] = fake.servicer.requests
+    assert getattr(request.params, side) == 48
+    other = "height" if side == "width" else "width"
+    assert not request.params.HasField(other) and fake.servicer.model_info_calls == 0
+
+
+def test_the_calls_timeout_is_the_deadline_of_asking_the_native_size(fake):
+    deadlines = []
+    with BagelClient(fake.address, timeout=30) as client:
+        real = client._stub.GetModelInfo
+
+        def get_model_info(request, timeout):
+            deadlines.append(timeout)
+            return real(request, timeout=timeout)
+
+        client._stub.GetModelInfo = get_model_info
+        client.generate("a red circle", timeout=7.5)
+    assert deadlines == [7.5]

@@ -9,7 +9,7 @@ from PIL import Image
 
 from client import PARAM_NAMES, build_request
 from client.request import image_bytes
-from protos import CfgRenormType
+from protos import CfgRenormType, params_pb2
 from serving.params import DBCache, GenerationParams
 from tests.serving.examples import EVERY_FIELD, fields_left_at_default
 
@@ -112,3 +112,31 @@ def test_an_input_image_travels_as_bytes_from_bytes_a_path_or_a_pil_image(tmp_pa
         image_bytes(3)  # type: ignore[arg-type]
     request = build_request("edit", input_images=[raw])
     assert list(request.input_images) == [raw]
+
+
+def test_think_and_its_sampling_settings_go_to_their_own_fields():
+    request = build_request(
+        "a cat", think=True, think_temperature=0.7, think_do_sample=True, think_top_k=None
+    )
+    assert request.HasField("think") and request.think is True
+    assert request.think_sampling == params_pb2.TextSampling(temperature=0.7, do_sample=True)
+    off = build_request("a cat", think=False)
+    assert off.HasField("think") and off.think is False and not off.HasField("think_sampling")
+    plain = build_request("a cat", think_seed=None)
+    assert not plain.HasField("think") and not plain.HasField("think_sampling")
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"think": 1}, "think must be a bool, got 1"),
+        ({"request_id": 5}, "request_id must be a str, got 5"),
+        ({"width": "wide"}, "width must be int, got 'wide'"),
+        ({"think_top_k": 1.5}, "think_top_k must be int, got 1.5"),
+        ({"bogus": 1, "other": 2}, "unexpected keyword argument(s): bogus, other"),
+    ],
+)
+def test_a_bad_keyword_is_a_type_error_naming_it(params, message):
+    with pytest.raises(TypeError) as info:
+        build_request("a cat", **params)
+    assert str(info.value) == message

@@ -6,6 +6,7 @@ back, while a newcomer waits for the room."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -13,6 +14,7 @@ import pytest
 
 from transport import FrameAssembler, TransportError, UploadBudget, receive_kv, status_code
 from transport.admission import Upload
+from transport.rpc import _Waker
 
 from .factory import RecordingBuffers
 from .test_faults import SPEC, frames
@@ -138,3 +140,36 @@ def test_an_upload_without_a_header_within_the_first_frame_timeout_is_deadline_e
         asyncio.run(receive_kv(silent(), assembler, idle_timeout_s=30, first_frame_timeout_s=0.2))
     assert status_code(info.value) is grpc.StatusCode.DEADLINE_EXCEEDED
     assert info.value.message.startswith("no KV header within 0.2 s")
+
+
+def test_a_reservation_for_a_given_upload_is_that_uploads():
+    budget = UploadBudget(100)
+    upload = Upload()
+    assert budget.reserve(40, upload) is upload
+    budget.release(upload)
+    assert budget.held_bytes == 0
+
+
+def test_a_newcomer_that_finds_no_room_in_time_is_busy_and_holds_nothing():
+    buffers = RecordingBuffers()
+    budget = UploadBudget(3000, stall_s=0.3, clock=Clock())  # the holder never goes stale
+    budget.reserve(3000)
+    assembler = FrameAssembler(SPEC, buffers=buffers, budget=budget)
+    started = time.monotonic()
+    with pytest.raises(TransportError) as info:
+        asyncio.run(receive_kv(_slow_complete(), assembler, drain_seconds=1.0))
+    waited = time.monotonic() - started
+    assert status_code(info.value) is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert info.value.message == (
+        "uploads in flight already hold 3000 bytes; 2048 more would exceed the limit of 3000 "
+        "bytes for all uploads in flight: retry later"
+    )
+    assert 0.5 <= waited < 3.0  # the stall time and its slack, then no longer
+    assert budget.held_bytes == 3000 and budget.uploads == 1 and buffers.outstanding == {}
+    with pytest.raises(TransportError) as again:
+        assembler.feed(frames()[1])
+    assert again.value is info.value  # the stream stays failed with that error
+
+
+def test_waking_a_wait_that_has_not_started_does_nothing():
+    _Waker().wake()

@@ -282,3 +282,32 @@ def test_more_contexts_than_the_header_holds_is_a_value_error():
     layout = KVLayout(torch.float32, 1, 1, 1, (spec,) * 4)
     with pytest.raises(ValueError, match="^at most 3 contexts fit the broadcast header$"):
         layout_to_tensor(layout)
+
+
+def test_the_header_lists_each_context_with_minus_one_for_no_prefix():
+    specs = (ContextSpec(1, 5, 6), ContextSpec(2, 3, 3, prefix_of=0))
+    layout = KVLayout(torch.bfloat16, 2, 1, 4, specs)
+    header = layout_to_tensor(layout).tolist()
+    assert header[5:7] == [2, layout.total_bytes]
+    assert header[7:15] == [1, 5, 6, -1, 2, 3, 3, 0]
+    assert header[15:] == [0] * 17
+
+
+def test_a_header_counting_more_contexts_than_it_holds_is_not_a_layout_header():
+    header = layout_to_tensor(source_cache(0).layout)
+    assert header[5] == 3
+    header[5], header[19] = 4, int(header[7])  # a fourth context, of a kind the header knows
+    with pytest.raises(TransportError, match="^broadcast header is not a KV layout header$") as e:
+        layout_from_tensor(header)
+    assert e.value.fault is Fault.CONTRACT
+
+
+def test_a_header_whose_contexts_make_no_layout_is_a_contract_fault_saying_why():
+    header = layout_to_tensor(source_cache(0).layout)
+    header[10] = 0  # context 0 a prefix of itself
+    with pytest.raises(TransportError) as e:
+        layout_from_tensor(header)
+    assert e.value.message == (
+        "broadcast header: context 0 is a prefix of context 0, which is not another context"
+    )
+    assert e.value.fault is Fault.CONTRACT

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import platform
 import time
+from types import SimpleNamespace
 
 import pytest
+import torch
 
-from transport import BufferPool, TransportError, UploadBudget, tune_malloc
+from transport import BufferPool, TransportError, UploadBudget, buffers, tune_malloc
 
 
 def test_a_buffer_given_back_is_reused_for_a_smaller_or_equal_request():
@@ -135,3 +137,85 @@ def test_an_upload_budget_takes_a_reservation_of_exactly_what_is_left():
     assert budget.held_bytes == 100
     with pytest.raises(TransportError, match="already hold 100 bytes; 1 more"):
         budget.reserve(1)
+
+
+def test_a_release_timer_from_before_a_take_drops_nothing():
+    """The timer of a quiet period that a take interrupted may already be running when the take's
+    buffer comes back: it finds the pool used since and leaves it alone."""
+    pool = BufferPool(max_idle_bytes=10_000, keep_idle_bytes=0, release_after_s=60)
+    pool.give_back(pool.take(1000))
+    stale = pool._timer
+    stale.cancel()
+    pool.give_back(pool.take(1000))  # used again: a new quiet period begins
+    assert pool._timer is not stale and pool._timer.daemon is True  # never holds up the exit
+    pool._timer.cancel()
+    stale.function()  # the interrupted period's release runs late
+    assert pool.idle_bytes == 1000
+    pool._timer.function()  # the current one releases
+    assert pool.idle_bytes == 0
+
+
+def test_the_pool_allocates_pinned_memory_when_asked(monkeypatch):
+    asked = []
+
+    def empty(nbytes, *, dtype, pin_memory):
+        asked.append((nbytes, dtype, pin_memory))
+        return torch.zeros(nbytes, dtype=dtype)
+
+    monkeypatch.setattr(buffers, "torch", SimpleNamespace(empty=empty, uint8=torch.uint8))
+    BufferPool(pin_memory=True).take(10)
+    BufferPool().take(0)
+    assert asked == [(10, torch.uint8, True), (1, torch.uint8, False)]
+
+
+class FakeLibc:
+    def __init__(self, accepted: int = 1) -> None:
+        self.calls = []
+        self.accepted = accepted
+
+    def mallopt(self, param, value):
+        self.calls.append((param, value))
+        return self.accepted
+
+
+@pytest.mark.parametrize("found", ["libc.so.6", "libc-other.so", None])
+def test_tune_malloc_sets_the_three_thresholds_through_the_c_librarys_mallopt(monkeypatch, found):
+    libc, opened, looked_up = FakeLibc(), [], []
+
+    def find_library(name):
+        looked_up.append(name)
+        return found
+
+    monkeypatch.setattr(buffers.ctypes.util, "find_library", find_library)
+    monkeypatch.setattr(buffers.ctypes, "CDLL", lambda name: opened.append(name) or libc)
+    assert tune_malloc(mmap_threshold=1, trim_threshold=2, top_pad=3) is True
+    assert looked_up == ["c"] and opened == [found or "libc.so.6"]
+    assert libc.calls == [
+        (-3, 1),
+        (-1, 2),
+        (-2, 3),
+    ]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, M_TOP_PAD
+    monkeypatch.setattr(buffers.ctypes, "CDLL", lambda name: FakeLibc(accepted=0))
+    assert tune_malloc() is False  # mallopt refused a setting
+
+
+@pytest.mark.parametrize("error", [OSError("no libc"), AttributeError("no mallopt")])
+def test_tune_malloc_without_mallopt_changes_nothing_and_says_so(monkeypatch, error):
+    def cdll(name):
+        raise error
+
+    monkeypatch.setattr(buffers.ctypes, "CDLL", cdll)
+    assert tune_malloc() is False
+
+
+def test_fresh_buffers_allocate_pinned_memory_when_asked(monkeypatch):
+    asked = []
+
+    def empty(nbytes, *, dtype, pin_memory):
+        asked.append((nbytes, dtype, pin_memory))
+        return torch.zeros(nbytes, dtype=dtype)
+
+    monkeypatch.setattr(buffers, "torch", SimpleNamespace(empty=empty, uint8=torch.uint8))
+    buffers.FreshBuffers(pin_memory=True).take(10)
+    buffers.FreshBuffers().take(3)
+    assert asked == [(10, torch.uint8, True), (3, torch.uint8, False)]

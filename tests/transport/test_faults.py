@@ -26,6 +26,7 @@ from transport import (
     status_code,
 )
 from transport.crc import crc32c
+from transport.wire import parse_frame
 
 from .factory import FINGERPRINT, RecordingBuffers, make_contexts, raw, spec_for
 
@@ -493,3 +494,39 @@ def test_an_empty_cache_is_finite():
     cache = _received(contexts)
     assert cache.flat.numel() == 0
     check_finite(cache)
+
+
+EXACT_MESSAGES = {
+    "missing header": "missing header: the first frame is a chunk",
+    "trailer first": "missing header: the first frame is a trailer",
+    "repeated header": "repeated header",
+    "chunk after trailer": "data after the trailer: a chunk frame",
+    "second trailer": "data after the trailer: a second trailer",
+    "early end": "stream ended before the trailer (early end): 2048 of 2048 payload bytes arrived",
+    "empty stream": "stream ended before the header (early end)",
+    "truncated frame": "malformed frame: field 2 declares 79 bytes, 76 remain",
+    "missing last chunk": "gap: the trailer came with 64 payload bytes missing; 1 of 12 tensors "
+    "incomplete, the first context 2 layer 1 V (64 bytes short)",
+    "unknown dtype": "unknown dtype 9 in the header",
+}
+
+
+@pytest.mark.parametrize("name", list(EXACT_MESSAGES))
+def test_a_tampered_streams_message_is_exactly_what_went_wrong(name):
+    tamper, _, _ = CASES[name]
+    error, _, _ = run(tamper(frames()))
+    assert error.message == EXACT_MESSAGES[name]
+
+
+def test_a_header_after_the_trailer_is_named():
+    error, _, _ = run(frames() + frames()[:1])
+    assert error.message == "data after the trailer: a header frame"
+
+
+def test_a_frame_is_parsed_from_any_bytes_like_object():
+    frame = frames()[1]
+    want = parse_frame(frame)
+    for given in (bytearray(frame), memoryview(frame)):
+        got = parse_frame(given)
+        assert got._replace(frame=b"") == want._replace(frame=b"")
+        assert bytes(got.frame) == frame

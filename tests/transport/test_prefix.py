@@ -13,6 +13,7 @@ from bagel.network.kv import Branch, ContextKV
 from protos import DiffusionFrame
 from transport import ContextSpec, FrameAssembler, KVLayout, TransportError, encode_layers
 from transport.broadcast import layout_from_tensor, layout_to_tensor
+from transport.encoder import check_prefix
 
 from .factory import FINGERPRINT, make_contexts, raw, spec_for
 
@@ -126,3 +127,19 @@ def test_the_rank_broadcast_header_carries_prefix_of():
     header[7 + 4 + 3] = 1  # context 1 says it is a prefix of itself
     with pytest.raises(TransportError, match="broadcast header: context 1"):
         layout_from_tensor(header)
+
+
+def test_a_view_into_the_others_memory_passes_without_comparing_values():
+    """NaN equals nothing, not even itself: only the memory check can pass this prefix."""
+    source = (torch.full((5, 2, 4), float("nan")), torch.full((5, 2, 4), float("nan")))
+    check_prefix(1, 0, (source[0][:3], source[1][:3]), source)
+    copy = (source[0][:3].clone(), source[1][:3].clone())
+    with pytest.raises(ValueError) as info:
+        check_prefix(1, 0, copy, source)
+    assert str(info.value) == (
+        "context 1 layer 0 K is declared a prefix of another context but differs from its first "
+        "tokens"
+    )
+    strided = source[0].as_strided((3, 2, 4), (4, 8, 1))  # same first address, other strides
+    with pytest.raises(ValueError, match="^context 2 layer 3 K is declared"):
+        check_prefix(2, 3, (strided, source[1][:3]), source)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import pytest
 import torch
@@ -367,3 +368,92 @@ def test_initial_noise_is_fp32_randn_of_the_request_seed_shaped_tokens_by_patch_
     assert torch.equal(noise, expected)
     assert torch.equal(initial_noise(GenerationParams(seed=7), 6, 64), noise)
     assert not torch.equal(initial_noise(GenerationParams(seed=8), 6, 64), noise)
+
+
+def test_initial_noise_is_fp32_whatever_the_default_dtype():
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        noise = initial_noise(GenerationParams(seed=7), 6, 64)
+    finally:
+        torch.set_default_dtype(before)
+    assert noise.dtype == torch.float32
+    assert torch.equal(noise, initial_noise(GenerationParams(seed=7), 6, 64))
+
+
+def test_a_velocity_of_lower_precision_is_applied_in_the_latents_precision():
+    """bf16 velocities step fp32 latents in fp32: `x - v.float() * dt`, not `x - (v * dt)` rounded
+    to bf16 first; the same for the clean-image estimate."""
+    params = GenerationParams(num_timesteps=3, cfg_text_scale=1.0)
+    x0 = torch.randn(4, 8, generator=torch.Generator().manual_seed(3))
+    v = torch.randn(4, 8, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    estimates = {}
+    got = denoise(
+        x0,
+        lambda x, t, branches: {b: v for b in branches},
+        params,
+        on_estimate=lambda step, x0_hat: estimates.setdefault(step, x0_hat),
+        estimate_steps=frozenset({2}),  # not 1: t = 1 there, and v * 1 is exact in bf16
+    )
+    t, dt = schedule(params.num_timesteps, params.timestep_shift)
+    after_one = x0 - v.float() * dt[0]
+    want = after_one - v.float() * dt[1]
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    assert torch.equal(estimates[2], after_one - v.float() * t[1])
+    assert not torch.equal(estimates[2], after_one - (v * t[1]).float())  # the test can tell
+
+
+class RowVelocities:
+    """`v_b = a_b * x + t * c_b[rows]` for the rows of one shard of the latent tokens."""
+
+    def __init__(self, rows: slice, shape: tuple[int, int]) -> None:
+        self.whole = BranchVelocities(shape)
+        self.rows = rows
+
+    def __call__(self, x, t, branches):
+        w = self.whole
+        return {b: w.a[b] * x + float(t) * w.c[b][self.rows] for b in branches}
+
+
+class TwoShardSum:
+    """`reduce_sum` for two shards run as threads: each adds the other's partial sum."""
+
+    def __init__(self) -> None:
+        self.barrier = threading.Barrier(2, timeout=20)
+        self.parts: list = [None, None]
+
+    def of(self, shard: int):
+        def reduce_sum(x: torch.Tensor) -> torch.Tensor:
+            self.parts[shard] = x
+            self.barrier.wait()
+            total = self.parts[0] + self.parts[1]
+            self.barrier.wait()  # both have read the parts before either writes the next
+            return total
+
+        return reduce_sum
+
+
+def test_global_renorm_over_two_shards_equals_denoising_the_whole():
+    params = GenerationParams(
+        num_timesteps=6,
+        cfg_text_scale=4.0,
+        cfg_interval=(0.0, 1.0),
+        cfg_renorm_type="global",
+        cfg_renorm_min=0.0,
+    )
+    x0 = torch.randn(10, 16, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    whole = denoise(x0, RowVelocities(slice(0, 10), (10, 16)), params)
+    shards, sums, out = [slice(0, 4), slice(4, 10)], TwoShardSum(), [None, None]
+
+    def rank(i: int) -> None:
+        velocity = RowVelocities(shards[i], (10, 16))
+        out[i] = denoise(x0[shards[i]], velocity, params, reduce_sum=sums.of(i))
+
+    threads = [threading.Thread(target=rank, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    torch.testing.assert_close(torch.cat(out), whole, rtol=1e-12, atol=1e-12)
+    alone = denoise(x0[shards[0]], RowVelocities(shards[0], (10, 16)), params)
+    assert (alone - whole[shards[0]]).abs().max() > 1e-3  # the test can tell
