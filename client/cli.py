@@ -216,9 +216,12 @@ def check_param_flags(args: argparse.Namespace) -> None:
             if name == "cfg_interval" and not value[0] <= value[1]:
                 raise ValueError("must satisfy LO <= HI")
         except (ValueError, TypeError) as e:
-            raise ValueError(
-                f"{where}: {str(e).removeprefix(name + '=' + repr(value) + ' ')}"
-            ) from None
+            # The schema's message starts `name=value` ("... must", "...: both ends"): the flag
+            # and its value stand in for it.
+            message = str(e)
+            if message.startswith(f"{name}={value!r}"):
+                message = message[len(f"{name}={value!r}") :].lstrip(": ")
+            raise ValueError(f"{where}: {message}") from None
 
 
 def check_size_flags(args: argparse.Namespace, info: ModelInfo) -> None:
@@ -459,7 +462,8 @@ def run_health(args: argparse.Namespace) -> int:
                 except (Unavailable, DeadlineExceeded):  # not listening yet, or busy starting
                     if time.monotonic() >= deadline:
                         raise
-                    status = None
+                    time.sleep(HEALTH_POLL_S)
+                    continue  # asked again even if the wait ran out meanwhile: an answer to print
                 if status == "SERVING" or time.monotonic() >= deadline:
                     break
                 time.sleep(HEALTH_POLL_S)

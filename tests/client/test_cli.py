@@ -197,6 +197,7 @@ def test_a_summary_that_cannot_be_written_fails_before_the_call_naming_the_flag(
         (["--steps", "1"], "--steps 1: must be in [2, 1000]"),
         (["--cfg-text", "101"], "--cfg-text 101.0: must be in [0, 100]"),
         (["--cfg-interval", "0.9", "0.1"], "--cfg-interval 0.9 0.1: must satisfy LO <= HI"),
+        (["--cfg-interval", "0.5", "2"], "--cfg-interval 0.5 2.0: both ends must be in [0, 1]"),
         (
             ["--seed", "-2"],
             "--seed -2: must be -1 (the server picks) or in 0..9223372036854775807",
@@ -378,6 +379,34 @@ def test_health_wait_gives_up_after_its_seconds(fake, capsys):
     started = time.monotonic()
     assert main(["health", "--server", fake.address, "--wait", "0.5"]) == 1
     assert 0.5 <= time.monotonic() - started < 5
+    assert capsys.readouterr().out == "NOT_SERVING\n"
+
+
+def test_health_asks_once_more_when_the_wait_runs_out_after_a_refused_probe(monkeypatch, capsys):
+    """The wait ends between a refused probe and the next: the answer printed is a status the
+    service gave (asked once more), never nothing."""
+    from client.errors import Unavailable
+
+    answers = iter([Unavailable("not listening"), "NOT_SERVING"])
+
+    class Probe:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def health(self):
+            answer = next(answers)
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+    clock = iter([0.0, 0.1, 5.0, 5.0, 5.0])  # the deadline, the refusal, then past the wait
+    monkeypatch.setattr(cli, "connect", lambda args: Probe())
+    monkeypatch.setattr(cli.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(cli.time, "sleep", lambda s: None)
+    assert main(["health", "--wait", "1"]) == 1
     assert capsys.readouterr().out == "NOT_SERVING\n"
 
 
