@@ -60,7 +60,13 @@ def layout_from_tensor(header: Tensor) -> KVLayout:
     n = v[5] if len(v) == HEADER_LEN else 0
     end = _FIXED + _PER_CONTEXT * n
     kinds = v[_FIXED:end:_PER_CONTEXT] if 0 < n <= MAX_CONTEXTS else []
-    valid = kinds and v[0] == _MAGIC and v[1] in WIRE_TO_DTYPE and set(kinds) <= CONTEXT_KINDS
+    valid = (
+        kinds
+        and v[0] == _MAGIC
+        and v[1] in WIRE_TO_DTYPE
+        and set(kinds) <= CONTEXT_KINDS
+        and len(set(kinds)) == len(kinds)  # each kind at most once
+    )
     if not valid:
         raise TransportError(Fault.CONTRACT, "broadcast header is not a KV layout header")
     contexts = tuple(

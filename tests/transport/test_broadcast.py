@@ -247,13 +247,13 @@ def test_a_broadcast_that_times_out_is_unavailable_and_receivers_give_their_buff
 
 @pytest.mark.parametrize(
     "changes",
-    [{0: 0}, {1: 99}, {5: 0}, {5: 4, 16: 1}, {7: 99}],
-    ids=["magic", "dtype", "no-contexts", "a-fourth-context", "kind"],
+    [{0: 0}, {1: 99}, {5: 0}, {5: 4, 16: 1}, {7: 99}, {11: "kind of context 0"}],
+    ids=["magic", "dtype", "no-contexts", "a-fourth-context", "kind", "a-kind-twice"],
 )
 def test_a_header_with_any_one_bad_field_is_not_a_layout_header(changes):
     header = layout_to_tensor(source_cache(0).layout)
     for index, value in changes.items():
-        header[index] = value
+        header[index] = header[7] if value == "kind of context 0" else value
     with pytest.raises(TransportError, match="^broadcast header is not a KV layout header$") as e:
         layout_from_tensor(header)
     assert e.value.fault is Fault.CONTRACT
