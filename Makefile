@@ -56,7 +56,7 @@ test-all: lint
 MUTATION_JOBS ?= 2
 MUTANTS ?=
 mutation: $(STAMP)
-	test -x $(BIN)/mutmut || $(BIN)/pip install -q "mutmut>=3.8,<4"
+	test -x $(BIN)/mutmut || $(BIN)/pip install -q -c constraints.txt -e ".[mutation]"
 	rm -rf mutants
 	$(BIN)/mutmut run --max-children $(MUTATION_JOBS) $(MUTANTS)
 	$(BIN)/mutmut results | { grep -v ": not checked$$" || true; }

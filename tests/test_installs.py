@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 PROJECT = PYPROJECT["project"]
 RUNTIME = [Requirement(r) for r in PROJECT["dependencies"]]
-DEV = [Requirement(r) for r in PROJECT["optional-dependencies"]["dev"]]
+EXTRAS = [Requirement(r) for extra in PROJECT["optional-dependencies"].values() for r in extra]
 TORCH = "torch"
 
 
@@ -38,7 +38,7 @@ def pins() -> dict[str, Version]:
 
 
 # torch comes from TORCH_SPEC (a CPU or a CUDA build), not from the constraints.
-@pytest.mark.parametrize("requirement", [r for r in RUNTIME + DEV if r.name != TORCH], ids=str)
+@pytest.mark.parametrize("requirement", [r for r in RUNTIME + EXTRAS if r.name != TORCH], ids=str)
 def test_every_declared_dependency_is_pinned_within_its_bounds(requirement: Requirement):
     pinned = pins().get(canonicalize_name(requirement.name))
     assert pinned is not None, f"{requirement.name} is not pinned in constraints.txt"

@@ -88,6 +88,7 @@ def generate(client: BagelClient, seed: int) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
+@pytest.mark.slow  # two diffusion groups and a prefill service started, one group killed: ~14 s
 def test_requests_spread_over_two_groups_and_survive_one_being_killed(deployment):
     prefill, (a, b), metrics_port = deployment
     with BagelClient(prefill.address) as client:
