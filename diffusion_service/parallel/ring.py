@@ -8,6 +8,7 @@ partial results by log-sum-exp in fp32. The replicated joint keys are attended o
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cached_property
 
 import torch
 import torch.distributed as dist
@@ -15,7 +16,7 @@ from torch import Tensor
 
 from bagel.network.attention import AttentionPrecision, BlockQKV
 from diffusion_service.parallel.lse import attention_with_lse, merge_attention
-from diffusion_service.parallel.sharding import LatentSharding, OneGroupAttention
+from diffusion_service.parallel.sharding import OneGroupAttention
 
 
 def ring_attention_with_lse(
@@ -85,14 +86,10 @@ class RingAttention(OneGroupAttention):
 
     GROUP = "ring"
 
-    def __init__(
-        self,
-        group: dist.ProcessGroup,
-        sharding: LatentSharding,
-        precision: AttentionPrecision = "bf16",
-    ) -> None:
-        super().__init__(group, sharding, precision)
-        self.block_valid = [sharding.valid_len(j) for j in range(sharding.degree)]
+    @cached_property
+    def block_valid(self) -> list[int]:
+        """The real (unpadded) latent rows of each rank's block, in ring order."""
+        return [self.sharding.valid_len(j) for j in range(self.sharding.degree)]
 
     def attend_with_lse(self, x: BlockQKV) -> tuple[Tensor, Tensor]:
         """fp32 output and LSE for the rows `[joint_q; latent_q]`."""
