@@ -218,9 +218,7 @@ def check_param_flags(args: argparse.Namespace) -> None:
         except (ValueError, TypeError) as e:
             # The schema's message starts `name=value` ("... must", "...: both ends"): the flag
             # and its value stand in for it.
-            message = str(e)
-            if message.startswith(f"{name}={value!r}"):
-                message = message[len(f"{name}={value!r}") :].lstrip(": ")
+            message = str(e).removeprefix(f"{name}={value!r}").lstrip(": ")
             raise ValueError(f"{where}: {message}") from None
 
 
