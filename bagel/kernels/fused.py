@@ -89,11 +89,12 @@ if triton is not None:
         tl.store(out_ptr + row * width + cols, (normed * w).to(out_ty), mask=live)
 
     @triton.jit
-    def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, n, width, in_row_stride, BLOCK: tl.constexpr):
         at = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         live = at < n
-        g = tl.load(gate_ptr + at, mask=live, other=0.0).to(tl.float32)
-        u = tl.load(up_ptr + at, mask=live, other=0.0).to(tl.float32)
+        source = (at // width) * in_row_stride + at % width
+        g = tl.load(gate_ptr + source, mask=live, other=0.0).to(tl.float32)
+        u = tl.load(up_ptr + source, mask=live, other=0.0).to(tl.float32)
         out_ty = out_ptr.dtype.element_ty
         # As eager: silu rounded to the input dtype, then the product rounded.
         act = (g / (1.0 + tl.exp(-g))).to(out_ty).to(tl.float32)
@@ -136,16 +137,31 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return out
 
 
+def _as_rows(x: Tensor, width: int) -> Tensor:
+    """`x` as `[rows, width]` rows with unit column stride, viewed in place where it can be."""
+    if x.stride(-1) == 1:
+        try:
+            return x.view(-1, width)
+        except RuntimeError:  # rows not evenly spaced
+            pass
+    return x.contiguous().view(-1, width)
+
+
 def silu_mul(gate: Tensor, up: Tensor, out: Tensor | None = None) -> Tensor:
     """`silu(gate) * up` in one pass, with the eager roundings; into `out` when given (which may
-    be `gate` or `up` themselves: each element is read before it is written)."""
-    gate, up = gate.contiguous(), up.contiguous()
+    be `gate` or `up` themselves: each element is read before it is written). `gate` and `up` may
+    be column slices of one wider tensor (a packed gate/up projection's halves), read in place."""
     if out is None:
-        out = torch.empty_like(gate)
+        out = gate.new_empty(gate.shape)
     elif not out.is_contiguous() or out.shape != gate.shape or out.dtype != gate.dtype:
         raise ValueError("silu_mul's out must be a contiguous tensor shaped like gate")
-    n = gate.numel()
+    n, width = gate.numel(), gate.shape[-1]
     if n:
+        gate_rows, up_rows = _as_rows(gate, width), _as_rows(up, width)
+        if gate_rows.stride(0) != up_rows.stride(0):
+            gate_rows, up_rows = gate_rows.contiguous(), up_rows.contiguous()
         block = 2048
-        _silu_mul_kernel[(triton.cdiv(n, block),)](gate, up, out, n, BLOCK=block, num_warps=8)
+        _silu_mul_kernel[(triton.cdiv(n, block),)](
+            gate_rows, up_rows, out, n, width, gate_rows.stride(0), BLOCK=block, num_warps=8
+        )
     return out

@@ -70,15 +70,48 @@ def add_linear(residual: Tensor, linear: nn.Module, x: Tensor) -> Tensor:
     return residual + linear(x)
 
 
+def pack_linears(linears: Sequence[nn.Linear]) -> tuple[Tensor, Tensor | None]:
+    """The weights (and biases, when they have them) of `linears` stacked along the output dim,
+    one tensor each; each linear is left viewing its rows of them, so nothing is held twice.
+    One GEMM over the packed weight equals the linears' outputs side by side: for a few rows
+    (text decoding) each separate GEMM streams its weights with a launch of its own."""
+    weight = torch.cat([lin.weight.detach() for lin in linears])
+    biased = all(lin.bias is not None for lin in linears)
+    bias = torch.cat([lin.bias.detach() for lin in linears]) if biased else None
+    start = 0
+    for lin in linears:
+        rows = lin.weight.shape[0]
+        lin.weight = nn.Parameter(weight[start : start + rows], requires_grad=False)
+        if bias is not None:
+            lin.bias = nn.Parameter(bias[start : start + rows], requires_grad=False)
+        start += rows
+    return weight, bias
+
+
 class SwiGLU(nn.Module):
     def __init__(self, hidden: int, intermediate: int) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self._gate_up: Tensor | None = None  # `packed_gate_up`
 
-    def activation(self, x: Tensor) -> Tensor:
-        """`silu(gate_proj(x)) * up_proj(x)`, the input of `down_proj`."""
+    def packed_gate_up(self) -> Tensor:
+        """The gate and up weights as one `[2 * intermediate, hidden]` tensor (`pack_linears`;
+        pack after the model has moved to its device)."""
+        if self._gate_up is None:
+            self._gate_up = pack_linears([self.gate_proj, self.up_proj])[0]
+        return self._gate_up
+
+    def activation(self, x: Tensor, packed: bool = False) -> Tensor:
+        """`silu(gate_proj(x)) * up_proj(x)`, the input of `down_proj`; with `packed`, both
+        projections as one GEMM over `packed_gate_up` (for few rows: each output is the same
+        dot product, the GEMM may split it differently)."""
+        if packed:
+            gate, up = F.linear(x, self.packed_gate_up()).chunk(2, dim=-1)
+            if fused.applies(gate):  # reads the two halves in place
+                return fused.silu_mul(gate, up)
+            return F.silu(gate) * up
         gate = self.gate_proj(x)
         if fused.applies(gate):  # written over `gate`: one buffer of the width fewer at peak
             return fused.silu_mul(gate, self.up_proj(x), out=gate)
@@ -87,9 +120,10 @@ class SwiGLU(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(self.activation(x))
 
-    def add_to(self, residual: Tensor, x: Tensor) -> Tensor:
-        """`residual + self(x)`, the add folded into `down_proj` (`add_linear`)."""
-        return add_linear(residual, self.down_proj, self.activation(x))
+    def add_to(self, residual: Tensor, x: Tensor, packed: bool = False) -> Tensor:
+        """`residual + self(x)`, the add folded into `down_proj` (`add_linear`); `packed` as for
+        `activation`."""
+        return add_linear(residual, self.down_proj, self.activation(x, packed))
 
 
 class TimestepEmbedder(nn.Module):

@@ -29,6 +29,7 @@ from bagel.network.layers import (
     add_linear,
     apply_rope,
     compute_dtype,
+    pack_linears,
     rope_cos_sin,
 )
 
@@ -163,15 +164,7 @@ class MoTAttention(nn.Module):
         packed = self._packed.get(expert)
         if packed is None:
             linears = [getattr(self, f"{n}_proj{expert}") for n in ("q", "k", "v")]
-            weight = torch.cat([lin.weight.detach() for lin in linears])
-            bias = torch.cat([lin.bias.detach() for lin in linears])
-            start = 0
-            for lin in linears:
-                rows = lin.weight.shape[0]
-                lin.weight = nn.Parameter(weight[start : start + rows], requires_grad=False)
-                lin.bias = nn.Parameter(bias[start : start + rows], requires_grad=False)
-                start += rows
-            packed = self._packed[expert] = (weight, bias)
+            packed = self._packed[expert] = pack_linears(linears)
         return packed
 
     def norm_rope(self, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, expert: str):
@@ -202,13 +195,14 @@ class MoTDecoderLayer(nn.Module):
         """The input norm of `expert` (`UND` or `GEN`), then its q, k, v (`qkv`)."""
         return self.self_attn.qkv(getattr(self, f"input_layernorm{expert}")(x), cos, sin, expert)
 
-    def finish(self, x: Tensor, attn: Tensor, expert: str) -> Tensor:
+    def finish(self, x: Tensor, attn: Tensor, expert: str, packed: bool = False) -> Tensor:
         """The rest of the layer after attention, with `expert`'s weights: `o_proj` plus the
-        residual, then the post-attention norm and the MLP plus the residual."""
+        residual, then the post-attention norm and the MLP plus the residual (`packed`: the
+        MLP's gate and up as one GEMM, `SwiGLU.activation`)."""
         # Both residual adds ride in the matmuls that produce what is added (`add_linear`).
         x = add_linear(x, getattr(self.self_attn, f"o_proj{expert}"), attn.flatten(-2))
         mlp_in = getattr(self, f"post_attention_layernorm{expert}")(x)
-        return getattr(self, f"mlp{expert}").add_to(x, mlp_in)
+        return getattr(self, f"mlp{expert}").add_to(x, mlp_in, packed)
 
     def forward_text(
         self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, need_output: bool

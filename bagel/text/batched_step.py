@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from bagel.kernels import fused, fused_decode
 from bagel.network.layers import compute_dtype, rope_cos_sin
-from bagel.network.model import UND, Bagel
+from bagel.network.model import UND, Bagel, MoTAttention
 
 
 class SlotCache:
@@ -87,16 +88,41 @@ def decode_step(
     mask = mask.masked_fill_(~visible, -math.inf)[:, None, None, :]
     for index, layer in enumerate(model.layers):
         h = getattr(layer, f"input_layernorm{UND}")(x)
-        q, k, v = layer.self_attn.packed_qkv(h, cos, sin, UND)
         cache_k, cache_v = cache.keys[index], cache.values[index]
-        where = (slot[:, None], head[None, :], lengths[:, None])
-        cache_k.index_put_(where, k[:, 0])
-        cache_v.index_put_(where, v[:, 0])
+        q = _attention_input(layer.self_attn, h, cos, sin, cache_k, cache_v, lengths, slot, head)
         # The query heads of one KV head stand in for SDPA's query length: no KV copies.
         grouped = q.view(rows, llm.num_kv_heads, groups, llm.head_dim)
         attn = F.scaled_dot_product_attention(
             grouped, cache_k[:rows, :, :span], cache_v[:rows, :, :span], attn_mask=mask
         )
-        x = layer.finish(x, attn.reshape(rows, 1, llm.num_heads, llm.head_dim), UND)
+        x = layer.finish(x, attn.reshape(rows, 1, llm.num_heads, llm.head_dim), UND, packed=True)
     last = model.language_model.model.norm(x[:, 0])
     return model.language_model.lm_head(last)
+
+
+def _attention_input(
+    attention: MoTAttention,
+    h: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    cache_k: Tensor,
+    cache_v: Tensor,
+    lengths: Tensor,
+    slot: Tensor,
+    head: Tensor,
+) -> Tensor:
+    """A layer's q `[rows, 1, heads, D]` for the normed input `h`, with each row's new key and
+    value written into its slot at its length: one fused kernel on CUDA (`fused_decode`)."""
+    if fused.applies(h):
+        weight, bias = attention.packed_qkv_weights(UND)
+        q_norm, k_norm = getattr(attention, f"q_norm{UND}"), getattr(attention, f"k_norm{UND}")
+        q = fused_decode.qkv_into_cache(
+            F.linear(h[:, 0], weight, bias), (q_norm.weight, q_norm.eps),
+            (k_norm.weight, k_norm.eps), cos, sin, cache_k, cache_v, lengths, attention.num_heads,
+        )  # fmt: skip
+        return q[:, None]
+    q, k, v = attention.packed_qkv(h, cos, sin, UND)
+    where = (slot[:, None], head[None, :], lengths[:, None])
+    cache_k.index_put_(where, k[:, 0])
+    cache_v.index_put_(where, v[:, 0])
+    return q

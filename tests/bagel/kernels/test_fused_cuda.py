@@ -114,3 +114,50 @@ def test_silu_mul_written_over_its_gate_equals_the_out_of_place_product():
     got = fused.silu_mul(gate, up, out=gate)
     assert got.data_ptr() == gate.data_ptr()
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_silu_mul_reads_a_packed_projections_halves_in_place(rows):
+    packed = randn(rows, 1, 2 * 1001, scale=3.0)
+    gate, up = packed.chunk(2, dim=-1)
+    assert not gate.is_contiguous() or rows == 1
+    want = fused.silu_mul(gate.contiguous(), up.contiguous())
+    assert torch.equal(fused.silu_mul(gate, up), want)
+    assert_within_one_rounding(want, F.silu(gate) * up)
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_qkv_into_cache_writes_the_cache_and_returns_q_as_the_separate_kernels(rows):
+    from bagel.kernels import fused_decode
+
+    heads, kv_heads, dim, capacity = 28, 4, 128, 64
+    qkv = randn(rows, (heads + 2 * kv_heads) * dim, scale=3.0)
+    q_weight, k_weight = randn(dim, seed=1, scale=0.1) + 1, randn(dim, seed=2, scale=0.1) + 1
+    positions = torch.tensor([40, 7, 123, 0, 9][:rows], device="cuda")
+    lengths = torch.tensor([3, 0, 63, 17, 5][:rows], device="cuda")
+    cos, sin = rope_cos_sin(positions, dim, 1e6)
+    cos, sin = cos.float()[:, None, None, :], sin.float()[:, None, None, :]
+    keys = randn(8, kv_heads, capacity, dim, seed=3)
+    values = randn(8, kv_heads, capacity, dim, seed=4)
+    want_keys, want_values = keys.clone(), values.clone()
+
+    q, k, v = qkv.view(rows, 1, heads + 2 * kv_heads, dim).split((heads, kv_heads, kv_heads), 2)
+    want_q = fused.qk_norm_rope(q, q_weight, cos, sin, 1e-6)
+    new_k = fused.qk_norm_rope(k, k_weight, cos, sin, 1e-5)
+    slot, head = torch.arange(rows, device="cuda"), torch.arange(kv_heads, device="cuda")
+    where = (slot[:, None], head[None, :], lengths[:, None])
+    want_keys.index_put_(where, new_k[:, 0])
+    want_values.index_put_(where, v[:, 0])
+
+    got_q = fused_decode.qkv_into_cache(
+        qkv, (q_weight, 1e-6), (k_weight, 1e-5), cos, sin, keys, values, lengths, heads
+    )
+    assert torch.equal(got_q, want_q[:, 0])
+    assert torch.equal(keys, want_keys)  # the new keys at each row's length, the rest untouched
+    assert torch.equal(values, want_values)
+    # The comparison bites: k normed with q's weight is seen.
+    wrong = randn(8, kv_heads, capacity, dim, seed=3)
+    fused_decode.qkv_into_cache(
+        qkv, (q_weight, 1e-6), (q_weight, 1e-5), cos, sin, wrong, values.clone(), lengths, heads
+    )
+    assert not torch.equal(wrong, want_keys)

@@ -234,3 +234,31 @@ def test_packed_qkv_equals_the_three_projections_and_holds_no_weight_twice():
         assert linear.weight.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr()
         assert linear.bias.untyped_storage().data_ptr() == bias.untyped_storage().data_ptr()
     assert attention.packed_qkv_weights(UND)[0] is weight  # packed once
+
+
+def test_packed_gate_up_equals_the_two_projections_and_holds_no_weight_twice():
+    from bagel.network.layers import SwiGLU
+
+    torch.manual_seed(0)
+    mlp = SwiGLU(64, 96).requires_grad_(False)
+    before = {k: v.clone() for k, v in mlp.state_dict().items()}
+    x = torch.randn(3, 1, 64)
+    separate = mlp.activation(x)
+    residual = torch.randn(3, 1, 64)
+    torch.testing.assert_close(mlp.activation(x, packed=True), separate, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        mlp.add_to(residual, x, packed=True), mlp.add_to(residual, x), rtol=1e-6, atol=1e-6
+    )
+    packed = mlp.packed_gate_up()
+    assert packed.shape == (2 * 96, 64)
+    after = mlp.state_dict()
+    assert after.keys() == before.keys()
+    for name, value in before.items():
+        assert torch.equal(after[name], value), name
+    for linear in (mlp.gate_proj, mlp.up_proj):
+        assert linear.weight.untyped_storage().data_ptr() == packed.untyped_storage().data_ptr()
+    assert mlp.packed_gate_up() is packed  # packed once
+    # Gate first, then up: swapped halves would give another activation.
+    gate, up = (x @ packed.t()).chunk(2, dim=-1)
+    torch.testing.assert_close(separate, torch.nn.functional.silu(gate) * up)
+    assert not torch.allclose(separate, torch.nn.functional.silu(up) * gate)
