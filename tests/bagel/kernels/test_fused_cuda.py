@@ -127,7 +127,7 @@ def test_silu_mul_reads_a_packed_projections_halves_in_place(rows):
 
 
 @pytest.mark.parametrize("rows", [1, 5])
-def test_qkv_into_cache_writes_the_cache_and_returns_q_as_the_separate_kernels(rows):
+def test_qkv_into_cache_writes_the_cache_and_returns_q_as_the_separate_kernels_do(rows):
     from bagel.kernels import fused_decode
 
     heads, kv_heads, dim, capacity = 28, 4, 128, 64
@@ -152,12 +152,17 @@ def test_qkv_into_cache_writes_the_cache_and_returns_q_as_the_separate_kernels(r
     got_q = fused_decode.qkv_into_cache(
         qkv, (q_weight, 1e-6), (k_weight, 1e-5), cos, sin, keys, values, lengths, heads
     )
-    assert torch.equal(got_q, want_q[:, 0])
-    assert torch.equal(keys, want_keys)  # the new keys at each row's length, the rest untouched
-    assert torch.equal(values, want_values)
+    # One program per head sums its squares in another order than qk_norm_rope's 16-row blocks.
+    assert_within_one_rounding(got_q, want_q[:, 0])
+    assert_within_one_rounding(keys[where], want_keys[where])
+    written = torch.zeros(keys.shape[:3], dtype=torch.bool, device="cuda")
+    written[where] = True
+    assert torch.equal(keys[~written], want_keys[~written])  # the rest of the cache untouched
+    assert torch.equal(values, want_values)  # v is copied as it is
     # The comparison bites: k normed with q's weight is seen.
     wrong = randn(8, kv_heads, capacity, dim, seed=3)
     fused_decode.qkv_into_cache(
         qkv, (q_weight, 1e-6), (q_weight, 1e-5), cos, sin, wrong, values.clone(), lengths, heads
     )
-    assert not torch.equal(wrong, want_keys)
+    with pytest.raises(AssertionError):
+        assert_within_one_rounding(wrong[where], want_keys[where])
