@@ -3,6 +3,7 @@ asyncio twin `AsyncBagelClient`, and the `python -m client` command line."""
 
 from client.async_client import AsyncBagelClient, AsyncEventStream
 from client.client import BagelClient, EventStream
+from client.errors import BagelError
 from client.events import GenerationResult, IncompleteGeneration
 from client.request import PARAM_NAMES, build_request
 from client.text import IncompleteAnswer, TextResult
@@ -11,6 +12,7 @@ __all__ = [
     "PARAM_NAMES",
     "AsyncBagelClient",
     "AsyncEventStream",
+    "BagelError",
     "BagelClient",
     "EventStream",
     "GenerationResult",

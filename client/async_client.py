@@ -11,6 +11,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client.client import HEALTH_TIMEOUT_S
+from client.errors import error_from_rpc
 from client.events import GenerationResult, ResultAssembler
 from client.request import ImageInput, build_request, image_bytes
 from client.text import Message, TextResult, collect_answer, understand_request
@@ -20,20 +21,27 @@ from serving.service.security import open_aio_channel
 
 
 class AsyncEventStream:
-    """The events of one Generate (or Understand) call: `async for` them; `cancel()` ends the call (the server
-    sees CANCELLED), as does leaving an `async with` block early. Iteration raises
-    grpc.aio.AioRpcError when the call fails, CANCELLED included."""
+    """The events of one Generate (or Understand) call: `async for` them; `cancel()` ends the call
+    (the server sees CANCELLED), as does leaving an `async with` block early. Iteration raises a
+    `client.errors.BagelError` (a grpc.RpcError) when the call fails, CANCELLED included, as
+    `EventStream` does; `request_id` is the caller's or, once accepted, the server's."""
 
-    def __init__(self, call: grpc.aio.UnaryStreamCall) -> None:
+    def __init__(self, call: grpc.aio.UnaryStreamCall, request_id: str = "") -> None:
         self._call = call
+        self.request_id = request_id
 
     def __aiter__(self) -> AsyncEventStream:
         return self
 
     async def __anext__(self) -> GenerateEvent:
-        event = await self._call.read()
+        try:
+            event = await self._call.read()
+        except grpc.RpcError as e:
+            raise error_from_rpc(e, self.request_id) from None
         if event is grpc.aio.EOF:
             raise StopAsyncIteration
+        if event.WhichOneof("event") == "accepted":
+            self.request_id = event.accepted.request_id
         return event
 
     def cancel(self) -> bool:
@@ -97,7 +105,7 @@ class AsyncBagelClient:
         call = self._stub.Generate(
             request, timeout=self._deadline(timeout), metadata=self._metadata or None
         )
-        return AsyncEventStream(call)
+        return AsyncEventStream(call, str(params.get("request_id") or ""))
 
     async def generate(
         self,
@@ -140,7 +148,7 @@ class AsyncBagelClient:
         call = self._stub.Understand(
             request, timeout=self._deadline(timeout), metadata=self._metadata or None
         )
-        return AsyncEventStream(call)
+        return AsyncEventStream(call, str(params.get("request_id") or ""))
 
     async def chat(
         self,
@@ -176,11 +184,15 @@ class AsyncBagelClient:
         )
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:
-        """The server's grpc.health.v1 status name for `service` ("" = the whole server)."""
+        """The server's grpc.health.v1 status name for `service` ("" = the whole server); raises a
+        BagelError if the server cannot be asked."""
         deadline = self._deadline(timeout) or HEALTH_TIMEOUT_S
-        response = await self._health.Check(
-            health_pb2.HealthCheckRequest(service=service), timeout=deadline
-        )
+        try:
+            response = await self._health.Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=deadline
+            )
+        except grpc.RpcError as e:
+            raise error_from_rpc(e) from None
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
     def _deadline(self, timeout: float | None) -> float | None:

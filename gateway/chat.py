@@ -17,6 +17,7 @@ from typing import Any, Literal
 import grpc
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from client import BagelError
 from client.text import SAMPLING_NAMES
 from gateway.drawing import OpenStream
 from gateway.errors import OpenAIError, from_grpc, invalid_request
@@ -184,7 +185,7 @@ class ChatAnswerer:
         return _prepend(first, events), stack
 
     def _failure(self, error: BaseException, request_id: str) -> BaseException:
-        if isinstance(error, grpc.aio.AioRpcError):
+        if isinstance(error, BagelError):
             return from_grpc(error.code(), error.details(), request_id, self.retry_after_s)
         if isinstance(error, TypeError | ValueError):  # a value the schema refuses
             return invalid_request(str(error))
@@ -201,7 +202,7 @@ class ChatAnswerer:
                     chunks.append(event.delta.text)
                 elif kind == "finished":
                     finished = event.finished
-        except grpc.aio.AioRpcError as e:
+        except BagelError as e:
             raise self._failure(e, request_id) from None
         finally:
             await stack.aclose()
@@ -260,7 +261,7 @@ class ChatAnswerer:
                     if include_usage:
                         yield data({**base, "choices": [], "usage": usage(event.finished)})
             yield b"data: [DONE]\n\n"
-        except grpc.aio.AioRpcError as e:
+        except BagelError as e:
             failure = self._failure(e, request_id)
             body = failure.body() if isinstance(failure, OpenAIError) else {"error": str(e)}
             yield data(body)

@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc
 
-from client import GenerationResult, IncompleteGeneration
+from client import BagelError, GenerationResult, IncompleteGeneration
 from client.events import ResultAssembler
 from gateway.encoding import b64_off_loop
 from gateway.errors import OpenAIError, from_grpc, invalid_request
@@ -128,7 +128,7 @@ class Painter:
     def _failure(self, error: BaseException, request_id: str) -> OpenAIError:
         if isinstance(error, OpenAIError):
             return error
-        if isinstance(error, grpc.aio.AioRpcError):
+        if isinstance(error, BagelError):
             return from_grpc(error.code(), error.details(), request_id, self.retry_after_s)
         if isinstance(error, TypeError | ValueError):  # a value the request schema refuses
             return invalid_request(str(error))
@@ -153,7 +153,7 @@ class Painter:
         tasks = [asyncio.ensure_future(one(i)) for i in range(drawing.n)]
         try:
             return list(await asyncio.gather(*tasks))
-        except (grpc.aio.AioRpcError, TypeError, ValueError, IncompleteGeneration) as e:
+        except (BagelError, TypeError, ValueError, IncompleteGeneration) as e:
             raise self._failure(e, drawing.request_id) from None
         finally:
             for task in tasks:
@@ -172,7 +172,7 @@ class Painter:
             first = await anext(events, None)
         except BaseException as e:
             await stack.aclose()
-            if isinstance(e, grpc.aio.AioRpcError | TypeError | ValueError):
+            if isinstance(e, BagelError | TypeError | ValueError):
                 raise self._failure(e, drawing.request_id) from None
             raise
         return OpenStream(self._sse(drawing, args, first, events, stack), stack)
@@ -208,7 +208,7 @@ class Painter:
                 "bagel": reproduction(result, drawing.think),
             }
             yield sse(completed)
-        except (grpc.aio.AioRpcError, IncompleteGeneration) as e:
+        except (BagelError, IncompleteGeneration) as e:
             yield sse(self._failure(e, drawing.request_id).body(), "error")
         finally:
             await stack.aclose()

@@ -8,9 +8,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 
-import grpc
-
-from client import AsyncBagelClient
+from client import AsyncBagelClient, BagelError
 from serving.service.security import ClientSecurity, read_token_file
 
 READY_TIMEOUT_S = 2.0
@@ -53,7 +51,7 @@ class PrefillPool:
         async def status(client: AsyncBagelClient) -> str:
             try:
                 return await client.health(timeout=READY_TIMEOUT_S)
-            except grpc.aio.AioRpcError as e:
+            except BagelError as e:
                 return f"error:{e.code().name}"
 
         found = await asyncio.gather(*(status(c) for c in self.clients))

@@ -18,6 +18,7 @@ from client import (
     async_client,
 )
 from client.client import HEALTH_TIMEOUT_S
+from client.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from client.text import understand_request
 from protos.options import channel_options
 from tests.client.fake_prefill import FakePrefillServer
@@ -83,7 +84,7 @@ def test_a_failed_call_raises_its_status(fake):
         async with AsyncBagelClient(fake.address) as client:
             await client.generate("A cute cat")
 
-    with pytest.raises(grpc.aio.AioRpcError) as info:
+    with pytest.raises(ResourceExhausted) as info:
         run(failing())
     assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert info.value.details() == "queue is full"
@@ -96,9 +97,44 @@ def test_a_deadline_gives_deadline_exceeded(fake):
         async with AsyncBagelClient(fake.address, timeout=0.5) as client:
             await client.generate("A cute cat")
 
-    with pytest.raises(grpc.aio.AioRpcError) as info:
+    with pytest.raises(DeadlineExceeded) as info:
         run(slow())
     assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_a_failure_after_accepted_carries_the_servers_request_id(fake):
+    fake.servicer.steps, fake.servicer.step_delay_s = 100, 0.05
+
+    async def slow():
+        async with AsyncBagelClient(fake.address, timeout=0.5) as client:
+            await client.generate("A cute cat", width=32, height=32)
+
+    with pytest.raises(DeadlineExceeded) as info:
+        run(slow())
+    assert info.value.request_id == "srv-1"
+
+
+def test_a_failure_before_accepted_carries_the_callers_request_id(fake):
+    fake.servicer.fail_with = (grpc.StatusCode.INVALID_ARGUMENT, "bad prompt")
+
+    async def refused():
+        async with AsyncBagelClient(fake.address) as client:
+            await client.chat("hi", request_id="mine-7")
+
+    with pytest.raises(InvalidArgument) as info:
+        run(refused())
+    assert info.value.request_id == "mine-7"
+
+
+def test_an_unreachable_server_is_unavailable_for_generate_and_health():
+    async def calls():
+        async with AsyncBagelClient("127.0.0.1:1", timeout=2) as client:
+            with pytest.raises(Unavailable):
+                await client.generate("A cute cat", width=32, height=32)
+            with pytest.raises(Unavailable):
+                await client.health()
+
+    run(calls())
 
 
 def test_health_and_an_imageless_stream(fake, no_image):
@@ -202,7 +238,7 @@ def test_a_failed_text_call_raises_its_status(fake):
         async with AsyncBagelClient(fake.address) as client:
             await client.chat("hi")
 
-    with pytest.raises(grpc.aio.AioRpcError) as info:
+    with pytest.raises(Unavailable) as info:
         run(chat())
     assert (info.value.code(), info.value.details()) == (grpc.StatusCode.UNAVAILABLE, "loading")
 
@@ -223,7 +259,7 @@ def test_a_text_calls_deadline_is_its_timeout_or_the_clients(fake, call):
             else:
                 await c.chat("hi")
 
-    with pytest.raises(grpc.aio.AioRpcError) as info:
+    with pytest.raises(DeadlineExceeded) as info:
         run(slow())
     assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
 
@@ -320,7 +356,7 @@ def test_a_per_call_timeout_is_the_deadline_of_a_generation(fake, call):
             else:
                 await client.edit(b"\x89PNG", "A cat", timeout=0.4)
 
-    with pytest.raises(grpc.aio.AioRpcError) as info:
+    with pytest.raises(DeadlineExceeded) as info:
         run(slow())
     assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
 
