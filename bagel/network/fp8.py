@@ -230,8 +230,11 @@ class Fp8SwiGLU(nn.Module):
             return self.down_proj(QuantizedRows(data, scale, gate.dtype))
         return self.down_proj(quantize_rows(F.silu(gate) * up))
 
-    def add_to(self, residual: Tensor, x: Tensor | QuantizedRows) -> Tensor:
-        """`residual + self(x)` (`_scaled_mm` takes no residual: a separate add)."""
+    def add_to(self, residual: Tensor, x: Tensor | QuantizedRows, packed: bool = False) -> Tensor:
+        """`residual + self(x)` (`_scaled_mm` takes no residual: a separate add). `SwiGLU.add_to`'s
+        signature; `packed` (text decoding's one gate/up GEMM) has no FP8 form."""
+        if packed:
+            raise ValueError("an FP8 MLP has no packed gate/up projection")
         return residual + self(x)
 
 

@@ -202,8 +202,7 @@ class MoTDecoderLayer(nn.Module):
         # Both residual adds ride in the matmuls that produce what is added (`add_linear`).
         x = add_linear(x, getattr(self.self_attn, f"o_proj{expert}"), attn.flatten(-2))
         mlp_in = getattr(self, f"post_attention_layernorm{expert}")(x)
-        mlp = getattr(self, f"mlp{expert}")
-        return mlp.add_to(x, mlp_in, packed=True) if packed else mlp.add_to(x, mlp_in)
+        return getattr(self, f"mlp{expert}").add_to(x, mlp_in, packed)
 
     def forward_text(
         self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, need_output: bool

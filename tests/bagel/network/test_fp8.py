@@ -121,6 +121,16 @@ def test_fp8_norm_and_mlp_hand_their_outputs_over_quantized():
     assert 0.005 < rel_l2(out, mlp(norm(x))) < 2 * E4M3_PRODUCT_REL_L2
 
 
+def test_fp8_mlp_adds_to_the_residual_and_refuses_the_packed_form():
+    torch.manual_seed(0)
+    mlp = SwiGLU(64, 128)
+    quantized = fp8.Fp8SwiGLU(mlp)
+    x, residual = gaussian(3, 64, seed=1), gaussian(3, 64, seed=2)
+    assert torch.equal(quantized.add_to(residual, x), residual + quantized(x))
+    with pytest.raises(ValueError, match="no packed"):
+        quantized.add_to(residual, x, packed=True)
+
+
 def test_load_quantizes_the_decoder_linears_and_keeps_everything_else(tiny_model_dir: Path):
     full = load_bagel(tiny_model_dir, "diffusion")
     quantized = load_bagel(tiny_model_dir, "diffusion", linear_precision="fp8")
