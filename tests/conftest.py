@@ -12,6 +12,8 @@ from tests.helpers.tally import TALLY, Tally
 
 TALLY_OUTPUT = "reliability_tally"
 
+pytest_plugins = ["tests.helpers.mutation_order"]
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
