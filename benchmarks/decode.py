@@ -217,6 +217,7 @@ def main() -> None:
     scheduler = DecodeScheduler(decoder)
     for batch in batches:
         prompts = [text_prompt(model, args.prompt_tokens + 7 * i, i) for i in range(batch)]
+        asyncio.run(scheduler_rate(scheduler, prompts, 8))  # warm, as the decoder's rows
         rate = asyncio.run(scheduler_rate(scheduler, prompts, args.new_tokens))
         rows.append({"batch": batch, "path": "scheduler", "tokens_per_s": rate})
     scheduler.close()

@@ -105,7 +105,7 @@ class AsyncBagelClient:
         call = self._stub.Generate(
             request, timeout=self._deadline(timeout), metadata=self._metadata or None
         )
-        return AsyncEventStream(call, str(params.get("request_id") or ""))
+        return AsyncEventStream(call, request.request_id)
 
     async def generate(
         self,
@@ -148,7 +148,7 @@ class AsyncBagelClient:
         call = self._stub.Understand(
             request, timeout=self._deadline(timeout), metadata=self._metadata or None
         )
-        return AsyncEventStream(call, str(params.get("request_id") or ""))
+        return AsyncEventStream(call, request.request_id)
 
     async def chat(
         self,

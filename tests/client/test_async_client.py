@@ -114,12 +114,18 @@ def test_a_failure_after_accepted_carries_the_servers_request_id(fake):
     assert info.value.request_id == "srv-1"
 
 
-def test_a_failure_before_accepted_carries_the_callers_request_id(fake):
+@pytest.mark.parametrize("call", ["chat", "generate", "edit"])
+def test_a_failure_before_accepted_carries_the_callers_request_id(fake, call):
     fake.servicer.fail_with = (grpc.StatusCode.INVALID_ARGUMENT, "bad prompt")
 
     async def refused():
         async with AsyncBagelClient(fake.address) as client:
-            await client.chat("hi", request_id="mine-7")
+            if call == "chat":
+                await client.chat("hi", request_id="mine-7")
+            elif call == "generate":
+                await client.generate("A cat", width=32, height=32, request_id="mine-7")
+            else:
+                await client.edit(b"\x89PNG fake", "blue", request_id="mine-7")
 
     with pytest.raises(InvalidArgument) as info:
         run(refused())
