@@ -1,6 +1,7 @@
 """Text decoding speed: tokens/s of `TextDecoder` (the prefill service's decode path) and of the
 `DecodeScheduler` that feeds it (a thread of its own, tokens handed to asyncio streams) at several
-numbers of concurrent requests; time to first token after an image (ViT + prefill + first
+numbers of concurrent requests, with the requests' joins (one prefill each) and, in the "all
+joined" rows, without them; time to first token after an image (ViT + prefill + first
 token); and `transformers`' `generate` on a Qwen2 of the same shapes at batch 1. Random weights:
 `--preset 7b` has BAGEL-7B-MoT's und expert, LM head and SigLIP shapes; `--preset tiny` runs in
 seconds on a CPU.
@@ -31,7 +32,7 @@ from bagel.network.model import Bagel, MixedSequence
 from bagel.network.vit import ImageContextEncoder, ViTConfig
 from bagel.prompting.contexts import ContextEncoder, EditResize, mixed_sequence, prepare_edit_image
 from bagel.testing.presets import BAGEL_7B_VIT
-from bagel.text.decoding import Sampling, TextDecoder
+from bagel.text.decoding import Sampling, TextDecoder, Token
 from benchmarks._report import emit_json
 from prefill_service.decode_scheduler import DecodeJob, DecodeScheduler
 
@@ -95,24 +96,24 @@ def decoder_rate(decoder: TextDecoder, prompts, new_tokens: int, device: str) ->
     return len(prompts) * steps / (time.perf_counter() - started)
 
 
-async def scheduler_rate(scheduler: DecodeScheduler, prompts, new_tokens: int) -> float:
+async def scheduler_rates(scheduler: DecodeScheduler, prompts, new_tokens: int):
     """Tokens/s as the service's streams see them: from the first token of any request to the
-    last token of all (joins included, as in service)."""
+    last token of all (the joins of the other requests, one prefill each, fall inside it); and
+    once all have joined: the tokens after the last request's first token, over the time from
+    that token to the last of all."""
 
-    async def one(prompt, position) -> tuple[float, float]:
+    async def one(prompt, position) -> list[float]:
         stream = scheduler.submit(
             DecodeJob(lambda: (prompt, position), Sampling(new_tokens), NO_END)
         )
-        first = last = 0.0
-        async for _ in stream:
-            last = time.perf_counter()
-            first = first or last
-        return first, last
+        return [time.perf_counter() async for item in stream if isinstance(item, Token)]
 
     times = await asyncio.gather(*(one(p, pos) for p, pos in prompts))
     first = min(t[0] for t in times)
-    last = max(t[1] for t in times)
-    return len(prompts) * (new_tokens - 1) / (last - first)
+    joined = max(t[0] for t in times)
+    last = max(t[-1] for t in times)
+    after_joined = sum(1 for t in times for x in t if x > joined)
+    return len(prompts) * (new_tokens - 1) / (last - first), after_joined / (last - joined)
 
 
 def time_to_first_token(
@@ -217,9 +218,10 @@ def main() -> None:
     scheduler = DecodeScheduler(decoder)
     for batch in batches:
         prompts = [text_prompt(model, args.prompt_tokens + 7 * i, i) for i in range(batch)]
-        asyncio.run(scheduler_rate(scheduler, prompts, 8))  # warm, as the decoder's rows
-        rate = asyncio.run(scheduler_rate(scheduler, prompts, args.new_tokens))
+        asyncio.run(scheduler_rates(scheduler, prompts, 8))  # warm, as the decoder's rows
+        rate, joined = asyncio.run(scheduler_rates(scheduler, prompts, args.new_tokens))
         rows.append({"batch": batch, "path": "scheduler", "tokens_per_s": rate})
+        rows.append({"batch": batch, "path": "all joined", "tokens_per_s": joined})
     scheduler.close()
 
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
